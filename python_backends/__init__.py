@@ -1,0 +1,1 @@
+"""tierserve decision logic and runners: pure Python, importable with or without Triton."""

@@ -1,0 +1,24 @@
+"""The image contract every downstream model shares: PIXELS float32 [N, 8, 8], values 0-16, NaN = missing."""
+
+from __future__ import annotations
+
+import numpy as np
+
+IMAGE_SHAPE = (8, 8)
+NUM_CLASSES = 10
+PIXEL_MAX = 16.0
+
+
+def pixel_problem(pixels: np.ndarray, accepts_missing: bool) -> str | None:
+    """Say what makes a batch unusable for a model, or None when it can be served."""
+    if pixels.shape[1:] != IMAGE_SHAPE:
+        return f"PIXELS must have shape [N, 8, 8], got {list(pixels.shape)}"
+    infinite = int(np.isinf(pixels).sum())
+    if infinite:
+        return f"PIXELS has {infinite} infinite value(s); pixels must be finite (0-16) or NaN for missing"
+    if not accepts_missing:
+        missing = int(np.isnan(pixels).sum())
+        if missing:
+            return (f"PIXELS has {missing} missing (NaN) pixel(s) and this model needs complete images; "
+                    "send images with missing pixels to digits_missing or digits_rules")
+    return None

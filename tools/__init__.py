@@ -1,0 +1,1 @@
+"""tierserve tooling: build the reference models, assemble and launch tritonserver."""

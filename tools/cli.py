@@ -1,0 +1,49 @@
+"""The `tierserve` command: build the reference models and serve them with tritonserver."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tierserve.tools.build_models import build_all
+from tierserve.tools.paths import DEFAULT_REPOSITORY
+
+
+def _build(args: argparse.Namespace) -> int:
+    build_all(args.model_repository, force=args.force)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tierserve.tools.serve import serve
+
+    return serve(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="train and export the reference models that are missing or stale")
+    build.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    build.add_argument("--force", action="store_true", help="rebuild every model, current or not")
+    build.set_defaults(run=_build)
+
+    serve = commands.add_parser("serve", help="build missing models, then run tritonserver in the foreground")
+    serve.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--tritonserver", type=Path, default=None,
+                       help="tritonserver binary to run (default: the one shipped in nvidia-pytriton)")
+    serve.add_argument("--no-build", action="store_true", help="serve the repository as it is")
+    serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    serve.set_defaults(run=_serve)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

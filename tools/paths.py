@@ -1,0 +1,7 @@
+"""Where the project keeps its model repository and local runtime state."""
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
+RUNTIME_DIR = PROJECT_ROOT / ".tierserve"  # assembled backend directory, git-ignored

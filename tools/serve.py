@@ -1,0 +1,50 @@
+"""`tierserve serve`: build missing models, run tritonserver in the foreground, stop cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from types import FrameType
+
+from tierserve.tools.build_models import build_all
+from tierserve.tools.paths import RUNTIME_DIR
+from tierserve.tools.server import Ports, ServerError, TritonServer
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # one shutdown path for Ctrl-C and for `kill`, systemd or Kubernetes
+
+
+def _banner(server: TritonServer) -> str:
+    models = ", ".join(f"{m['name']}:{m.get('version', '?')}" for m in server.models() if m.get("state") == "READY")
+    return "\n".join([
+        "tierserve: tritonserver is ready",
+        f"  HTTP     http://{server.http_url}    (try: curl {server.http_url}/v2/health/ready)",
+        f"  gRPC     {server.grpc_url}",
+        f"  metrics  http://127.0.0.1:{server.ports.metrics}/metrics",
+        f"  models   {models}",
+        "Press Ctrl-C to stop.",
+    ])
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run tritonserver until it exits or is interrupted; the exit code is tritonserver's (0 on Ctrl-C)."""
+    if not args.no_build:
+        build_all(args.model_repository)
+    server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
+                          RUNTIME_DIR, tritonserver=args.tritonserver, log_verbose=args.log_verbose)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        server.start()
+        server.wait_ready()
+        print(_banner(server), flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        print("tierserve: stopping tritonserver", flush=True)
+        return 0
+    except ServerError as error:
+        print(f"tierserve: {error}", file=sys.stderr)
+        return 1
+    finally:
+        server.stop()

@@ -1,0 +1,56 @@
+"""Clients for the session's tritonserver, over both protocols, and a helper to send images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from tierserve.tools.server import TritonServer
+
+
+@dataclass
+class Triton:
+    """A tritonclient of one protocol, with the module that builds its inputs."""
+
+    protocol: str
+    module: ModuleType
+    client: grpcclient.InferenceServerClient | httpclient.InferenceServerClient
+
+    def infer(self, model: str, pixels: np.ndarray, version: str = "", datatype: str = "FP32"):
+        tensor = self.module.InferInput("PIXELS", list(pixels.shape), datatype)
+        tensor.set_data_from_numpy(pixels)
+        return self.client.infer(model, [tensor], model_version=version)
+
+    def model_version(self, result) -> str:
+        response = result.get_response()
+        return response["model_version"] if self.protocol == "http" else response.model_version
+
+    def probs(self, model: str, pixels: np.ndarray, version: str = "") -> np.ndarray:
+        return self.infer(model, pixels.astype(np.float32), version).as_numpy("PROBS")
+
+
+def _client(protocol: str, server: TritonServer) -> Triton:
+    if protocol == "grpc":
+        return Triton(protocol, grpcclient, grpcclient.InferenceServerClient(server.grpc_url))
+    return Triton(protocol, httpclient, httpclient.InferenceServerClient(server.http_url, concurrency=4))
+
+
+@pytest.fixture(params=["http", "grpc"])
+def triton_client(request: pytest.FixtureRequest, triton: TritonServer) -> Iterator[Triton]:
+    """A client of each protocol: every test using it runs once over HTTP and once over gRPC."""
+    client = _client(request.param, triton)
+    yield client
+    client.client.close()
+
+
+@pytest.fixture
+def grpc(triton: TritonServer) -> Iterator[Triton]:
+    client = _client("grpc", triton)
+    yield client
+    client.client.close()

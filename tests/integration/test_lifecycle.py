@@ -1,0 +1,85 @@
+"""`tierserve serve` runs tritonserver in the foreground and leaves nothing behind when stopped."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tierserve.tools.server import SHM_DIR, Ports, ServerError, TritonServer
+
+
+def _processes_with(marker: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in text:
+            found.append(text)
+    return found
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_prints_where_it_listens_and_stops_cleanly(model_repository: Path, stop_signal: signal.Signals):
+    ports = Ports.free()
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "tierserve.tools.cli", "serve", "--no-build",
+         f"--model-repository={model_repository}", f"--http-port={ports.http}",
+         f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    banner = []
+    deadline = time.monotonic() + 120
+    assert launcher.stdout is not None
+    for line in launcher.stdout:
+        banner.append(line)
+        if "Press Ctrl-C to stop." in line or time.monotonic() > deadline:
+            break
+    text = "".join(banner)
+    assert f"http://127.0.0.1:{ports.http}" in text and f"127.0.0.1:{ports.grpc}" in text
+    assert f"http://127.0.0.1:{ports.metrics}/metrics" in text
+    assert "digits_heavy:1" in text and "digits_heavy:2" in text and "digits_rules:1" in text
+
+    shm_prefix = f"tierserve_{launcher.pid}_{ports.http}_"
+    assert _processes_with(shm_prefix), "the Python stubs run with the launcher's shared-memory prefix"
+    launcher.send_signal(stop_signal)
+    launcher.communicate(timeout=60)
+    assert launcher.returncode == 0
+    assert _processes_with(shm_prefix) == []
+    assert list(SHM_DIR.glob(f"{shm_prefix}*")) == []
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", ports.http)) != 0, "nothing listens on the HTTP port any more"
+
+
+def test_a_stopped_server_leaves_no_process_and_no_shared_memory(model_repository: Path, tmp_path: Path):
+    with (tmp_path / "log").open("wb") as log:
+        server = TritonServer(model_repository, Ports.free(), tmp_path, output=log)
+        with server:
+            server.wait_ready()
+            assert len(server.live_processes()) > 1, "tritonserver and its stubs are running"
+        assert server.live_processes() == []
+        assert server.swept_shm_regions == [], "tritonserver released its shared memory itself"
+
+
+def test_busy_ports_are_reported_before_starting(model_repository: Path, tmp_path: Path, triton: TritonServer):
+    server = TritonServer(model_repository, triton.ports, tmp_path)
+    with pytest.raises(ServerError, match=f"port\\(s\\) {triton.ports.http}, {triton.ports.grpc}, "
+                                          f"{triton.ports.metrics} already in use"):
+        server.start()
+
+
+def test_a_broken_repository_fails_fast_with_the_exit_code(tmp_path: Path):
+    (tmp_path / "repo" / "broken").mkdir(parents=True)
+    (tmp_path / "repo" / "broken" / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: -')
+    with (tmp_path / "log").open("wb") as log:
+        server = TritonServer(tmp_path / "repo", Ports.free(), tmp_path, output=log)
+        with server, pytest.raises(ServerError, match="exited with code 1 before it was ready"):
+            server.wait_ready(timeout_s=60)
+    assert "broken" in (tmp_path / "log").read_text()

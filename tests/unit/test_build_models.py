@@ -1,0 +1,77 @@
+"""The built reference models meet the accuracy, cost and provenance the project promises."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierserve.manifest import Manifest
+from tierserve.tools.build_models import MODEL_SPECS, BuildError, Built, _verify, build_all
+from tierserve.tools.dataset import DigitsSplit
+
+
+def _manifest(repository: Path, name: str) -> Manifest:
+    model, version = name.split(":")
+    return Manifest.read(repository / model / version)
+
+
+def test_accuracy_ranks_heavy_over_light_over_rules(model_repository: Path):
+    heavy = [_manifest(model_repository, f"digits_heavy:{v}").test_accuracy for v in (1, 2)]
+    light = _manifest(model_repository, "digits_light:1").test_accuracy
+    rules = _manifest(model_repository, "digits_rules:1").test_accuracy
+    assert min(heavy) >= 0.97
+    assert min(heavy) > light > rules
+
+
+def test_heavy_costs_at_least_ten_times_the_light_model_per_sample(model_repository: Path):
+    light = _manifest(model_repository, "digits_light:1").ops_per_sample
+    for version in (1, 2):
+        assert _manifest(model_repository, f"digits_heavy:{version}").ops_per_sample >= 10 * light
+
+
+def test_missing_pixel_specialist_beats_the_safe_default_on_missing_pixels(model_repository: Path):
+    missing = _manifest(model_repository, "digits_missing:1").metrics
+    rules = _manifest(model_repository, "digits_rules:1").metrics
+    for key in ("test_accuracy_30pct_missing", "test_accuracy_60pct_missing"):
+        assert missing[key] > rules[key]
+
+
+@pytest.mark.parametrize("spec", MODEL_SPECS, ids=lambda spec: spec.name)
+def test_manifest_records_provenance(model_repository: Path, split: DigitsSplit, spec):
+    manifest = _manifest(model_repository, spec.name)
+    artifact = model_repository / spec.model / str(spec.version) / manifest.artifact
+    assert manifest.artifact_sha256 == hashlib.sha256(artifact.read_bytes()).hexdigest()
+    assert manifest.split == split.fingerprint()
+    assert (manifest.seed, manifest.recipe) == (spec.seed, spec.recipe)
+    assert {"numpy", "scikit-learn", "onnxruntime"} <= manifest.libraries.keys()
+    assert manifest.us_per_sample > 0
+
+
+def test_a_current_repository_is_reused_not_rebuilt(model_repository: Path):
+    rebuilt: list[str] = []
+    build_all(model_repository, log=rebuilt.append)
+    assert rebuilt == []
+
+
+def test_a_stale_model_and_the_models_distilled_from_it_are_rebuilt(tmp_path: Path):
+    build_all(tmp_path, log=lambda line: None)
+    teacher = tmp_path / "digits_heavy" / "2" / "model.onnx"
+    teacher.write_bytes(teacher.read_bytes() + b"\0")  # tampered: its hash no longer matches
+    rebuilt: list[str] = []
+    build_all(tmp_path, log=rebuilt.append)
+    assert [line.split()[1] for line in rebuilt] == ["digits_heavy:2", "digits_light:1"]
+
+
+def test_verification_fails_when_the_served_artifact_disagrees_with_the_trainer():
+    class Constant:
+        accepts_missing = True
+
+        def infer(self, pixels: np.ndarray) -> np.ndarray:
+            return np.full((len(pixels), 10), 0.1, np.float32)
+
+    built = Built("centroids", "x.npz", b"", True, 1, lambda images: np.eye(10)[np.zeros(len(images), int)])
+    with pytest.raises(BuildError, match="digits_x:1: served probabilities differ"):
+        _verify(built, Constant(), np.zeros((3, 8, 8), np.float32), "digits_x:1")

@@ -1,0 +1,45 @@
+"""Every downstream model's config.pbtxt keeps the shared contract; parsed with Triton's own protobuf."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tierserve.tools.build_models import MODEL_SPECS
+from tierserve.tools.paths import DEFAULT_REPOSITORY
+
+MODELS = sorted({spec.model for spec in MODEL_SPECS})
+
+
+def _config(model: str) -> mc.ModelConfig:
+    return text_format.Parse((DEFAULT_REPOSITORY / model / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_config_keeps_the_pixels_to_probs_contract(model: str):
+    config = _config(model)
+    assert config.name == model and config.backend == "python"
+    assert config.max_batch_size >= 64
+    (pixels,) = config.input
+    (probs,) = config.output
+    assert (pixels.name, pixels.data_type, list(pixels.dims)) == ("PIXELS", mc.TYPE_FP32, [8, 8])
+    assert (probs.name, probs.data_type, list(probs.dims)) == ("PROBS", mc.TYPE_FP32, [10])
+    assert config.HasField("dynamic_batching")
+    assert [group.kind for group in config.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_built_version_is_served_and_has_its_shim(model: str):
+    built = sorted(spec.version for spec in MODEL_SPECS if spec.model == model)
+    policy = _config(model).version_policy
+    served = sorted(policy.specific.versions) if policy.HasField("specific") else built[-1:]
+    assert served == built
+    for version in built:
+        shim = DEFAULT_REPOSITORY / model / str(version) / "model.py"
+        assert "tierserve.triton_runner_model import TritonPythonModel" in shim.read_text()
+
+
+def test_shims_are_thin():
+    for shim in DEFAULT_REPOSITORY.glob("*/*/model.py"):
+        assert len(shim.read_text().splitlines()) <= 10, f"{shim} should only import the shared model"

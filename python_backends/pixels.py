@@ -13,12 +13,19 @@ def pixel_problem(pixels: np.ndarray, accepts_missing: bool) -> str | None:
     """Say what makes a batch unusable for a model, or None when it can be served."""
     if pixels.shape[1:] != IMAGE_SHAPE:
         return f"PIXELS must have shape [N, 8, 8], got {list(pixels.shape)}"
-    infinite = int(np.isinf(pixels).sum())
-    if infinite:
-        return f"PIXELS has {infinite} infinite value(s); pixels must be finite (0-16) or NaN for missing"
+    if problem := infinity_problem(pixels):
+        return problem
     if not accepts_missing:
         missing = int(np.isnan(pixels).sum())
         if missing:
             return (f"PIXELS has {missing} missing (NaN) pixel(s) and this model needs complete images; "
                     "send images with missing pixels to digits_missing or digits_rules")
+    return None
+
+
+def infinity_problem(pixels: np.ndarray) -> str | None:
+    """Infinite values are never a valid pixel; NaN is (it means missing)."""
+    infinite = int(np.isinf(pixels).sum())
+    if infinite:
+        return f"PIXELS has {infinite} infinite value(s); pixels must be finite (0-16) or NaN for missing"
     return None

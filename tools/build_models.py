@@ -21,6 +21,7 @@ from tierserve.manifest import Manifest, ManifestError
 from tierserve.pixels import NUM_CLASSES
 from tierserve.runners import Runner, load_runner, runner_for
 from tierserve.tools import trainers
+from tierserve.tools.build_router import build_router_artifacts, router_artifacts_missing
 from tierserve.tools.dataset import DigitsSplit, load_split, mask_pixels
 from tierserve.tools.onnx_export import to_onnx
 
@@ -193,4 +194,6 @@ def build_all(repository: Path, force: bool = False, log: Callable[[str], None] 
         log(f"built {spec.name:<18} test accuracy {manifest.test_accuracy:.4f}  "
             f"{manifest.ops_per_sample:>7} ops/sample  {time.perf_counter() - start:5.1f} s")
         manifests.append(manifest)
+    if rebuilt or router_artifacts_missing(repository):
+        build_router_artifacts(repository, split, log=log)
     return manifests

@@ -1,0 +1,193 @@
+"""The routing policy: one declarative file, validated when the router loads it.
+
+Rules are tried in order and the first that matches picks the route. Rows no rule claims go through the
+confidence cascade: the first model answers, and the row escalates when its confidence is below the
+tier's threshold and/or the learned router predicts the first answer is wrong. `fallback` answers rows
+that no listed route can serve (e.g. missing pixels). Only models listed under `models` are ever called.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tierserve.signature import TIERS, Signature
+
+NUMERIC_CUES = ("height", "width", "missing_fraction", "out_of_range_fraction", "sparsity", "ood_score",
+                "deadline_ms")
+TEXT_CUES = ("tier", "user_id")
+COMPARISONS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq, "!=": operator.ne,
+}
+ESCALATE_WHEN = ("threshold", "learned", "either", "both")
+_COMPARISON = re.compile(r"^\s*(<=|>=|<|>|==|!=)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
+
+
+class PolicyError(ValueError):
+    """The policy file is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One test on a signature cue: a comparison for numbers, membership for text."""
+
+    cue: str
+    text: str  # as written in the file, for REASON
+    test: Callable[[Any], bool]
+
+    def holds(self, signature: Signature) -> bool:
+        value = getattr(signature, self.cue)
+        return value is not None and self.test(value)
+
+    def explain(self, signature: Signature) -> str:
+        return f"{self.cue}={_show(getattr(signature, self.cue))} {self.text}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    when: tuple[Condition, ...]
+    route: str
+    confidence_cap: float | None = None
+
+    def matches(self, signature: Signature) -> bool:
+        return all(condition.holds(signature) for condition in self.when)
+
+
+@dataclass(frozen=True)
+class Cascade:
+    first: str
+    escalate_to: str
+    thresholds: Mapping[str, float]  # per tier: escalate when the first model's confidence is below this
+    escalate_when: str
+    learned_escalate_above: float | None  # learned router probability above which it asks to escalate
+
+
+@dataclass(frozen=True)
+class Policy:
+    models: tuple[str, ...]
+    default_tier: str
+    rules: tuple[Rule, ...]
+    cascade: Cascade
+    fallback: str
+
+    @classmethod
+    def load(cls, path: Path) -> Policy:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise PolicyError(f"{path}: cannot read the policy: {error}") from None
+        try:
+            return parse_policy(data)
+        except PolicyError as error:
+            raise PolicyError(f"{path}: {error}") from None
+
+
+def _show(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def _mapping(data: Any, key: str, allowed: set[str], required: set[str]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise PolicyError(f"{key}: expected a mapping, got {type(data).__name__}")
+    if unknown := sorted(set(data) - allowed):
+        raise PolicyError(f"{key}.{unknown[0]}: unknown key; expected one of {', '.join(sorted(allowed))}")
+    if missing := sorted(required - set(data)):
+        raise PolicyError(f"{key}.{missing[0]}: required key is missing")
+    return data
+
+
+def _model(value: Any, key: str, models: tuple[str, ...]) -> str:
+    if value not in models:
+        raise PolicyError(f"{key}: {value!r} is not listed under models ({', '.join(models)})")
+    return value
+
+
+def _probability(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise PolicyError(f"{key}: expected a number from 0 to 1, got {value!r}")
+    return float(value)
+
+
+def _condition(cue: str, spec: Any, key: str) -> Condition:
+    if cue in NUMERIC_CUES:
+        match = _COMPARISON.match(str(spec))
+        if not match:
+            raise PolicyError(f"{key}: expected a comparison such as '> 0.5', got {spec!r}")
+        compare, bound = COMPARISONS[match.group(1)], float(match.group(2))
+        return Condition(cue, f"{match.group(1)} {match.group(2)}", lambda value: compare(value, bound))
+    if cue in TEXT_CUES:
+        allowed = [spec] if isinstance(spec, str) else spec
+        if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+            raise PolicyError(f"{key}: expected a string or a list of strings, got {spec!r}")
+        if cue == "tier" and (bad := [a for a in allowed if a not in TIERS]):
+            raise PolicyError(f"{key}: unknown tier {bad[0]!r}; tiers are {', '.join(TIERS)}")
+        return Condition(cue, f"in {allowed}", lambda value: value in allowed)
+    raise PolicyError(f"{key}: unknown cue; cues are {', '.join(NUMERIC_CUES + TEXT_CUES)}")
+
+
+def _rule(data: Any, key: str, models: tuple[str, ...]) -> Rule:
+    data = _mapping(data, key, {"name", "when", "route", "confidence_cap"}, {"name", "when", "route"})
+    when = _mapping(data["when"], f"{key}.when", set(NUMERIC_CUES + TEXT_CUES), set())
+    if not when:
+        raise PolicyError(f"{key}.when: a rule needs at least one condition")
+    cap = data.get("confidence_cap")
+    return Rule(
+        name=str(data["name"]),
+        when=tuple(_condition(cue, spec, f"{key}.when.{cue}") for cue, spec in when.items()),
+        route=_model(data["route"], f"{key}.route", models),
+        confidence_cap=None if cap is None else _probability(cap, f"{key}.confidence_cap"),
+    )
+
+
+def _cascade(data: Any, models: tuple[str, ...]) -> Cascade:
+    data = _mapping(data, "cascade", {"first", "escalate_to", "thresholds", "escalate_when", "learned_router"},
+                    {"first", "escalate_to", "thresholds", "escalate_when"})
+    thresholds = _mapping(data["thresholds"], "cascade.thresholds", set(TIERS), set(TIERS))
+    escalate_when = data["escalate_when"]
+    if escalate_when not in ESCALATE_WHEN:
+        raise PolicyError(f"cascade.escalate_when: expected one of {', '.join(ESCALATE_WHEN)}, got {escalate_when!r}")
+    learned_above = None
+    if escalate_when != "threshold":
+        if "learned_router" not in data:
+            raise PolicyError(f"cascade.learned_router: required when escalate_when is {escalate_when!r}")
+        learned = _mapping(data["learned_router"], "cascade.learned_router", {"escalate_above"}, {"escalate_above"})
+        learned_above = _probability(learned["escalate_above"], "cascade.learned_router.escalate_above")
+    return Cascade(
+        first=_model(data["first"], "cascade.first", models),
+        escalate_to=_model(data["escalate_to"], "cascade.escalate_to", models),
+        thresholds={tier: _probability(thresholds[tier], f"cascade.thresholds.{tier}") for tier in TIERS},
+        escalate_when=escalate_when,
+        learned_escalate_above=learned_above,
+    )
+
+
+def parse_policy(data: Any) -> Policy:
+    """Validate a policy document (already parsed from YAML) into a Policy."""
+    data = _mapping(data, "policy", {"models", "default_tier", "rules", "cascade", "fallback"},
+                    {"models", "cascade", "fallback"})
+    models = data["models"]
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        raise PolicyError("models: expected a non-empty list of 'model:version' names")
+    for index, model in enumerate(models):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+:[0-9]+", model):
+            raise PolicyError(f"models[{index}]: expected 'model:version', got {model!r}")
+    models = tuple(models)
+    default_tier = data.get("default_tier", "standard")
+    if default_tier not in TIERS:
+        raise PolicyError(f"default_tier: unknown tier {default_tier!r}; tiers are {', '.join(TIERS)}")
+    rules = data.get("rules") or []
+    if not isinstance(rules, list):
+        raise PolicyError("rules: expected a list of rules")
+    parsed_rules = tuple(_rule(rule, f"rules[{i}]", models) for i, rule in enumerate(rules))
+    names = [rule.name for rule in parsed_rules]
+    if duplicates := sorted({n for n in names if names.count(n) > 1}):
+        raise PolicyError(f"rules: rule name {duplicates[0]!r} is used twice")
+    return Policy(models, default_tier, parsed_rules, _cascade(data["cascade"], models),
+                  _model(data["fallback"], "fallback", models))

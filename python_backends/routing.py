@@ -1,0 +1,185 @@
+"""Route a batch of rows through the policy: rules, the confidence cascade, and the fallback.
+
+Each row walks hops: the route the policy picks, maybe an escalation, the fallback if a call fails.
+Every round sends one call per model with the rows that need it concatenated, and all models of a
+round are called concurrently. The router never calls a model outside the policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tierserve.learned_router import LearnedRouter, escalation_features
+from tierserve.policy import Policy
+from tierserve.signature import TIERS, Signature
+
+InferFn = Callable[[str, np.ndarray, Mapping[str, str]], Awaitable[np.ndarray]]
+
+
+class ModelCallError(RuntimeError):
+    """A downstream model did not answer."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where a row goes first, and why."""
+
+    route: str
+    reason: str
+    cascade: bool = False  # the route is the cascade's first model, so the row may escalate
+    confidence_cap: float | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the router returns for one row."""
+
+    probs: np.ndarray
+    confidence: float
+    route: str  # the model:version whose probabilities these are
+    reason: str
+    path: str  # every model tried, in order, with its outcome
+
+
+@dataclass
+class _Row:
+    decision: Decision
+    signature: Signature
+    next_model: str | None
+    hops: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    best: tuple[str, np.ndarray] | None = None  # the last answer in hand, from which model
+
+
+def merged_parameters(signatures: list[Signature]) -> dict[str, str]:
+    """Parameters for one downstream call serving rows of several requests: the most urgent tier,
+    the tightest deadline, and the user only when all rows share it."""
+    parameters = {"tier": min((s.tier for s in signatures), key=TIERS.index)}
+    deadlines = [s.deadline_ms for s in signatures if s.deadline_ms is not None]
+    if deadlines:
+        parameters["deadline_ms"] = str(min(deadlines))
+    users = {s.user_id for s in signatures}
+    if len(users) == 1 and (user := users.pop()):
+        parameters["user_id"] = user
+    return parameters
+
+
+class Router:
+    """Applies one policy. `accepts_missing` says which listed models take images with missing pixels."""
+
+    def __init__(self, policy: Policy, accepts_missing: Mapping[str, bool], learned: LearnedRouter | None) -> None:
+        if unknown := sorted(set(policy.models) - set(accepts_missing)):
+            raise ValueError(f"no manifest for policy model(s) {', '.join(unknown)}")
+        if policy.cascade.escalate_when != "threshold" and learned is None:
+            raise ValueError(f"the policy escalates on the learned router ({policy.cascade.escalate_when!r}) "
+                             "but no learned router was built")
+        if not accepts_missing[policy.fallback]:
+            raise ValueError(f"fallback {policy.fallback} must accept images with missing pixels")
+        self.policy = policy
+        self.accepts_missing = dict(accepts_missing)
+        self.learned = learned
+
+    def _can_serve(self, model: str, signature: Signature) -> bool:
+        return self.accepts_missing[model] or signature.missing_fraction == 0.0
+
+    def decide(self, signature: Signature) -> Decision:
+        for rule in self.policy.rules:
+            if rule.matches(signature) and self._can_serve(rule.route, signature):
+                because = ", ".join(condition.explain(signature) for condition in rule.when)
+                return Decision(rule.route, f"rule {rule.name} ({because})", confidence_cap=rule.confidence_cap)
+        first = self.policy.cascade.first
+        if self._can_serve(first, signature):
+            return Decision(first, "cascade", cascade=True)
+        return Decision(self.policy.fallback, "fallback: no listed route takes images with missing pixels")
+
+    def escalations(self, signatures: list[Signature], probs: np.ndarray) -> list[tuple[bool, str]]:
+        """For rows answered by the cascade's first model: escalate or not, and why."""
+        cascade = self.policy.cascade
+        confidence = probs.max(axis=1)
+        wrong = (self.learned.wrong_probability(escalation_features(signatures, probs))
+                 if self.learned is not None and cascade.learned_escalate_above is not None else None)
+        verdicts = []
+        for i, signature in enumerate(signatures):
+            threshold = cascade.thresholds[signature.tier]
+            low = bool(confidence[i] < threshold)
+            why = f"confidence {confidence[i]:.2f} {'<' if low else '>='} {threshold:.2f} ({signature.tier} threshold)"
+            if wrong is None:
+                verdicts.append((low, why))
+                continue
+            doubt = bool(wrong[i] > cascade.learned_escalate_above)
+            why += (f", learned router p(wrong)={wrong[i]:.2f} {'>' if doubt else '<='} "
+                    f"{cascade.learned_escalate_above:.2f}")
+            escalate = {"threshold": low, "learned": doubt, "either": low or doubt, "both": low and doubt}
+            verdicts.append((escalate[cascade.escalate_when], why))
+        return verdicts
+
+    async def route(self, images: np.ndarray, signatures: list[Signature], infer: InferFn) -> list[Answer | str]:
+        """An Answer per row, or the error that left a row unanswered."""
+        rows = []
+        for signature in signatures:
+            decision = self.decide(signature)
+            rows.append(_Row(decision, signature, decision.route))
+        while pending := {i: row.next_model for i, row in enumerate(rows) if row.next_model}:
+            outcomes = await self._call(pending, images, signatures, infer)
+            cascading = [i for i, outcome in outcomes.items()
+                         if not isinstance(outcome, str) and rows[i].decision.cascade and not rows[i].hops]
+            verdicts = dict(zip(cascading, self.escalations([signatures[i] for i in cascading],
+                                                            np.stack([outcomes[i] for i in cascading]))
+                                if cascading else [], strict=True))
+            for i, outcome in outcomes.items():
+                self._advance(rows[i], pending[i], outcome, verdicts.get(i))
+        return [self._answer(row) for row in rows]
+
+    async def _call(self, pending: dict[int, str], images: np.ndarray, signatures: list[Signature],
+                    infer: InferFn) -> dict[int, np.ndarray | str]:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for row, model in pending.items():
+            groups[model].append(row)
+        calls = [infer(model, images[rows], merged_parameters([signatures[r] for r in rows]))
+                 for model, rows in groups.items()]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        outcomes: dict[int, np.ndarray | str] = {}
+        for (model, rows), result in zip(groups.items(), results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            for position, row in enumerate(rows):
+                outcomes[row] = f"{model} failed: {result}" if isinstance(result, Exception) else result[position]
+        return outcomes
+
+    def _advance(self, row: _Row, model: str, outcome: np.ndarray | str, verdict: tuple[bool, str] | None) -> None:
+        row.next_model = None
+        if isinstance(outcome, str):
+            row.hops.append(f"{model} error")
+            row.notes.append(outcome)
+            if row.best is None and model != self.policy.fallback:
+                row.next_model = self.policy.fallback
+                row.notes.append(f"fell back to {self.policy.fallback}")
+            elif row.best is not None:
+                row.notes.append(f"answered with {row.best[0]}")
+            return
+        row.best = (model, outcome)
+        if verdict is not None:
+            escalate, why = verdict
+            row.notes.append(f"{model} {why}")
+            if escalate:
+                row.hops.append(f"{model} low_confidence")
+                row.next_model = self.policy.cascade.escalate_to
+                row.notes.append(f"escalated to {row.next_model}")
+                return
+        row.hops.append(f"{model} ok")
+
+    def _answer(self, row: _Row) -> Answer | str:
+        path = ">".join(row.hops)
+        if row.best is None:
+            return f"no model could answer ({path}): {'; '.join(row.notes)}"
+        model, probs = row.best
+        confidence = float(probs.max())
+        if row.decision.confidence_cap is not None and model == row.decision.route:
+            confidence = min(confidence, row.decision.confidence_cap)
+        reason = "; ".join([row.decision.reason, *row.notes, f"cues: {row.signature.cues()}"])
+        return Answer(probs, confidence, model, reason, path)

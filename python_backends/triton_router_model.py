@@ -1,0 +1,87 @@
+"""Triton glue for `router`: BLS calls to the policy's models, answers with route, reason and path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from tierserve.learned_router import LearnedRouter
+from tierserve.manifest import Manifest
+from tierserve.policy import Policy
+from tierserve.request_context import ParameterError, parse_context
+from tierserve.routing import Answer, ModelCallError, Router
+from tierserve.signature import TrainingStats, signatures
+
+POLICY_FILE = "policy.yaml"
+
+
+def _error(message: str, code: int) -> pb_utils.InferenceResponse:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+def _text(values: list[str]) -> np.ndarray:
+    return np.array([[v.encode()] for v in values], dtype=np.object_)
+
+
+class TritonPythonModel:
+    """Routes every row of a dynamic batch; one BLS call per model per round, all models concurrently."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        model_dir = Path(args["model_repository"])
+        version_dir = model_dir / args["model_version"]
+        self.policy = Policy.load(model_dir / POLICY_FILE)
+        accepts_missing = {}
+        for model in self.policy.models:
+            name, version = model.split(":")
+            accepts_missing[model] = Manifest.read(model_dir.parent / name / version).accepts_missing
+        learned = LearnedRouter.load(version_dir / "learned_router.json")
+        self.router = Router(self.policy, accepts_missing, learned)
+        self.stats = TrainingStats.load(version_dir / "stats.json")
+
+    async def execute(self, requests: list) -> list:
+        responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
+        images, rows, owners = [], [], []
+        for index, request in enumerate(requests):
+            try:
+                context = parse_context(json.loads(request.parameters()), self.policy.default_tier)
+            except ParameterError as error:
+                responses[index] = _error(f"digits: {error}", pb_utils.TritonError.INVALID_ARG)
+                continue
+            image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+            source = pb_utils.get_input_tensor_by_name(request, "SOURCE").as_numpy()
+            images.append(image)
+            rows.extend(signatures(image, source, context, self.stats))
+            owners.extend([index] * len(image))
+        if images:
+            answers = await self.router.route(np.concatenate(images), rows, self._infer)
+            owners_arr = np.asarray(owners)
+            for index in sorted(set(owners)):
+                responses[index] = self._response([answers[i] for i in np.flatnonzero(owners_arr == index)])
+        return responses
+
+    async def _infer(self, model: str, images: np.ndarray, parameters: dict[str, str]) -> np.ndarray:
+        name, version = model.split(":")
+        request = pb_utils.InferenceRequest(
+            model_name=name, model_version=int(version), requested_output_names=["PROBS"],
+            inputs=[pb_utils.Tensor("PIXELS", images)], parameters=parameters,
+        )
+        response = await request.async_exec()
+        if response.has_error():
+            raise ModelCallError(response.error().message())
+        return pb_utils.get_output_tensor_by_name(response, "PROBS").as_numpy()
+
+    def _response(self, answers: list[Answer | str]) -> pb_utils.InferenceResponse:
+        if failures := [a for a in answers if isinstance(a, str)]:
+            return _error(f"digits: {failures[0]}", pb_utils.TritonError.INTERNAL)
+        probs = np.stack([a.probs for a in answers]).astype(np.float32)
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("LABEL", probs.argmax(axis=1).astype(np.int64)[:, None]),
+            pb_utils.Tensor("PROBS", probs),
+            pb_utils.Tensor("CONFIDENCE", np.array([[a.confidence] for a in answers], np.float32)),
+            pb_utils.Tensor("ROUTE", _text([a.route for a in answers])),
+            pb_utils.Tensor("REASON", _text([a.reason for a in answers])),
+            pb_utils.Tensor("PATH", _text([a.path for a in answers])),
+        ])

@@ -1,0 +1,106 @@
+"""The policy file loads into rules and a cascade, and every mistake in it is named by its key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tierserve.policy import Policy, PolicyError, parse_policy
+from tierserve.signature import Signature
+from tierserve.tools.paths import DEFAULT_REPOSITORY
+
+VALID = {
+    "models": ["digits_light:1", "digits_heavy:2", "digits_rules:1"],
+    "rules": [{"name": "noise", "when": {"ood_score": "> 2", "tier": ["standard", "best_effort"]},
+               "route": "digits_rules:1", "confidence_cap": 0.3}],
+    "cascade": {"first": "digits_light:1", "escalate_to": "digits_heavy:2", "escalate_when": "threshold",
+                "thresholds": {"critical": 0.99, "standard": 0.9, "best_effort": 0.6}},
+    "fallback": "digits_rules:1",
+}
+
+
+def _signature(**changes) -> Signature:
+    fields = dict(height=8, width=8, missing_fraction=0.0, out_of_range_fraction=0.0, sparsity=0.5,
+                  ood_score=0.5, tier="standard", user_id="", deadline_ms=None)
+    return Signature(**{**fields, **changes})
+
+
+def _with(path: str, value) -> dict:
+    """VALID with the value at a dotted path replaced (a value of ... deletes the key)."""
+    data = copy.deepcopy(VALID)
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if value is ...:
+        del node[last]
+    else:
+        node[int(last) if isinstance(node, list) else last] = value
+    return data
+
+
+def test_the_shipped_policy_loads():
+    policy = Policy.load(DEFAULT_REPOSITORY / "router" / "policy.yaml")
+    assert policy.fallback in policy.models
+    assert [rule.name for rule in policy.rules][:3] == ["out_of_distribution", "values_out_of_range",
+                                                         "missing_pixels"]
+
+
+def test_conditions_compare_numbers_and_match_text():
+    (rule,) = parse_policy(VALID).rules
+    assert rule.matches(_signature(ood_score=2.5))
+    assert not rule.matches(_signature(ood_score=2.0))
+    assert not rule.matches(_signature(ood_score=2.5, tier="critical"))
+    assert rule.when[0].explain(_signature(ood_score=2.5)) == "ood_score=2.50 > 2"
+
+
+def test_a_condition_on_an_absent_deadline_does_not_hold():
+    policy = parse_policy(_with("rules.0.when", {"deadline_ms": "< 5"}))
+    assert not policy.rules[0].matches(_signature(deadline_ms=None))
+    assert policy.rules[0].matches(_signature(deadline_ms=3))
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    ("models", "digits_light:1", "models: expected a non-empty list"),
+    ("models", ["digits_light"], "models[0]: expected 'model:version', got 'digits_light'"),
+    ("rules.0.route", "digits_heavy:1", "rules[0].route: 'digits_heavy:1' is not listed under models"),
+    ("rules.0.when", {"ood_scor": "> 2"}, "rules[0].when.ood_scor: unknown key"),
+    ("rules.0.when", {"ood_score": "big"}, "rules[0].when.ood_score: expected a comparison such as '> 0.5'"),
+    ("rules.0.when", {"tier": "gold"}, "rules[0].when.tier: unknown tier 'gold'"),
+    ("rules.0.when", {}, "rules[0].when: a rule needs at least one condition"),
+    ("rules.0.confidence_cap", 3, "rules[0].confidence_cap: expected a number from 0 to 1, got 3"),
+    ("rules.0.colour", "red", "rules[0].colour: unknown key"),
+    ("rules.0.name", ..., "rules[0].name: required key is missing"),
+    ("cascade.thresholds", {"critical": 0.9, "standard": 0.8},
+     "cascade.thresholds.best_effort: required key is missing"),
+    ("cascade.thresholds.standard", "high", "cascade.thresholds.standard: expected a number from 0 to 1"),
+    ("cascade.escalate_when", "sometimes", "cascade.escalate_when: expected one of threshold, learned, either"),
+    ("cascade.escalate_when", "either", "cascade.learned_router: required when escalate_when is 'either'"),
+    ("cascade.first", "digits_missing:1", "cascade.first: 'digits_missing:1' is not listed under models"),
+    ("fallback", ..., "policy.fallback: required key is missing"),
+    ("default_tier", "gold", "default_tier: unknown tier 'gold'"),
+])
+def test_every_mistake_is_named_by_its_key(path: str, value, message: str):
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(_with(path, value))
+    assert str(caught.value).startswith(message)
+
+
+def test_duplicate_rule_names_are_refused():
+    data = copy.deepcopy(VALID)
+    data["rules"].append(copy.deepcopy(data["rules"][0]))
+    with pytest.raises(PolicyError, match="rule name 'noise' is used twice"):
+        parse_policy(data)
+
+
+def test_load_names_the_file(tmp_path: Path):
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(_with("fallback", "nope:1")))
+    with pytest.raises(PolicyError, match=f"^{path}: fallback: 'nope:1' is not listed"):
+        Policy.load(path)
+    path.write_text("models: [unclosed")
+    with pytest.raises(PolicyError, match="cannot read the policy"):
+        Policy.load(path)

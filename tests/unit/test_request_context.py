@@ -1,0 +1,34 @@
+"""Request parameters are read strictly: a malformed one is named, an unknown one is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from tierserve.request_context import ParameterError, parse_context
+from tierserve.signature import RequestContext
+
+
+def test_defaults_when_no_parameters_are_sent():
+    assert parse_context({}, "standard") == RequestContext("standard", "", None)
+
+
+def test_all_parameters_typed_or_as_strings():
+    expected = RequestContext("critical", "u-7", 25)
+    assert parse_context({"tier": "critical", "user_id": "u-7", "deadline_ms": 25}, "standard") == expected
+    assert parse_context({"tier": "critical", "user_id": "u-7", "deadline_ms": "25"}, "standard") == expected
+
+
+@pytest.mark.parametrize(("parameters", "message"), [
+    ({"tier": "gold"}, "parameter 'tier' must be one of critical, standard, best_effort, got 'gold'"),
+    ({"deadline_ms": "soon"}, "parameter 'deadline_ms' must be a positive integer, got 'soon'"),
+    ({"deadline_ms": 0}, "parameter 'deadline_ms' must be a positive integer, got 0"),
+    ({"deadline_ms": -5}, "parameter 'deadline_ms' must be a positive integer, got -5"),
+    ({"deadline_ms": 2.5}, "parameter 'deadline_ms' must be a positive integer, got 2.5"),
+    ({"deadline_ms": True}, "parameter 'deadline_ms' must be a positive integer, got True"),
+    ({"user_id": 42}, "parameter 'user_id' must be a string, got 42"),
+    ({"model": "digits_heavy"}, "unknown parameter 'model'; digits accepts tier, user_id, deadline_ms"),
+])
+def test_bad_parameters_are_named(parameters, message):
+    with pytest.raises(ParameterError) as caught:
+        parse_context(parameters, "standard")
+    assert str(caught.value) == message

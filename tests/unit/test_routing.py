@@ -1,0 +1,160 @@
+"""The router applies rules, the cascade and the fallback, one call per model per round, rows in order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from tierserve.learned_router import FEATURES, LearnedRouter
+from tierserve.policy import parse_policy
+from tierserve.routing import ModelCallError, Router, merged_parameters
+from tierserve.signature import Signature
+
+POLICY = {
+    "models": ["light:1", "heavy:1", "missing:1", "rules:1"],
+    "rules": [
+        {"name": "noise", "when": {"ood_score": "> 2"}, "route": "rules:1", "confidence_cap": 0.3},
+        {"name": "missing", "when": {"missing_fraction": "> 0"}, "route": "missing:1"},
+        {"name": "hurry", "when": {"deadline_ms": "< 5"}, "route": "light:1"},
+    ],
+    "cascade": {"first": "light:1", "escalate_to": "heavy:1", "escalate_when": "threshold",
+                "thresholds": {"critical": 0.95, "standard": 0.8, "best_effort": 0.5}},
+    "fallback": "rules:1",
+}
+ACCEPTS_MISSING = {"light:1": False, "heavy:1": False, "missing:1": True, "rules:1": True}
+
+
+def _signature(**changes) -> Signature:
+    fields = dict(height=8, width=8, missing_fraction=0.0, out_of_range_fraction=0.0, sparsity=0.5,
+                  ood_score=0.5, tier="standard", user_id="", deadline_ms=None)
+    return Signature(**{**fields, **changes})
+
+
+def _probs(label: int, confidence: float) -> np.ndarray:
+    probs = np.full(10, (1.0 - confidence) / 9, np.float32)
+    probs[label] = confidence
+    return probs
+
+
+class FakeModels:
+    """Each image's pixel [0, 0] holds the light model's confidence; other models answer confidently.
+    The label is the row's pixel [0, 1]. Records every call."""
+
+    def __init__(self, failing: frozenset[str] = frozenset()) -> None:
+        self.calls: list[tuple[str, int, dict[str, str]]] = []
+        self.failing = failing
+
+    async def __call__(self, model: str, images: np.ndarray, parameters: Mapping[str, str]) -> np.ndarray:
+        self.calls.append((model, len(images), dict(parameters)))
+        if model in self.failing:
+            raise ModelCallError(f"{model} is down")
+        confidence = images[:, 0, 0] if model == "light:1" else np.full(len(images), 0.99)
+        return np.stack([_probs(int(label), float(c)) for label, c in zip(images[:, 0, 1], confidence, strict=True)])
+
+
+def _images(*confidences: float) -> np.ndarray:
+    images = np.zeros((len(confidences), 8, 8), np.float32)
+    images[:, 0, 0] = confidences
+    images[:, 0, 1] = np.arange(len(confidences)) % 10
+    return images
+
+
+def _route(router: Router, images: np.ndarray, signatures: list[Signature], models: FakeModels):
+    return asyncio.run(router.route(images, signatures, models))
+
+
+@pytest.fixture
+def router() -> Router:
+    return Router(parse_policy(POLICY), ACCEPTS_MISSING, learned=None)
+
+
+def test_the_cascade_escalates_exactly_below_the_tier_threshold(router: Router):
+    models = FakeModels()
+    images = _images(0.79, 0.81, 0.94, 0.96)
+    tiers = ["standard", "standard", "critical", "critical"]
+    answers = _route(router, images, [_signature(tier=t) for t in tiers], models)
+    assert [a.path for a in answers] == [
+        "light:1 low_confidence>heavy:1 ok", "light:1 ok", "light:1 low_confidence>heavy:1 ok", "light:1 ok"]
+    assert [a.route for a in answers] == ["heavy:1", "light:1", "heavy:1", "light:1"]
+    assert "confidence 0.79 < 0.80 (standard threshold)" in answers[0].reason
+    assert "confidence 0.96 >= 0.95 (critical threshold)" in answers[3].reason
+    assert [(model, rows) for model, rows, _ in models.calls] == [("light:1", 4), ("heavy:1", 2)]
+
+
+def test_rules_fire_in_order_and_rows_come_back_in_order(router: Router):
+    models = FakeModels()
+    signatures = [_signature(ood_score=3.0), _signature(missing_fraction=0.2), _signature(deadline_ms=2),
+                  _signature(ood_score=3.0, missing_fraction=0.2), _signature()]
+    answers = _route(router, _images(0.9, 0.9, 0.3, 0.9, 0.9), signatures, models)
+    assert [a.route for a in answers] == ["rules:1", "missing:1", "light:1", "rules:1", "light:1"]
+    assert answers[0].reason.startswith("rule noise (ood_score=3.00 > 2)")
+    assert answers[2].path == "light:1 ok", "a rule's route is final: no escalation despite 0.3 confidence"
+    assert [a.probs.argmax() for a in answers] == [0, 1, 2, 3, 4]
+    assert sorted((model, rows) for model, rows, _ in models.calls) == [
+        ("light:1", 2), ("missing:1", 1), ("rules:1", 2)], "one call per model, concurrently, in one round"
+
+
+def test_a_rule_cap_limits_confidence_but_not_the_probabilities(router: Router):
+    (answer,) = _route(router, _images(0.9), [_signature(ood_score=5.0)], FakeModels())
+    assert answer.confidence == 0.3
+    assert answer.probs.max() == pytest.approx(0.99)
+
+
+def test_rows_with_missing_pixels_never_reach_a_model_that_needs_complete_images():
+    policy = dict(POLICY, rules=[{"name": "hurry", "when": {"deadline_ms": "< 5"}, "route": "light:1"}])
+    router = Router(parse_policy(policy), ACCEPTS_MISSING, learned=None)
+    models = FakeModels()
+    (answer,) = _route(router, _images(0.9), [_signature(missing_fraction=0.1, deadline_ms=1)], models)
+    assert answer.route == "rules:1"
+    assert answer.reason.startswith("fallback: no listed route takes images with missing pixels")
+    assert [model for model, _, _ in models.calls] == ["rules:1"]
+
+
+def test_a_failed_first_model_falls_back_and_a_failed_escalation_keeps_the_first_answer(router: Router):
+    answers = _route(router, _images(0.5), [_signature()], FakeModels(failing=frozenset({"light:1"})))
+    assert answers[0].path == "light:1 error>rules:1 ok"
+    assert "light:1 failed: light:1 is down" in answers[0].reason
+    (answer,) = _route(router, _images(0.5), [_signature()], FakeModels(failing=frozenset({"heavy:1"})))
+    assert answer.path == "light:1 low_confidence>heavy:1 error"
+    assert answer.route == "light:1" and "answered with light:1" in answer.reason
+
+
+def test_a_row_no_model_could_answer_is_an_error(router: Router):
+    (answer,) = _route(router, _images(0.5), [_signature(ood_score=9.0)], FakeModels(failing=frozenset({"rules:1"})))
+    assert answer == "no model could answer (rules:1 error): rules:1 failed: rules:1 is down"
+
+
+def test_the_learned_router_can_escalate_a_confident_row():
+    policy = dict(POLICY, cascade=dict(POLICY["cascade"], escalate_when="either",
+                                       learned_router={"escalate_above": 0.5}))
+    # a learned router that distrusts sparse images: weight only on sparsity
+    coef = [0.0] * len(FEATURES)
+    coef[FEATURES.index("sparsity")] = 10.0
+    learned = LearnedRouter([0.0] * len(FEATURES), [1.0] * len(FEATURES), coef, -5.0)
+    router = Router(parse_policy(policy), ACCEPTS_MISSING, learned)
+    answers = _route(router, _images(0.99, 0.99), [_signature(sparsity=0.9), _signature(sparsity=0.1)], FakeModels())
+    assert [a.path for a in answers] == ["light:1 low_confidence>heavy:1 ok", "light:1 ok"]
+    assert "learned router p(wrong)=0.98 > 0.50" in answers[0].reason
+
+
+def test_merged_parameters_take_the_most_urgent_tier_and_the_tightest_deadline():
+    rows = [_signature(tier="best_effort", user_id="a", deadline_ms=50),
+            _signature(tier="critical", user_id="a", deadline_ms=20), _signature(tier="standard", user_id="a")]
+    assert merged_parameters(rows) == {"tier": "critical", "deadline_ms": "20", "user_id": "a"}
+    assert merged_parameters([_signature(user_id="a"), _signature(user_id="b")]) == {"tier": "standard"}
+
+
+def test_parameters_reach_the_downstream_calls(router: Router):
+    models = FakeModels()
+    _route(router, _images(0.9), [_signature(tier="critical", user_id="bob", deadline_ms=30)], models)
+    assert models.calls[0][2] == {"tier": "critical", "deadline_ms": "30", "user_id": "bob"}
+
+
+def test_a_router_refuses_a_policy_it_cannot_serve():
+    with pytest.raises(ValueError, match="no manifest for policy model"):
+        Router(parse_policy(POLICY), {"light:1": False}, learned=None)
+    with pytest.raises(ValueError, match="fallback rules:1 must accept images with missing pixels"):
+        Router(parse_policy(POLICY), dict(ACCEPTS_MISSING, **{"rules:1": False}), learned=None)

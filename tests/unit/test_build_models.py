@@ -56,13 +56,13 @@ def test_a_current_repository_is_reused_not_rebuilt(model_repository: Path):
     assert rebuilt == []
 
 
-def test_a_stale_model_and_the_models_distilled_from_it_are_rebuilt(tmp_path: Path):
+def test_a_stale_model_and_what_was_learned_from_it_are_rebuilt(tmp_path: Path):
     build_all(tmp_path, log=lambda line: None)
     teacher = tmp_path / "digits_heavy" / "2" / "model.onnx"
     teacher.write_bytes(teacher.read_bytes() + b"\0")  # tampered: its hash no longer matches
     rebuilt: list[str] = []
     build_all(tmp_path, log=rebuilt.append)
-    assert [line.split()[1] for line in rebuilt] == ["digits_heavy:2", "digits_light:1"]
+    assert [line.split()[1] for line in rebuilt] == ["digits_heavy:2", "digits_light:1", "router:1"]
 
 
 def test_verification_fails_when_the_served_artifact_disagrees_with_the_trainer():

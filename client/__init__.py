@@ -1,4 +1,6 @@
-"""tierserve's Python client SDK (the `digits` router client comes with the router).
+"""tierserve's Python client SDK: classify images through the `digits` router, sync or asyncio, gRPC or HTTP."""
 
-Until then, any Triton client works: see the README's "Calling a model".
-"""
+from tierserve.client.classification import Classification, TierserveError
+from tierserve.client.clients import AsyncTierserveClient, TierserveClient
+
+__all__ = ["AsyncTierserveClient", "Classification", "TierserveClient", "TierserveError"]

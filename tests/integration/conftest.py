@@ -11,6 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from tierserve.client import TierserveClient
 from tierserve.tools.server import TritonServer
 
 
@@ -54,3 +55,9 @@ def grpc(triton: TritonServer) -> Iterator[Triton]:
     client = _client("grpc", triton)
     yield client
     client.client.close()
+
+
+@pytest.fixture
+def grpc_sdk(triton: TritonServer) -> Iterator[TierserveClient]:
+    with TierserveClient(triton.grpc_url) as sdk:
+        yield sdk

@@ -7,32 +7,15 @@ Without --url it starts its own tritonserver on free ports. Prints a markdown ta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
-import tempfile
-from pathlib import Path
 
 import perf_analyzer
+from harness import server_url
 
-from tierserve.tools.build_models import MODEL_SPECS, build_all
+from tierserve.tools.build_models import MODEL_SPECS
 from tierserve.tools.dataset import load_split
-from tierserve.tools.paths import DEFAULT_REPOSITORY
-from tierserve.tools.server import Ports, TritonServer
 
 CONCURRENCIES = [1, 8]
-
-
-@contextlib.contextmanager
-def server_url(url: str | None):
-    """The given server, or a fresh one serving the built repository."""
-    if url:
-        yield url
-        return
-    build_all(DEFAULT_REPOSITORY)
-    with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "log").open("wb") as log, \
-            TritonServer(DEFAULT_REPOSITORY, Ports.free(), Path(tmp), output=log) as server:
-        server.wait_ready()
-        yield server.grpc_url
 
 
 def main() -> None:

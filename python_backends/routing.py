@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -18,7 +19,13 @@ from tierserve.learned_router import LearnedRouter, escalation_features
 from tierserve.policy import Policy
 from tierserve.signature import TIERS, Signature
 
-InferFn = Callable[[str, np.ndarray, Mapping[str, str]], Awaitable[np.ndarray]]
+
+class InferFn(Protocol):
+    """Calls one downstream model. `concurrent` says whether other calls run at the same time; when it is
+    False an implementation may block, which for Triton BLS is cheaper than an async call."""
+
+    def __call__(self, model: str, images: np.ndarray, parameters: Mapping[str, str], *,
+                 concurrent: bool) -> Awaitable[np.ndarray]: ...
 
 
 class ModelCallError(RuntimeError):
@@ -140,7 +147,8 @@ class Router:
         groups: dict[str, list[int]] = defaultdict(list)
         for row, model in pending.items():
             groups[model].append(row)
-        calls = [infer(model, images[rows], merged_parameters([signatures[r] for r in rows]))
+        concurrent = len(groups) > 1
+        calls = [infer(model, images[rows], merged_parameters([signatures[r] for r in rows]), concurrent=concurrent)
                  for model, rows in groups.items()]
         results = await asyncio.gather(*calls, return_exceptions=True)
         outcomes: dict[int, np.ndarray | str] = {}

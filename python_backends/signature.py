@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,31 +29,33 @@ class TrainingStats:
     99th percentile on the validation split, so 1.0 means "as unusual as the 1% oddest clean images".
     """
 
-    mean: list[float]
-    std: list[float]
+    mean: np.ndarray  # [64] float32
+    std: np.ndarray  # [64] float32, at least STD_FLOOR
     raw_score_p99: float
 
     @classmethod
     def fit(cls, train: np.ndarray, validation: np.ndarray) -> TrainingStats:
         flat = train.reshape(len(train), -1)
-        unscaled = cls(flat.mean(axis=0).tolist(), np.maximum(flat.std(axis=0), STD_FLOOR).tolist(), 1.0)
+        unscaled = cls(flat.mean(axis=0).astype(np.float32),
+                       np.maximum(flat.std(axis=0), STD_FLOOR).astype(np.float32), 1.0)
         return cls(unscaled.mean, unscaled.std, float(np.percentile(unscaled.ood_scores(validation), 99)))
 
     @classmethod
     def load(cls, path: Path) -> TrainingStats:
-        return cls(**json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        return cls(np.asarray(data["mean"], np.float32), np.asarray(data["std"], np.float32),
+                   float(data["raw_score_p99"]))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps({"mean": self.mean.tolist(), "std": self.std.tolist(), "raw_score_p99": self.raw_score_p99})
 
     def ood_scores(self, images: np.ndarray) -> np.ndarray:
         """[N] out-of-distribution scores of 8x8 images (NaN pixels are left out)."""
-        flat = images.reshape(len(images), -1)
-        z = (flat - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        z = (images.reshape(len(images), -1) - self.mean) / self.std
         observed = ~np.isnan(z)
-        squares = np.where(observed, z, 0.0) ** 2
+        squares = np.square(z, where=observed, out=np.zeros_like(z))
         raw = np.sqrt(squares.sum(axis=1) / np.maximum(observed.sum(axis=1), 1))
-        return (raw / self.raw_score_p99).astype(np.float32)
+        return raw / np.float32(self.raw_score_p99)
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,11 @@ def signatures(images: np.ndarray, source: np.ndarray, context: RequestContext,
     """One signature per row: `images` [N, 8, 8] resized, `source` [N, 4] from `resize.source_stats`."""
     flat = images.reshape(len(images), -1)
     observed = ~np.isnan(flat)
-    with np.errstate(invalid="ignore"):
-        blank = (observed & (flat < 1.0)).sum(axis=1) / np.maximum(observed.sum(axis=1), 1)
+    blank = (flat < 1.0).sum(axis=1) / np.maximum(observed.sum(axis=1), 1)  # NaN < 1 is False
     ood = stats.ood_scores(images)
     return [
-        Signature(int(src[0]), int(src[1]), float(src[2]), float(src[3]), float(blank[i]), float(ood[i]),
+        Signature(int(height), int(width), float(missing), float(out_of_range), float(sparsity), float(score),
                   context.tier, context.user_id, context.deadline_ms)
-        for i, src in enumerate(source)
+        for (height, width, missing, out_of_range), sparsity, score in zip(source.tolist(), blank.tolist(),
+                                                                          ood.tolist(), strict=True)
     ]

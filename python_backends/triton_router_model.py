@@ -62,13 +62,15 @@ class TritonPythonModel:
                 responses[index] = self._response([answers[i] for i in np.flatnonzero(owners_arr == index)])
         return responses
 
-    async def _infer(self, model: str, images: np.ndarray, parameters: dict[str, str]) -> np.ndarray:
+    async def _infer(self, model: str, images: np.ndarray, parameters: dict[str, str], *,
+                     concurrent: bool) -> np.ndarray:
         name, version = model.split(":")
         request = pb_utils.InferenceRequest(
             model_name=name, model_version=int(version), requested_output_names=["PROBS"],
             inputs=[pb_utils.Tensor("PIXELS", images)], parameters=parameters,
         )
-        response = await request.async_exec()
+        # a blocking BLS call costs ~0.1 ms less than async_exec; only concurrent calls need the latter
+        response = await request.async_exec() if concurrent else request.exec()
         if response.has_error():
             raise ModelCallError(response.error().message())
         return pb_utils.get_output_tensor_by_name(response, "PROBS").as_numpy()

@@ -46,8 +46,8 @@ def build_router_artifacts(repository: Path, split: DigitsSplit, first_model: st
     wrong = probs.argmax(axis=1) != labels
     scaler = StandardScaler().fit(features)
     model = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(features), wrong)
-    learned = LearnedRouter(scaler.mean_.tolist(), scaler.scale_.tolist(), model.coef_[0].tolist(),
-                            float(model.intercept_[0]))
+    learned = LearnedRouter(scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32),
+                            model.coef_[0].astype(np.float32), float(model.intercept_[0]))
     (version_dir / LEARNED_ROUTER_FILE).write_text(learned.to_json() + "\n")
     caught = (learned.wrong_probability(features) > 0.5)[wrong].mean()
     log(f"built router:1        learned router on {len(images)} images, {first_model} wrong on {wrong.sum()}, "

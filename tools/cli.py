@@ -21,6 +21,15 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from tierserve.tools.dataset import load_split
+    from tierserve.tools.demo import build_workload, run_workload, summarize
+
+    samples = build_workload(load_split(), args.count, args.seed)
+    print(summarize(run_workload(args.url, args.protocol, samples, args.concurrency)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--no-build", action="store_true", help="serve the repository as it is")
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser("demo", help="send a seeded mixed workload to a running server; print routes")
+    demo.add_argument("--url", default="localhost:8001", help="server address (gRPC port by default)")
+    demo.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    demo.add_argument("--count", type=int, default=400)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--concurrency", type=int, default=4)
+    demo.set_defaults(run=_demo)
 
     args = parser.parse_args(argv)
     return args.run(args)

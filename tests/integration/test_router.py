@@ -14,6 +14,7 @@ from tierserve.learned_router import LearnedRouter, escalation_features
 from tierserve.policy import Policy
 from tierserve.resize import source_stats
 from tierserve.signature import RequestContext, TrainingStats, signatures
+from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.server import TritonServer
 from tierserve.tools.workload import pure_noise, upscaled, with_missing
@@ -178,3 +179,12 @@ def test_the_async_client_over_http(triton: TritonServer, split: DigitsSplit):
     answers = asyncio.run(run())
     assert [a.label for a in answers] == split.test.labels[:3].tolist()
     assert all(a.probs.shape == (10,) and 0 < a.confidence <= 1 for a in answers)
+
+
+def test_the_demo_prints_a_row_per_route(triton: TritonServer, capsys: pytest.CaptureFixture[str]):
+    assert main(["demo", "--url", triton.grpc_url, "--count", "120", "--seed", "1"]) == 0
+    table = capsys.readouterr().out
+    for route in ("digits_light:1", "digits_heavy:2", "digits_missing:1", "digits_rules:1"):
+        assert f"| {route} |" in table
+    assert "rule out_of_distribution" in table and "rule missing_pixels" in table
+    assert "120 requests, accuracy" in table

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import perf_analyzer
-from harness import policy_variant, running_server
+from harness import cascade_variant, running_server
 
 from tierserve.client import TierserveClient
 from tierserve.manifest import Manifest
@@ -60,7 +60,7 @@ def cascade_efficiency(images: np.ndarray, labels: np.ndarray) -> None:
     print("### P2 cascade efficiency (gRPC, batch 1, concurrency 8, standard tier)\n")
     print("| policy | test accuracy | escalated | inferences/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|---:|")
     measured = {}
-    with policy_variant(ALWAYS_HEAVY) as heavy_repository:
+    with cascade_variant(ALWAYS_HEAVY) as heavy_repository:
         for name, repository in (("cascade (shipped policy)", DEFAULT_REPOSITORY),
                                  ("always heavy", heavy_repository)):
             with running_server(repository) as server:

@@ -8,10 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tierserve.tools.build_models import build_all
 from tierserve.tools.paths import DEFAULT_REPOSITORY
+from tierserve.tools.repository_variants import policy_variant, shipped_policy
 from tierserve.tools.server import Ports, TritonServer
 
 
@@ -26,22 +25,10 @@ def running_server(repository: Path = DEFAULT_REPOSITORY) -> Iterator[TritonServ
 
 
 @contextlib.contextmanager
-def policy_variant(cascade: dict[str, Any]) -> Iterator[Path]:
-    """A repository that links every model of the built one but gives the router other cascade settings."""
+def cascade_variant(cascade: dict[str, Any]) -> Iterator[Path]:
+    """A repository linking every built model, with the router's cascade settings replaced."""
     with tempfile.TemporaryDirectory() as tmp:
-        repository = Path(tmp)
-        for model in DEFAULT_REPOSITORY.iterdir():
-            if model.is_dir() and model.name != "router":
-                (repository / model.name).symlink_to(model.resolve())
-        router = repository / "router"
-        router.mkdir()
-        for item in (DEFAULT_REPOSITORY / "router").iterdir():
-            if item.name != "policy.yaml":
-                (router / item.name).symlink_to(item.resolve())
-        policy = yaml.safe_load((DEFAULT_REPOSITORY / "router" / "policy.yaml").read_text())
-        policy["cascade"] = cascade
-        (router / "policy.yaml").write_text(yaml.safe_dump(policy))
-        yield repository
+        yield policy_variant(DEFAULT_REPOSITORY, Path(tmp), {**shipped_policy(DEFAULT_REPOSITORY), "cascade": cascade})
 
 
 @contextlib.contextmanager

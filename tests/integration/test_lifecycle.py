@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tierserve.tools.repository_variants import policy_variant, shipped_policy
 from tierserve.tools.server import SHM_DIR, Ports, ServerError, TritonServer
 
 
@@ -83,3 +84,20 @@ def test_a_broken_repository_fails_fast_with_the_exit_code(tmp_path: Path):
         with server, pytest.raises(ServerError, match="exited with code 1 before it was ready"):
             server.wait_ready(timeout_s=60)
     assert "broken" in (tmp_path / "log").read_text()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"fallback": "digits_heavy:1"}, "fallback: 'digits_heavy:1' is not listed under models"),
+    ({"cascade": {"first": "digits_light:1"}}, "cascade.escalate_to: required key is missing"),
+    ({"fallback": "digits_light:1"}, "fallback digits_light:1 must accept images with missing pixels"),
+])
+def test_a_bad_policy_fails_the_router_load_naming_the_key(model_repository: Path, tmp_path: Path,
+                                                            change: dict, message: str):
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    policy_variant(model_repository, repository, {**shipped_policy(model_repository), **change})
+    with (tmp_path / "log").open("wb") as log:
+        server = TritonServer(repository, Ports.free(), tmp_path, output=log)
+        with server, pytest.raises(ServerError, match="before it was ready"):
+            server.wait_ready(timeout_s=120)
+    assert message in (tmp_path / "log").read_text()

@@ -1,0 +1,29 @@
+"""A model repository that links every model of another but gives the router its own policy file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POLICY_FILE = "policy.yaml"
+
+
+def policy_variant(source: Path, target: Path, policy: dict[str, Any]) -> Path:
+    """Fill `target` with links to `source`'s models and a router whose policy is `policy`; return `target`."""
+    for model in source.iterdir():
+        if model.is_dir() and model.name != "router":
+            (target / model.name).symlink_to(model.resolve())
+    router = target / "router"
+    router.mkdir()
+    for item in (source / "router").iterdir():
+        if item.name != POLICY_FILE:
+            (router / item.name).symlink_to(item.resolve())
+    (router / POLICY_FILE).write_text(yaml.safe_dump(policy, sort_keys=False))
+    return target
+
+
+def shipped_policy(source: Path) -> dict[str, Any]:
+    """The policy document of `source`'s router, as a dict to modify."""
+    return yaml.safe_load((source / "router" / POLICY_FILE).read_text())

@@ -43,3 +43,13 @@ def test_every_built_version_is_served_and_has_its_shim(model: str):
 def test_shims_are_thin():
     for shim in DEFAULT_REPOSITORY.glob("*/*/model.py"):
         assert len(shim.read_text().splitlines()) <= 10, f"{shim} should only import the shared model"
+
+
+def test_every_model_has_a_version_folder_that_git_can_keep():
+    """Ensembles have no files in their version folder; an empty folder is lost in a clone."""
+    for config in DEFAULT_REPOSITORY.glob("*/config.pbtxt"):
+        versions = [v for v in config.parent.iterdir() if v.is_dir() and v.name.isdigit()]
+        assert versions, f"{config.parent.name} has no version folder"
+        for version in versions:
+            assert any(p.name != "__pycache__" for p in version.iterdir()), \
+                f"{version} is empty: git will not keep it (add a .gitkeep)"

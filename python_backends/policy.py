@@ -11,12 +11,13 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tierserve.circuit_breaker import BreakerSettings
 from tierserve.signature import TIERS, Signature
 
 NUMERIC_CUES = ("height", "width", "missing_fraction", "out_of_range_fraction", "sparsity", "ood_score",
@@ -76,6 +77,15 @@ class Policy:
     rules: tuple[Rule, ...]
     cascade: Cascade
     fallback: str
+    fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per route, tried in order
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    call_timeout_ms: float = 1000.0  # bound on one downstream call when the request has no deadline
+    reload_min_interval_s: float = 10.0  # self-healing: at most one reload per model this often
+
+    def chain(self, model: str) -> tuple[str, ...]:
+        """What to try, in order, when `model` fails, times out or is ejected: its fallbacks, then `fallback`."""
+        chain = [m for m in self.fallbacks.get(model, ()) if m != model]
+        return tuple(dict.fromkeys([*chain, self.fallback]))
 
     @classmethod
     def load(cls, path: Path) -> Policy:
@@ -168,9 +178,45 @@ def _cascade(data: Any, models: tuple[str, ...]) -> Cascade:
     )
 
 
+def _positive(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise PolicyError(f"{key}: expected a positive number, got {value!r}")
+    return float(value)
+
+
+def _fallbacks(data: Any, models: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    data = _mapping(data, "fallbacks", set(models), set())
+    chains = {}
+    for route, chain in data.items():
+        if not isinstance(chain, list):
+            raise PolicyError(f"fallbacks.{route}: expected a list of models, got {chain!r}")
+        chains[route] = tuple(_model(m, f"fallbacks.{route}[{i}]", models) for i, m in enumerate(chain))
+    return chains
+
+
+def _breaker(data: Any) -> BreakerSettings:
+    names = {f.name for f in fields(BreakerSettings)}
+    data = _mapping(data, "circuit_breaker", names, set())
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"circuit_breaker.{name}"
+        if name in ("consecutive_errors", "failure_percentage_request_volume"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PolicyError(f"{key}: expected a whole number of at least 1, got {value!r}")
+            values[name] = value
+        elif name == "failure_percentage_threshold":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+                raise PolicyError(f"{key}: expected a percentage above 0 and at most 100, got {value!r}")
+            values[name] = float(value)
+        else:
+            values[name] = _positive(value, key)
+    return BreakerSettings(**values)
+
+
 def parse_policy(data: Any) -> Policy:
     """Validate a policy document (already parsed from YAML) into a Policy."""
-    data = _mapping(data, "policy", {"models", "default_tier", "rules", "cascade", "fallback"},
+    data = _mapping(data, "policy", {"models", "default_tier", "rules", "cascade", "fallback", "fallbacks",
+                                     "circuit_breaker", "call_timeout_ms", "self_healing"},
                     {"models", "cascade", "fallback"})
     models = data["models"]
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
@@ -189,5 +235,12 @@ def parse_policy(data: Any) -> Policy:
     names = [rule.name for rule in parsed_rules]
     if duplicates := sorted({n for n in names if names.count(n) > 1}):
         raise PolicyError(f"rules: rule name {duplicates[0]!r} is used twice")
-    return Policy(models, default_tier, parsed_rules, _cascade(data["cascade"], models),
-                  _model(data["fallback"], "fallback", models))
+    healing = _mapping(data.get("self_healing", {}), "self_healing", {"reload_min_interval_s"}, set())
+    return Policy(
+        models, default_tier, parsed_rules, _cascade(data["cascade"], models),
+        _model(data["fallback"], "fallback", models),
+        fallbacks=_fallbacks(data.get("fallbacks", {}), models),
+        breaker=_breaker(data.get("circuit_breaker", {})),
+        call_timeout_ms=_positive(data.get("call_timeout_ms", 1000), "call_timeout_ms"),
+        reload_min_interval_s=_positive(healing.get("reload_min_interval_s", 10), "self_healing.reload_min_interval_s"),
+    )

@@ -1,35 +1,42 @@
-"""Route a batch of rows through the policy: rules, the confidence cascade, and the fallback.
+"""Route a batch of rows through the policy: rules, the confidence cascade, fallback chains and breakers.
 
-Each row walks hops: the route the policy picks, maybe an escalation, the fallback if a call fails.
-Every round sends one call per model with the rows that need it concatenated, and all models of a
-round are called concurrently. The router never calls a model outside the policy.
+Each row walks hops: the route the policy picks, maybe an escalation, and on a failed, timed-out or
+ejected model the next one in that route's chain. Every round sends one call per model with the rows
+that need it concatenated, and all models of a round are called concurrently. Every call is bounded
+by the tightest remaining deadline of its rows (or the policy's call timeout). The router never calls
+a model outside the policy, and never calls a model whose circuit breaker is open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from tierserve.circuit_breaker import CircuitBreaker
 from tierserve.learned_router import LearnedRouter, escalation_features
 from tierserve.policy import Policy
 from tierserve.signature import TIERS, Signature
 
 
+class ModelCallError(RuntimeError):
+    """A downstream model answered with an error."""
+
+
+class ModelTimeout(ModelCallError):
+    """A downstream model did not answer in time."""
+
+
 class InferFn(Protocol):
-    """Calls one downstream model. `concurrent` says whether other calls run at the same time; when it is
-    False an implementation may block, which for Triton BLS is cheaper than an async call."""
+    """Calls one downstream model; raises ModelCallError, or ModelTimeout after `timeout_s`."""
 
     def __call__(self, model: str, images: np.ndarray, parameters: Mapping[str, str], *,
-                 concurrent: bool) -> Awaitable[np.ndarray]: ...
-
-
-class ModelCallError(RuntimeError):
-    """A downstream model did not answer."""
+                 timeout_s: float) -> Awaitable[np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,11 @@ class Answer:
 class _Row:
     decision: Decision
     signature: Signature
-    next_model: str | None
+    deadline: float | None  # clock time by which the row must be answered
+    next_model: str | None = None
     hops: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tried: set[str] = field(default_factory=set)
     best: tuple[str, np.ndarray] | None = None  # the last answer in hand, from which model
 
 
@@ -79,7 +88,8 @@ def merged_parameters(signatures: list[Signature]) -> dict[str, str]:
 class Router:
     """Applies one policy. `accepts_missing` says which listed models take images with missing pixels."""
 
-    def __init__(self, policy: Policy, accepts_missing: Mapping[str, bool], learned: LearnedRouter | None) -> None:
+    def __init__(self, policy: Policy, accepts_missing: Mapping[str, bool], learned: LearnedRouter | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if unknown := sorted(set(policy.models) - set(accepts_missing)):
             raise ValueError(f"no manifest for policy model(s) {', '.join(unknown)}")
         if policy.cascade.escalate_when != "threshold" and learned is None:
@@ -90,6 +100,8 @@ class Router:
         self.policy = policy
         self.accepts_missing = dict(accepts_missing)
         self.learned = learned
+        self.clock = clock
+        self.breakers = {model: CircuitBreaker(policy.breaker, clock) for model in policy.models}
 
     def _can_serve(self, model: str, signature: Signature) -> bool:
         return self.accepts_missing[model] or signature.missing_fraction == 0.0
@@ -127,14 +139,19 @@ class Router:
 
     async def route(self, images: np.ndarray, signatures: list[Signature], infer: InferFn) -> list[Answer | str]:
         """An Answer per row, or the error that left a row unanswered."""
+        start = self.clock()
         rows = []
         for signature in signatures:
             decision = self.decide(signature)
-            rows.append(_Row(decision, signature, decision.route))
+            deadline = None if signature.deadline_ms is None else start + signature.deadline_ms / 1000
+            row = _Row(decision, signature, deadline)
+            self._send(row, [decision.route, *self.policy.chain(decision.route)])
+            rows.append(row)
         while pending := {i: row.next_model for i, row in enumerate(rows) if row.next_model}:
-            outcomes = await self._call(pending, images, signatures, infer)
-            cascading = [i for i, outcome in outcomes.items()
-                         if not isinstance(outcome, str) and rows[i].decision.cascade and not rows[i].hops]
+            outcomes = await self._call(pending, images, rows, infer)
+            first = self.policy.cascade.first
+            cascading = [i for i, outcome in outcomes.items() if not isinstance(outcome, str)
+                         and rows[i].decision.cascade and pending[i] == first and rows[i].best is None]
             verdicts = dict(zip(cascading, self.escalations([signatures[i] for i in cascading],
                                                             np.stack([outcomes[i] for i in cascading]))
                                 if cascading else [], strict=True))
@@ -142,44 +159,89 @@ class Router:
                 self._advance(rows[i], pending[i], outcome, verdicts.get(i))
         return [self._answer(row) for row in rows]
 
-    async def _call(self, pending: dict[int, str], images: np.ndarray, signatures: list[Signature],
+    def _time_left(self, row: _Row) -> float | None:
+        return None if row.deadline is None else row.deadline - self.clock()
+
+    def _send(self, row: _Row, candidates: Iterable[str]) -> None:
+        """Point the row at the first candidate it has not tried, can use, and whose breaker lets it through."""
+        row.next_model = None
+        for model in candidates:
+            if model in row.tried or not self._can_serve(model, row.signature):
+                continue
+            row.tried.add(model)
+            breaker = self.breakers[model]
+            if breaker.allow():
+                row.next_model = model
+                return
+            row.hops.append(f"{model} ejected")
+            row.notes.append(f"{model} {breaker.describe()}")
+
+    async def _call(self, pending: dict[int, str], images: np.ndarray, rows: list[_Row],
                     infer: InferFn) -> dict[int, np.ndarray | str]:
         groups: dict[str, list[int]] = defaultdict(list)
         for row, model in pending.items():
             groups[model].append(row)
-        concurrent = len(groups) > 1
-        calls = [infer(model, images[rows], merged_parameters([signatures[r] for r in rows]), concurrent=concurrent)
-                 for model, rows in groups.items()]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        call_timeout = self.policy.call_timeout_ms / 1000
+
+        async def call(model: str, members: list[int]) -> np.ndarray | str:
+            left = [t for t in (self._time_left(rows[r]) for r in members) if t is not None]
+            timeout = max(min([call_timeout, *left]), 0.0)
+            started = self.clock()
+            try:
+                probs = await infer(model, images[members],
+                                    merged_parameters([rows[r].signature for r in members]), timeout_s=timeout)
+            except ModelTimeout:
+                self.breakers[model].record(False, self.clock() - started)
+                return f"timeout: {model} did not answer within {timeout * 1000:.0f} ms"
+            except ModelCallError as error:
+                self.breakers[model].record(False, self.clock() - started)
+                return f"{model} failed: {error}"
+            self.breakers[model].record(True, self.clock() - started)
+            return probs
+
+        results = await asyncio.gather(*(call(model, members) for model, members in groups.items()))
         outcomes: dict[int, np.ndarray | str] = {}
-        for (model, rows), result in zip(groups.items(), results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, Exception):
-                raise result
-            for position, row in enumerate(rows):
-                outcomes[row] = f"{model} failed: {result}" if isinstance(result, Exception) else result[position]
+        for members, result in zip(groups.values(), results, strict=True):
+            for position, row in enumerate(members):
+                outcomes[row] = result if isinstance(result, str) else result[position]
         return outcomes
 
     def _advance(self, row: _Row, model: str, outcome: np.ndarray | str, verdict: tuple[bool, str] | None) -> None:
         row.next_model = None
         if isinstance(outcome, str):
-            row.hops.append(f"{model} error")
+            row.hops.append(f"{model} {'timeout' if outcome.startswith('timeout') else 'error'}")
             row.notes.append(outcome)
-            if row.best is None and model != self.policy.fallback:
-                row.next_model = self.policy.fallback
-                row.notes.append(f"fell back to {self.policy.fallback}")
-            elif row.best is not None:
+            if row.best is not None:
                 row.notes.append(f"answered with {row.best[0]}")
+                return
+            left = self._time_left(row)
+            if left is not None and left <= 0:
+                row.notes.append("deadline passed: only the fallback is tried")
+                self._send(row, [self.policy.fallback])
+            else:
+                self._send(row, self.policy.chain(model))
+            if row.next_model:
+                row.notes.append(f"fell back to {row.next_model}")
             return
         row.best = (model, outcome)
-        if verdict is not None:
-            escalate, why = verdict
-            row.notes.append(f"{model} {why}")
-            if escalate:
-                row.hops.append(f"{model} low_confidence")
-                row.next_model = self.policy.cascade.escalate_to
+        if verdict is None:
+            row.hops.append(f"{model} ok")
+            return
+        escalate, why = verdict
+        row.notes.append(f"{model} {why}")
+        left = self._time_left(row)
+        if escalate and left is not None and left <= 0:
+            row.hops.append(f"{model} ok")
+            row.notes.append(f"no time left to escalate (deadline {row.signature.deadline_ms} ms)")
+        elif escalate:
+            row.hops.append(f"{model} low_confidence")
+            self._send(row, [self.policy.cascade.escalate_to])
+            if row.next_model:
                 row.notes.append(f"escalated to {row.next_model}")
-                return
-        row.hops.append(f"{model} ok")
+            else:
+                row.notes.append(f"answered with {model}")
+        else:
+            row.hops.append(f"{model} ok")
 
     def _answer(self, row: _Row) -> Answer | str:
         path = ">".join(row.hops)

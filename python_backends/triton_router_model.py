@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tierserve.healing import ReloadLimiter, is_dead_stub
 from tierserve.learned_router import LearnedRouter
 from tierserve.manifest import Manifest
 from tierserve.policy import Policy
 from tierserve.request_context import ParameterError, parse_context
-from tierserve.routing import Answer, ModelCallError, Router
+from tierserve.routing import Answer, ModelCallError, ModelTimeout, Router
 from tierserve.signature import TrainingStats, signatures
+from tierserve.triton_router_metrics import RouterMetrics
 
 POLICY_FILE = "policy.yaml"
 
@@ -40,6 +44,8 @@ class TritonPythonModel:
         learned = LearnedRouter.load(version_dir / "learned_router.json")
         self.router = Router(self.policy, accepts_missing, learned)
         self.stats = TrainingStats.load(version_dir / "stats.json")
+        self.reloads = ReloadLimiter(self.policy.reload_min_interval_s)
+        self.metrics = RouterMetrics(self.policy.models)
 
     async def execute(self, requests: list) -> list:
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
@@ -57,23 +63,49 @@ class TritonPythonModel:
             owners.extend([index] * len(image))
         if images:
             answers = await self.router.route(np.concatenate(images), rows, self._infer)
+            self.metrics.observe(self.router.breakers, answers)
             owners_arr = np.asarray(owners)
             for index in sorted(set(owners)):
                 responses[index] = self._response([answers[i] for i in np.flatnonzero(owners_arr == index)])
         return responses
 
     async def _infer(self, model: str, images: np.ndarray, parameters: dict[str, str], *,
-                     concurrent: bool) -> np.ndarray:
+                     timeout_s: float) -> np.ndarray:
         name, version = model.split(":")
         request = pb_utils.InferenceRequest(
             model_name=name, model_version=int(version), requested_output_names=["PROBS"],
             inputs=[pb_utils.Tensor("PIXELS", images)], parameters=parameters,
+            timeout=max(int(timeout_s * 1e6), 1),  # rejects the call if it is still queued by then
         )
-        # a blocking BLS call costs ~0.1 ms less than async_exec; only concurrent calls need the latter
-        response = await request.async_exec() if concurrent else request.exec()
+        try:
+            # shield: a call we stop waiting for still completes inside the backend, unobserved
+            response = await asyncio.wait_for(asyncio.shield(request.async_exec()), timeout_s)
+        except asyncio.TimeoutError:
+            raise ModelTimeout(f"{model} did not answer within {timeout_s * 1000:.0f} ms") from None
         if response.has_error():
-            raise ModelCallError(response.error().message())
+            message = response.error().message()
+            if is_dead_stub(message):
+                self._heal(model, message)
+            raise ModelCallError(message)
         return pb_utils.get_output_tensor_by_name(response, "PROBS").as_numpy()
+
+    def _heal(self, model: str, message: str) -> None:
+        """Reload a model whose stub died (Triton does not), at most once per policy interval, off the hot path."""
+        name = model.split(":")[0]
+        if not self.reloads.allow(name):
+            return
+        pb_utils.Logger.log_warn(f"router: {model} has a dead stub ({message}); reloading {name}")
+        threading.Thread(target=self._reload, args=(name,), name=f"reload-{name}", daemon=True).start()
+
+    def _reload(self, name: str) -> None:
+        try:
+            pb_utils.unload_model(name)
+            pb_utils.load_model(name)
+        except Exception as error:  # a failed reload is logged; a later failure retries it
+            pb_utils.Logger.log_error(f"router: reloading {name} failed: {error}")
+            return
+        self.metrics.reloaded(name)
+        pb_utils.Logger.log_info(f"router: reloaded {name}; ready={pb_utils.is_model_ready(name)}")
 
     def _response(self, answers: list[Answer | str]) -> pb_utils.InferenceResponse:
         if failures := [a for a in answers if isinstance(a, str)]:

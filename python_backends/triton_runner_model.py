@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tierserve.batching import Rejected, infer_batched
+from tierserve.faults import FaultInjector, FaultSpec
 from tierserve.runners import load_runner
 
 
@@ -18,8 +21,18 @@ class TritonPythonModel:
         self.name = f"{args['model_name']}:{args['model_version']}"
         # for the Python backend, model_repository is this model's own folder
         self.runner = load_runner(Path(args["model_repository"]) / args["model_version"])
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        spec = FaultSpec.from_parameters({k: v["string_value"] for k, v in parameters.items()})
+        self.faults = FaultInjector(spec) if spec.active else None
+        if self.faults:
+            pb_utils.Logger.log_warn(f"{self.name}: fault injection is on: {spec}")
 
     def execute(self, requests: list) -> list:
+        if self.faults:
+            time.sleep(self.faults.spec.latency_ms / 1000)
+            if failure := self.faults.failure():
+                error = pb_utils.TritonError(f"{self.name}: {failure}", pb_utils.TritonError.INTERNAL)
+                return [pb_utils.InferenceResponse(error=error) for _ in requests]
         batches = [pb_utils.get_input_tensor_by_name(request, "PIXELS").as_numpy() for request in requests]
         return [self._response(result) for result in infer_batched(self.runner, batches)]
 

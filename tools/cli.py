@@ -30,6 +30,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fault(args: argparse.Namespace) -> int:
+    import os
+
+    from tierserve.faults import FaultSpec
+    from tierserve.tools.model_control import ModelControl
+    from tierserve.tools.paths import ADMIN_KEY_FILE
+
+    key = os.environ.get("TIERSERVE_ADMIN_KEY") or ADMIN_KEY_FILE.read_text().strip()
+    spec = FaultSpec() if args.off else FaultSpec(args.latency_ms, args.error_rate, args.hard_failure)
+    control = ModelControl(args.url, key)
+    control.set_fault(args.model, spec)
+    control.close()
+    print(f"{args.model}: reloaded with {'no faults' if not spec.active else spec}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--concurrency", type=int, default=4)
     demo.set_defaults(run=_demo)
+
+    fault = commands.add_parser("fault", help="switch fault injection of a model on or off on a running server")
+    fault.add_argument("model")
+    fault.add_argument("--latency-ms", type=float, default=0.0, help="added to every batch")
+    fault.add_argument("--error-rate", type=float, default=0.0, help="share of batches that fail, 0-1")
+    fault.add_argument("--hard-failure", action="store_true", help="every batch fails")
+    fault.add_argument("--off", action="store_true", help="remove all faults")
+    fault.add_argument("--url", default="localhost:8000", help="the server's HTTP address")
+    fault.set_defaults(run=_fault)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import signal
 import sys
 from types import FrameType
 
 from tierserve.tools.build_models import build_all
-from tierserve.tools.paths import RUNTIME_DIR
-from tierserve.tools.server import Ports, ServerError, TritonServer
+from tierserve.tools.paths import ADMIN_KEY_FILE, RUNTIME_DIR
+from tierserve.tools.server import ADMIN_HEADER, Ports, ServerError, TritonServer
 
 
 def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # one shutdown path for Ctrl-C and for `kill`, systemd or Kubernetes
+
+
+def _admin_key() -> str:
+    """TIERSERVE_ADMIN_KEY, or a fresh key written to .tierserve/admin_key (owner-only) for `tierserve fault`."""
+    if key := os.environ.get("TIERSERVE_ADMIN_KEY"):
+        return key
+    RUNTIME_DIR.mkdir(parents=True, exist_ok=True)
+    ADMIN_KEY_FILE.write_text(key := secrets.token_hex(16))
+    ADMIN_KEY_FILE.chmod(0o600)
+    return key
 
 
 def _banner(server: TritonServer) -> str:
@@ -24,6 +36,7 @@ def _banner(server: TritonServer) -> str:
         f"  gRPC     {server.grpc_url}",
         f"  metrics  http://127.0.0.1:{server.ports.metrics}/metrics",
         f"  models   {models}",
+        f"  admin    load/unload need header {ADMIN_HEADER} (key: $TIERSERVE_ADMIN_KEY or {ADMIN_KEY_FILE})",
         "Press Ctrl-C to stop.",
     ])
 
@@ -33,7 +46,8 @@ def serve(args: argparse.Namespace) -> int:
     if not args.no_build:
         build_all(args.model_repository)
     server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
-                          RUNTIME_DIR, tritonserver=args.tritonserver, log_verbose=args.log_verbose)
+                          RUNTIME_DIR, tritonserver=args.tritonserver, log_verbose=args.log_verbose,
+                          admin_key=_admin_key())
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         server.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from tierserve.tools.triton_install import assemble_backend_directory, embedded_
 
 SHM_DIR = Path("/dev/shm")
 EXIT_TIMEOUT_S = 10  # how long tritonserver lets in-flight requests finish after SIGTERM
+ADMIN_HEADER = "tierserve-admin-key"  # the header the model repository API (load/unload) requires
 
 
 class ServerError(RuntimeError):
@@ -65,13 +67,15 @@ class TritonServer:
     """tritonserver serving `repository` on `ports`; use as a context manager or start()/stop()."""
 
     def __init__(self, repository: Path, ports: Ports, workdir: Path, *, tritonserver: Path | None = None,
-                 log_verbose: int = 0, output: IO[bytes] | None = None) -> None:
+                 log_verbose: int = 0, output: IO[bytes] | None = None, admin_key: str | None = None) -> None:
         self.repository = repository.resolve()
         self.ports = ports
         self.workdir = workdir
         self.tritonserver = tritonserver
         self.log_verbose = log_verbose
         self.output = output  # where tritonserver's log goes; None inherits the launcher's stdout
+        # load/unload are the operator's and the router's alone: over HTTP/gRPC they need this key
+        self.admin_key = admin_key or secrets.token_hex(16)
         # Python backend shared-memory regions get a prefix of their own so stop() can sweep leftovers.
         self.shm_prefix = f"tierserve_{os.getpid()}_{ports.http}_"
         self._process: subprocess.Popen[bytes] | None = None
@@ -100,6 +104,11 @@ class TritonServer:
             f"--metrics-port={self.ports.metrics}",
             *backend_args,
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            # explicit control lets the router reload a model whose stub died; all models load at start
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            f"--http-restricted-api=model-repository:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={self.admin_key}",
             "--disable-auto-complete-config",  # config.pbtxt is the whole truth about each model
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             f"--log-verbose={self.log_verbose}",
@@ -130,7 +139,8 @@ class TritonServer:
 
     def models(self) -> list[dict[str, str]]:
         """The repository index as the server reports it: name, version, state of each model."""
-        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST",
+                                         headers={ADMIN_HEADER: self.admin_key})
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read())
 

@@ -82,6 +82,16 @@ def test_a_condition_on_an_absent_deadline_does_not_hold():
     ("cascade.first", "digits_missing:1", "cascade.first: 'digits_missing:1' is not listed under models"),
     ("fallback", ..., "policy.fallback: required key is missing"),
     ("default_tier", "gold", "default_tier: unknown tier 'gold'"),
+    ("fallbacks", {"digits_heavy:1": []}, "fallbacks.digits_heavy:1: unknown key"),
+    ("fallbacks", {"digits_light:1": "digits_rules:1"}, "fallbacks.digits_light:1: expected a list of models"),
+    ("fallbacks", {"digits_light:1": ["nope:1"]}, "fallbacks.digits_light:1[0]: 'nope:1' is not listed"),
+    ("circuit_breaker", {"consecutive_errorz": 3}, "circuit_breaker.consecutive_errorz: unknown key"),
+    ("circuit_breaker", {"consecutive_errors": 0}, "circuit_breaker.consecutive_errors: expected a whole number"),
+    ("circuit_breaker", {"failure_percentage_threshold": 150},
+     "circuit_breaker.failure_percentage_threshold: expected a percentage"),
+    ("circuit_breaker", {"base_ejection_time_s": -1}, "circuit_breaker.base_ejection_time_s: expected a positive"),
+    ("call_timeout_ms", 0, "call_timeout_ms: expected a positive number, got 0"),
+    ("self_healing", {"reload_min_interval_s": "often"}, "self_healing.reload_min_interval_s: expected a positive"),
 ])
 def test_every_mistake_is_named_by_its_key(path: str, value, message: str):
     with pytest.raises(PolicyError) as caught:
@@ -104,3 +114,18 @@ def test_load_names_the_file(tmp_path: Path):
     path.write_text("models: [unclosed")
     with pytest.raises(PolicyError, match="cannot read the policy"):
         Policy.load(path)
+
+
+def test_a_chain_lists_the_route_fallbacks_then_the_safe_default():
+    policy = parse_policy(_with("fallbacks", {"digits_heavy:2": ["digits_light:1", "digits_rules:1"],
+                                              "digits_light:1": ["digits_light:1"]}))
+    assert policy.chain("digits_heavy:2") == ("digits_light:1", "digits_rules:1")
+    assert policy.chain("digits_light:1") == ("digits_rules:1",), "a route is never its own fallback"
+    assert policy.chain("digits_rules:1") == ("digits_rules:1",)
+
+
+def test_breaker_settings_are_read_with_envoy_names():
+    policy = parse_policy(_with("circuit_breaker", {"consecutive_errors": 4, "base_ejection_time_s": 3,
+                                                    "latency_threshold_ms": 200}))
+    assert (policy.breaker.consecutive_errors, policy.breaker.base_ejection_time_s,
+            policy.breaker.latency_threshold_ms) == (4, 3.0, 200.0)

@@ -10,7 +10,7 @@ import pytest
 
 from tierserve.learned_router import FEATURES, LearnedRouter
 from tierserve.policy import parse_policy
-from tierserve.routing import ModelCallError, Router, merged_parameters
+from tierserve.routing import ModelCallError, ModelTimeout, Router, merged_parameters
 from tierserve.signature import Signature
 
 POLICY = {
@@ -33,6 +33,14 @@ def _signature(**changes) -> Signature:
     return Signature(**{**fields, **changes})
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def _probs(label: int, confidence: float) -> np.ndarray:
     probs = np.full(10, (1.0 - confidence) / 9, np.float32)
     probs[label] = confidence
@@ -43,15 +51,23 @@ class FakeModels:
     """Each image's pixel [0, 0] holds the light model's confidence; other models answer confidently.
     The label is the row's pixel [0, 1]. Records every call."""
 
-    def __init__(self, failing: frozenset[str] = frozenset()) -> None:
+    def __init__(self, failing: frozenset[str] = frozenset(), latency_s: Mapping[str, float] | None = None,
+                 clock: Clock | None = None) -> None:
         self.calls: list[tuple[str, int, dict[str, str]]] = []
         self.timeouts: list[float] = []
         self.failing = failing
+        self.latency_s = latency_s or {}
+        self.clock = clock
 
     async def __call__(self, model: str, images: np.ndarray, parameters: Mapping[str, str], *,
                        timeout_s: float) -> np.ndarray:
         self.calls.append((model, len(images), dict(parameters)))
         self.timeouts.append(timeout_s)
+        latency = self.latency_s.get(model, 0.0)
+        if self.clock is not None:
+            self.clock.now += min(latency, timeout_s)
+        if latency > timeout_s:
+            raise ModelTimeout(f"{model} is slow")
         if model in self.failing:
             raise ModelCallError(f"{model} is down")
         confidence = images[:, 0, 0] if model == "light:1" else np.full(len(images), 0.99)
@@ -161,3 +177,84 @@ def test_a_router_refuses_a_policy_it_cannot_serve():
         Router(parse_policy(POLICY), {"light:1": False}, learned=None)
     with pytest.raises(ValueError, match="fallback rules:1 must accept images with missing pixels"):
         Router(parse_policy(POLICY), dict(ACCEPTS_MISSING, **{"rules:1": False}), learned=None)
+
+
+CHAINED = dict(POLICY, fallbacks={"light:1": ["heavy:1"], "heavy:1": ["light:1"]},
+               circuit_breaker={"consecutive_errors": 2, "base_ejection_time_s": 1.0},
+               call_timeout_ms=500)
+
+
+def _chained_router(clock: Clock) -> Router:
+    return Router(parse_policy(CHAINED), ACCEPTS_MISSING, learned=None, clock=clock)
+
+
+def test_a_failed_route_moves_down_its_chain():
+    clock = Clock()
+    (answer,) = _route(_chained_router(clock), _images(0.9), [_signature()],
+                       FakeModels(failing=frozenset({"light:1"}), clock=clock))
+    assert answer.path == "light:1 error>heavy:1 ok"
+    assert answer.route == "heavy:1" and "fell back to heavy:1" in answer.reason
+
+
+def test_the_whole_chain_failing_ends_at_the_fallback():
+    clock = Clock()
+    (answer,) = _route(_chained_router(clock), _images(0.9), [_signature()],
+                       FakeModels(failing=frozenset({"light:1", "heavy:1"}), clock=clock))
+    assert answer.path == "light:1 error>heavy:1 error>rules:1 ok"
+
+
+def test_an_open_breaker_routes_around_the_model_without_calling_it_then_probes():
+    clock = Clock()
+    router = _chained_router(clock)
+    down = FakeModels(failing=frozenset({"light:1"}), clock=clock)
+    for _ in range(2):
+        _route(router, _images(0.9), [_signature()], down)
+    assert router.breakers["light:1"].state == "open"
+    healthy = FakeModels(clock=clock)
+    (answer,) = _route(router, _images(0.9), [_signature()], healthy)
+    assert answer.path == "light:1 ejected>heavy:1 ok"
+    assert "light:1 breaker open (2 consecutive failed calls; ejection 1" in answer.reason
+    assert [model for model, _, _ in healthy.calls] == ["heavy:1"]
+    clock.now += 1.0
+    (answer,) = _route(router, _images(0.9), [_signature()], healthy)
+    assert answer.path == "light:1 ok", "the half-open probe succeeded"
+    assert router.breakers["light:1"].state == "closed"
+
+
+def test_an_ejected_escalation_target_keeps_the_first_answer():
+    clock = Clock()
+    router = _chained_router(clock)
+    for _ in range(2):
+        router.breakers["heavy:1"].record(False, 0.0)
+    (answer,) = _route(router, _images(0.5), [_signature()], FakeModels(clock=clock))
+    assert answer.path == "light:1 low_confidence>heavy:1 ejected"
+    assert answer.route == "light:1" and "answered with light:1" in answer.reason
+
+
+def test_calls_are_bounded_by_the_deadline_and_a_slow_model_times_out_to_its_chain():
+    clock = Clock()
+    models = FakeModels(latency_s={"light:1": 0.2}, clock=clock)
+    (answer,) = _route(_chained_router(clock), _images(0.9), [_signature(deadline_ms=300)], models)
+    assert models.timeouts[0] == pytest.approx(0.3)
+    assert answer.path == "light:1 ok"
+    clock = Clock()
+    models = FakeModels(latency_s={"light:1": 0.2}, clock=clock)
+    (answer,) = _route(_chained_router(clock), _images(0.9), [_signature(deadline_ms=150)], models)
+    assert answer.path == "light:1 timeout>rules:1 ok", "no time left for heavy: only the fallback"
+    assert "deadline passed: only the fallback is tried" in answer.reason
+
+
+def test_without_a_deadline_the_policy_call_timeout_bounds_each_call():
+    clock = Clock()
+    models = FakeModels(latency_s={"light:1": 0.8}, clock=clock)
+    (answer,) = _route(_chained_router(clock), _images(0.9), [_signature()], models)
+    assert models.timeouts[:2] == [0.5, 0.5]
+    assert answer.path == "light:1 timeout>heavy:1 ok"
+
+
+def test_an_escalation_is_skipped_when_the_deadline_has_passed():
+    clock = Clock()
+    models = FakeModels(latency_s={"light:1": 0.049}, clock=clock)
+    (answer,) = _route(_chained_router(clock), _images(0.5), [_signature(deadline_ms=49)], models)
+    assert answer.path == "light:1 ok"
+    assert "no time left to escalate (deadline 49 ms)" in answer.reason

@@ -76,6 +76,12 @@ class CircuitBreaker:
               and 100.0 * failures / len(self._window) >= self.settings.failure_percentage_threshold):
             self._eject(now, f"{failures} of {len(self._window)} calls failed in {self.settings.interval_s:g} s")
 
+    def trip(self, why: str) -> None:
+        """Eject now, without waiting for failures to add up: the model is known to be down."""
+        if self.state != OPEN:
+            self._probing = False
+            self._eject(self._clock(), why)
+
     def describe(self) -> str:
         """The state as REASON shows it."""
         if self.state == OPEN:

@@ -32,6 +32,10 @@ class ModelTimeout(ModelCallError):
     """A downstream model did not answer in time."""
 
 
+class ModelDown(ModelCallError):
+    """A downstream model cannot answer until it is restored (e.g. its process died): eject it at once."""
+
+
 class InferFn(Protocol):
     """Calls one downstream model; raises ModelCallError, or ModelTimeout after `timeout_s`."""
 
@@ -193,6 +197,9 @@ class Router:
             except ModelTimeout:
                 self.breakers[model].record(False, self.clock() - started)
                 return f"timeout: {model} did not answer within {timeout * 1000:.0f} ms"
+            except ModelDown as error:
+                self.breakers[model].trip(f"model down: {error}")
+                return f"{model} failed: {error}"
             except ModelCallError as error:
                 self.breakers[model].record(False, self.clock() - started)
                 return f"{model} failed: {error}"
@@ -216,7 +223,9 @@ class Router:
                 return
             left = self._time_left(row)
             if left is not None and left <= 0:
+                # late beats failed: the safe default gets the policy's call timeout, not the spent deadline
                 row.notes.append("deadline passed: only the fallback is tried")
+                row.deadline = None
                 self._send(row, [self.policy.fallback])
             else:
                 self._send(row, self.policy.chain(model))

@@ -15,7 +15,7 @@ from tierserve.learned_router import LearnedRouter
 from tierserve.manifest import Manifest
 from tierserve.policy import Policy
 from tierserve.request_context import ParameterError, parse_context
-from tierserve.routing import Answer, ModelCallError, ModelTimeout, Router
+from tierserve.routing import Answer, ModelCallError, ModelDown, ModelTimeout, Router
 from tierserve.signature import TrainingStats, signatures
 from tierserve.triton_router_metrics import RouterMetrics
 
@@ -77,17 +77,27 @@ class TritonPythonModel:
             inputs=[pb_utils.Tensor("PIXELS", images)], parameters=parameters,
             timeout=max(int(timeout_s * 1e6), 1),  # rejects the call if it is still queued by then
         )
+        call = asyncio.ensure_future(request.async_exec())
         try:
-            # shield: a call we stop waiting for still completes inside the backend, unobserved
-            response = await asyncio.wait_for(asyncio.shield(request.async_exec()), timeout_s)
+            # shield: a call we stop waiting for still completes inside the backend
+            response = await asyncio.wait_for(asyncio.shield(call), timeout_s)
         except asyncio.TimeoutError:
+            # a dead stub answers only after ~1 s: its late answer still ejects the model and reloads it
+            call.add_done_callback(lambda late: self._check(model, late.result()))
             raise ModelTimeout(f"{model} did not answer within {timeout_s * 1000:.0f} ms") from None
-        if response.has_error():
-            message = response.error().message()
-            if is_dead_stub(message):
-                self._heal(model, message)
-            raise ModelCallError(message)
+        if message := self._check(model, response):
+            raise (ModelDown if is_dead_stub(message) else ModelCallError)(message)
         return pb_utils.get_output_tensor_by_name(response, "PROBS").as_numpy()
+
+    def _check(self, model: str, response: pb_utils.InferenceResponse) -> str | None:
+        """The response's error message, if any; a dead stub's error ejects the model and starts its reload."""
+        if not response.has_error():
+            return None
+        message = response.error().message()
+        if is_dead_stub(message):
+            self.router.breakers[model].trip(f"model down: {message}")
+            self._heal(model, message)
+        return message
 
     def _heal(self, model: str, message: str) -> None:
         """Reload a model whose stub died (Triton does not), at most once per policy interval, off the hot path."""

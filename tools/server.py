@@ -169,14 +169,20 @@ class TritonServer:
     def live_processes(self) -> list[int]:
         """PIDs of this server's processes still running: tritonserver and its Python stubs."""
         own = [] if self.returncode is not None or self._process is None else [self._process.pid]
-        stubs = []
+        return own + self.stub_pids()
+
+    def stub_pids(self, model: str = "") -> list[int]:
+        """PIDs of this server's Python stub processes, of one model or of all."""
+        marker = f"/{model}/".encode() if model else b""
+        pids = []
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
-                if self.shm_prefix.encode() in cmdline.read_bytes():
-                    stubs.append(int(cmdline.parent.name))
+                text = cmdline.read_bytes()
             except OSError:
                 continue  # the process ended while we looked
-        return own + stubs
+            if self.shm_prefix.encode() in text and marker in text:
+                pids.append(int(cmdline.parent.name))
+        return pids
 
     def __enter__(self) -> TritonServer:
         self.start()

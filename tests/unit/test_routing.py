@@ -242,6 +242,7 @@ def test_calls_are_bounded_by_the_deadline_and_a_slow_model_times_out_to_its_cha
     (answer,) = _route(_chained_router(clock), _images(0.9), [_signature(deadline_ms=150)], models)
     assert answer.path == "light:1 timeout>rules:1 ok", "no time left for heavy: only the fallback"
     assert "deadline passed: only the fallback is tried" in answer.reason
+    assert models.timeouts[-1] == 0.5, "the last resort gets the call timeout, not the spent deadline"
 
 
 def test_without_a_deadline_the_policy_call_timeout_bounds_each_call():

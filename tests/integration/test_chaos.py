@@ -1,0 +1,207 @@
+"""Chaos against a real server of its own (bounded, loopback only): a broken, slow, failing or missing model
+never becomes a failed request when a fallback exists, and every transition shows in PATH, REASON, metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from tierserve.client import Classification, TierserveClient, TierserveError
+from tierserve.faults import FaultSpec
+from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.model_control import ModelControl
+from tierserve.tools.server import Ports, TritonServer
+from tierserve.tools.workload import with_missing
+
+LOAD_LIMIT_S = 30.0  # no load loop runs longer than this, whatever happens
+
+
+@dataclass(frozen=True)
+class Sent:
+    at: float
+    tier: str
+    answer: Classification | None
+    error: str | None
+
+
+@pytest.fixture(scope="module")
+def chaos(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonServer,
+                                                                                              ModelControl]]:
+    workdir = tmp_path_factory.mktemp("chaos")
+    with (workdir / "tritonserver.log").open("wb") as log, \
+            TritonServer(model_repository, Ports.free(), workdir, output=log) as server:
+        server.wait_ready()
+        control = ModelControl(server.http_url, server.admin_key)
+        yield server, control
+        control.close()
+
+
+class SteadyLoad:
+    """One thread per tier sending one image per request, back to back, until stopped (or LOAD_LIMIT_S)."""
+
+    def __init__(self, url: str, images: np.ndarray, tiers: tuple[str, ...] = ("critical", "standard"),
+                 **parameters) -> None:
+        self.sent: list[Sent] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(url, images, tier, parameters)) for tier in tiers]
+
+    def _run(self, url: str, images: np.ndarray, tier: str, parameters: dict) -> None:
+        started = time.monotonic()
+        with TierserveClient(url) as client:
+            i = 0
+            while not self._stop.is_set() and time.monotonic() - started < LOAD_LIMIT_S:
+                try:
+                    (answer,) = client.classify(images[i % len(images)], tier=tier, **parameters)
+                    self.sent.append(Sent(time.monotonic(), tier, answer, None))
+                except TierserveError as error:
+                    self.sent.append(Sent(time.monotonic(), tier, None, str(error)))
+                i += 1
+                time.sleep(0.005)
+
+    def __enter__(self) -> SteadyLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def wait_until(self, condition, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition(list(self.sent)):
+                return True
+            time.sleep(0.1)
+        return False
+
+
+def _metric(server: TritonServer, line_start: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _recent_on(sent: list[Sent], model: str, count: int = 10) -> bool:
+    """The last `count` answers of every tier came from `model` directly."""
+    tiers = {s.tier for s in sent}
+    for tier in tiers:
+        last = [s for s in sent if s.tier == tier][-count:]
+        if len(last) < count or not all(s.answer and s.answer.path.startswith(f"{model} ") and
+                                        s.answer.path.split(">")[0] in (f"{model} ok", f"{model} low_confidence")
+                                        for s in last):
+            return False
+    return True
+
+
+def test_the_model_repository_api_needs_the_admin_key(chaos):
+    server, _ = chaos
+    intruder = ModelControl(server.http_url, "not-the-key")
+    with pytest.raises(InferenceServerException, match=r"403.*restricted, expecting header 'tierserve-admin-key'"):
+        intruder.unload("digits_light")
+    intruder.close()
+
+
+def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(chaos, split: DigitsSplit):
+    server, _ = chaos
+    (old_pid,) = server.stub_pids("digits_light")
+    with SteadyLoad(server.grpc_url, split.test.images[:50]) as load:
+        assert load.wait_until(lambda sent: len(sent) > 40, 10)
+        killed_at = time.monotonic()
+        os.kill(old_pid, signal.SIGKILL)
+        assert load.wait_until(lambda sent: any(s.at > killed_at and s.answer and "ejected" in s.answer.path
+                                                for s in sent), 15), "the breaker never opened"
+        healed = load.wait_until(lambda sent: _recent_on([s for s in sent if s.at > killed_at + 1],
+                                                         "digits_light:1"), 25)
+    after = [s for s in load.sent if s.at > killed_at]
+    assert [s.error for s in load.sent if s.error] == [], "no request failed"
+    assert any("digits_light:1 error" in s.answer.path or "digits_light:1 timeout" in s.answer.path for s in after)
+    assert any("digits_light:1 breaker open" in s.answer.reason for s in after)
+    assert _metric(server, 'tierserve_model_reloads_total{model="digits_light"}') >= 1
+    assert healed, "traffic did not return to digits_light:1"
+    (new_pid,) = server.stub_pids("digits_light")
+    assert new_pid != old_pid
+
+
+def test_an_unloaded_primary_falls_back_and_takes_traffic_again_once_loaded(chaos, split: DigitsSplit):
+    server, control = chaos
+    with SteadyLoad(server.grpc_url, split.test.images[:50]) as load:
+        assert load.wait_until(lambda sent: _recent_on(sent, "digits_light:1", 5), 10)
+        control.unload("digits_light")
+        unloaded_at = time.monotonic()
+        assert load.wait_until(lambda sent: time.monotonic() - unloaded_at > 1.5
+                               and sum(s.at > unloaded_at for s in sent) > 20, 15)
+        control.load("digits_light")
+        loaded_at = time.monotonic()
+        back = load.wait_until(lambda sent: _recent_on([s for s in sent if s.at > loaded_at], "digits_light:1"), 25)
+    assert [s.error for s in load.sent if s.error] == []
+    during = [s.answer for s in load.sent if unloaded_at + 0.2 < s.at < loaded_at]
+    assert during and all(a.route != "digits_light:1" for a in during)
+    assert all(a.path.startswith(("digits_light:1 error>", "digits_light:1 ejected>")) for a in during)
+    assert back
+
+
+def _settled(client: TierserveClient, image: np.ndarray, path_start: str, timeout_s: float = 15) -> bool:
+    """Send `image` until its answer's path starts with `path_start` (breakers closed after a reload)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.classify(image)[0].path.startswith(path_start):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_injected_latency_is_cut_off_by_the_deadline(chaos, split: DigitsSplit):
+    server, control = chaos
+    control.set_fault("digits_heavy", FaultSpec(latency_ms=400))
+    try:
+        with TierserveClient(server.grpc_url) as client:
+            assert _settled(client, split.test.images[0], "digits_light:1 ")
+            answers = [a for _ in range(4) for a in client.classify(split.test.images[:16], deadline_ms=150)]
+    finally:
+        control.set_fault("digits_heavy", FaultSpec())
+    escalated = [a for a in answers if "digits_light:1 low_confidence" in a.path]
+    assert escalated, "some images needed the heavy model"
+    for answer in escalated:
+        assert answer.route == "digits_light:1"
+        assert answer.path in ("digits_light:1 low_confidence>digits_heavy:2 timeout",
+                               "digits_light:1 low_confidence>digits_heavy:2 ejected")
+        assert "answered with digits_light:1" in answer.reason
+    assert any("did not answer within" in a.reason for a in escalated)
+
+
+def test_injected_errors_trip_the_breaker_and_it_recovers(chaos, split: DigitsSplit):
+    server, control = chaos
+    images = with_missing(split.test.images[:30], 0.3, seed=5)
+    control.set_fault("digits_missing", FaultSpec(hard_failure=True))
+    with TierserveClient(server.grpc_url) as client:
+        failing = [client.classify(image)[0] for image in images[:8]]
+        assert _metric(server, 'tierserve_breaker_state{model="digits_missing:1"}') == 2.0
+        control.set_fault("digits_missing", FaultSpec())
+        deadline = time.monotonic() + 20
+        recovered = None
+        while time.monotonic() < deadline:
+            (recovered,) = client.classify(images[10])
+            if recovered.path == "digits_missing:1 ok":
+                break
+            time.sleep(0.2)
+    assert [a.path for a in failing[:3]] == ["digits_missing:1 error>digits_rules:1 ok"] * 3, "tripped on the 3rd"
+    assert all(a.path == "digits_missing:1 ejected>digits_rules:1 ok" for a in failing[3:])
+    assert all(a.route == "digits_rules:1" for a in failing)
+    assert "injected fault: hard failure" in failing[0].reason
+    assert "digits_missing:1 breaker open (3 consecutive failed calls" in failing[4].reason
+    assert recovered is not None and recovered.path == "digits_missing:1 ok"
+    assert _metric(server, 'tierserve_breaker_state{model="digits_missing:1"}') == 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ class TritonPythonModel:
         self.router = Router(self.policy, accepts_missing, learned)
         self.stats = TrainingStats.load(version_dir / "stats.json")
         self.reloads = ReloadLimiter(self.policy.reload_min_interval_s)
+        self._reload_started: dict[str, float] = {}  # per model name, monotonic time
         self.metrics = RouterMetrics(self.policy.models)
 
     async def execute(self, requests: list) -> list:
@@ -77,24 +79,30 @@ class TritonPythonModel:
             inputs=[pb_utils.Tensor("PIXELS", images)], parameters=parameters,
             timeout=max(int(timeout_s * 1e6), 1),  # rejects the call if it is still queued by then
         )
+        sent_at = time.monotonic()
         call = asyncio.ensure_future(request.async_exec())
         try:
             # shield: a call we stop waiting for still completes inside the backend
             response = await asyncio.wait_for(asyncio.shield(call), timeout_s)
         except asyncio.TimeoutError:
             # a dead stub answers only after ~1 s: its late answer still ejects the model and reloads it
-            call.add_done_callback(lambda late: self._check(model, late.result()))
+            call.add_done_callback(lambda late: self._check(model, late.result(), sent_at))
             raise ModelTimeout(f"{model} did not answer within {timeout_s * 1000:.0f} ms") from None
-        if message := self._check(model, response):
-            raise (ModelDown if is_dead_stub(message) else ModelCallError)(message)
+        if message := self._check(model, response, sent_at):
+            down = is_dead_stub(message) and not self._stale(model, sent_at)
+            raise (ModelDown if down else ModelCallError)(message)
         return pb_utils.get_output_tensor_by_name(response, "PROBS").as_numpy()
 
-    def _check(self, model: str, response: pb_utils.InferenceResponse) -> str | None:
+    def _stale(self, model: str, sent_at: float) -> bool:
+        """Whether a call went out before the model's latest reload began (its error is about the old stub)."""
+        return sent_at < self._reload_started.get(model.split(":")[0], float("-inf"))
+
+    def _check(self, model: str, response: pb_utils.InferenceResponse, sent_at: float) -> str | None:
         """The response's error message, if any; a dead stub's error ejects the model and starts its reload."""
         if not response.has_error():
             return None
         message = response.error().message()
-        if is_dead_stub(message):
+        if is_dead_stub(message) and not self._stale(model, sent_at):
             self.router.breakers[model].trip(f"model down: {message}")
             self._heal(model, message)
         return message
@@ -105,6 +113,7 @@ class TritonPythonModel:
         if not self.reloads.allow(name):
             return
         pb_utils.Logger.log_warn(f"router: {model} has a dead stub ({message}); reloading {name}")
+        self._reload_started[name] = time.monotonic()
         threading.Thread(target=self._reload, args=(name,), name=f"reload-{name}", daemon=True).start()
 
     def _reload(self, name: str) -> None:

@@ -5,33 +5,22 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from tierserve.client import Classification, TierserveClient, TierserveError
+from tierserve.client import TierserveClient
 from tierserve.faults import FaultSpec
 from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.load import Sent, SteadyLoad
 from tierserve.tools.model_control import ModelControl
 from tierserve.tools.server import Ports, TritonServer
 from tierserve.tools.workload import with_missing
-
-LOAD_LIMIT_S = 30.0  # no load loop runs longer than this, whatever happens
-
-
-@dataclass(frozen=True)
-class Sent:
-    at: float
-    tier: str
-    answer: Classification | None
-    error: str | None
 
 
 @pytest.fixture(scope="module")
@@ -46,47 +35,6 @@ def chaos(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         control.close()
 
 
-class SteadyLoad:
-    """One thread per tier sending one image per request, back to back, until stopped (or LOAD_LIMIT_S)."""
-
-    def __init__(self, url: str, images: np.ndarray, tiers: tuple[str, ...] = ("critical", "standard"),
-                 **parameters) -> None:
-        self.sent: list[Sent] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(url, images, tier, parameters)) for tier in tiers]
-
-    def _run(self, url: str, images: np.ndarray, tier: str, parameters: dict) -> None:
-        started = time.monotonic()
-        with TierserveClient(url) as client:
-            i = 0
-            while not self._stop.is_set() and time.monotonic() - started < LOAD_LIMIT_S:
-                try:
-                    (answer,) = client.classify(images[i % len(images)], tier=tier, **parameters)
-                    self.sent.append(Sent(time.monotonic(), tier, answer, None))
-                except TierserveError as error:
-                    self.sent.append(Sent(time.monotonic(), tier, None, str(error)))
-                i += 1
-                time.sleep(0.005)
-
-    def __enter__(self) -> SteadyLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
-
-    def wait_until(self, condition, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if condition(list(self.sent)):
-                return True
-            time.sleep(0.1)
-        return False
-
-
 def _metric(server: TritonServer, line_start: str) -> float | None:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=5) as response:
         for line in response.read().decode().splitlines():
@@ -95,9 +43,9 @@ def _metric(server: TritonServer, line_start: str) -> float | None:
     return None
 
 
-def _recent_on(sent: list[Sent], model: str, count: int = 10) -> bool:
-    """The last `count` answers of every tier came from `model` directly."""
-    tiers = {s.tier for s in sent}
+def _recent_on(sent: list[Sent], model: str, count: int = 10,
+               tiers: tuple[str, ...] = ("critical", "standard")) -> bool:
+    """The last `count` answers of each tier (at least that many) came from `model`, with no failure on the way."""
     for tier in tiers:
         last = [s for s in sent if s.tier == tier][-count:]
         if len(last) < count or not all(s.answer and s.answer.path.startswith(f"{model} ") and

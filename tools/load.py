@@ -1,0 +1,68 @@
+"""Steady, bounded load on a running server: one thread per tier, one image per request, back to back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tierserve.client import Classification, TierserveClient, TierserveError
+
+LOAD_LIMIT_S = 60.0  # no load loop runs longer than this, whatever happens
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One request: when it was answered (monotonic clock), its tier, and its answer or error."""
+
+    at: float
+    tier: str
+    answer: Classification | None
+    error: str | None
+
+
+class SteadyLoad:
+    """Sends until stopped (or LOAD_LIMIT_S); use as a context manager. Loopback addresses only."""
+
+    def __init__(self, url: str, images: np.ndarray, tiers: tuple[str, ...] = ("critical", "standard"),
+                 pause_s: float = 0.005, **parameters: Any) -> None:
+        self.sent: list[Sent] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(url, images, tier, pause_s, parameters))
+                         for tier in tiers]
+
+    def _run(self, url: str, images: np.ndarray, tier: str, pause_s: float, parameters: dict[str, Any]) -> None:
+        started = time.monotonic()
+        with TierserveClient(url) as client:
+            i = 0
+            while not self._stop.is_set() and time.monotonic() - started < LOAD_LIMIT_S:
+                try:
+                    (answer,) = client.classify(images[i % len(images)], tier=tier, **parameters)
+                    self.sent.append(Sent(time.monotonic(), tier, answer, None))
+                except TierserveError as error:
+                    self.sent.append(Sent(time.monotonic(), tier, None, str(error)))
+                i += 1
+                time.sleep(pause_s)
+
+    def __enter__(self) -> SteadyLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def wait_until(self, condition: Callable[[list[Sent]], bool], timeout_s: float) -> bool:
+        """Poll `condition` on what was sent so far, until it holds or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition(list(self.sent)):
+                return True
+            time.sleep(0.1)
+        return False

@@ -17,14 +17,22 @@ class ModelControl:
         self._client = httpclient.InferenceServerClient(http_url)
         self._headers = {ADMIN_HEADER: admin_key}
 
+    def config(self, model: str) -> dict:
+        """The model's configuration as the server holds it (model_config.proto as JSON)."""
+        return self._client.get_model_config(model)
+
+    def load_with(self, model: str, config: dict) -> None:
+        """Reload `model` with a config override; on failure the loaded version keeps serving."""
+        self._client.load_model(model, config=json.dumps(config), headers=self._headers)
+
     def set_fault(self, model: str, spec: FaultSpec) -> None:
         """Reload `model` with its config plus these fault parameters (FaultSpec() switches faults off)."""
-        config = self._client.get_model_config(model)
+        config = self.config(model)
         parameters = {k: v for k, v in config.get("parameters", {}).items() if k not in FAULT_KEYS}
         if spec.active:
             parameters.update({k: {"string_value": v} for k, v in spec.to_parameters().items()})
         config["parameters"] = parameters
-        self._client.load_model(model, config=json.dumps(config), headers=self._headers)
+        self.load_with(model, config)
 
     def unload(self, model: str) -> None:
         self._client.unload_model(model, headers=self._headers)

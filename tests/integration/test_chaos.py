@@ -16,11 +16,12 @@ from tritonclient.utils import InferenceServerException
 
 from tierserve.client import TierserveClient
 from tierserve.faults import FaultSpec
+from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.load import Sent, SteadyLoad
 from tierserve.tools.model_control import ModelControl
 from tierserve.tools.server import Ports, TritonServer
-from tierserve.tools.workload import with_missing
+from tierserve.tools.workload import pure_noise, with_missing
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,26 @@ def test_injected_errors_trip_the_breaker_and_it_recovers(chaos, split: DigitsSp
     assert "digits_missing:1 breaker open (3 consecutive failed calls" in failing[4].reason
     assert recovered is not None and recovered.path == "digits_missing:1 ok"
     assert _metric(server, 'tierserve_breaker_state{model="digits_missing:1"}') == 0.0
+
+
+def test_the_fault_command_switches_faults_on_and_off(chaos, monkeypatch, capsys):
+    server, control = chaos
+    monkeypatch.setenv("TIERSERVE_ADMIN_KEY", server.admin_key)
+    assert main(["fault", "digits_rules", "--hard-failure", "--url", server.http_url]) == 0
+    out = capsys.readouterr().out
+    assert "digits_rules: reloaded with FaultSpec(latency_ms=0.0, error_rate=0.0, hard_failure=True)" in out
+    assert control.config("digits_rules")["parameters"]["fault_hard_failure"] == {"string_value": "true"}
+    assert main(["fault", "digits_rules", "--off", "--url", server.http_url]) == 0
+    assert "fault_hard_failure" not in control.config("digits_rules").get("parameters", {})
+    with TierserveClient(server.grpc_url) as client:
+        assert _settled(client, pure_noise(1, seed=1)[0], "digits_rules:1 ok")
+
+
+def test_a_malformed_fault_parameter_is_refused_and_the_model_keeps_serving(chaos):
+    server, control = chaos
+    config = {**control.config("digits_rules"), "parameters": {"fault_error_rate": {"string_value": "often"}}}
+    with pytest.raises(InferenceServerException, match="parameter fault_error_rate must be a number, got 'often'"):
+        control.load_with("digits_rules", config)
+    with TierserveClient(server.grpc_url) as client:
+        (answer,) = client.classify(pure_noise(1, seed=2)[0])
+    assert answer.path == "digits_rules:1 ok", "the loaded version keeps serving when a reload fails"

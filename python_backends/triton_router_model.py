@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tierserve.healing import ReloadLimiter, is_dead_stub
+from tierserve.healing import Healer
 from tierserve.learned_router import LearnedRouter
 from tierserve.manifest import Manifest
 from tierserve.policy import Policy
@@ -45,8 +45,8 @@ class TritonPythonModel:
         learned = LearnedRouter.load(version_dir / "learned_router.json")
         self.router = Router(self.policy, accepts_missing, learned)
         self.stats = TrainingStats.load(version_dir / "stats.json")
-        self.reloads = ReloadLimiter(self.policy.reload_min_interval_s)
-        self._reload_started: dict[str, float] = {}  # per model name, monotonic time
+        self.healer = Healer(self.policy.reload_min_interval_s,
+                             trip=lambda model, why: self.router.breakers[model].trip(why), reload=self._reload)
         self.metrics = RouterMetrics(self.policy.models)
 
     async def execute(self, requests: list) -> list:
@@ -86,37 +86,25 @@ class TritonPythonModel:
             response = await asyncio.wait_for(asyncio.shield(call), timeout_s)
         except asyncio.TimeoutError:
             # a dead stub answers only after ~1 s: its late answer still ejects the model and reloads it
-            call.add_done_callback(lambda late: self._check(model, late.result(), sent_at))
+            call.add_done_callback(lambda late: self._failure(model, late.result(), sent_at))
             raise ModelTimeout(f"{model} did not answer within {timeout_s * 1000:.0f} ms") from None
-        if message := self._check(model, response, sent_at):
-            down = is_dead_stub(message) and not self._stale(model, sent_at)
-            raise (ModelDown if down else ModelCallError)(message)
+        if failure := self._failure(model, response, sent_at):
+            raise failure
         return pb_utils.get_output_tensor_by_name(response, "PROBS").as_numpy()
 
-    def _stale(self, model: str, sent_at: float) -> bool:
-        """Whether a call went out before the model's latest reload began (its error is about the old stub)."""
-        return sent_at < self._reload_started.get(model.split(":")[0], float("-inf"))
-
-    def _check(self, model: str, response: pb_utils.InferenceResponse, sent_at: float) -> str | None:
-        """The response's error message, if any; a dead stub's error ejects the model and starts its reload."""
+    def _failure(self, model: str, response: pb_utils.InferenceResponse, sent_at: float) -> ModelCallError | None:
+        """What a response's error means for the router, or None when the call succeeded."""
         if not response.has_error():
             return None
         message = response.error().message()
-        if is_dead_stub(message) and not self._stale(model, sent_at):
-            self.router.breakers[model].trip(f"model down: {message}")
-            self._heal(model, message)
-        return message
-
-    def _heal(self, model: str, message: str) -> None:
-        """Reload a model whose stub died (Triton does not), at most once per policy interval, off the hot path."""
-        name = model.split(":")[0]
-        if not self.reloads.allow(name):
-            return
-        pb_utils.Logger.log_warn(f"router: {model} has a dead stub ({message}); reloading {name}")
-        self._reload_started[name] = time.monotonic()
-        threading.Thread(target=self._reload, args=(name,), name=f"reload-{name}", daemon=True).start()
+        return (ModelDown if self.healer.model_down(model, message, sent_at) else ModelCallError)(message)
 
     def _reload(self, name: str) -> None:
+        """Reload a model whose stub died (Triton does not) in a thread of its own, off the hot path."""
+        pb_utils.Logger.log_warn(f"router: {name} has a dead stub; reloading it")
+        threading.Thread(target=self._unload_and_load, args=(name,), name=f"reload-{name}", daemon=True).start()
+
+    def _unload_and_load(self, name: str) -> None:
         try:
             pb_utils.unload_model(name)
             pb_utils.load_model(name)

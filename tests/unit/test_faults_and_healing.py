@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tierserve.faults import FaultConfigError, FaultInjector, FaultSpec
-from tierserve.healing import ReloadLimiter, is_dead_stub
+from tierserve.healing import Healer, is_dead_stub
 
 
 def test_no_fault_parameters_means_no_faults():
@@ -49,11 +49,47 @@ def test_dead_stub_messages_are_recognised():
     assert not is_dead_stub("digits_light:1: injected fault: hard failure")
 
 
-def test_reloads_are_rate_limited_per_model():
-    now = [0.0]
-    limiter = ReloadLimiter(5.0, clock=lambda: now[0])
-    assert limiter.allow("digits_light")
-    assert not limiter.allow("digits_light")
-    assert limiter.allow("digits_heavy")
-    now[0] = 5.0
-    assert limiter.allow("digits_light")
+DEAD = "Stub process 'digits_light_0_0' is not healthy."
+
+
+@pytest.fixture
+def healing() -> tuple[Healer, list, list, list]:
+    now = [10.0]
+    trips, reloads = [], []
+    healer = Healer(5.0, trip=lambda model, why: trips.append((model, why)), reload=reloads.append,
+                    clock=lambda: now[0])
+    return healer, trips, reloads, now
+
+
+def test_a_dead_stub_ejects_the_model_and_reloads_it(healing):
+    healer, trips, reloads, _ = healing
+    assert healer.model_down("digits_light:1", DEAD, sent_at=9.9)
+    assert trips == [("digits_light:1", f"model down: {DEAD}")]
+    assert reloads == ["digits_light"]
+
+
+def test_other_errors_are_not_a_dead_stub(healing):
+    healer, trips, reloads, _ = healing
+    assert not healer.model_down("digits_light:1", "injected fault: hard failure", sent_at=9.9)
+    assert trips == [] and reloads == []
+
+
+def test_errors_from_calls_sent_before_the_reload_are_stale(healing):
+    healer, trips, reloads, now = healing
+    healer.model_down("digits_light:1", DEAD, sent_at=9.9)
+    now[0] = 10.5
+    assert not healer.model_down("digits_light:1", DEAD, sent_at=9.95), "about the old stub"
+    assert len(trips) == 1 and reloads == ["digits_light"]
+
+
+def test_reloads_are_rate_limited_per_model_but_a_new_death_still_ejects(healing):
+    healer, trips, reloads, now = healing
+    healer.model_down("digits_light:1", DEAD, sent_at=9.9)
+    now[0] = 12.0
+    assert healer.model_down("digits_light:1", DEAD, sent_at=11.0)
+    assert len(trips) == 2 and reloads == ["digits_light"], "ejected again, but no second reload yet"
+    healer.model_down("digits_heavy:2", DEAD, sent_at=11.0)
+    assert reloads == ["digits_light", "digits_heavy"]
+    now[0] = 15.0
+    healer.model_down("digits_light:1", DEAD, sent_at=14.0)
+    assert reloads == ["digits_light", "digits_heavy", "digits_light"]

@@ -19,6 +19,7 @@ from tierserve.client.classification import (
     decode,
     request_parameters,
 )
+from tierserve.signature import TIERS, triton_priority
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
@@ -45,6 +46,8 @@ def _request(module: ModuleType, images: Any, tier: str | None, user_id: str | N
         "inputs": [tensor],
         "outputs": [module.InferRequestedOutput(name) for name in OUTPUTS],
         "parameters": request_parameters(tier, user_id, deadline_ms) or None,
+        # the tier's Triton priority orders the queues of `digits`' steps; no tier: the default level
+        "priority": triton_priority(tier) if tier in TIERS else 0,
     }
 
 

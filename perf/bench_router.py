@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python perf/bench_router.py   (starts its own servers; about 3 minutes)
 
-P1: `digits` routed to the light model (the tight_deadline rule, deadline_ms=2) vs the static ensemble
+P1: `digits` routed to the light model (the tight_deadline rule, deadline_ms=15) vs the static ensemble
     preprocess -> digits_light vs digits_light called directly; concurrency 1 and 8.
 P2: the shipped cascade vs an always-heavy policy, both through `digits`: accuracy on the held-out test
     split (through the server) and throughput at concurrency 8, standard tier.
@@ -34,7 +34,7 @@ def routing_overhead(images: np.ndarray) -> None:
         "digits_light direct": ("digits_light", ()),
         "static ensemble preprocess -> digits_light": ("digits_static_light", ()),
         "digits router -> digits_light (rule tight_deadline)": ("digits", ("--request-parameter",
-                                                                          "deadline_ms:2:int")),
+                                                                          "deadline_ms:15:int")),
     }
     results = {}
     with running_server() as server:

@@ -18,7 +18,9 @@ from typing import Any
 import yaml
 
 from tierserve.circuit_breaker import BreakerSettings
+from tierserve.load_shedding import SheddingSettings
 from tierserve.signature import TIERS, Signature
+from tierserve.slo import TierSlo
 
 NUMERIC_CUES = ("height", "width", "missing_fraction", "out_of_range_fraction", "sparsity", "ood_score",
                 "deadline_ms")
@@ -27,6 +29,7 @@ COMPARISONS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq, "!=": operator.ne,
 }
 ESCALATE_WHEN = ("threshold", "learned", "either", "both")
+DEFAULT_TIERS = {"critical": TierSlo(50, 0.999), "standard": TierSlo(100, 0.99), "best_effort": TierSlo(500, 0.9)}
 _COMPARISON = re.compile(r"^\s*(<=|>=|<|>|==|!=)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
 
 
@@ -79,8 +82,10 @@ class Policy:
     fallback: str
     fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per route, tried in order
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
-    call_timeout_ms: float = 1000.0  # bound on one downstream call when the request has no deadline
+    call_timeout_ms: float = 1000.0  # bound on one downstream call
     reload_min_interval_s: float = 10.0  # self-healing: at most one reload per model this often
+    tiers: Mapping[str, TierSlo] = field(default_factory=lambda: dict(DEFAULT_TIERS))
+    shedding: SheddingSettings = field(default_factory=SheddingSettings)
 
     def chain(self, model: str) -> tuple[str, ...]:
         """What to try, in order, when `model` fails, times out or is ejected: its fallbacks, then `fallback`."""
@@ -213,10 +218,31 @@ def _breaker(data: Any) -> BreakerSettings:
     return BreakerSettings(**values)
 
 
+def _tiers(data: Any) -> dict[str, TierSlo]:
+    data = _mapping(data, "tiers", set(TIERS), set())
+    tiers = dict(DEFAULT_TIERS)
+    for tier, spec in data.items():
+        spec = _mapping(spec, f"tiers.{tier}", {"slo_ms", "slo_target"}, {"slo_ms", "slo_target"})
+        target = _probability(spec["slo_target"], f"tiers.{tier}.slo_target")
+        tiers[tier] = TierSlo(_positive(spec["slo_ms"], f"tiers.{tier}.slo_ms"), target)
+    return tiers
+
+
+def _shedding(data: Any) -> SheddingSettings:
+    keys = ("degrade_best_effort_at_ms", "shed_best_effort_at_ms", "shed_standard_at_ms")
+    data = _mapping(data, "load_shedding", set(keys), set())
+    settings = SheddingSettings(**{key: _positive(value, f"load_shedding.{key}") for key, value in data.items()})
+    if not settings.degrade_best_effort_at_ms <= settings.shed_best_effort_at_ms <= settings.shed_standard_at_ms:
+        raise PolicyError("load_shedding: expected degrade_best_effort_at_ms <= shed_best_effort_at_ms "
+                          "<= shed_standard_at_ms")
+    return settings
+
+
 def parse_policy(data: Any) -> Policy:
     """Validate a policy document (already parsed from YAML) into a Policy."""
     data = _mapping(data, "policy", {"models", "default_tier", "rules", "cascade", "fallback", "fallbacks",
-                                     "circuit_breaker", "call_timeout_ms", "self_healing"},
+                                     "circuit_breaker", "call_timeout_ms", "self_healing", "tiers",
+                                     "load_shedding"},
                     {"models", "cascade", "fallback"})
     models = data["models"]
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
@@ -243,4 +269,6 @@ def parse_policy(data: Any) -> Policy:
         breaker=_breaker(data.get("circuit_breaker", {})),
         call_timeout_ms=_positive(data.get("call_timeout_ms", 1000), "call_timeout_ms"),
         reload_min_interval_s=_positive(healing.get("reload_min_interval_s", 10), "self_healing.reload_min_interval_s"),
+        tiers=_tiers(data.get("tiers", {})),
+        shedding=_shedding(data.get("load_shedding", {})),
     )

@@ -20,6 +20,7 @@ import numpy as np
 
 from tierserve.circuit_breaker import CircuitBreaker
 from tierserve.learned_router import LearnedRouter, escalation_features
+from tierserve.load_shedding import DEGRADE, SHED, LoadMonitor
 from tierserve.policy import Policy
 from tierserve.signature import TIERS, Signature
 
@@ -62,6 +63,14 @@ class Answer:
     route: str  # the model:version whose probabilities these are
     reason: str
     path: str  # every model tried, in order, with its outcome
+    outcome: str = "direct"  # "direct", "fallback" (a model failed on the way) or "degraded" (by load)
+
+
+@dataclass(frozen=True)
+class Shed:
+    """A row refused under load, and why (the request gets UNAVAILABLE)."""
+
+    reason: str
 
 
 @dataclass
@@ -69,6 +78,7 @@ class _Row:
     decision: Decision
     signature: Signature
     deadline: float | None  # clock time by which the row must be answered
+    degraded: str = ""  # why the row may not escalate under load
     next_model: str | None = None
     hops: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -106,6 +116,8 @@ class Router:
         self.learned = learned
         self.clock = clock
         self.breakers = {model: CircuitBreaker(policy.breaker, clock) for model in policy.models}
+        self.load = LoadMonitor(policy.shedding)
+        self.latency_ewma: dict[str, float] = {}  # seconds per call, per model
 
     def _can_serve(self, model: str, signature: Signature) -> bool:
         return self.accepts_missing[model] or signature.missing_fraction == 0.0
@@ -141,16 +153,33 @@ class Router:
             verdicts.append((escalate[cascade.escalate_when], why))
         return verdicts
 
-    async def route(self, images: np.ndarray, signatures: list[Signature], infer: InferFn) -> list[Answer | str]:
-        """An Answer per row, or the error that left a row unanswered."""
+    async def route(self, images: np.ndarray, signatures: list[Signature], infer: InferFn,
+                    longest_wait_ms: float = 0.0) -> list[Answer | Shed | str]:
+        """An Answer per row, Shed for a row refused under load, or the error that left a row unanswered.
+
+        Each row must be answered within its deadline_ms, or its tier's SLO when it sent none.
+        `longest_wait_ms` is how long the longest-waiting request of this batch queued for the router."""
         start = self.clock()
-        rows = []
-        for signature in signatures:
+        self.load.observe(longest_wait_ms)
+        results: list[Answer | Shed | str] = [""] * len(signatures)
+        rows, kept = [], []
+        for index, signature in enumerate(signatures):
+            action, why = self.load.action(signature.tier)
+            if action == SHED:
+                results[index] = Shed(why)
+                continue
             decision = self.decide(signature)
-            deadline = None if signature.deadline_ms is None else start + signature.deadline_ms / 1000
-            row = _Row(decision, signature, deadline)
+            budget_ms = signature.deadline_ms or self.policy.tiers[signature.tier].slo_ms
+            row = _Row(decision, signature, start + budget_ms / 1000, degraded=why if action == DEGRADE else "")
             self._send(row, [decision.route, *self.policy.chain(decision.route)])
             rows.append(row)
+            kept.append(index)
+        for index, answer in zip(kept, await self._walk(rows, images[kept], infer), strict=True):
+            results[index] = answer
+        return results
+
+    async def _walk(self, rows: list[_Row], images: np.ndarray, infer: InferFn) -> list[Answer | str]:
+        signatures = [row.signature for row in rows]
         while pending := {i: row.next_model for i, row in enumerate(rows) if row.next_model}:
             outcomes = await self._call(pending, images, rows, infer)
             first = self.policy.cascade.first
@@ -203,7 +232,10 @@ class Router:
             except ModelCallError as error:
                 self.breakers[model].record(False, self.clock() - started)
                 return f"{model} failed: {error}"
-            self.breakers[model].record(True, self.clock() - started)
+            elapsed = self.clock() - started
+            self.breakers[model].record(True, elapsed)
+            previous = self.latency_ewma.get(model, elapsed)
+            self.latency_ewma[model] = 0.8 * previous + 0.2 * elapsed
             return probs
 
         results = await asyncio.gather(*(call(model, members) for model, members in groups.items()))
@@ -239,9 +271,15 @@ class Router:
         escalate, why = verdict
         row.notes.append(f"{model} {why}")
         left = self._time_left(row)
-        if escalate and left is not None and left <= 0:
+        target = self.policy.cascade.escalate_to
+        needed = self.latency_ewma.get(target, 0.0)
+        if escalate and row.degraded:
             row.hops.append(f"{model} ok")
-            row.notes.append(f"no time left to escalate (deadline {row.signature.deadline_ms} ms)")
+            row.notes.append(f"escalation skipped, {row.degraded}")
+        elif escalate and left is not None and left <= needed:
+            row.hops.append(f"{model} ok")
+            row.notes.append(f"escalation skipped: {max(left, 0) * 1000:.0f} ms left of the "
+                             f"{row.signature.tier} budget, {target} takes ~{needed * 1000:.0f} ms")
         elif escalate:
             row.hops.append(f"{model} low_confidence")
             self._send(row, [self.policy.cascade.escalate_to])
@@ -261,4 +299,6 @@ class Router:
         if row.decision.confidence_cap is not None and model == row.decision.route:
             confidence = min(confidence, row.decision.confidence_cap)
         reason = "; ".join([row.decision.reason, *row.notes, f"cues: {row.signature.cues()}"])
-        return Answer(probs, confidence, model, reason, path)
+        failed_on_the_way = any(hop.endswith((" error", " timeout", " ejected")) for hop in row.hops)
+        outcome = "fallback" if failed_on_the_way else "degraded" if row.degraded else "direct"
+        return Answer(probs, confidence, model, reason, path, outcome)

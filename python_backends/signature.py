@@ -8,7 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-TIERS = ("critical", "standard", "best_effort")
+TIERS = ("critical", "standard", "best_effort")  # in priority order: Triton priority 1, 2, 3
+
+
+def triton_priority(tier: str) -> int:
+    """The Triton request priority of a tier (1 is served first); configs use priority_levels: 3."""
+    return TIERS.index(tier) + 1
 STD_FLOOR = 1.0  # pixels that never vary in training (the borders) still get a finite z-score
 
 

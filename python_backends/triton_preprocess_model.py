@@ -1,7 +1,10 @@
-"""Triton glue for `preprocess`: any image 4x4 to 64x64 -> native 8x8 IMAGE plus SOURCE facts [4]."""
+"""Triton glue for `preprocess`: any image 4x4 to 64x64 -> native 8x8 IMAGE, SOURCE facts [4] and a STAMP."""
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tierserve.pixels import infinity_problem
@@ -21,4 +24,6 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("IMAGE", resize_to_native(pixels)),
             pb_utils.Tensor("SOURCE", source_stats(pixels)),
+            # the system-wide monotonic clock: the router measures how long the request waited for it
+            pb_utils.Tensor("STAMP", np.full((len(pixels), 1), time.monotonic(), np.float64)),
         ])

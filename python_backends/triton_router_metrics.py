@@ -1,4 +1,4 @@
-"""The router's custom metrics on Triton's metrics port: breaker states, answers per route and outcome, reloads."""
+"""The router's custom metrics on Triton's metrics port, per tier and route, plus breakers and reloads."""
 
 from __future__ import annotations
 
@@ -7,47 +7,75 @@ from collections.abc import Iterable, Mapping
 import triton_python_backend_utils as pb_utils
 
 from tierserve.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from tierserve.routing import Answer
+from tierserve.routing import Answer, Shed
+from tierserve.slo import BudgetBurn, TierSlo
 
 BREAKER_VALUES = {CLOSED: 0.0, HALF_OPEN: 1.0, OPEN: 2.0}
+LATENCY_BUCKETS_S = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+
+
+class _Family:
+    """A metric family whose labelled metrics are created on first use."""
+
+    def __init__(self, name: str, description: str, kind: object, buckets: list[float] | None = None) -> None:
+        self.family = pb_utils.MetricFamily(name, description, kind)
+        self._buckets = buckets
+        self._metrics: dict[tuple[tuple[str, str], ...], object] = {}
+
+    def __call__(self, **labels: str):
+        key = tuple(sorted(labels.items()))
+        if key not in self._metrics:
+            extra = {"buckets": self._buckets} if self._buckets else {}
+            self._metrics[key] = self.family.Metric(labels=labels, **extra)
+        return self._metrics[key]
 
 
 class RouterMetrics:
-    """tierserve_breaker_state (0 closed, 1 half-open, 2 open), tierserve_answers_total and
-    tierserve_model_reloads_total."""
+    """tierserve_rows_total{tier,route,outcome}, tierserve_request_latency_seconds{tier,route},
+    tierserve_slo_misses_total{tier}, tierserve_error_budget_burn{tier}, tierserve_router_queue_wait_ms,
+    tierserve_breaker_state{model} (0 closed, 1 half-open, 2 open), tierserve_model_reloads_total{model}."""
 
-    def __init__(self, models: Iterable[str]) -> None:
-        breaker = pb_utils.MetricFamily("tierserve_breaker_state",
-                                        "Circuit breaker per downstream model: 0 closed, 1 half-open, 2 open",
-                                        pb_utils.MetricFamily.GAUGE)
-        answers = pb_utils.MetricFamily("tierserve_answers_total",
-                                        "Rows answered by the router, by the model that answered and whether the "
-                                        "first choice answered (direct) or a fallback did",
-                                        pb_utils.MetricFamily.COUNTER)
-        reloads = pb_utils.MetricFamily("tierserve_model_reloads_total",
-                                        "Models reloaded by the router after their stub died",
-                                        pb_utils.MetricFamily.COUNTER)
-        self._families = (breaker, answers, reloads)  # a family must outlive its metrics
-        self._breaker = {m: breaker.Metric(labels={"model": m}) for m in models}
-        self._answers_family = answers
-        self._answers: dict[tuple[str, str], object] = {}
-        self._reloads_family = reloads
-        self._reloads: dict[str, object] = {}
+    def __init__(self, models: Iterable[str], tiers: Mapping[str, TierSlo]) -> None:
+        kind = pb_utils.MetricFamily
+        self.rows = _Family("tierserve_rows_total", "Rows by tier, the model that answered, and outcome "
+                            "(direct, fallback, degraded, shed, failed)", kind.COUNTER)
+        self.latency = _Family("tierserve_request_latency_seconds", "Time in the router per request, by tier and "
+                               "the model that answered its first row", kind.HISTOGRAM, LATENCY_BUCKETS_S)
+        self.misses = _Family("tierserve_slo_misses_total", "Requests answered after their deadline or tier SLO",
+                              kind.COUNTER)
+        self.burn = _Family("tierserve_error_budget_burn", "SLO misses over the budgeted share in the last 60 s "
+                            "(1 = on budget)", kind.GAUGE)
+        self.load = _Family("tierserve_router_queue_wait_ms", "Moving average of how long requests wait for the "
+                            "router (the load signal of shedding)", kind.GAUGE)
+        self.breaker = _Family("tierserve_breaker_state", "Circuit breaker per downstream model: 0 closed, "
+                               "1 half-open, 2 open", kind.GAUGE)
+        self.reloads = _Family("tierserve_model_reloads_total", "Models reloaded by the router after their stub died",
+                               kind.COUNTER)
+        self._burns = {tier: BudgetBurn(slo) for tier, slo in tiers.items()}
+        for model in models:
+            self.breaker(model=model).set(0.0)
 
-    def observe(self, breakers: Mapping[str, CircuitBreaker], answers: list[Answer | str]) -> None:
-        for model, breaker in breakers.items():
-            self._breaker[model].set(BREAKER_VALUES[breaker.state])
+    def request(self, tier: str, answers: list[Answer | Shed | str], seconds: float, budget_ms: float) -> None:
+        """One request's rows and latency; a shed request counts as shed, not as an SLO miss."""
         for answer in answers:
-            if isinstance(answer, str):
-                key = ("none", "failed")
+            if isinstance(answer, Answer):
+                self.rows(tier=tier, route=answer.route, outcome=answer.outcome).increment(1)
             else:
-                key = (answer.route, "fallback" if " error" in answer.path or " timeout" in answer.path
-                       or " ejected" in answer.path else "direct")
-            if key not in self._answers:
-                self._answers[key] = self._answers_family.Metric(labels={"model": key[0], "outcome": key[1]})
-            self._answers[key].increment(1)
+                outcome = "shed" if isinstance(answer, Shed) else "failed"
+                self.rows(tier=tier, route="none", outcome=outcome).increment(1)
+        if isinstance(answers[0], Shed):
+            return
+        route = answers[0].route if isinstance(answers[0], Answer) else "none"
+        self.latency(tier=tier, route=route).observe(seconds)
+        missed = seconds * 1000 > budget_ms
+        if missed:
+            self.misses(tier=tier).increment(1)
+        self.burn(tier=tier).set(self._burns[tier].record(missed))
+
+    def state(self, breakers: Mapping[str, CircuitBreaker], queue_wait_ms: float) -> None:
+        for model, breaker in breakers.items():
+            self.breaker(model=model).set(BREAKER_VALUES[breaker.state])
+        self.load().set(queue_wait_ms)
 
     def reloaded(self, name: str) -> None:
-        if name not in self._reloads:
-            self._reloads[name] = self._reloads_family.Metric(labels={"model": name})
-        self._reloads[name].increment(1)
+        self.reloads(model=name).increment(1)

@@ -16,7 +16,7 @@ from tierserve.learned_router import LearnedRouter
 from tierserve.manifest import Manifest
 from tierserve.policy import Policy
 from tierserve.request_context import ParameterError, parse_context
-from tierserve.routing import Answer, ModelCallError, ModelDown, ModelTimeout, Router
+from tierserve.routing import Answer, ModelCallError, ModelDown, ModelTimeout, Router, Shed
 from tierserve.signature import TrainingStats, signatures
 from tierserve.triton_router_metrics import RouterMetrics
 
@@ -47,11 +47,13 @@ class TritonPythonModel:
         self.stats = TrainingStats.load(version_dir / "stats.json")
         self.healer = Healer(self.policy.reload_min_interval_s,
                              trip=lambda model, why: self.router.breakers[model].trip(why), reload=self._reload)
-        self.metrics = RouterMetrics(self.policy.models)
+        self.metrics = RouterMetrics(self.policy.models, self.policy.tiers)
 
     async def execute(self, requests: list) -> list:
+        started = time.monotonic()
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
-        images, rows, owners = [], [], []
+        images, rows, owners, contexts = [], [], [], {}
+        oldest_stamp = started
         for index, request in enumerate(requests):
             try:
                 context = parse_context(json.loads(request.parameters()), self.policy.default_tier)
@@ -60,15 +62,23 @@ class TritonPythonModel:
                 continue
             image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
             source = pb_utils.get_input_tensor_by_name(request, "SOURCE").as_numpy()
+            stamp = pb_utils.get_input_tensor_by_name(request, "STAMP").as_numpy()
+            oldest_stamp = min(oldest_stamp, float(stamp.min()))
             images.append(image)
             rows.extend(signatures(image, source, context, self.stats))
             owners.extend([index] * len(image))
+            contexts[index] = context
         if images:
-            answers = await self.router.route(np.concatenate(images), rows, self._infer)
-            self.metrics.observe(self.router.breakers, answers)
+            answers = await self.router.route(np.concatenate(images), rows, self._infer,
+                                              longest_wait_ms=(started - oldest_stamp) * 1000)
+            seconds = time.monotonic() - started
             owners_arr = np.asarray(owners)
-            for index in sorted(set(owners)):
-                responses[index] = self._response([answers[i] for i in np.flatnonzero(owners_arr == index)])
+            for index, context in contexts.items():
+                mine = [answers[i] for i in np.flatnonzero(owners_arr == index)]
+                responses[index] = self._response(context.tier, mine)
+                budget_ms = context.deadline_ms or self.policy.tiers[context.tier].slo_ms
+                self.metrics.request(context.tier, mine, seconds, budget_ms)
+            self.metrics.state(self.router.breakers, self.router.load.wait_ms)
         return responses
 
     async def _infer(self, model: str, images: np.ndarray, parameters: dict[str, str], *,
@@ -114,7 +124,10 @@ class TritonPythonModel:
         self.metrics.reloaded(name)
         pb_utils.Logger.log_info(f"router: reloaded {name}; ready={pb_utils.is_model_ready(name)}")
 
-    def _response(self, answers: list[Answer | str]) -> pb_utils.InferenceResponse:
+    def _response(self, tier: str, answers: list[Answer | Shed | str]) -> pb_utils.InferenceResponse:
+        if shed := [a for a in answers if isinstance(a, Shed)]:
+            return _error(f"digits: {tier} request shed: {shed[0].reason}; retry later or with a higher tier",
+                          pb_utils.TritonError.UNAVAILABLE)
         if failures := [a for a in answers if isinstance(a, str)]:
             return _error(f"digits: {failures[0]}", pb_utils.TritonError.INTERNAL)
         probs = np.stack([a.probs for a in answers]).astype(np.float32)

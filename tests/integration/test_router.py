@@ -45,7 +45,7 @@ def test_each_rule_fires_on_the_input_built_for_it(client: TierserveClient, spli
         "out_of_distribution": (pure_noise(1, seed=4), {}),
         "values_out_of_range": (_out_of_range(image)[None], {}),
         "missing_pixels": (with_missing(image[None], 0.3, seed=1), {}),
-        "tight_deadline": (image[None], {"deadline_ms": 2}),
+        "tight_deadline": (image[None], {"deadline_ms": 15}),
     }
     routes = {"out_of_distribution": "digits_rules:1", "values_out_of_range": "digits_rules:1",
               "missing_pixels": "digits_missing:1", "tight_deadline": "digits_light:1"}

@@ -92,6 +92,12 @@ def test_a_condition_on_an_absent_deadline_does_not_hold():
     ("circuit_breaker", {"base_ejection_time_s": -1}, "circuit_breaker.base_ejection_time_s: expected a positive"),
     ("call_timeout_ms", 0, "call_timeout_ms: expected a positive number, got 0"),
     ("self_healing", {"reload_min_interval_s": "often"}, "self_healing.reload_min_interval_s: expected a positive"),
+    ("tiers", {"gold": {"slo_ms": 1, "slo_target": 0.9}}, "tiers.gold: unknown key"),
+    ("tiers", {"critical": {"slo_ms": 0, "slo_target": 0.9}}, "tiers.critical.slo_ms: expected a positive number"),
+    ("tiers", {"critical": {"slo_ms": 50}}, "tiers.critical.slo_target: required key is missing"),
+    ("load_shedding", {"shed_best_effort_at_ms": -1}, "load_shedding.shed_best_effort_at_ms: expected a positive"),
+    ("load_shedding", {"shed_best_effort_at_ms": 90, "shed_standard_at_ms": 80},
+     "load_shedding: expected degrade_best_effort_at_ms <= shed_best_effort_at_ms <= shed_standard_at_ms"),
 ])
 def test_every_mistake_is_named_by_its_key(path: str, value, message: str):
     with pytest.raises(PolicyError) as caught:
@@ -129,3 +135,9 @@ def test_breaker_settings_are_read_with_envoy_names():
                                                     "latency_threshold_ms": 200}))
     assert (policy.breaker.consecutive_errors, policy.breaker.base_ejection_time_s,
             policy.breaker.latency_threshold_ms) == (4, 3.0, 200.0)
+
+
+def test_tiers_default_and_override():
+    policy = parse_policy(_with("tiers", {"critical": {"slo_ms": 20, "slo_target": 0.9999}}))
+    assert (policy.tiers["critical"].slo_ms, policy.tiers["critical"].target) == (20.0, 0.9999)
+    assert policy.tiers["best_effort"].slo_ms == 500.0

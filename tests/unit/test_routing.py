@@ -245,10 +245,19 @@ def test_calls_are_bounded_by_the_deadline_and_a_slow_model_times_out_to_its_cha
     assert models.timeouts[-1] == 0.5, "the last resort gets the call timeout, not the spent deadline"
 
 
-def test_without_a_deadline_the_policy_call_timeout_bounds_each_call():
+def test_without_a_deadline_the_tier_slo_is_the_deadline():
     clock = Clock()
+    models = FakeModels(clock=clock)
+    _route(_chained_router(clock), _images(0.99), [_signature(tier="critical")], models)
+    assert models.timeouts == [pytest.approx(0.05)], "critical's default SLO is 50 ms"
+
+
+def test_the_call_timeout_bounds_calls_under_a_longer_budget():
+    clock = Clock()
+    router = Router(parse_policy(dict(CHAINED, tiers={"standard": {"slo_ms": 5000, "slo_target": 0.99}})),
+                    ACCEPTS_MISSING, learned=None, clock=clock)
     models = FakeModels(latency_s={"light:1": 0.8}, clock=clock)
-    (answer,) = _route(_chained_router(clock), _images(0.9), [_signature()], models)
+    (answer,) = _route(router, _images(0.9), [_signature()], models)
     assert models.timeouts[:2] == [0.5, 0.5]
     assert answer.path == "light:1 timeout>heavy:1 ok"
 
@@ -258,4 +267,45 @@ def test_an_escalation_is_skipped_when_the_deadline_has_passed():
     models = FakeModels(latency_s={"light:1": 0.049}, clock=clock)
     (answer,) = _route(_chained_router(clock), _images(0.5), [_signature(deadline_ms=49)], models)
     assert answer.path == "light:1 ok"
-    assert "no time left to escalate (deadline 49 ms)" in answer.reason
+    assert "escalation skipped: 0 ms left of the standard budget" in answer.reason
+
+
+def test_an_escalation_that_would_not_fit_the_budget_is_skipped():
+    clock = Clock()
+    router = _chained_router(clock)
+    router.latency_ewma["heavy:1"] = 0.040
+    models = FakeModels(latency_s={"light:1": 0.020}, clock=clock)
+    (tight,) = _route(router, _images(0.5), [_signature(deadline_ms=50)], models)
+    assert tight.path == "light:1 ok"
+    assert "escalation skipped: 30 ms left of the standard budget, heavy:1 takes ~40 ms" in tight.reason
+    (roomy,) = _route(router, _images(0.5), [_signature(deadline_ms=100)], models)
+    assert roomy.path == "light:1 low_confidence>heavy:1 ok"
+
+
+def test_under_load_best_effort_is_degraded_then_shed_before_standard_and_critical_never():
+    clock = Clock()
+    policy = dict(CHAINED, load_shedding={"degrade_best_effort_at_ms": 10, "shed_best_effort_at_ms": 25,
+                                          "shed_standard_at_ms": 60})
+    router = Router(parse_policy(policy), ACCEPTS_MISSING, learned=None, clock=clock)
+    tiers = ["critical", "standard", "best_effort", "best_effort"]
+    signatures = [_signature(tier=t) for t in tiers]
+
+    def batch(wait_ms: float):
+        return asyncio.run(router.route(_images(0.3, 0.3, 0.3, 0.3), signatures, FakeModels(clock=clock),
+                                        longest_wait_ms=wait_ms))
+
+    answers = batch(40.0)  # average 12 ms
+    assert router.load.wait_ms == pytest.approx(12.0)
+    assert [a.path for a in answers[2:]] == ["light:1 ok"] * 2, "degraded: no escalation"
+    assert "escalation skipped, degraded: router queue wait 12.0 ms >= 10 ms, first model only" in answers[2].reason
+    assert [a.outcome for a in answers] == ["direct", "direct", "degraded", "degraded"]
+    assert [a.path for a in answers[:2]] == ["light:1 low_confidence>heavy:1 ok"] * 2
+    answers = batch(60.0)
+    assert [type(a).__name__ for a in answers] == ["Answer", "Answer", "Shed", "Shed"]
+    assert answers[2].reason == "router queue wait 26.4 ms >= 25 ms sheds best_effort"
+    while router.load.wait_ms < 60:
+        answers = batch(200.0)
+    assert [type(a).__name__ for a in answers] == ["Answer", "Shed", "Shed", "Shed"]
+    while router.load.wait_ms > 1:
+        answers = batch(0.0)
+    assert all(type(a).__name__ == "Answer" for a in answers), "recovers when the queue drains"

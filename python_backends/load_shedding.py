@@ -1,0 +1,48 @@
+"""Load shedding and degradation by tier, from a load signal the router measures itself.
+
+The signal is how long requests waited for the router: `preprocess` stamps each request with the
+system-wide monotonic clock, and the router takes the longest wait of each execute into a moving
+average. Batching absorbs concurrency; a wait that grows means requests arrive faster than the router
+serves them. As it grows, best_effort is first degraded (the first model only, no escalation), then
+shed, then standard is shed; critical is never shed by the router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NORMAL, DEGRADE, SHED = "normal", "degrade", "shed"
+
+
+@dataclass(frozen=True)
+class SheddingSettings:
+    degrade_best_effort_at_ms: float = 10.0
+    shed_best_effort_at_ms: float = 25.0
+    shed_standard_at_ms: float = 60.0
+    smoothing: float = 0.3  # weight of the newest execute in the moving average
+
+
+class LoadMonitor:
+    """The moving average of the router's queue wait, and what it means for each tier."""
+
+    def __init__(self, settings: SheddingSettings) -> None:
+        self.settings = settings
+        self.wait_ms = 0.0
+
+    def observe(self, longest_wait_ms: float) -> float:
+        """Fold one execute's longest queue wait into the average and return it."""
+        alpha = self.settings.smoothing
+        self.wait_ms = (1 - alpha) * self.wait_ms + alpha * max(longest_wait_ms, 0.0)
+        return self.wait_ms
+
+    def action(self, tier: str) -> tuple[str, str]:
+        """NORMAL, DEGRADE or SHED for a tier at the current load, and why."""
+        s, wait = self.settings, self.wait_ms
+        if tier == "best_effort" and wait >= s.shed_best_effort_at_ms:
+            return SHED, f"router queue wait {wait:.1f} ms >= {s.shed_best_effort_at_ms:g} ms sheds best_effort"
+        if tier == "standard" and wait >= s.shed_standard_at_ms:
+            return SHED, f"router queue wait {wait:.1f} ms >= {s.shed_standard_at_ms:g} ms sheds standard"
+        if tier == "best_effort" and wait >= s.degrade_best_effort_at_ms:
+            return DEGRADE, (f"degraded: router queue wait {wait:.1f} ms >= {s.degrade_best_effort_at_ms:g} ms, "
+                             "first model only")
+        return NORMAL, ""

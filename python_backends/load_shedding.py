@@ -9,6 +9,9 @@ shed, then standard is shed; critical is never shed by the router.
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 NORMAL, DEGRADE, SHED = "normal", "degrade", "shed"
@@ -20,18 +23,23 @@ class SheddingSettings:
     shed_best_effort_at_ms: float = 25.0
     shed_standard_at_ms: float = 60.0
     smoothing: float = 0.3  # weight of the newest execute in the moving average
+    memory_s: float = 0.5  # after a pause this long, the newest execute weighs 63%: an old flood is forgotten
 
 
 class LoadMonitor:
     """The moving average of the router's queue wait, and what it means for each tier."""
 
-    def __init__(self, settings: SheddingSettings) -> None:
+    def __init__(self, settings: SheddingSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.wait_ms = 0.0
+        self._clock = clock
+        self._last = clock()
 
     def observe(self, longest_wait_ms: float) -> float:
         """Fold one execute's longest queue wait into the average and return it."""
-        alpha = self.settings.smoothing
+        now = self._clock()
+        alpha = max(self.settings.smoothing, 1.0 - math.exp(-(now - self._last) / self.settings.memory_s))
+        self._last = now
         self.wait_ms = (1 - alpha) * self.wait_ms + alpha * max(longest_wait_ms, 0.0)
         return self.wait_ms
 

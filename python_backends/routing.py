@@ -116,7 +116,7 @@ class Router:
         self.learned = learned
         self.clock = clock
         self.breakers = {model: CircuitBreaker(policy.breaker, clock) for model in policy.models}
-        self.load = LoadMonitor(policy.shedding)
+        self.load = LoadMonitor(policy.shedding, clock)
         self.latency_ewma: dict[str, float] = {}  # seconds per call, per model
 
     def _can_serve(self, model: str, signature: Signature) -> bool:

@@ -17,8 +17,10 @@ LATENCY_BUCKETS_S = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 class _Family:
     """A metric family whose labelled metrics are created on first use."""
 
-    def __init__(self, name: str, description: str, kind: object, buckets: list[float] | None = None) -> None:
+    def __init__(self, name: str, description: str, kind: object, instance: str,
+                 buckets: list[float] | None = None) -> None:
         self.family = pb_utils.MetricFamily(name, description, kind)
+        self._instance = instance
         self._buckets = buckets
         self._metrics: dict[tuple[tuple[str, str], ...], object] = {}
 
@@ -26,31 +28,32 @@ class _Family:
         key = tuple(sorted(labels.items()))
         if key not in self._metrics:
             extra = {"buckets": self._buckets} if self._buckets else {}
-            self._metrics[key] = self.family.Metric(labels=labels, **extra)
+            self._metrics[key] = self.family.Metric(labels={**labels, "instance": self._instance}, **extra)
         return self._metrics[key]
 
 
 class RouterMetrics:
     """tierserve_rows_total{tier,route,outcome}, tierserve_request_latency_seconds{tier,route},
     tierserve_slo_misses_total{tier}, tierserve_error_budget_burn{tier}, tierserve_router_queue_wait_ms,
-    tierserve_breaker_state{model} (0 closed, 1 half-open, 2 open), tierserve_model_reloads_total{model}."""
+    tierserve_breaker_state{model} (0 closed, 1 half-open, 2 open), tierserve_model_reloads_total{model};
+    every series also carries `instance`, the router instance (each keeps its own breakers and signals)."""
 
-    def __init__(self, models: Iterable[str], tiers: Mapping[str, TierSlo]) -> None:
+    def __init__(self, models: Iterable[str], tiers: Mapping[str, TierSlo], instance: str) -> None:
         kind = pb_utils.MetricFamily
         self.rows = _Family("tierserve_rows_total", "Rows by tier, the model that answered, and outcome "
-                            "(direct, fallback, degraded, shed, failed)", kind.COUNTER)
+                            "(direct, fallback, degraded, shed, failed)", kind.COUNTER, instance)
         self.latency = _Family("tierserve_request_latency_seconds", "Time in the router per request, by tier and "
-                               "the model that answered its first row", kind.HISTOGRAM, LATENCY_BUCKETS_S)
+                               "the model that answered its first row", kind.HISTOGRAM, instance, LATENCY_BUCKETS_S)
         self.misses = _Family("tierserve_slo_misses_total", "Requests answered after their deadline or tier SLO",
-                              kind.COUNTER)
+                              kind.COUNTER, instance)
         self.burn = _Family("tierserve_error_budget_burn", "SLO misses over the budgeted share in the last 60 s "
-                            "(1 = on budget)", kind.GAUGE)
+                            "(1 = on budget)", kind.GAUGE, instance)
         self.load = _Family("tierserve_router_queue_wait_ms", "Moving average of how long requests wait for the "
-                            "router (the load signal of shedding)", kind.GAUGE)
+                            "router (the load signal of shedding)", kind.GAUGE, instance)
         self.breaker = _Family("tierserve_breaker_state", "Circuit breaker per downstream model: 0 closed, "
-                               "1 half-open, 2 open", kind.GAUGE)
+                               "1 half-open, 2 open", kind.GAUGE, instance)
         self.reloads = _Family("tierserve_model_reloads_total", "Models reloaded by the router after their stub died",
-                               kind.COUNTER)
+                               kind.COUNTER, instance)
         self._burns = {tier: BudgetBurn(slo) for tier, slo in tiers.items()}
         for model in models:
             self.breaker(model=model).set(0.0)

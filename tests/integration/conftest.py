@@ -61,3 +61,4 @@ def grpc(triton: TritonServer) -> Iterator[Triton]:
 def grpc_sdk(triton: TritonServer) -> Iterator[TierserveClient]:
     with TierserveClient(triton.grpc_url) as sdk:
         yield sdk
+

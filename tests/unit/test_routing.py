@@ -309,3 +309,6 @@ def test_under_load_best_effort_is_degraded_then_shed_before_standard_and_critic
     while router.load.wait_ms > 1:
         answers = batch(0.0)
     assert all(type(a).__name__ == "Answer" for a in answers), "recovers when the queue drains"
+    batch(200.0)
+    clock.now += 2.0  # a quiet spell: the next request is not judged by the last flood
+    assert all(type(a).__name__ == "Answer" for a in batch(0.0))

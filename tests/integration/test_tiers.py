@@ -1,0 +1,134 @@
+"""Service tiers on a real server of their own (bounded floods, loopback only): critical work is served
+first and never shed, best_effort is shed first with a clear error, and the tier metrics move."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierserve.client import AsyncTierserveClient, TierserveClient, TierserveError
+from tierserve.faults import FaultSpec
+from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.model_control import ModelControl
+from tierserve.tools.repository_variants import policy_variant, shipped_policy
+from tierserve.tools.server import Ports, TritonServer
+
+from .prometheus import metric_values
+
+# low thresholds so that a modest flood on 2 cores is overload for these servers
+SHEDDING = {"degrade_best_effort_at_ms": 1, "shed_best_effort_at_ms": 5, "shed_standard_at_ms": 10_000}
+DEGRADING = {"degrade_best_effort_at_ms": 1, "shed_best_effort_at_ms": 10_000, "shed_standard_at_ms": 10_000}
+
+
+@contextlib.contextmanager
+def _server(model_repository: Path, workdir: Path, shedding: dict) -> Iterator[TritonServer]:
+    repository = workdir / "repository"
+    repository.mkdir()
+    policy_variant(model_repository, repository, {**shipped_policy(model_repository), "load_shedding": shedding})
+    with (workdir / "tritonserver.log").open("wb") as log, \
+            TritonServer(repository, Ports.free(), workdir, output=log) as server:
+        server.wait_ready()
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tiered(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    with _server(model_repository, tmp_path_factory.mktemp("tiers"), SHEDDING) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def calm(tiered: TritonServer, split: DigitsSplit) -> None:
+    """Each test starts on a calm server: the last flood's queue wait has left the moving average."""
+    deadline = time.monotonic() + 15
+    with TierserveClient(tiered.grpc_url) as client:
+        while time.monotonic() < deadline:
+            client.classify(split.test.images[0], tier="critical")
+            if max(metric_values(tiered, "tierserve_router_queue_wait_ms"), default=0.0) < 1.0:
+                return
+            time.sleep(0.2)
+    pytest.fail("the server did not calm down after the last flood")
+
+
+async def _flood(url: str, images: np.ndarray, best_effort: int, critical: int) -> tuple[list, list]:
+    """Queue `best_effort` requests at once, then `critical` ones; return (tier, done_at, outcome) of each."""
+    async with AsyncTierserveClient(url) as client:
+        async def one(tier: str, image: np.ndarray):
+            try:
+                result = await client.classify(image, tier=tier)
+            except TierserveError as error:
+                result = error
+            return tier, time.monotonic(), result
+
+        flood = [asyncio.ensure_future(one("best_effort", images[i % len(images)])) for i in range(best_effort)]
+        await asyncio.sleep(0.01)  # the flood is queued before the critical requests arrive
+        urgent = [asyncio.ensure_future(one("critical", images[i % len(images)])) for i in range(critical)]
+        return list(await asyncio.gather(*flood)), list(await asyncio.gather(*urgent))
+
+
+def test_critical_requests_overtake_a_best_effort_flood_and_are_never_shed(tiered: TritonServer,
+                                                                           split: DigitsSplit):
+    flood, urgent = asyncio.run(_flood(tiered.grpc_url, split.test.images, best_effort=800, critical=10))
+    assert all(not isinstance(result, Exception) for _, _, result in urgent), "no critical request failed"
+    last_critical = max(done for _, done, _ in urgent)
+    assert any(done > last_critical for _, done, _ in flood), \
+        "best_effort requests queued before the critical ones were still waiting when those were answered"
+    shed = [result for _, _, result in flood if isinstance(result, Exception)]
+    assert shed, "the flood is overload for this server: some best_effort work is shed"
+    for error in shed:
+        assert error.status == "StatusCode.UNAVAILABLE"
+        assert "best_effort request shed: router queue wait" in error.message and "sheds best_effort" in error.message
+
+
+def test_degraded_best_effort_answers_say_so(model_repository: Path, tmp_path: Path, split: DigitsSplit):
+    with _server(model_repository, tmp_path, DEGRADING) as server:
+        flood, _ = asyncio.run(_flood(server.grpc_url, split.test.images, best_effort=300, critical=1))
+    answers = [answer for _, _, result in flood if not isinstance(result, Exception) for answer in result]
+    degraded = [a for a in answers if "escalation skipped, degraded: router queue wait" in a.reason]
+    assert degraded and all(a.path == "digits_light:1 ok" for a in degraded)
+
+
+def test_tier_metrics_move(tiered: TritonServer, split: DigitsSplit):
+    def total(name: str, **labels: str) -> float:
+        return sum(metric_values(tiered, name, **labels))
+
+    before = {tier: total("tierserve_rows_total", tier=tier, outcome="direct") for tier in ("critical", "standard")}
+    shed_before = total("tierserve_rows_total", tier="best_effort", outcome="shed")
+    with TierserveClient(tiered.grpc_url) as client:
+        for tier in ("critical", "standard"):
+            client.classify(split.test.images[:3], tier=tier)
+    asyncio.run(_flood(tiered.grpc_url, split.test.images, best_effort=800, critical=1))
+    for tier in ("critical", "standard"):
+        assert total("tierserve_rows_total", tier=tier, outcome="direct") >= before[tier] + 3
+    assert total("tierserve_rows_total", tier="best_effort", outcome="shed") > shed_before
+    assert total("tierserve_request_latency_seconds_count", tier="critical") >= 2
+    assert metric_values(tiered, "tierserve_error_budget_burn", tier="critical")
+    assert metric_values(tiered, "tierserve_router_queue_wait_ms")
+
+
+def test_a_deadline_too_short_for_the_heavy_model_gets_the_light_answer_with_the_reason(
+        tiered: TritonServer, split: DigitsSplit):
+    control = ModelControl(tiered.http_url, tiered.admin_key)
+    control.set_fault("digits_heavy", FaultSpec(latency_ms=60))
+    try:
+        with TierserveClient(tiered.grpc_url) as client:
+            # with a roomy deadline escalations reach the slow heavy model, which teaches each router
+            # instance's moving average how long it now takes
+            for _ in range(16):
+                warm = client.classify(split.test.images[:32], tier="standard", deadline_ms=500)
+                assert any(a.path.endswith("digits_heavy:2 ok") for a in warm)
+            answers = client.classify(split.test.images[:32], tier="standard", deadline_ms=40)
+    finally:
+        control.set_fault("digits_heavy", FaultSpec())
+        control.close()
+    skipped = [a for a in answers if "escalation skipped:" in a.reason]
+    assert skipped, "some images wanted the heavy model"
+    for answer in skipped:
+        assert answer.route == "digits_light:1" and answer.path == "digits_light:1 ok"
+        assert "ms left of the standard budget, digits_heavy:2 takes ~" in answer.reason

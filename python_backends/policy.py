@@ -86,6 +86,17 @@ class Policy:
     reload_min_interval_s: float = 10.0  # self-healing: at most one reload per model this often
     tiers: Mapping[str, TierSlo] = field(default_factory=lambda: dict(DEFAULT_TIERS))
     shedding: SheddingSettings = field(default_factory=SheddingSettings)
+    lanes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # tier -> {model: its lane for the tier}
+
+    def lane(self, model: str, tier: str) -> str:
+        """The model:version that serves `model` for `tier`: its reserved lane, or the model itself."""
+        return self.lanes.get(tier, {}).get(model, model)
+
+    @property
+    def callable_models(self) -> tuple[str, ...]:
+        """Every model:version the router may call: the listed models and their lanes."""
+        lanes = [lane for by_model in self.lanes.values() for lane in by_model.values()]
+        return tuple(dict.fromkeys([*self.models, *lanes]))
 
     def chain(self, model: str) -> tuple[str, ...]:
         """What to try, in order, when `model` fails, times out or is ejected: its fallbacks, then `fallback`."""
@@ -238,11 +249,24 @@ def _shedding(data: Any) -> SheddingSettings:
     return settings
 
 
+def _lanes(data: Any, models: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    data = _mapping(data, "lanes", set(TIERS), set())
+    lanes: dict[str, dict[str, str]] = {}
+    for tier, by_model in data.items():
+        by_model = _mapping(by_model, f"lanes.{tier}", set(models), set())
+        for model, lane in by_model.items():
+            if not isinstance(lane, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+:[0-9]+", lane) or lane in models:
+                raise PolicyError(f"lanes.{tier}.{model}: expected a lane 'model:version' not listed under models, "
+                                  f"got {lane!r}")
+        lanes[tier] = dict(by_model)
+    return lanes
+
+
 def parse_policy(data: Any) -> Policy:
     """Validate a policy document (already parsed from YAML) into a Policy."""
     data = _mapping(data, "policy", {"models", "default_tier", "rules", "cascade", "fallback", "fallbacks",
                                      "circuit_breaker", "call_timeout_ms", "self_healing", "tiers",
-                                     "load_shedding"},
+                                     "load_shedding", "lanes"},
                     {"models", "cascade", "fallback"})
     models = data["models"]
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
@@ -271,4 +295,5 @@ def parse_policy(data: Any) -> Policy:
         reload_min_interval_s=_positive(healing.get("reload_min_interval_s", 10), "self_healing.reload_min_interval_s"),
         tiers=_tiers(data.get("tiers", {})),
         shedding=_shedding(data.get("load_shedding", {})),
+        lanes=_lanes(data.get("lanes", {}), models),
     )

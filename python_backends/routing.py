@@ -115,7 +115,7 @@ class Router:
         self.accepts_missing = dict(accepts_missing)
         self.learned = learned
         self.clock = clock
-        self.breakers = {model: CircuitBreaker(policy.breaker, clock) for model in policy.models}
+        self.breakers = {model: CircuitBreaker(policy.breaker, clock) for model in policy.callable_models}
         self.load = LoadMonitor(policy.shedding, clock)
         self.latency_ewma: dict[str, float] = {}  # seconds per call, per model
 
@@ -202,18 +202,19 @@ class Router:
             if model in row.tried or not self._can_serve(model, row.signature):
                 continue
             row.tried.add(model)
-            breaker = self.breakers[model]
+            target = self.policy.lane(model, row.signature.tier)
+            breaker = self.breakers[target]
             if breaker.allow():
                 row.next_model = model
                 return
-            row.hops.append(f"{model} ejected")
-            row.notes.append(f"{model} {breaker.describe()}")
+            row.hops.append(f"{target} ejected")
+            row.notes.append(f"{target} {breaker.describe()}")
 
     async def _call(self, pending: dict[int, str], images: np.ndarray, rows: list[_Row],
                     infer: InferFn) -> dict[int, np.ndarray | str]:
-        groups: dict[str, list[int]] = defaultdict(list)
+        groups: dict[str, list[int]] = defaultdict(list)  # by the model:version actually called (lanes apart)
         for row, model in pending.items():
-            groups[model].append(row)
+            groups[self.policy.lane(model, rows[row].signature.tier)].append(row)
         call_timeout = self.policy.call_timeout_ms / 1000
 
         async def call(model: str, members: list[int]) -> np.ndarray | str:
@@ -245,7 +246,9 @@ class Router:
                 outcomes[row] = result if isinstance(result, str) else result[position]
         return outcomes
 
-    def _advance(self, row: _Row, model: str, outcome: np.ndarray | str, verdict: tuple[bool, str] | None) -> None:
+    def _advance(self, row: _Row, logical: str, outcome: np.ndarray | str, verdict: tuple[bool, str] | None) -> None:
+        """Record the call to `logical` (through the row's lane, if any) and choose the row's next hop."""
+        model = self.policy.lane(logical, row.signature.tier)
         row.next_model = None
         if isinstance(outcome, str):
             row.hops.append(f"{model} {'timeout' if outcome.startswith('timeout') else 'error'}")
@@ -260,9 +263,9 @@ class Router:
                 row.deadline = None
                 self._send(row, [self.policy.fallback])
             else:
-                self._send(row, self.policy.chain(model))
+                self._send(row, self.policy.chain(logical))
             if row.next_model:
-                row.notes.append(f"fell back to {row.next_model}")
+                row.notes.append(f"fell back to {self.policy.lane(row.next_model, row.signature.tier)}")
             return
         row.best = (model, outcome)
         if verdict is None:
@@ -271,7 +274,7 @@ class Router:
         escalate, why = verdict
         row.notes.append(f"{model} {why}")
         left = self._time_left(row)
-        target = self.policy.cascade.escalate_to
+        target = self.policy.lane(self.policy.cascade.escalate_to, row.signature.tier)
         needed = self.latency_ewma.get(target, 0.0)
         if escalate and row.degraded:
             row.hops.append(f"{model} ok")
@@ -284,7 +287,7 @@ class Router:
             row.hops.append(f"{model} low_confidence")
             self._send(row, [self.policy.cascade.escalate_to])
             if row.next_model:
-                row.notes.append(f"escalated to {row.next_model}")
+                row.notes.append(f"escalated to {target}")
             else:
                 row.notes.append(f"answered with {model}")
         else:
@@ -296,7 +299,8 @@ class Router:
             return f"no model could answer ({path}): {'; '.join(row.notes)}"
         model, probs = row.best
         confidence = float(probs.max())
-        if row.decision.confidence_cap is not None and model == row.decision.route:
+        if row.decision.confidence_cap is not None and model == self.policy.lane(row.decision.route,
+                                                                                 row.signature.tier):
             confidence = min(confidence, row.decision.confidence_cap)
         reason = "; ".join([row.decision.reason, *row.notes, f"cues: {row.signature.cues()}"])
         failed_on_the_way = any(hop.endswith((" error", " timeout", " ejected")) for hop in row.hops)

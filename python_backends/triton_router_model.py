@@ -47,7 +47,7 @@ class TritonPythonModel:
         self.stats = TrainingStats.load(version_dir / "stats.json")
         self.healer = Healer(self.policy.reload_min_interval_s,
                              trip=lambda model, why: self.router.breakers[model].trip(why), reload=self._reload)
-        self.metrics = RouterMetrics(self.policy.models, self.policy.tiers, args["model_instance_name"])
+        self.metrics = RouterMetrics(self.policy.callable_models, self.policy.tiers, args["model_instance_name"])
 
     async def execute(self, requests: list) -> list:
         started = time.monotonic()

@@ -19,10 +19,14 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         self.name = f"{args['model_name']}:{args['model_version']}"
-        # for the Python backend, model_repository is this model's own folder
-        self.runner = load_runner(Path(args["model_repository"]) / args["model_version"])
-        parameters = json.loads(args["model_config"]).get("parameters", {})
-        spec = FaultSpec.from_parameters({k: v["string_value"] for k, v in parameters.items()})
+        parameters = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        # for the Python backend, model_repository is this model's own folder; a lane (reserved
+        # capacity for one tier) serves the artifacts of the model named in its `serves` parameter
+        model_dir = Path(args["model_repository"])
+        if serves := parameters.get("serves"):
+            model_dir = model_dir.parent / serves
+        self.runner = load_runner(model_dir / args["model_version"])
+        spec = FaultSpec.from_parameters(parameters)
         self.faults = FaultInjector(spec) if spec.active else None
         if self.faults:
             pb_utils.Logger.log_warn(f"{self.name}: fault injection is on: {spec}")

@@ -60,16 +60,19 @@ def test_the_model_repository_api_needs_the_admin_key(chaos):
 def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(chaos, split: DigitsSplit):
     server, _ = chaos
     (old_pid,) = server.stub_pids("digits_light")
-    with SteadyLoad(server.grpc_url, split.test.images[:50]) as load:
+    with SteadyLoad(server.grpc_url, split.test.images[:50]) as load:  # critical and standard
         assert load.wait_until(lambda sent: len(sent) > 40, 10)
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
         assert load.wait_until(lambda sent: any(s.at > killed_at and s.answer and "ejected" in s.answer.path
                                                 for s in sent), 15), "the breaker never opened"
         healed = load.wait_until(lambda sent: _recent_on([s for s in sent if s.at > killed_at + 1],
-                                                         "digits_light:1"), 25)
-    after = [s for s in load.sent if s.at > killed_at]
+                                                         "digits_light:1", tiers=("standard",)), 25)
+    after = [s for s in load.sent if s.at > killed_at and s.tier == "standard"]
     assert [s.error for s in load.sent if s.error] == [], "no request failed"
+    critical = [s.answer for s in load.sent if s.at > killed_at and s.tier == "critical"]
+    assert critical and all(a.path.startswith("digits_light_critical:1 ") for a in critical), \
+        "critical rows run on their reserved lane, untouched by the shared model's death"
     assert any("digits_light:1 error" in s.answer.path or "digits_light:1 timeout" in s.answer.path for s in after)
     assert any("digits_light:1 breaker open" in s.answer.reason for s in after)
     assert sum(metric_values(server, "tierserve_model_reloads_total", model="digits_light")) >= 1
@@ -80,17 +83,18 @@ def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(
 
 def test_an_unloaded_primary_falls_back_and_takes_traffic_again_once_loaded(chaos, split: DigitsSplit):
     server, control = chaos
-    with SteadyLoad(server.grpc_url, split.test.images[:50]) as load:
-        assert load.wait_until(lambda sent: _recent_on(sent, "digits_light:1", 5), 10)
+    with SteadyLoad(server.grpc_url, split.test.images[:50]) as load:  # critical and standard
+        assert load.wait_until(lambda sent: _recent_on(sent, "digits_light:1", 5, ("standard",)), 10)
         control.unload("digits_light")
         unloaded_at = time.monotonic()
         assert load.wait_until(lambda sent: time.monotonic() - unloaded_at > 1.5
                                and sum(s.at > unloaded_at for s in sent) > 20, 15)
         control.load("digits_light")
         loaded_at = time.monotonic()
-        back = load.wait_until(lambda sent: _recent_on([s for s in sent if s.at > loaded_at], "digits_light:1"), 25)
+        back = load.wait_until(lambda sent: _recent_on([s for s in sent if s.at > loaded_at], "digits_light:1",
+                                                       tiers=("standard",)), 25)
     assert [s.error for s in load.sent if s.error] == []
-    during = [s.answer for s in load.sent if unloaded_at + 0.2 < s.at < loaded_at]
+    during = [s.answer for s in load.sent if unloaded_at + 0.2 < s.at < loaded_at and s.tier == "standard"]
     assert during and all(a.route != "digits_light:1" for a in during)
     assert all(a.path.startswith(("digits_light:1 error>", "digits_light:1 ejected>")) for a in during)
     assert back

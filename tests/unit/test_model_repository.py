@@ -53,3 +53,20 @@ def test_every_model_has_a_version_folder_that_git_can_keep():
         for version in versions:
             assert any(p.name != "__pycache__" for p in version.iterdir()), \
                 f"{version} is empty: git will not keep it (add a .gitkeep)"
+
+
+def test_lanes_serve_built_models_with_the_same_contract():
+    """A lane reuses another model's artifacts: it must name a built model, version and contract."""
+    lanes = [c for c in DEFAULT_REPOSITORY.glob("*/config.pbtxt") if "serves" in _config(c.parent.name).parameters]
+    assert lanes, "the shipped repository reserves lanes"
+    for path in lanes:
+        lane = _config(path.parent.name)
+        served = _config(lane.parameters["serves"].string_value)
+        assert served.name in MODELS
+        assert [(t.name, t.data_type, list(t.dims)) for t in lane.input] == \
+            [(t.name, t.data_type, list(t.dims)) for t in served.input]
+        assert [(t.name, t.data_type, list(t.dims)) for t in lane.output] == \
+            [(t.name, t.data_type, list(t.dims)) for t in served.output]
+        versions = sorted(int(v.name) for v in path.parent.iterdir() if v.is_dir() and v.name.isdigit())
+        built = sorted(spec.version for spec in MODEL_SPECS if spec.model == served.name)
+        assert set(versions) <= set(built)

@@ -95,6 +95,10 @@ def test_a_condition_on_an_absent_deadline_does_not_hold():
     ("tiers", {"gold": {"slo_ms": 1, "slo_target": 0.9}}, "tiers.gold: unknown key"),
     ("tiers", {"critical": {"slo_ms": 0, "slo_target": 0.9}}, "tiers.critical.slo_ms: expected a positive number"),
     ("tiers", {"critical": {"slo_ms": 50}}, "tiers.critical.slo_target: required key is missing"),
+    ("lanes", {"gold": {}}, "lanes.gold: unknown key"),
+    ("lanes", {"critical": {"digits_heavy:1": "x:1"}}, "lanes.critical.digits_heavy:1: unknown key"),
+    ("lanes", {"critical": {"digits_light:1": "digits_heavy:2"}},
+     "lanes.critical.digits_light:1: expected a lane 'model:version' not listed under models"),
     ("load_shedding", {"shed_best_effort_at_ms": -1}, "load_shedding.shed_best_effort_at_ms: expected a positive"),
     ("load_shedding", {"shed_best_effort_at_ms": 90, "shed_standard_at_ms": 80},
      "load_shedding: expected degrade_best_effort_at_ms <= shed_best_effort_at_ms <= shed_standard_at_ms"),
@@ -141,3 +145,10 @@ def test_tiers_default_and_override():
     policy = parse_policy(_with("tiers", {"critical": {"slo_ms": 20, "slo_target": 0.9999}}))
     assert (policy.tiers["critical"].slo_ms, policy.tiers["critical"].target) == (20.0, 0.9999)
     assert policy.tiers["best_effort"].slo_ms == 500.0
+
+
+def test_lanes_serve_one_tier_and_are_callable():
+    policy = parse_policy(_with("lanes", {"critical": {"digits_light:1": "digits_light_critical:1"}}))
+    assert policy.lane("digits_light:1", "critical") == "digits_light_critical:1"
+    assert policy.lane("digits_light:1", "standard") == "digits_light:1"
+    assert "digits_light_critical:1" in policy.callable_models

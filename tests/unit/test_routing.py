@@ -48,7 +48,7 @@ def _probs(label: int, confidence: float) -> np.ndarray:
 
 
 class FakeModels:
-    """Each image's pixel [0, 0] holds the light model's confidence; other models answer confidently.
+    """Each image's pixel [0, 0] holds the light models' confidence; other models answer confidently.
     The label is the row's pixel [0, 1]. Records every call."""
 
     def __init__(self, failing: frozenset[str] = frozenset(), latency_s: Mapping[str, float] | None = None,
@@ -70,7 +70,7 @@ class FakeModels:
             raise ModelTimeout(f"{model} is slow")
         if model in self.failing:
             raise ModelCallError(f"{model} is down")
-        confidence = images[:, 0, 0] if model == "light:1" else np.full(len(images), 0.99)
+        confidence = images[:, 0, 0] if model.startswith("light") else np.full(len(images), 0.99)
         return np.stack([_probs(int(label), float(c)) for label, c in zip(images[:, 0, 1], confidence, strict=True)])
 
 
@@ -312,3 +312,17 @@ def test_under_load_best_effort_is_degraded_then_shed_before_standard_and_critic
     batch(200.0)
     clock.now += 2.0  # a quiet spell: the next request is not judged by the last flood
     assert all(type(a).__name__ == "Answer" for a in batch(0.0))
+
+
+def test_critical_rows_go_to_their_lanes_and_other_tiers_share_the_models():
+    clock = Clock()
+    policy = dict(CHAINED, lanes={"critical": {"light:1": "light_critical:1", "heavy:1": "heavy_critical:1"}})
+    router = Router(parse_policy(policy), ACCEPTS_MISSING, learned=None, clock=clock)
+    models = FakeModels(clock=clock)
+    answers = _route(router, _images(0.99, 0.99, 0.5), [_signature(tier="critical"), _signature(tier="standard"),
+                                                        _signature(tier="critical")], models)
+    assert [a.route for a in answers] == ["light_critical:1", "light:1", "heavy_critical:1"]
+    assert answers[2].path == "light_critical:1 low_confidence>heavy_critical:1 ok"
+    assert sorted((model, rows) for model, rows, _ in models.calls) == [
+        ("heavy_critical:1", 1), ("light:1", 1), ("light_critical:1", 2)]
+    assert set(router.breakers) >= {"light_critical:1", "heavy_critical:1"}

@@ -3,7 +3,9 @@
 Rules are tried in order and the first that matches picks the route. Rows no rule claims go through the
 confidence cascade: the first model answers, and the row escalates when its confidence is below the
 tier's threshold and/or the learned router predicts the first answer is wrong. `fallback` answers rows
-that no listed route can serve (e.g. missing pixels). Only models listed under `models` are ever called.
+that no listed route can serve (e.g. missing pixels) and ends every fallback chain. The file also holds
+the circuit breaker settings, call timeout, self-healing interval, per-tier SLOs, reserved lanes and
+load-shedding thresholds. Only models listed under `models` (and their lanes) are ever called.
 """
 
 from __future__ import annotations

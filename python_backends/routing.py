@@ -1,10 +1,12 @@
-"""Route a batch of rows through the policy: rules, the confidence cascade, fallback chains and breakers.
+"""Route a batch of rows through the policy: shedding, rules, the confidence cascade, chains and breakers.
 
-Each row walks hops: the route the policy picks, maybe an escalation, and on a failed, timed-out or
-ejected model the next one in that route's chain. Every round sends one call per model with the rows
-that need it concatenated, and all models of a round are called concurrently. Every call is bounded
-by the tightest remaining deadline of its rows (or the policy's call timeout). The router never calls
-a model outside the policy, and never calls a model whose circuit breaker is open.
+Under load, rows of lower tiers are shed or degraded first. Each remaining row walks hops: the route
+the policy picks, maybe an escalation, and on a failed, timed-out or ejected model the next one in that
+route's chain; a tier with a reserved lane is served by the lane. Every round sends one call per model
+with the rows that need it concatenated, and all models of a round are called concurrently. Every
+call is bounded by the tightest remaining deadline of its rows (the request's deadline_ms or its
+tier's SLO) and the policy's call timeout. The router never calls a model outside the policy, and
+never calls a model whose circuit breaker is open.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ Triton 2.51 does not restart a crashed stub; the model stays READY and every cal
 
 from __future__ import annotations
 
+import fcntl
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 DEAD_STUB_MARKERS = ("is not healthy", "Stub process")
 
@@ -17,31 +19,59 @@ def is_dead_stub(message: str) -> bool:
     return any(marker in message for marker in DEAD_STUB_MARKERS)
 
 
+class ReloadLog:
+    """When each model's latest reload began, shared by every router instance of one server.
+
+    One small file per model under `directory`, read and written under an exclusive lock, so two
+    router processes never both reload a model that died once. Times are CLOCK_MONOTONIC, which all
+    processes of the machine share."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def claim(self, name: str, sent_at: float, now: float, min_interval_s: float) -> str:
+        """"stale" if a reload began after the failed call was sent, "recent" if one began less than
+        `min_interval_s` ago, otherwise "reload" (recorded at `now`: the caller reloads)."""
+        with (self.directory / f"{name}.reload").open("a+") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            file.seek(0)
+            text = file.read().strip()
+            started = float(text) if text else float("-inf")
+            if sent_at < started:
+                return "stale"
+            if now - started < min_interval_s:
+                return "recent"
+            file.seek(0)
+            file.truncate()
+            file.write(repr(now))
+            return "reload"
+
+
 class Healer:
     """Turns failed calls into ejections and reloads. `trip(model, why)` ejects a model:version;
     `reload(name)` starts reloading a model (off the hot path); each model reloads at most once per
-    `min_interval_s`."""
+    `min_interval_s` across all router instances sharing `log`."""
 
-    def __init__(self, min_interval_s: float, trip: Callable[[str, str], None], reload: Callable[[str], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, min_interval_s: float, log: ReloadLog, trip: Callable[[str, str], None],
+                 reload: Callable[[str], None], clock: Callable[[], float] = time.monotonic) -> None:
         self.min_interval_s = min_interval_s
+        self._log = log
         self._trip = trip
         self._reload = reload
         self._clock = clock
-        self._reload_started: dict[str, float] = {}
 
     def model_down(self, model: str, message: str, sent_at: float) -> bool:
         """Handle a failed call to `model` sent at `sent_at`; True when it shows the model is down now.
 
         An error from a call sent before the model's latest reload began is about the old stub: it is
         ignored, or it would eject the freshly loaded model."""
-        name = model.split(":")[0]
-        started = self._reload_started.get(name, float("-inf"))
-        if not is_dead_stub(message) or sent_at < started:
+        if not is_dead_stub(message):
+            return False
+        claim = self._log.claim(model.split(":")[0], sent_at, self._clock(), self.min_interval_s)
+        if claim == "stale":
             return False
         self._trip(model, f"model down: {message}")
-        now = self._clock()
-        if now - started >= self.min_interval_s:
-            self._reload_started[name] = now
-            self._reload(name)
+        if claim == "reload":
+            self._reload(model.split(":")[0])
         return True

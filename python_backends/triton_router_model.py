@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tierserve.healing import Healer
+from tierserve.healing import Healer, ReloadLog
 from tierserve.learned_router import LearnedRouter
 from tierserve.manifest import Manifest
 from tierserve.policy import Policy
@@ -45,7 +47,9 @@ class TritonPythonModel:
         learned = LearnedRouter.load(version_dir / "learned_router.json")
         self.router = Router(self.policy, accepts_missing, learned)
         self.stats = TrainingStats.load(version_dir / "stats.json")
-        self.healer = Healer(self.policy.reload_min_interval_s,
+        # shared by this server's router instances (their parent process is tritonserver)
+        reload_log = ReloadLog(Path(tempfile.gettempdir()) / f"tierserve-{os.getppid()}")
+        self.healer = Healer(self.policy.reload_min_interval_s, reload_log,
                              trip=lambda model, why: self.router.breakers[model].trip(why), reload=self._reload)
         self.metrics = RouterMetrics(self.policy.callable_models, self.policy.tiers, args["model_instance_name"])
 

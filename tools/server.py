@@ -6,9 +6,11 @@ import ctypes
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -165,6 +167,8 @@ class TritonServer:
         self.swept_shm_regions = sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
         for region in self.swept_shm_regions:
             region.unlink(missing_ok=True)
+        if process is not None:  # the routers' shared reload log (tierserve.healing.ReloadLog)
+            shutil.rmtree(Path(tempfile.gettempdir()) / f"tierserve-{process.pid}", ignore_errors=True)
 
     def live_processes(self) -> list[int]:
         """PIDs of this server's processes still running: tritonserver and its Python stubs."""

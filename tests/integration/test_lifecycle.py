@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,8 +66,11 @@ def test_a_stopped_server_leaves_no_process_and_no_shared_memory(model_repositor
         with server:
             server.wait_ready()
             assert len(server.live_processes()) > 1, "tritonserver and its stubs are running"
+            reload_log = Path(tempfile.gettempdir()) / f"tierserve-{server.live_processes()[0]}"
+            assert reload_log.is_dir(), "the routers share a reload log"
         assert server.live_processes() == []
         assert server.swept_shm_regions == [], "tritonserver released its shared memory itself"
+        assert not reload_log.exists()
 
 
 def test_busy_ports_are_reported_before_starting(model_repository: Path, tmp_path: Path, triton: TritonServer):

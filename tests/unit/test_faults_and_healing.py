@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tierserve.faults import FaultConfigError, FaultInjector, FaultSpec
-from tierserve.healing import Healer, is_dead_stub
+from tierserve.healing import Healer, ReloadLog, is_dead_stub
 
 
 def test_no_fault_parameters_means_no_faults():
@@ -53,11 +53,11 @@ DEAD = "Stub process 'digits_light_0_0' is not healthy."
 
 
 @pytest.fixture
-def healing() -> tuple[Healer, list, list, list]:
+def healing(tmp_path) -> tuple[Healer, list, list, list]:
     now = [10.0]
     trips, reloads = [], []
-    healer = Healer(5.0, trip=lambda model, why: trips.append((model, why)), reload=reloads.append,
-                    clock=lambda: now[0])
+    healer = Healer(5.0, ReloadLog(tmp_path), trip=lambda model, why: trips.append((model, why)),
+                    reload=reloads.append, clock=lambda: now[0])
     return healer, trips, reloads, now
 
 
@@ -93,3 +93,13 @@ def test_reloads_are_rate_limited_per_model_but_a_new_death_still_ejects(healing
     now[0] = 15.0
     healer.model_down("digits_light:1", DEAD, sent_at=14.0)
     assert reloads == ["digits_light", "digits_heavy", "digits_light"]
+
+
+def test_two_router_instances_sharing_the_log_reload_a_dead_model_once(tmp_path):
+    """Each router instance has its own Healer; the log they share makes one reload of a death."""
+    reloads: list[str] = []
+    instances = [Healer(5.0, ReloadLog(tmp_path), trip=lambda model, why: None, reload=reloads.append,
+                        clock=lambda: 10.0) for _ in range(2)]
+    assert instances[0].model_down("digits_light:1", DEAD, sent_at=9.0)
+    assert not instances[1].model_down("digits_light:1", DEAD, sent_at=9.5), "stale for the second instance"
+    assert reloads == ["digits_light"]

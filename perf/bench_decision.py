@@ -12,29 +12,17 @@ import timeit
 
 import numpy as np
 
-from tierserve.learned_router import LearnedRouter
-from tierserve.manifest import Manifest
-from tierserve.policy import Policy
 from tierserve.resize import source_stats
-from tierserve.routing import Router
-from tierserve.signature import RequestContext, TrainingStats, signatures
+from tierserve.router_files import load_router
+from tierserve.signature import RequestContext, signatures
 from tierserve.tools.build_models import build_all
 from tierserve.tools.dataset import load_split
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 
 
-def load_router() -> tuple[Router, TrainingStats]:
-    build_all(DEFAULT_REPOSITORY, log=lambda line: None)
-    router_dir = DEFAULT_REPOSITORY / "router"
-    policy = Policy.load(router_dir / "policy.yaml")
-    accepts = {m: Manifest.read(DEFAULT_REPOSITORY / m.split(":")[0] / m.split(":")[1]).accepts_missing
-               for m in policy.models}
-    return (Router(policy, accepts, LearnedRouter.load(router_dir / "1" / "learned_router.json")),
-            TrainingStats.load(router_dir / "1" / "stats.json"))
-
-
 def main() -> None:
-    router, stats = load_router()
+    build_all(DEFAULT_REPOSITORY, log=lambda line: None)
+    router, stats = load_router(DEFAULT_REPOSITORY / "router", "1")
     images = load_split().test.images[:64]
     probs = np.full((64, 10), 0.1, np.float32)
     context = RequestContext("standard", "user-1", 50)

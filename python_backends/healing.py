@@ -68,10 +68,11 @@ class Healer:
         ignored, or it would eject the freshly loaded model."""
         if not is_dead_stub(message):
             return False
-        claim = self._log.claim(model.split(":")[0], sent_at, self._clock(), self.min_interval_s)
+        name = model.split(":")[0]
+        claim = self._log.claim(name, sent_at, self._clock(), self.min_interval_s)
         if claim == "stale":
             return False
         self._trip(model, f"model down: {message}")
         if claim == "reload":
-            self._reload(model.split(":")[0])
+            self._reload(name)
         return True

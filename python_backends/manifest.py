@@ -54,3 +54,9 @@ class Manifest:
         if unknown := sorted(data.keys() - names):
             raise ManifestError(f"{path} has unknown keys {', '.join(unknown)}")
         return cls(**data)
+
+
+def version_dir(repository: Path, model: str) -> Path:
+    """The folder of a 'name:version' model in a model repository."""
+    name, version = model.split(":")
+    return repository / name / version

@@ -14,15 +14,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tierserve.healing import Healer, ReloadLog
-from tierserve.learned_router import LearnedRouter
-from tierserve.manifest import Manifest
-from tierserve.policy import Policy
 from tierserve.request_context import ParameterError, parse_context
-from tierserve.routing import Answer, ModelCallError, ModelDown, ModelTimeout, Router, Shed
-from tierserve.signature import TrainingStats, signatures
+from tierserve.router_files import load_router
+from tierserve.routing import Answer, ModelCallError, ModelDown, ModelTimeout, Shed
+from tierserve.signature import signatures
 from tierserve.triton_router_metrics import RouterMetrics
-
-POLICY_FILE = "policy.yaml"
 
 
 def _error(message: str, code: int) -> pb_utils.InferenceResponse:
@@ -37,16 +33,8 @@ class TritonPythonModel:
     """Routes every row of a dynamic batch; one BLS call per model per round, all models concurrently."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        model_dir = Path(args["model_repository"])
-        version_dir = model_dir / args["model_version"]
-        self.policy = Policy.load(model_dir / POLICY_FILE)
-        accepts_missing = {}
-        for model in self.policy.models:
-            name, version = model.split(":")
-            accepts_missing[model] = Manifest.read(model_dir.parent / name / version).accepts_missing
-        learned = LearnedRouter.load(version_dir / "learned_router.json")
-        self.router = Router(self.policy, accepts_missing, learned)
-        self.stats = TrainingStats.load(version_dir / "stats.json")
+        self.router, self.stats = load_router(Path(args["model_repository"]), args["model_version"])
+        self.policy = self.router.policy
         # shared by this server's router instances (their parent process is tritonserver)
         reload_log = ReloadLog(Path(tempfile.gettempdir()) / f"tierserve-{os.getppid()}")
         self.healer = Healer(self.policy.reload_min_interval_s, reload_log,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator
 
-from tierserve.manifest import Manifest, ManifestError
+from tierserve.manifest import Manifest, ManifestError, version_dir
 from tierserve.pixels import NUM_CLASSES
 from tierserve.runners import Runner, load_runner, runner_for
 from tierserve.tools import trainers
@@ -85,8 +85,7 @@ def _build_mlp(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Built:
 
 
 def _build_distilled_logistic(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Built:
-    teacher_model, teacher_version = spec.recipe["teacher"].split(":")
-    teacher = load_runner(repository / teacher_model / teacher_version)
+    teacher = load_runner(version_dir(repository, spec.recipe["teacher"]))
     model = trainers.distill_logistic(split, teacher.infer(split.train.images), spec.recipe["temperature"])
     return _onnx_built(model, False, 64 * NUM_CLASSES)
 
@@ -134,12 +133,12 @@ def _verify(built: Built, runner: Runner, images: np.ndarray, name: str) -> None
         raise BuildError(f"{name}: served probabilities differ from the trained model's by {worst:.2e}")
 
 
-def _is_current(spec: ModelSpec, version_dir: Path, split: DigitsSplit) -> bool:
+def _is_current(spec: ModelSpec, folder: Path, split: DigitsSplit) -> bool:
     try:
-        manifest = Manifest.read(version_dir)
+        manifest = Manifest.read(folder)
     except ManifestError:
         return False
-    artifact = version_dir / manifest.artifact
+    artifact = folder / manifest.artifact
     return (manifest.recipe == spec.recipe and manifest.seed == spec.seed
             and manifest.split == split.fingerprint() and artifact.is_file()
             and hashlib.sha256(artifact.read_bytes()).hexdigest() == manifest.artifact_sha256)
@@ -147,10 +146,10 @@ def _is_current(spec: ModelSpec, version_dir: Path, split: DigitsSplit) -> bool:
 
 def build_model(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Manifest:
     """Train, export, verify and measure one model version, then write its artifact and manifest."""
-    version_dir = repository / spec.model / str(spec.version)
-    version_dir.mkdir(parents=True, exist_ok=True)
+    folder = version_dir(repository, spec.name)
+    folder.mkdir(parents=True, exist_ok=True)
     built = BUILDERS[spec.recipe["trainer"]](spec, split, repository)
-    artifact = version_dir / built.artifact
+    artifact = folder / built.artifact
     artifact.write_bytes(built.data)
     runner = runner_for(built.runtime, artifact, built.accepts_missing)
 
@@ -173,7 +172,7 @@ def build_model(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Manife
         libraries={name: importlib.metadata.version(name) for name in LIBRARIES},
         metrics=metrics,
     )
-    manifest.write(version_dir)
+    manifest.write(folder)
     return manifest
 
 
@@ -183,10 +182,10 @@ def build_all(repository: Path, force: bool = False, log: Callable[[str], None] 
     rebuilt: set[str] = set()
     manifests = []
     for spec in MODEL_SPECS:
-        version_dir = repository / spec.model / str(spec.version)
+        folder = version_dir(repository, spec.name)
         stale_teacher = spec.recipe.get("teacher") in rebuilt
-        if not force and not stale_teacher and _is_current(spec, version_dir, split):
-            manifests.append(Manifest.read(version_dir))
+        if not force and not stale_teacher and _is_current(spec, folder, split):
+            manifests.append(Manifest.read(folder))
             continue
         start = time.perf_counter()
         manifest = build_model(spec, split, repository)

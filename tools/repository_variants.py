@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-POLICY_FILE = "policy.yaml"
+from tierserve.router_files import POLICY_FILE
 
 
 def policy_variant(source: Path, target: Path, policy: dict[str, Any]) -> Path:

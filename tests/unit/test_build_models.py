@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tierserve.manifest import Manifest
+from tierserve.manifest import Manifest, version_dir
 from tierserve.tools.build_models import MODEL_SPECS, BuildError, Built, _verify, build_all
 from tierserve.tools.dataset import DigitsSplit
 
 
 def _manifest(repository: Path, name: str) -> Manifest:
-    model, version = name.split(":")
-    return Manifest.read(repository / model / version)
+    return Manifest.read(version_dir(repository, name))
 
 
 def test_accuracy_ranks_heavy_over_light_over_rules(model_repository: Path):

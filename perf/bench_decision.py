@@ -28,7 +28,7 @@ def main() -> None:
     context = RequestContext("standard", "user-1", 50)
     print("| work | images | µs per request | µs per image |\n|---|---:|---:|---:|")
     def decide(batch: np.ndarray, source: np.ndarray, first_probs: np.ndarray) -> None:
-        rows = signatures(batch, source, context, stats)
+        rows = signatures(batch, source, [context] * len(batch), stats)
         for row in rows:
             router.decide(row)
         router.escalations(rows, first_probs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,9 +86,10 @@ class Signature:
                 f"ood={self.ood_score:.2f} tier={self.tier} deadline={deadline}")
 
 
-def signatures(images: np.ndarray, source: np.ndarray, context: RequestContext,
+def signatures(images: np.ndarray, source: np.ndarray, contexts: Sequence[RequestContext],
                stats: TrainingStats) -> list[Signature]:
-    """One signature per row: `images` [N, 8, 8] resized, `source` [N, 4] from `resize.source_stats`."""
+    """One signature per row: `images` [N, 8, 8] resized, `source` [N, 4] from `resize.source_stats`,
+    `contexts` the request context of each row. One call serves a whole batch: numpy's cost is per call."""
     flat = images.reshape(len(images), -1)
     observed = ~np.isnan(flat)
     blank = (flat < 1.0).sum(axis=1) / np.maximum(observed.sum(axis=1), 1)  # NaN < 1 is False
@@ -95,6 +97,6 @@ def signatures(images: np.ndarray, source: np.ndarray, context: RequestContext,
     return [
         Signature(int(height), int(width), float(missing), float(out_of_range), float(sparsity), float(score),
                   context.tier, context.user_id, context.deadline_ms)
-        for (height, width, missing, out_of_range), sparsity, score in zip(source.tolist(), blank.tolist(),
-                                                                          ood.tolist(), strict=True)
+        for (height, width, missing, out_of_range), sparsity, score, context in zip(
+            source.tolist(), blank.tolist(), ood.tolist(), contexts, strict=True)
     ]

@@ -44,7 +44,7 @@ class TritonPythonModel:
     async def execute(self, requests: list) -> list:
         started = time.monotonic()
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
-        images, rows, owners, contexts = [], [], [], {}
+        images, sources, row_contexts, owners, contexts = [], [], [], [], {}
         oldest_stamp = started
         for index, request in enumerate(requests):
             try:
@@ -53,15 +53,17 @@ class TritonPythonModel:
                 responses[index] = _error(f"digits: {error}", pb_utils.TritonError.INVALID_ARG)
                 continue
             image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
-            source = pb_utils.get_input_tensor_by_name(request, "SOURCE").as_numpy()
             stamp = pb_utils.get_input_tensor_by_name(request, "STAMP").as_numpy()
             oldest_stamp = min(oldest_stamp, float(stamp.min()))
             images.append(image)
-            rows.extend(signatures(image, source, context, self.stats))
+            sources.append(pb_utils.get_input_tensor_by_name(request, "SOURCE").as_numpy())
+            row_contexts.extend([context] * len(image))
             owners.extend([index] * len(image))
             contexts[index] = context
         if images:
-            answers = await self.router.route(np.concatenate(images), rows, self._infer,
+            batch = np.concatenate(images)
+            rows = signatures(batch, np.concatenate(sources), row_contexts, self.stats)
+            answers = await self.router.route(batch, rows, self._infer,
                                               longest_wait_ms=(started - oldest_stamp) * 1000)
             seconds = time.monotonic() - started
             owners_arr = np.asarray(owners)

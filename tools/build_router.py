@@ -41,7 +41,8 @@ def build_router_artifacts(repository: Path, split: DigitsSplit, first_model: st
                              shifted(base, LEARNED_ROUTER_SEED + 2)])
     labels = np.tile(split.validation.labels, 4)
     probs = load_runner(version_dir(repository, first_model)).infer(images)
-    features = escalation_features(signatures(images, source_stats(images), RequestContext(), stats), probs)
+    rows = signatures(images, source_stats(images), [RequestContext()] * len(images), stats)
+    features = escalation_features(rows, probs)
     wrong = probs.argmax(axis=1) != labels
     scaler = StandardScaler().fit(features)
     model = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(features), wrong)

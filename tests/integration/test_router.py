@@ -71,7 +71,7 @@ def test_the_cascade_escalates_exactly_when_the_policy_says(grpc_sdk: TierserveC
         light = np.concatenate([grpc.probs("digits_light", images[s:s + 64], "1") for s in range(0, len(images), 64)])
         stats = TrainingStats.load(model_repository / "router" / "1" / STATS_FILE)
         learned = LearnedRouter.load(model_repository / "router" / "1" / LEARNED_ROUTER_FILE)
-        rows = signatures(images, source_stats(images), RequestContext(tier=tier), stats)
+        rows = signatures(images, source_stats(images), [RequestContext(tier=tier)] * len(images), stats)
         doubt = learned.wrong_probability(escalation_features(rows, light)) > policy.cascade.learned_escalate_above
         low = light.max(axis=1) < policy.cascade.thresholds[tier]
         cascaded = np.array([a.reason.startswith("cascade") for a in answers])

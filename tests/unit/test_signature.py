@@ -45,8 +45,9 @@ def test_signatures_carry_source_facts_cues_and_context(split: DigitsSplit):
     images[0, :4] = 16.0  # half the pixels ink, half blank
     source = source_stats(np.repeat(np.repeat(images, 2, axis=1), 2, axis=2))
     context = RequestContext("critical", "alice", 40)
-    first, second = signatures(images, source, context, _stats(split))
+    first, second = signatures(images, source, [context, RequestContext("best_effort")], _stats(split))
     assert (first.height, first.width, first.missing_fraction) == (16, 16, 0.0)
     assert first.sparsity == 0.5 and second.sparsity == 1.0
     assert (first.tier, first.user_id, first.deadline_ms) == ("critical", "alice", 40)
+    assert (second.tier, second.user_id, second.deadline_ms) == ("best_effort", "", None), "each row its context"
     assert "size=16x16" in first.cues() and "tier=critical" in first.cues() and "deadline=40ms" in first.cues()

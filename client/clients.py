@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -25,15 +26,10 @@ DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
 
 def _module(protocol: str, asyncio: bool) -> ModuleType:
-    if protocol == "grpc":
-        import tritonclient.grpc as sync_module
-        import tritonclient.grpc.aio as async_module
-    elif protocol == "http":
-        import tritonclient.http as sync_module
-        import tritonclient.http.aio as async_module
-    else:
+    """tritonclient.grpc, tritonclient.http or their .aio twins, imported only when used."""
+    if protocol not in DEFAULT_URLS:
         raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
-    return async_module if asyncio else sync_module
+    return importlib.import_module(f"tritonclient.{protocol}{'.aio' if asyncio else ''}")
 
 
 def _request(module: ModuleType, images: Any, tier: str | None, user_id: str | None,

@@ -35,9 +35,9 @@ def _fault(args: argparse.Namespace) -> int:
 
     from tierserve.faults import FaultSpec
     from tierserve.tools.model_control import ModelControl
-    from tierserve.tools.paths import ADMIN_KEY_FILE
+    from tierserve.tools.paths import ADMIN_KEY_ENV, ADMIN_KEY_FILE
 
-    key = os.environ.get("TIERSERVE_ADMIN_KEY") or ADMIN_KEY_FILE.read_text().strip()
+    key = os.environ.get(ADMIN_KEY_ENV) or ADMIN_KEY_FILE.read_text().strip()
     spec = FaultSpec() if args.off else FaultSpec(args.latency_ms, args.error_rate, args.hard_failure)
     control = ModelControl(args.url, key)
     control.set_fault(args.model, spec)

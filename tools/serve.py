@@ -10,7 +10,7 @@ import sys
 from types import FrameType
 
 from tierserve.tools.build_models import build_all
-from tierserve.tools.paths import ADMIN_KEY_FILE, RUNTIME_DIR
+from tierserve.tools.paths import ADMIN_KEY_ENV, ADMIN_KEY_FILE, RUNTIME_DIR
 from tierserve.tools.server import ADMIN_HEADER, Ports, ServerError, TritonServer
 
 
@@ -19,8 +19,8 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _admin_key() -> str:
-    """TIERSERVE_ADMIN_KEY, or a fresh key written to .tierserve/admin_key (owner-only) for `tierserve fault`."""
-    if key := os.environ.get("TIERSERVE_ADMIN_KEY"):
+    """$TIERSERVE_ADMIN_KEY, or a fresh key written to .tierserve/admin_key (owner-only) for `tierserve fault`."""
+    if key := os.environ.get(ADMIN_KEY_ENV):
         return key
     RUNTIME_DIR.mkdir(parents=True, exist_ok=True)
     ADMIN_KEY_FILE.write_text(key := secrets.token_hex(16))
@@ -36,7 +36,7 @@ def _banner(server: TritonServer) -> str:
         f"  gRPC     {server.grpc_url}",
         f"  metrics  http://127.0.0.1:{server.ports.metrics}/metrics",
         f"  models   {models}",
-        f"  admin    load/unload need header {ADMIN_HEADER} (key: $TIERSERVE_ADMIN_KEY or {ADMIN_KEY_FILE})",
+        f"  admin    load/unload need header {ADMIN_HEADER} (key: ${ADMIN_KEY_ENV} or {ADMIN_KEY_FILE})",
         "Press Ctrl-C to stop.",
     ])
 

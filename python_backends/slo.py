@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,23 +20,35 @@ class TierSlo:
 class BudgetBurn:
     """How fast a tier burns its error budget: the share of SLO misses in the window over (1 - target).
 
-    1.0 means misses arrive exactly at the budgeted rate; above 1.0 the budget runs out early."""
+    1.0 means misses arrive exactly at the budgeted rate; above 1.0 the budget runs out early. Outcomes
+    are counted in `slices` time slices of the window, so recording costs O(1) at any request rate."""
 
-    def __init__(self, slo: TierSlo, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, slo: TierSlo, window_s: float = 60.0, slices: int = 60,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.slo = slo
-        self.window_s = window_s
+        self._slice_s = window_s / slices
+        self._slices = slices
         self._clock = clock
-        self._outcomes: deque[tuple[float, bool]] = deque()
+        self._counts: deque[list[int]] = deque()  # [slice index, requests, misses], oldest first
+        self._requests = self._misses = 0
 
-    def record(self, missed: bool) -> float:
-        now = self._clock()
-        self._outcomes.append((now, missed))
-        while self._outcomes[0][0] < now - self.window_s:
-            self._outcomes.popleft()
+    def record(self, missed: bool, count: int = 1) -> float:
+        """Record `count` requests that all missed or all met the SLO; return the burn rate."""
+        index = math.floor(self._clock() / self._slice_s)
+        if not self._counts or self._counts[-1][0] != index:
+            self._counts.append([index, 0, 0])
+        newest = self._counts[-1]
+        newest[1] += count
+        newest[2] += count * missed
+        self._requests += count
+        self._misses += count * missed
+        while self._counts[0][0] <= index - self._slices:
+            _, requests, misses = self._counts.popleft()
+            self._requests -= requests
+            self._misses -= misses
         return self.rate()
 
     def rate(self) -> float:
-        if not self._outcomes:
+        if not self._requests:
             return 0.0
-        misses = sum(missed for _, missed in self._outcomes) / len(self._outcomes)
-        return misses / max(1.0 - self.slo.target, 1e-9)
+        return self._misses / self._requests / max(1.0 - self.slo.target, 1e-9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import triton_python_backend_utils as pb_utils
@@ -55,29 +56,42 @@ class RouterMetrics:
         self.reloads = _Family("tierserve_model_reloads_total", "Models reloaded by the router after their stub died",
                                kind.COUNTER, instance)
         self._burns = {tier: BudgetBurn(slo) for tier, slo in tiers.items()}
+        self._breaker_states = {model: CLOSED for model in models}
         for model in models:
-            self.breaker(model=model).set(0.0)
+            self.breaker(model=model).set(BREAKER_VALUES[CLOSED])
 
-    def request(self, tier: str, answers: list[Answer | Shed | str], seconds: float, budget_ms: float) -> None:
-        """One request's rows and latency; a shed request counts as shed, not as an SLO miss."""
-        for answer in answers:
-            if isinstance(answer, Answer):
-                self.rows(tier=tier, route=answer.route, outcome=answer.outcome).increment(1)
-            else:
-                outcome = "shed" if isinstance(answer, Shed) else "failed"
-                self.rows(tier=tier, route="none", outcome=outcome).increment(1)
-        if isinstance(answers[0], Shed):
-            return
-        route = answers[0].route if isinstance(answers[0], Answer) else "none"
-        self.latency(tier=tier, route=route).observe(seconds)
-        missed = seconds * 1000 > budget_ms
-        if missed:
-            self.misses(tier=tier).increment(1)
-        self.burn(tier=tier).set(self._burns[tier].record(missed))
+    def requests(self, outcomes: Iterable[tuple[str, list[Answer | Shed | str], float]], seconds: float) -> None:
+        """One execute's requests as (tier, answers, budget_ms), all `seconds` in the router. Counts are summed
+        per series first (each metric update is a message to tritonserver); a shed request counts as shed,
+        not as an SLO miss."""
+        rows: Counter[tuple[str, str, str]] = Counter()
+        met: Counter[str] = Counter()
+        missed: Counter[str] = Counter()
+        for tier, answers, budget_ms in outcomes:
+            for answer in answers:
+                if isinstance(answer, Answer):
+                    rows[tier, answer.route, answer.outcome] += 1
+                else:
+                    rows[tier, "none", "shed" if isinstance(answer, Shed) else "failed"] += 1
+            if isinstance(answers[0], Shed):
+                continue
+            route = answers[0].route if isinstance(answers[0], Answer) else "none"
+            self.latency(tier=tier, route=route).observe(seconds)
+            (missed if seconds * 1000 > budget_ms else met)[tier] += 1
+        for (tier, route, outcome), count in rows.items():
+            self.rows(tier=tier, route=route, outcome=outcome).increment(count)
+        for tier in missed:
+            self.misses(tier=tier).increment(missed[tier])
+        for tier in met | missed:
+            self._burns[tier].record(missed=True, count=missed[tier])
+            self.burn(tier=tier).set(self._burns[tier].record(missed=False, count=met[tier]))
 
     def state(self, breakers: Mapping[str, CircuitBreaker], queue_wait_ms: float) -> None:
+        """Breaker gauges (sent only when a state changed) and the load signal."""
         for model, breaker in breakers.items():
-            self.breaker(model=model).set(BREAKER_VALUES[breaker.state])
+            if self._breaker_states.get(model) != breaker.state:
+                self._breaker_states[model] = breaker.state
+                self.breaker(model=model).set(BREAKER_VALUES[breaker.state])
         self.load().set(queue_wait_ms)
 
     def reloaded(self, name: str) -> None:

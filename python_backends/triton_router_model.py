@@ -67,11 +67,12 @@ class TritonPythonModel:
                                               longest_wait_ms=(started - oldest_stamp) * 1000)
             seconds = time.monotonic() - started
             owners_arr = np.asarray(owners)
+            outcomes = []
             for index, context in contexts.items():
                 mine = [answers[i] for i in np.flatnonzero(owners_arr == index)]
                 responses[index] = self._response(context.tier, mine)
-                budget_ms = context.deadline_ms or self.policy.tiers[context.tier].slo_ms
-                self.metrics.request(context.tier, mine, seconds, budget_ms)
+                outcomes.append((context.tier, mine, context.deadline_ms or self.policy.tiers[context.tier].slo_ms))
+            self.metrics.requests(outcomes, seconds)
             self.metrics.state(self.router.breakers, self.router.load.wait_ms)
         return responses
 

@@ -1,18 +1,18 @@
 """P3 service tiers: critical latency and errors while a best_effort flood overloads the server.
 
-Usage: .venv/bin/python perf/bench_tiers.py   (about 1 minute)
+Usage: .venv/bin/python perf/bench_tiers.py   (about 2 minutes)
 
-1. Unloaded: critical requests one at a time -> p50/p99.
-2. Sustainable: the best_effort rate the server answers with no shedding (closed loop, 32 in flight).
-3. Overload: a closed-loop best_effort flood with FLOOD_IN_FLIGHT requests in flight (in a process of
-   its own), plus critical requests at CRITICAL_RATE per second, for RUN_S seconds; once with the shipped policy (lanes,
-   shedding), once with Triton's priority levels alone (no lanes, no shedding). Both send Triton
-   priority from the tier (the SDK does).
+Load is open loop over HTTP (tools/open_loop.py), each stream in a process of its own: the flood keeps
+its rate whatever the server answers, so it can offer more than the server sustains.
+1. Unloaded: critical requests at CRITICAL_RATE per second -> p50/p99.
+2. Sustainable: the highest best_effort rate of SWEEP that is answered in full (>= 99%, no shedding).
+3. Overload: best_effort at OVERLOAD x sustainable plus critical at CRITICAL_RATE, for RUN_S seconds:
+   once with Triton's priority levels alone (no lanes, no router shedding) and once as shipped.
+   Both run the repository's config.pbtxt (priority levels, batch and queue bounds).
 """
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing
 import tempfile
 import time
@@ -21,116 +21,88 @@ from pathlib import Path
 import numpy as np
 from harness import running_server
 
-from tierserve.client import AsyncTierserveClient, TierserveClient, TierserveError
 from tierserve.tools.dataset import load_split
+from tierserve.tools.open_loop import OpenLoopResult, kserve_request, run_open_loop
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 from tierserve.tools.repository_variants import policy_variant, shipped_policy
+from tierserve.tools.server import TritonServer
 
-RUN_S, CRITICAL_RATE, FLOOD_IN_FLIGHT = 8.0, 50.0, 64
+RUN_S, CRITICAL_RATE, OVERLOAD = 8.0, 50.0, 2.0
+SWEEP = (1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000)
 NO_SHEDDING = {"degrade_best_effort_at_ms": 1e9, "shed_best_effort_at_ms": 1e9, "shed_standard_at_ms": 1e9}
-# thresholds for this 2-core machine, where queueing spreads over every step, not the router's queue alone
-EARLY_SHEDDING = {"degrade_best_effort_at_ms": 2, "shed_best_effort_at_ms": 5, "shed_standard_at_ms": 60}
+QUEUE_FULL = "Exceeds maximum queue size"
 
 
-def _percentiles(latencies: list[float]) -> tuple[float, float]:
-    return (float(np.percentile(latencies, 50)) * 1000, float(np.percentile(latencies, 99)) * 1000) \
-        if latencies else (float("nan"), float("nan"))
+def _request(server: TritonServer, images: np.ndarray, tier: str, priority: int) -> bytes:
+    return kserve_request(server.http_url, "digits", images, {"tier": tier, "priority": priority})
 
 
-def unloaded_critical(url: str, images: np.ndarray, count: int = 300) -> tuple[float, float]:
-    latencies = []
-    with TierserveClient(url) as client:
-        for i in range(count):
-            start = time.perf_counter()
-            client.classify(images[i % len(images)], tier="critical")
-            latencies.append(time.perf_counter() - start)
-    return _percentiles(latencies[20:])
+def _streams(server: TritonServer, streams: list[tuple[bytes, float, float, float]]) -> list[OpenLoopResult]:
+    """Run (request, rate, start after s, seconds) streams at once, each in a process of its own."""
+    host, port = server.http_url.rsplit(":", 1)
+    with multiprocessing.Pool(len(streams)) as pool:
+        pending = []
+        started = time.monotonic()
+        for request, rate, delay, seconds in streams:
+            time.sleep(max(0.0, started + delay - time.monotonic()))
+            pending.append(pool.apply_async(run_open_loop, (host, int(port), request, rate, seconds)))
+        return [result.get(timeout=RUN_S + 60) for result in pending]
 
 
-async def _run(url: str, images: np.ndarray, seconds: float, in_flight: int,
-               critical_rate: float) -> dict[str, list]:
-    """Closed-loop best_effort workers plus an open-loop critical stream; outcomes per tier."""
-    results: dict[str, list] = {"best_effort": [], "critical": []}
-    stop = time.monotonic() + seconds
-    async with AsyncTierserveClient(url) as client:
-        async def send(tier: str, image: np.ndarray) -> None:
-            start = time.perf_counter()
-            try:
-                await client.classify(image, tier=tier)
-                results[tier].append(("ok", time.perf_counter() - start))
-            except TierserveError as error:
-                results[tier].append(("shed" if "shed" in error.message else "error", time.perf_counter() - start))
-
-        async def flood_worker(offset: int) -> None:
-            i = offset
-            while time.monotonic() < stop:
-                await send("best_effort", images[i % len(images)])
-                i += in_flight
-
-        async def critical_stream() -> None:
-            pending, i = [], 0
-            while time.monotonic() < stop:
-                pending.append(asyncio.ensure_future(send("critical", images[i % len(images)])))
-                i += 1
-                await asyncio.sleep(1 / critical_rate)
-            await asyncio.gather(*pending)
-
-        workers = [flood_worker(k) for k in range(in_flight)]
-        if critical_rate:
-            workers.append(critical_stream())
-        await asyncio.gather(*workers)
-    return results
+def _percentiles(result: OpenLoopResult) -> tuple[float, float]:
+    latencies = np.array(result.latencies.get(200, [float("nan")])) * 1000
+    return float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
 
 
-def _flood_process(url: str, images: np.ndarray, seconds: float, in_flight: int, out: multiprocessing.Queue) -> None:
-    out.put(asyncio.run(_run(url, images, seconds, in_flight, 0))["best_effort"])
+def sustainable_rate(server: TritonServer, flood: bytes) -> float:
+    """The highest rate of SWEEP answered in full: at least 99% answered, nothing shed."""
+    best = 0.0
+    for rate in SWEEP:
+        (result,) = _streams(server, [(flood, rate, 0.0, 4.0)])
+        if result.count(200) < 0.99 * rate * 4.0 or result.skipped:
+            break
+        best = rate
+    return best
 
 
-def overload(url: str, images: np.ndarray) -> dict[str, list]:
-    """The best_effort flood in a process of its own (its event loop must not delay the critical client)."""
-    out: multiprocessing.Queue = multiprocessing.Queue()
-    flood = multiprocessing.Process(target=_flood_process, args=(url, images, RUN_S, FLOOD_IN_FLIGHT, out))
-    flood.start()
-    critical = asyncio.run(_run(url, images, RUN_S, 0, CRITICAL_RATE))["critical"]
-    results = {"best_effort": out.get(timeout=RUN_S + 60), "critical": critical}
-    flood.join()
-    return results
+def overload(server: TritonServer, flood: bytes, critical: bytes, flood_rate: float) -> tuple[OpenLoopResult, ...]:
+    """The flood starts 1 s before the critical stream and ends 1 s after it."""
+    return tuple(_streams(server, [(flood, flood_rate, 0.0, RUN_S + 2), (critical, CRITICAL_RATE, 1.0, RUN_S)]))
 
 
-def _row(name: str, results: dict[str, list], seconds: float, sustained: float, unloaded_p99: float) -> str:
-    flood, critical = results["best_effort"], results["critical"]
-    answered = sum(1 for outcome, _ in flood if outcome == "ok")
-    shed = sum(1 for outcome, _ in flood if outcome == "shed")
-    p50, p99 = _percentiles([t for outcome, t in critical if outcome == "ok"])
-    errors = sum(1 for outcome, _ in critical if outcome != "ok")
-    return (f"| {name} | {len(flood) / seconds / sustained:.1f}x | {answered / seconds:,.0f} | {shed / seconds:,.0f} | "
-            f"{len(critical)} | {errors} | {p50:.2f} | {p99:.2f} | {p99 / unloaded_p99:.1f}x |")
+def _row(name: str, flood: OpenLoopResult, critical: OpenLoopResult, flood_rate: float, unloaded_p99: float) -> str:
+    queue_full = sum(n for body, n in flood.errors.items() if QUEUE_FULL in body)
+    by_router = sum(n for body, n in flood.errors.items() if "best_effort request shed" in body)
+    p50, p99 = _percentiles(critical)
+    errors = critical.count() - critical.count(200) + critical.skipped
+    return (f"| {name} | {flood_rate:,.0f} | {flood.rate(200):,.0f} | {queue_full / flood.seconds:,.0f} | "
+            f"{by_router / flood.seconds:,.0f} | {critical.count()} | {errors} | {p50:.2f} | {p99:.2f} | "
+            f"{p99 / unloaded_p99:.1f}x |")
 
 
 def main() -> None:
-    images = load_split().test.images[:100]
+    images = load_split().test.images[:1]
     shipped = shipped_policy(DEFAULT_REPOSITORY)
-    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as tmp_early:
+    with tempfile.TemporaryDirectory() as tmp:
         priority_only = policy_variant(DEFAULT_REPOSITORY, Path(tmp), {
             **{k: v for k, v in shipped.items() if k != "lanes"}, "load_shedding": NO_SHEDDING})
-        early = policy_variant(DEFAULT_REPOSITORY, Path(tmp_early), {**shipped, "load_shedding": EARLY_SHEDDING})
         with running_server(priority_only) as server:
-            sustained_run = asyncio.run(_run(server.grpc_url, images, RUN_S / 2, 32, 0))
-            sustained = sum(1 for outcome, _ in sustained_run["best_effort"] if outcome == "ok") / (RUN_S / 2)
-            base_p50, base_p99 = unloaded_critical(server.grpc_url, images)
-            priority_run = overload(server.grpc_url, images)
+            flood, critical = _request(server, images, "best_effort", 3), _request(server, images, "critical", 1)
+            (unloaded,) = _streams(server, [(critical, CRITICAL_RATE, 0.0, RUN_S)])
+            sustained = sustainable_rate(server, flood)
+            priority_run = overload(server, flood, critical, OVERLOAD * sustained)
         with running_server() as server:
-            router_run = overload(server.grpc_url, images)
-        with running_server(early) as server:
-            early_run = overload(server.grpc_url, images)
-    print(f"unloaded critical: p50 {base_p50:.2f} ms, p99 {base_p99:.2f} ms; sustainable best_effort rate "
-          f"(no shedding, 32 in flight): {sustained:,.0f}/s\n")
-    print("| policy | best_effort offered / sustainable | best_effort answered/s | best_effort shed/s | "
+            flood, critical = _request(server, images, "best_effort", 3), _request(server, images, "critical", 1)
+            router_run = overload(server, flood, critical, OVERLOAD * sustained)
+    base_p50, base_p99 = _percentiles(unloaded)
+    print(f"unloaded critical ({CRITICAL_RATE:g}/s): p50 {base_p50:.2f} ms, p99 {base_p99:.2f} ms; sustainable "
+          f"best_effort rate (answered in full): {sustained:,.0f}/s; overload: {OVERLOAD:g}x that\n")
+    print("| policy | best_effort offered/s | answered/s | refused by Triton's queue bound/s | shed by the router/s | "
           "critical sent | critical errors | critical p50 ms | critical p99 ms | p99 / unloaded p99 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(_row("Triton priority levels only (no lanes, no shedding)", priority_run, RUN_S, sustained, base_p99))
-    print(_row("router: priority + critical lanes + shedding (shipped)", router_run, RUN_S, sustained, base_p99))
-    print(_row("router, shedding at 2/5 ms queue wait (tuned for 2 cores)", early_run, RUN_S, sustained, base_p99))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(_row("Triton priority levels only (no lanes, no router shedding)", *priority_run, OVERLOAD * sustained,
+               base_p99))
+    print(_row("router: priority + critical lanes + shedding (shipped)", *router_run, OVERLOAD * sustained, base_p99))
 
 
 if __name__ == "__main__":

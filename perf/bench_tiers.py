@@ -9,6 +9,8 @@ its rate whatever the server answers, so it can offer more than the server susta
 3. Overload: best_effort at OVERLOAD x sustainable plus critical at CRITICAL_RATE, for RUN_S seconds:
    once with Triton's priority levels alone (no lanes, no router shedding) and once as shipped.
    Both run the repository's config.pbtxt (priority levels, batch and queue bounds).
+4. The floor: direct calls to the idle critical lane `digits_light_critical` at CRITICAL_RATE, unloaded
+   and during the shipped run's flood. No routing policy can make critical faster than this.
 """
 
 from __future__ import annotations
@@ -65,9 +67,10 @@ def sustainable_rate(server: TritonServer, flood: bytes) -> float:
     return best
 
 
-def overload(server: TritonServer, flood: bytes, critical: bytes, flood_rate: float) -> tuple[OpenLoopResult, ...]:
-    """The flood starts 1 s before the critical stream and ends 1 s after it."""
-    return tuple(_streams(server, [(flood, flood_rate, 0.0, RUN_S + 2), (critical, CRITICAL_RATE, 1.0, RUN_S)]))
+def overload(server: TritonServer, flood: bytes, flood_rate: float, *probes: bytes) -> list[OpenLoopResult]:
+    """The flood and then the probe streams at CRITICAL_RATE; the flood starts 1 s before them and ends 1 s after."""
+    return _streams(server, [(flood, flood_rate, 0.0, RUN_S + 2)] + [(probe, CRITICAL_RATE, 1.0, RUN_S)
+                                                                     for probe in probes])
 
 
 def _row(name: str, flood: OpenLoopResult, critical: OpenLoopResult, flood_rate: float, unloaded_p99: float) -> str:
@@ -90,10 +93,12 @@ def main() -> None:
             flood, critical = _request(server, images, "best_effort", 3), _request(server, images, "critical", 1)
             (unloaded,) = _streams(server, [(critical, CRITICAL_RATE, 0.0, RUN_S)])
             sustained = sustainable_rate(server, flood)
-            priority_run = overload(server, flood, critical, OVERLOAD * sustained)
+            priority_run = overload(server, flood, OVERLOAD * sustained, critical)
         with running_server() as server:
             flood, critical = _request(server, images, "best_effort", 3), _request(server, images, "critical", 1)
-            router_run = overload(server, flood, critical, OVERLOAD * sustained)
+            lane = kserve_request(server.http_url, "digits_light_critical", images, {})
+            (lane_unloaded,) = _streams(server, [(lane, CRITICAL_RATE, 0.0, RUN_S)])
+            *router_run, lane_loaded = overload(server, flood, OVERLOAD * sustained, critical, lane)
     base_p50, base_p99 = _percentiles(unloaded)
     print(f"unloaded critical ({CRITICAL_RATE:g}/s): p50 {base_p50:.2f} ms, p99 {base_p99:.2f} ms; sustainable "
           f"best_effort rate (answered in full): {sustained:,.0f}/s; overload: {OVERLOAD:g}x that\n")
@@ -103,6 +108,9 @@ def main() -> None:
     print(_row("Triton priority levels only (no lanes, no router shedding)", *priority_run, OVERLOAD * sustained,
                base_p99))
     print(_row("router: priority + critical lanes + shedding (shipped)", *router_run, OVERLOAD * sustained, base_p99))
+    lane_p99, lane_loaded_p99 = _percentiles(lane_unloaded)[1], _percentiles(lane_loaded)[1]
+    print(f"\nfloor, direct calls to the idle lane digits_light_critical: p99 {lane_p99:.2f} ms unloaded, "
+          f"{lane_loaded_p99:.2f} ms during the shipped run's flood ({lane_loaded_p99 / lane_p99:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Load shedding and degradation by tier, from a load signal the router measures itself.
 
 The signal is how long requests waited for the router: `preprocess` stamps each request with the
-system-wide monotonic clock, and the router takes the longest wait of each execute into a moving
-average. Batching absorbs concurrency; a wait that grows means requests arrive faster than the router
-serves them. As it grows, best_effort is first degraded (the first model only, no escalation), then
-shed, then standard is shed; critical is never shed by the router.
+system-wide monotonic clock. Batching absorbs concurrency; a wait that grows means requests arrive
+faster than the router serves them. Each request is judged by its own wait, so a decision acts at
+once and only on requests that did wait: past the thresholds, best_effort is first degraded (the
+first model only, no escalation), then shed, then standard is shed; critical is never shed by the
+router. The longest wait of each execute also feeds a moving average, exported as the load gauge.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class SheddingSettings:
 
 
 class LoadMonitor:
-    """The moving average of the router's queue wait, and what it means for each tier."""
+    """What a request's queue wait means for its tier, and the moving average of the waits."""
 
     def __init__(self, settings: SheddingSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
@@ -43,9 +44,9 @@ class LoadMonitor:
         self.wait_ms = (1 - alpha) * self.wait_ms + alpha * max(longest_wait_ms, 0.0)
         return self.wait_ms
 
-    def action(self, tier: str) -> tuple[str, str]:
-        """NORMAL, DEGRADE or SHED for a tier at the current load, and why."""
-        s, wait = self.settings, self.wait_ms
+    def action(self, tier: str, wait_ms: float) -> tuple[str, str]:
+        """NORMAL, DEGRADE or SHED for a request of `tier` that waited `wait_ms` for the router, and why."""
+        s, wait = self.settings, wait_ms
         if tier == "best_effort" and wait >= s.shed_best_effort_at_ms:
             return SHED, f"router queue wait {wait:.1f} ms >= {s.shed_best_effort_at_ms:g} ms sheds best_effort"
         if tier == "standard" and wait >= s.shed_standard_at_ms:

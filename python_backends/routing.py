@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -156,17 +156,18 @@ class Router:
         return verdicts
 
     async def route(self, images: np.ndarray, signatures: list[Signature], infer: InferFn,
-                    longest_wait_ms: float = 0.0) -> list[Answer | Shed | str]:
+                    waits_ms: Sequence[float] = ()) -> list[Answer | Shed | str]:
         """An Answer per row, Shed for a row refused under load, or the error that left a row unanswered.
 
         Each row must be answered within its deadline_ms, or its tier's SLO when it sent none.
-        `longest_wait_ms` is how long the longest-waiting request of this batch queued for the router."""
+        `waits_ms[i]` is how long row i's request queued for the router (none given: no wait); the caller
+        feeds the load gauge (`self.load.observe`)."""
         start = self.clock()
-        self.load.observe(longest_wait_ms)
+        waits = list(waits_ms) or [0.0] * len(signatures)
         results: list[Answer | Shed | str] = [""] * len(signatures)
         rows, kept = [], []
-        for index, signature in enumerate(signatures):
-            action, why = self.load.action(signature.tier)
+        for index, (signature, wait_ms) in enumerate(zip(signatures, waits, strict=True)):
+            action, why = self.load.action(signature.tier, wait_ms)
             if action == SHED:
                 results[index] = Shed(why)
                 continue

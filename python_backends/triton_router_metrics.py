@@ -49,8 +49,9 @@ class RouterMetrics:
                               kind.COUNTER, instance)
         self.burn = _Family("tierserve_error_budget_burn", "SLO misses over the budgeted share in the last 60 s "
                             "(1 = on budget)", kind.GAUGE, instance)
-        self.load = _Family("tierserve_router_queue_wait_ms", "Moving average of how long requests wait for the "
-                            "router (the load signal of shedding)", kind.GAUGE, instance)
+        self.load = _Family("tierserve_router_queue_wait_ms", "Moving average of the longest wait for the router "
+                            "per execute (the load gauge; shedding judges each request by its own wait)",
+                            kind.GAUGE, instance)
         self.breaker = _Family("tierserve_breaker_state", "Circuit breaker per downstream model: 0 closed, "
                                "1 half-open, 2 open", kind.GAUGE, instance)
         self.reloads = _Family("tierserve_model_reloads_total", "Models reloaded by the router after their stub died",

@@ -14,6 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tierserve.healing import Healer, ReloadLog
+from tierserve.load_shedding import SHED
 from tierserve.request_context import ParameterError, parse_context
 from tierserve.router_files import load_router
 from tierserve.routing import Answer, ModelCallError, ModelDown, ModelTimeout, Shed
@@ -44,35 +45,43 @@ class TritonPythonModel:
     async def execute(self, requests: list) -> list:
         started = time.monotonic()
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
-        images, sources, row_contexts, owners, contexts = [], [], [], [], {}
-        oldest_stamp = started
+        images, sources, stamps, row_contexts, owners, contexts = [], [], [], [], [], {}
+        outcomes: list[tuple[str, list[Answer | Shed | str], float]] = []  # (tier, answers, budget_ms) per request
+        longest_wait_ms = 0.0
         for index, request in enumerate(requests):
             try:
                 context = parse_context(json.loads(request.parameters()), self.policy.default_tier)
             except ParameterError as error:
                 responses[index] = _error(f"digits: {error}", pb_utils.TritonError.INVALID_ARG)
                 continue
-            image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
             stamp = pb_utils.get_input_tensor_by_name(request, "STAMP").as_numpy()
-            oldest_stamp = min(oldest_stamp, float(stamp.min()))
+            wait_ms = (started - float(stamp.min())) * 1000
+            longest_wait_ms = max(longest_wait_ms, wait_ms)
+            action, why = self.router.load.action(context.tier, wait_ms)
+            if action == SHED:  # refused before its images are read: shedding must cost little
+                responses[index] = self._response(context.tier, [Shed(why)])
+                outcomes.append((context.tier, [Shed(why)] * len(stamp), 0.0))
+                continue
+            stamps.append(stamp)
+            image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
             images.append(image)
             sources.append(pb_utils.get_input_tensor_by_name(request, "SOURCE").as_numpy())
             row_contexts.extend([context] * len(image))
             owners.extend([index] * len(image))
             contexts[index] = context
+        self.router.load.observe(longest_wait_ms)
         if images:
             batch = np.concatenate(images)
             rows = signatures(batch, np.concatenate(sources), row_contexts, self.stats)
-            answers = await self.router.route(batch, rows, self._infer,
-                                              longest_wait_ms=(started - oldest_stamp) * 1000)
-            seconds = time.monotonic() - started
+            waits_ms = (started - np.concatenate(stamps).ravel()) * 1000
+            answers = await self.router.route(batch, rows, self._infer, waits_ms=waits_ms.tolist())
             owners_arr = np.asarray(owners)
-            outcomes = []
             for index, context in contexts.items():
                 mine = [answers[i] for i in np.flatnonzero(owners_arr == index)]
                 responses[index] = self._response(context.tier, mine)
                 outcomes.append((context.tier, mine, context.deadline_ms or self.policy.tiers[context.tier].slo_ms))
-            self.metrics.requests(outcomes, seconds)
+        if outcomes:
+            self.metrics.requests(outcomes, time.monotonic() - started)
             self.metrics.state(self.router.breakers, self.router.load.wait_ms)
         return responses
 

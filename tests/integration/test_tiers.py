@@ -82,12 +82,9 @@ def test_critical_requests_overtake_a_best_effort_flood_and_are_never_shed(tiere
         "every critical request waited less than half of the answered best_effort requests"
     shed = [result for _, _, result in flood if isinstance(result, Exception)]
     assert shed, "the flood is overload for this server: some best_effort work is shed"
-    assert all(error.status == "StatusCode.UNAVAILABLE" for error in shed)
-    queue_full = [error for error in shed if error.message.endswith("Exceeds maximum queue size")]
-    by_router = [error for error in shed if "best_effort request shed: router queue wait" in error.message
-                 and "sheds best_effort" in error.message]
-    assert len(queue_full) + len(by_router) == len(shed), "every refusal comes from one of the two shedding layers"
-    assert queue_full, "Triton's bound on queued best_effort requests refuses part of the flood before Python runs"
+    for error in shed:
+        assert error.status == "StatusCode.UNAVAILABLE"
+        assert "best_effort request shed: router queue wait" in error.message and "sheds best_effort" in error.message
 
 
 def test_degraded_best_effort_answers_say_so(model_repository: Path, tmp_path: Path, split: DigitsSplit):

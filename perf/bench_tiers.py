@@ -8,7 +8,7 @@ its rate whatever the server answers, so it can offer more than the server susta
 2. Sustainable: the highest best_effort rate of SWEEP that is answered in full (>= 99%, no shedding).
 3. Overload: best_effort at OVERLOAD x sustainable plus critical at CRITICAL_RATE, for RUN_S seconds:
    once with Triton's priority levels alone (no lanes, no router shedding) and once as shipped.
-   Both run the repository's config.pbtxt (priority levels, batch and queue bounds).
+   Both run the repository's config.pbtxt (priority levels, batch bound).
 4. The floor: direct calls to the idle critical lane `digits_light_critical` at CRITICAL_RATE, unloaded
    and during the shipped run's flood. No routing policy can make critical faster than this.
 """

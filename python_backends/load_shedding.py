@@ -2,10 +2,11 @@
 
 The signal is how long requests waited for the router: `preprocess` stamps each request with the
 system-wide monotonic clock. Batching absorbs concurrency; a wait that grows means requests arrive
-faster than the router serves them. Each request is judged by its own wait, so a decision acts at
-once and only on requests that did wait: past the thresholds, best_effort is first degraded (the
-first model only, no escalation), then shed, then standard is shed; critical is never shed by the
-router. The longest wait of each execute also feeds a moving average, exported as the load gauge.
+faster than the router serves them. The longest wait of each execute feeds a moving average (the load
+gauge), and a request is judged by the lower of the gauge and its own wait: only sustained load
+counts, and only requests that did wait are affected. Past the thresholds, best_effort is first
+degraded (the first model only, no escalation), then shed, then standard is shed; critical is never
+shed by the router.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 NORMAL, DEGRADE, SHED = "normal", "degrade", "shed"
+
+
+def shed_message(tier: str, reason: str) -> str:
+    """The UNAVAILABLE message of a shed request."""
+    return f"digits: {tier} request shed: {reason}; retry later or with a higher tier"
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,11 @@ class LoadMonitor:
         return self.wait_ms
 
     def action(self, tier: str, wait_ms: float) -> tuple[str, str]:
-        """NORMAL, DEGRADE or SHED for a request of `tier` that waited `wait_ms` for the router, and why."""
-        s, wait = self.settings, wait_ms
+        """NORMAL, DEGRADE or SHED for a request of `tier` that waited `wait_ms` for the router, and why.
+
+        The load it sees is the lower of its own wait and the moving average: overload must be sustained
+        (one slow execute is not overload) and must have made this request wait."""
+        s, wait = self.settings, min(wait_ms, self.wait_ms)
         if tier == "best_effort" and wait >= s.shed_best_effort_at_ms:
             return SHED, f"router queue wait {wait:.1f} ms >= {s.shed_best_effort_at_ms:g} ms sheds best_effort"
         if tier == "standard" and wait >= s.shed_standard_at_ms:

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tierserve.load_board import LoadBoard, server_scratch
+from tierserve.load_shedding import shed_message
 from tierserve.pixels import infinity_problem
 from tierserve.resize import resize_to_native, size_problem, source_stats
 
 
 class TritonPythonModel:
-    """The first step of the `digits` ensemble; each request is resized on its own (shapes differ)."""
+    """The first step of the `digits` ensemble; each request is resized on its own (shapes differ). A request
+    of a tier the router is shedding (tierserve.load_board) is refused here, before any work."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.board = LoadBoard(server_scratch(os.getppid()))
 
     def execute(self, requests: list) -> list:
-        return [self._preprocess(request) for request in requests]
+        now = time.monotonic()
+        return [self._shed(request, now) or self._preprocess(request) for request in requests]
+
+    def _shed(self, request, now: float) -> pb_utils.InferenceResponse | None:
+        tier = json.loads(request.parameters()).get("tier")  # a malformed tier is the router's to refuse
+        if isinstance(tier, str) and (why := self.board.shed(tier, now)):
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(shed_message(tier, why), pb_utils.TritonError.UNAVAILABLE))
+        return None
 
     def _preprocess(self, request) -> pb_utils.InferenceResponse:
         pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS").as_numpy()

@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tierserve.healing import Healer, ReloadLog
-from tierserve.load_shedding import SHED
+from tierserve.load_board import SHED_LEVELS, LoadBoard, server_scratch
+from tierserve.load_shedding import SHED, shed_message
 from tierserve.request_context import ParameterError, parse_context
 from tierserve.router_files import load_router
 from tierserve.routing import Answer, ModelCallError, ModelDown, ModelTimeout, Shed
@@ -24,6 +25,12 @@ from tierserve.triton_router_metrics import RouterMetrics
 
 def _error(message: str, code: int) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+def _instance_index(name: str) -> int:
+    """The index Triton gives a model instance ("router_0_1" -> 1), or a stable hash of an odd name."""
+    suffix = name.rsplit("_", 1)[-1]
+    return int(suffix) if suffix.isdigit() else zlib.crc32(name.encode())
 
 
 def _text(values: list[str]) -> np.ndarray:
@@ -37,7 +44,9 @@ class TritonPythonModel:
         self.router, self.stats = load_router(Path(args["model_repository"]), args["model_version"])
         self.policy = self.router.policy
         # shared by this server's router instances (their parent process is tritonserver)
-        reload_log = ReloadLog(Path(tempfile.gettempdir()) / f"tierserve-{os.getppid()}")
+        scratch = server_scratch(os.getppid())
+        reload_log = ReloadLog(scratch)
+        self.board, self.board_slot = LoadBoard(scratch), _instance_index(args["model_instance_name"])
         self.healer = Healer(self.policy.reload_min_interval_s, reload_log,
                              trip=lambda model, why: self.router.breakers[model].trip(why), reload=self._reload)
         self.metrics = RouterMetrics(self.policy.callable_models, self.policy.tiers, args["model_instance_name"])
@@ -69,7 +78,9 @@ class TritonPythonModel:
             row_contexts.extend([context] * len(image))
             owners.extend([index] * len(image))
             contexts[index] = context
-        self.router.load.observe(longest_wait_ms)
+        gauge = self.router.load.observe(longest_wait_ms)
+        self.board.post(self.board_slot, gauge, [tier for tier in SHED_LEVELS
+                                                 if self.router.load.action(tier, gauge)[0] == SHED], started)
         if images:
             batch = np.concatenate(images)
             rows = signatures(batch, np.concatenate(sources), row_contexts, self.stats)
@@ -130,8 +141,7 @@ class TritonPythonModel:
 
     def _response(self, tier: str, answers: list[Answer | Shed | str]) -> pb_utils.InferenceResponse:
         if shed := [a for a in answers if isinstance(a, Shed)]:
-            return _error(f"digits: {tier} request shed: {shed[0].reason}; retry later or with a higher tier",
-                          pb_utils.TritonError.UNAVAILABLE)
+            return _error(shed_message(tier, shed[0].reason), pb_utils.TritonError.UNAVAILABLE)
         if failures := [a for a in answers if isinstance(a, str)]:
             return _error(f"digits: {failures[0]}", pb_utils.TritonError.INTERNAL)
         probs = np.stack([a.probs for a in answers]).astype(np.float32)

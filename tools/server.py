@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from tierserve.load_board import server_scratch
 from tierserve.tools.triton_install import assemble_backend_directory, embedded_install, server_environment
 
 SHM_DIR = Path("/dev/shm")
@@ -167,8 +167,8 @@ class TritonServer:
         self.swept_shm_regions = sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
         for region in self.swept_shm_regions:
             region.unlink(missing_ok=True)
-        if process is not None:  # the routers' shared reload log (tierserve.healing.ReloadLog)
-            shutil.rmtree(Path(tempfile.gettempdir()) / f"tierserve-{process.pid}", ignore_errors=True)
+        if process is not None:  # the stubs' shared reload log and load board
+            shutil.rmtree(server_scratch(process.pid), ignore_errors=True)
 
     def live_processes(self) -> list[int]:
         """PIDs of this server's processes still running: tritonserver and its Python stubs."""

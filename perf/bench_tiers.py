@@ -104,7 +104,7 @@ def main() -> None:
     print(f"unloaded critical ({CRITICAL_RATE:g}/s): p50 {base_p50:.2f} ms, p99 {base_p99:.2f} ms; sustainable "
           f"best_effort rate (answered in full): {sustained:,.0f}/s; overload: {OVERLOAD:g}x that\n")
     print("| policy | best_effort offered/s | answered/s | answered p99 ms | unanswered 10 s after the run/s "
-          "| not sent, every connection waiting/s | shed by the router/s "
+          "| not sent, every connection waiting/s | shed, by preprocess or the router/s "
           "| critical sent | critical errors | critical p50 ms | critical p99 ms | critical max ms "
           "| p99 / unloaded p99 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -3,8 +3,9 @@
 The signal is how long requests waited for the router: `preprocess` stamps each request with the
 system-wide monotonic clock. Batching absorbs concurrency; a wait that grows means requests arrive
 faster than the router serves them. The longest wait of each execute feeds a moving average (the load
-gauge), and a request is judged by the lower of the gauge and its own wait: only sustained load
-counts, and only requests that did wait are affected. Past the thresholds, best_effort is first
+gauge), and a request is judged by the lower of the gauge and its own wait, once the gauge has stayed
+past a threshold for `sustain_s`: only sustained load counts, and only requests that did wait are
+affected. Past the thresholds, best_effort is first
 degraded (the first model only, no escalation), then shed, then standard is shed; critical is never
 shed by the router.
 """
@@ -31,6 +32,7 @@ class SheddingSettings:
     shed_standard_at_ms: float = 60.0
     smoothing: float = 0.3  # weight of the newest execute in the moving average
     memory_s: float = 0.5  # after a pause this long, the newest execute weighs 63%: an old flood is forgotten
+    sustain_s: float = 0.1  # the average acts only once it has stayed past a threshold this long
 
 
 class LoadMonitor:
@@ -41,6 +43,7 @@ class LoadMonitor:
         self.wait_ms = 0.0
         self._clock = clock
         self._last = clock()
+        self._past_since: dict[float, float] = {}  # threshold -> since when the average is at or past it
 
     def observe(self, longest_wait_ms: float) -> float:
         """Fold one execute's longest queue wait into the average and return it."""
@@ -48,19 +51,31 @@ class LoadMonitor:
         alpha = max(self.settings.smoothing, 1.0 - math.exp(-(now - self._last) / self.settings.memory_s))
         self._last = now
         self.wait_ms = (1 - alpha) * self.wait_ms + alpha * max(longest_wait_ms, 0.0)
+        s = self.settings
+        for threshold in (s.degrade_best_effort_at_ms, s.shed_best_effort_at_ms, s.shed_standard_at_ms):
+            if self.wait_ms >= threshold:
+                self._past_since.setdefault(threshold, now)
+            else:
+                self._past_since.pop(threshold, None)
         return self.wait_ms
+
+    def _past(self, threshold: float, wait_ms: float) -> bool:
+        """Whether a request that waited `wait_ms` is past `threshold`, with the average past it for sustain_s."""
+        since = self._past_since.get(threshold)
+        return (min(wait_ms, self.wait_ms) >= threshold and since is not None
+                and self._clock() - since >= self.settings.sustain_s)
 
     def action(self, tier: str, wait_ms: float) -> tuple[str, str]:
         """NORMAL, DEGRADE or SHED for a request of `tier` that waited `wait_ms` for the router, and why.
 
-        The load it sees is the lower of its own wait and the moving average: overload must be sustained
-        (one slow execute is not overload) and must have made this request wait."""
+        Overload must be sustained (the moving average past the threshold for sustain_s: one slow execute
+        is not overload) and must have made this request wait; the load it is told is the lower of the two."""
         s, wait = self.settings, min(wait_ms, self.wait_ms)
-        if tier == "best_effort" and wait >= s.shed_best_effort_at_ms:
+        if tier == "best_effort" and self._past(s.shed_best_effort_at_ms, wait_ms):
             return SHED, f"router queue wait {wait:.1f} ms >= {s.shed_best_effort_at_ms:g} ms sheds best_effort"
-        if tier == "standard" and wait >= s.shed_standard_at_ms:
+        if tier == "standard" and self._past(s.shed_standard_at_ms, wait_ms):
             return SHED, f"router queue wait {wait:.1f} ms >= {s.shed_standard_at_ms:g} ms sheds standard"
-        if tier == "best_effort" and wait >= s.degrade_best_effort_at_ms:
+        if tier == "best_effort" and self._past(s.degrade_best_effort_at_ms, wait_ms):
             return DEGRADE, (f"degraded: router queue wait {wait:.1f} ms >= {s.degrade_best_effort_at_ms:g} ms, "
                              "first model only")
         return NORMAL, ""

@@ -296,17 +296,24 @@ def test_under_load_best_effort_is_degraded_then_shed_before_standard_and_critic
         return asyncio.run(router.route(_images(0.3, 0.3, 0.3, 0.3), signatures, FakeModels(clock=clock),
                                         waits_ms=waits))
 
-    answers = batch(40.0)  # the gauge: 12 ms
+    answers = batch(40.0)  # the gauge: 12 ms, just past the degrade threshold
     assert router.load.wait_ms == pytest.approx(12.0)
+    assert [a.outcome for a in answers] == ["direct"] * 4, "one slow execute is not overload"
+    clock.now += 0.1  # the gauge stays past 10 ms for sustain_s
+    answers = batch(12.0)
     assert [a.path for a in answers[2:]] == ["light:1 ok"] * 2, "degraded: no escalation"
     assert "escalation skipped, degraded: router queue wait 12.0 ms >= 10 ms, first model only" in answers[2].reason
     assert [a.outcome for a in answers] == ["direct", "direct", "degraded", "degraded"]
     assert [a.path for a in answers[:2]] == ["light:1 low_confidence>heavy:1 ok"] * 2
-    answers = batch(60.0)  # the gauge: 26.4 ms
+    batch(60.0)  # the gauge: 26.4 ms
+    clock.now += 0.1
+    answers = batch(26.4)
     assert [type(a).__name__ for a in answers] == ["Answer", "Answer", "Shed", "Shed"]
     assert answers[2].reason == "router queue wait 26.4 ms >= 25 ms sheds best_effort"
     while router.load.wait_ms < 60:
-        answers = batch(200.0)
+        batch(200.0)
+    clock.now += 0.1
+    answers = batch(200.0)
     assert [type(a).__name__ for a in answers] == ["Answer", "Shed", "Shed", "Shed"]
     answers = batch(0.0, 0.0, 30.0, 0.0)
     assert [type(a).__name__ for a in answers] == ["Answer", "Answer", "Shed", "Answer"], \
@@ -316,9 +323,8 @@ def test_under_load_best_effort_is_degraded_then_shed_before_standard_and_critic
         clock.now += 0.005
         batch(0.0)
     clock.now += 0.005
-    answers = batch(130.0)  # one slow execute amid steady traffic: the gauge rises to ~39 ms, not 130
-    assert [type(a).__name__ for a in answers] == ["Answer", "Answer", "Shed", "Shed"]
-    assert answers[2].reason.startswith("router queue wait 39."), answers[2].reason
+    answers = batch(130.0)  # a stall amid steady traffic: the gauge jumps to ~39 ms, but only just now
+    assert [a.outcome for a in answers] == ["direct"] * 4
 
 
 def test_critical_rows_go_to_their_lanes_and_other_tiers_share_the_models():

@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 SLOTS = 8
@@ -45,13 +46,25 @@ class LoadBoard:
         level = max((SHED_LEVELS[tier] for tier in shed_tiers), default=0)
         RECORD.pack_into(self._map, (slot % SLOTS) * RECORD.size, now, wait_ms, level)
 
-    def shed(self, tier: str, now: float) -> str:
-        """Why a request of `tier` is refused at the board's fresh posts, or "" when it may pass."""
-        needed = SHED_LEVELS.get(tier)
-        if needed is None:
-            return ""
+    def read(self, now: float) -> Posted:
+        """The highest shed level among fresh posts, with the queue wait posted beside it."""
+        highest = Posted(0, 0.0)
         for slot in range(SLOTS):
             posted_at, wait_ms, level = RECORD.unpack_from(self._map, slot * RECORD.size)
-            if level >= needed and 0 <= now - posted_at < STALE_S:
-                return f"router queue wait {wait_ms:.1f} ms (moving average) sheds {tier}"
-        return ""
+            if level > highest.level and 0 <= now - posted_at < STALE_S:
+                highest = Posted(level, wait_ms)
+        return highest
+
+
+@dataclass(frozen=True)
+class Posted:
+    """What the board says at one moment: the tiers up to `level` are shed (0: none)."""
+
+    level: int
+    wait_ms: float
+
+    def reason(self, tier: str) -> str:
+        """Why a request of `tier` is refused, or "" when it may pass (always, for tiers never shed here)."""
+        if self.level < SHED_LEVELS.get(tier, self.level + 1):
+            return ""
+        return f"router queue wait {self.wait_ms:.1f} ms (moving average) sheds {tier}"

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tierserve.load_board import LoadBoard, server_scratch
+from tierserve.load_board import LoadBoard, Posted, server_scratch
 from tierserve.load_shedding import shed_message
 from tierserve.pixels import infinity_problem
 from tierserve.resize import resize_to_native, size_problem, source_stats
@@ -23,12 +23,13 @@ class TritonPythonModel:
         self.board = LoadBoard(server_scratch(os.getppid()))
 
     def execute(self, requests: list) -> list:
-        now = time.monotonic()
-        return [self._shed(request, now) or self._preprocess(request) for request in requests]
+        posted = self.board.read(time.monotonic())  # once per execute; tiers are read only while shedding
+        return [(posted.level and self._shed(request, posted)) or self._preprocess(request) for request in requests]
 
-    def _shed(self, request, now: float) -> pb_utils.InferenceResponse | None:
+    @staticmethod
+    def _shed(request, posted: Posted) -> pb_utils.InferenceResponse | None:
         tier = json.loads(request.parameters()).get("tier")  # a malformed tier is the router's to refuse
-        if isinstance(tier, str) and (why := self.board.shed(tier, now)):
+        if isinstance(tier, str) and (why := posted.reason(tier)):
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(shed_message(tier, why), pb_utils.TritonError.UNAVAILABLE))
         return None

@@ -5,9 +5,8 @@ system-wide monotonic clock. Batching absorbs concurrency; a wait that grows mea
 faster than the router serves them. The longest wait of each execute feeds a moving average (the load
 gauge), and a request is judged by the lower of the gauge and its own wait, once the gauge has stayed
 past a threshold for `sustain_s`: only sustained load counts, and only requests that did wait are
-affected. Past the thresholds, best_effort is first
-degraded (the first model only, no escalation), then shed, then standard is shed; critical is never
-shed by the router.
+affected. Past the thresholds, best_effort is first degraded (the first model only, no escalation),
+then shed, then standard is shed; critical is never shed by the router.
 """
 
 from __future__ import annotations

@@ -32,16 +32,16 @@ class BudgetBurn:
         self._counts: deque[list[int]] = deque()  # [slice index, requests, misses], oldest first
         self._requests = self._misses = 0
 
-    def record(self, missed: bool, count: int = 1) -> float:
-        """Record `count` requests that all missed or all met the SLO; return the burn rate."""
+    def record(self, met: int = 0, missed: int = 0) -> float:
+        """Record `met` requests answered within the SLO and `missed` ones answered late; return the burn rate."""
         index = math.floor(self._clock() / self._slice_s)
         if not self._counts or self._counts[-1][0] != index:
             self._counts.append([index, 0, 0])
         newest = self._counts[-1]
-        newest[1] += count
-        newest[2] += count * missed
-        self._requests += count
-        self._misses += count * missed
+        newest[1] += met + missed
+        newest[2] += missed
+        self._requests += met + missed
+        self._misses += missed
         while self._counts[0][0] <= index - self._slices:
             _, requests, misses = self._counts.popleft()
             self._requests -= requests

@@ -84,8 +84,7 @@ class RouterMetrics:
         for tier in missed:
             self.misses(tier=tier).increment(missed[tier])
         for tier in met | missed:
-            self._burns[tier].record(missed=True, count=missed[tier])
-            self.burn(tier=tier).set(self._burns[tier].record(missed=False, count=met[tier]))
+            self.burn(tier=tier).set(self._burns[tier].record(met=met[tier], missed=missed[tier]))
 
     def state(self, breakers: Mapping[str, CircuitBreaker], queue_wait_ms: float) -> None:
         """Breaker gauges (sent only when a state changed) and the load signal."""

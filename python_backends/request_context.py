@@ -2,34 +2,54 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from tierserve.signature import TIERS, RequestContext
 
 KNOWN_PARAMETERS = ("tier", "user_id", "deadline_ms")
+MAX_DEADLINE_MS = 3_600_000  # an hour: anything longer is a mistake, not a deadline
+MAX_USER_ID_CHARS = 256
+ECHO_CHARS = 40  # a refused value is echoed at most this long: a client's payload never fills a log line
+_DECIMAL = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 
 
 class ParameterError(ValueError):
     """A request parameter is malformed; the message names it."""
 
 
+def echo(value: Any) -> str:
+    """A client-sent value as an error message shows it: its repr, cut to ECHO_CHARS."""
+    text = repr(value)
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} chars)"
+
+
+def _deadline_ms(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ParameterError(f"parameter 'deadline_ms' must be a positive integer, got {echo(value)}")
+    if isinstance(value, str):
+        if not _DECIMAL.fullmatch(value.strip()):
+            raise ParameterError(f"parameter 'deadline_ms' must be a positive integer, got {echo(value)}")
+        value = int(value.strip())
+    if not 0 < value <= MAX_DEADLINE_MS:
+        raise ParameterError(f"parameter 'deadline_ms' must be a positive integer up to {MAX_DEADLINE_MS}, "
+                             f"got {echo(value)}")
+    return value
+
+
 def parse_context(parameters: Mapping[str, Any], default_tier: str) -> RequestContext:
     """The request's context. Parameters may arrive as strings (HTTP JSON, gRPC string_param) or typed."""
-    if unknown := sorted(set(parameters) - set(KNOWN_PARAMETERS)):
-        raise ParameterError(f"unknown parameter {unknown[0]!r}; digits accepts {', '.join(KNOWN_PARAMETERS)}")
+    if unknown := sorted(str(name) for name in set(parameters) - set(KNOWN_PARAMETERS)):
+        raise ParameterError(f"unknown parameter {echo(unknown[0])}; digits accepts {', '.join(KNOWN_PARAMETERS)}")
     tier = parameters.get("tier", default_tier)
-    if tier not in TIERS:
-        raise ParameterError(f"parameter 'tier' must be one of {', '.join(TIERS)}, got {tier!r}")
+    if not isinstance(tier, str) or tier not in TIERS:
+        raise ParameterError(f"parameter 'tier' must be one of {', '.join(TIERS)}, got {echo(tier)}")
     user_id = parameters.get("user_id", "")
     if not isinstance(user_id, str):
-        raise ParameterError(f"parameter 'user_id' must be a string, got {user_id!r}")
+        raise ParameterError(f"parameter 'user_id' must be a string, got {echo(user_id)}")
+    if len(user_id) > MAX_USER_ID_CHARS:
+        raise ParameterError(f"parameter 'user_id' must be at most {MAX_USER_ID_CHARS} characters, "
+                             f"got {len(user_id)}")
     deadline = parameters.get("deadline_ms")
-    if deadline is not None:
-        if isinstance(deadline, bool) or not (isinstance(deadline, int) or
-                                             (isinstance(deadline, str) and deadline.strip().isdigit())):
-            raise ParameterError(f"parameter 'deadline_ms' must be a positive integer, got {deadline!r}")
-        deadline = int(deadline)
-        if deadline <= 0:
-            raise ParameterError(f"parameter 'deadline_ms' must be a positive integer, got {deadline}")
-    return RequestContext(tier, user_id, deadline)
+    return RequestContext(tier, user_id, None if deadline is None else _deadline_ms(deadline))

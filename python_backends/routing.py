@@ -12,8 +12,9 @@ never calls a model whose circuit breaker is open.
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,6 +38,60 @@ class ModelTimeout(ModelCallError):
 
 class ModelDown(ModelCallError):
     """A downstream model cannot answer until it is restored (e.g. its process died): eject it at once."""
+
+
+class ModelRefused(ModelCallError):
+    """A downstream model refused the rows' input (INVALID_ARG): the input's fault, not the model's."""
+
+
+# A timeout counts against a model only when the call had ample time: at least this many times the
+# model's moving-average latency, and at least FAIR_TIMEOUT_FLOOR_S. A call cut short by a client's own
+# tight deadline says nothing about the model, and must not eject it for everyone.
+FAIR_TIMEOUT_FACTOR = 4.0
+FAIR_TIMEOUT_FLOOR_S = 0.02
+
+
+class Failure(enum.Enum):
+    """Why a hop gave no usable answer for a row."""
+
+    ERROR = "error"  # the model failed the call
+    TIMEOUT = "timeout"  # no answer within the call's bound
+    REFUSED = "refused"  # the model refused the input
+    NON_FINITE = "non_finite"  # the model answered with NaN or infinite probabilities for this row
+
+
+@dataclass(frozen=True)
+class HopFailure:
+    """A failed hop for one row: its kind (for PATH and the next step) and the message (for REASON)."""
+
+    kind: Failure
+    message: str
+
+
+class StallLog:
+    """When this router was stuck waiting on failing downstream calls (recent intervals only).
+
+    Requests that queued for the router meanwhile waited because of a fault, not because of load: the
+    load gauge must not read a dead or slow model as overload and shed healthy traffic."""
+
+    def __init__(self, keep_s: float = 10.0) -> None:
+        self._keep_s = keep_s
+        self._intervals: deque[tuple[float, float]] = deque()
+
+    def add(self, start: float, end: float) -> None:
+        self._intervals.append((start, end))
+        while self._intervals and self._intervals[0][1] < end - self._keep_s:
+            self._intervals.popleft()
+
+    def overlap(self, start: float, end: float) -> float:
+        """Seconds of [start, end] spent stalled (overlapping intervals counted once)."""
+        total, covered_to = 0.0, start
+        for low, high in sorted(self._intervals):
+            low, high = max(low, covered_to), min(high, end)
+            if high > low:
+                total += high - low
+                covered_to = high
+        return total
 
 
 class InferFn(Protocol):
@@ -88,6 +143,9 @@ class _Row:
     best: tuple[str, np.ndarray] | None = None  # the last answer in hand, from which model
 
 
+Outcome = np.ndarray | HopFailure  # one row's result of one hop: probabilities or why there are none
+
+
 def merged_parameters(signatures: list[Signature]) -> dict[str, str]:
     """Parameters for one downstream call serving rows of several requests: the most urgent tier,
     the tightest deadline, and the user only when all rows share it."""
@@ -120,6 +178,7 @@ class Router:
         self.breakers = {model: CircuitBreaker(policy.breaker, clock) for model in policy.callable_models}
         self.load = LoadMonitor(policy.shedding, clock)
         self.latency_ewma: dict[str, float] = {}  # seconds per call, per model
+        self.stalls = StallLog()
 
     def _can_serve(self, model: str, signature: Signature) -> bool:
         return self.accepts_missing[model] or signature.missing_fraction == 0.0
@@ -186,7 +245,7 @@ class Router:
         while pending := {i: row.next_model for i, row in enumerate(rows) if row.next_model}:
             outcomes = await self._call(pending, images, rows, infer)
             first = self.policy.cascade.first
-            cascading = [i for i, outcome in outcomes.items() if not isinstance(outcome, str)
+            cascading = [i for i, outcome in outcomes.items() if not isinstance(outcome, HopFailure)
                          and rows[i].decision.cascade and pending[i] == first and rows[i].best is None]
             verdicts = dict(zip(cascading, self.escalations([signatures[i] for i in cascading],
                                                             np.stack([outcomes[i] for i in cascading]))
@@ -214,28 +273,45 @@ class Router:
             row.notes.append(f"{target} {breaker.describe()}")
 
     async def _call(self, pending: dict[int, str], images: np.ndarray, rows: list[_Row],
-                    infer: InferFn) -> dict[int, np.ndarray | str]:
+                    infer: InferFn) -> dict[int, Outcome]:
         groups: dict[str, list[int]] = defaultdict(list)  # by the model:version actually called (lanes apart)
+        outcomes: dict[int, Outcome] = {}
         for row, model in pending.items():
-            groups[self.policy.lane(model, rows[row].signature.tier)].append(row)
+            target = self.policy.lane(model, rows[row].signature.tier)
+            left = self._time_left(rows[row])
+            if left is not None and left <= 0 and model != self.policy.fallback:
+                # nothing to wait for: the row goes on to the safe default, which is never skipped
+                outcomes[row] = HopFailure(Failure.TIMEOUT, f"timeout: deadline passed before {target} was called")
+                continue
+            if left is not None and left <= 0:
+                rows[row].notes.append("deadline passed: the fallback answers late rather than not at all")
+                rows[row].deadline = None
+            groups[target].append(row)
         call_timeout = self.policy.call_timeout_ms / 1000
 
-        async def call(model: str, members: list[int]) -> np.ndarray | str:
-            left = [t for t in (self._time_left(rows[r]) for r in members) if t is not None]
-            timeout = max(min([call_timeout, *left]), 0.0)
+        async def call(model: str, members: list[int]) -> np.ndarray | HopFailure:
+            # as long as the most patient row may wait: a tight deadline never cuts short its neighbours
+            lefts = [self._time_left(rows[r]) for r in members]
+            timeout = min(call_timeout, max(call_timeout if t is None else t for t in lefts))
             started = self.clock()
             try:
                 probs = await infer(model, images[members],
                                     merged_parameters([rows[r].signature for r in members]), timeout_s=timeout)
             except ModelTimeout:
-                self.breakers[model].record(False, self.clock() - started)
-                return f"timeout: {model} did not answer within {timeout * 1000:.0f} ms"
+                if timeout >= max(FAIR_TIMEOUT_FLOOR_S, FAIR_TIMEOUT_FACTOR * self.latency_ewma.get(model, 0.0)):
+                    self.breakers[model].record(False, self.clock() - started)
+                self.stalls.add(started, self.clock())
+                return HopFailure(Failure.TIMEOUT, f"timeout: {model} did not answer within {timeout * 1000:.0f} ms")
             except ModelDown as error:
                 self.breakers[model].trip(f"model down: {error}")
-                return f"{model} failed: {error}"
+                self.stalls.add(started, self.clock())
+                return HopFailure(Failure.ERROR, f"{model} failed: {error}")
+            except ModelRefused as error:
+                return HopFailure(Failure.REFUSED, f"{model} refused the input: {error}")
             except ModelCallError as error:
                 self.breakers[model].record(False, self.clock() - started)
-                return f"{model} failed: {error}"
+                self.stalls.add(started, self.clock())
+                return HopFailure(Failure.ERROR, f"{model} failed: {error}")
             elapsed = self.clock() - started
             self.breakers[model].record(True, elapsed)
             previous = self.latency_ewma.get(model, elapsed)
@@ -243,19 +319,23 @@ class Router:
             return probs
 
         results = await asyncio.gather(*(call(model, members) for model, members in groups.items()))
-        outcomes: dict[int, np.ndarray | str] = {}
-        for members, result in zip(groups.values(), results, strict=True):
+        for (model, members), result in zip(groups.items(), results, strict=True):
+            if isinstance(result, HopFailure):
+                outcomes.update(dict.fromkeys(members, result))
+                continue
+            finite = np.isfinite(result).all(axis=1)
             for position, row in enumerate(members):
-                outcomes[row] = result if isinstance(result, str) else result[position]
+                outcomes[row] = result[position] if finite[position] else HopFailure(
+                    Failure.NON_FINITE, f"{model} answered non-finite probabilities for this image")
         return outcomes
 
-    def _advance(self, row: _Row, logical: str, outcome: np.ndarray | str, verdict: tuple[bool, str] | None) -> None:
+    def _advance(self, row: _Row, logical: str, outcome: Outcome, verdict: tuple[bool, str] | None) -> None:
         """Record the call to `logical` (through the row's lane, if any) and choose the row's next hop."""
         model = self.policy.lane(logical, row.signature.tier)
         row.next_model = None
-        if isinstance(outcome, str):
-            row.hops.append(f"{model} {'timeout' if outcome.startswith('timeout') else 'error'}")
-            row.notes.append(outcome)
+        if isinstance(outcome, HopFailure):
+            row.hops.append(f"{model} {'timeout' if outcome.kind is Failure.TIMEOUT else 'error'}")
+            row.notes.append(outcome.message)
             if row.best is not None:
                 row.notes.append(f"answered with {row.best[0]}")
                 return

@@ -14,6 +14,8 @@ import numpy as np
 from tierserve.manifest import Manifest
 from tierserve.pixels import NUM_CLASSES
 
+PIXEL_BOUND = 1e6  # the safe default clips pixels here: distances stay finite for any finite input
+
 
 class Runner(Protocol):
     """Computes class probabilities for a batch of 8x8 images."""
@@ -71,7 +73,8 @@ class CentroidRunner:
         return buffer.getvalue()
 
     def infer(self, pixels: np.ndarray) -> np.ndarray:
-        flat = pixels.reshape(len(pixels), 1, -1)
+        # float64 and a bound far outside 0-16: any finite image, even FLT_MAX, gets finite probabilities
+        flat = np.clip(pixels.reshape(len(pixels), 1, -1).astype(np.float64), -PIXEL_BOUND, PIXEL_BOUND)
         observed = ~np.isnan(flat)
         diff = np.where(observed, flat - self.centroids[None], 0.0)
         mean_sq = (diff**2).sum(axis=-1) / np.maximum(observed.sum(axis=-1), 1)

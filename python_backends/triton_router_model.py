@@ -18,7 +18,7 @@ from tierserve.load_board import SHED_LEVELS, LoadBoard, server_scratch
 from tierserve.load_shedding import SHED, shed_message
 from tierserve.request_context import ParameterError, parse_context
 from tierserve.router_files import load_router
-from tierserve.routing import Answer, ModelCallError, ModelDown, ModelTimeout, Shed
+from tierserve.routing import Answer, ModelCallError, ModelDown, ModelRefused, ModelTimeout, Shed
 from tierserve.signature import signatures
 from tierserve.triton_router_metrics import RouterMetrics
 
@@ -54,27 +54,33 @@ class TritonPythonModel:
     async def execute(self, requests: list) -> list:
         started = time.monotonic()
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
-        images, sources, stamps, row_contexts, owners, contexts = [], [], [], [], [], {}
+        images, sources, waits, row_contexts, owners, contexts = [], [], [], [], [], {}
         outcomes: list[tuple[str, list[Answer | Shed | str], float]] = []  # (tier, answers, budget_ms) per request
         longest_wait_ms = 0.0
         for index, request in enumerate(requests):
-            try:
+            try:  # one request's problem is answered for that request alone, never for its batch
                 context = parse_context(json.loads(request.parameters()), self.policy.default_tier)
+                stamp = pb_utils.get_input_tensor_by_name(request, "STAMP").as_numpy()
+                if not np.isfinite(stamp).all():
+                    raise ParameterError("STAMP must be finite")
             except ParameterError as error:
                 responses[index] = _error(f"digits: {error}", pb_utils.TritonError.INVALID_ARG)
                 continue
-            stamp = pb_utils.get_input_tensor_by_name(request, "STAMP").as_numpy()
-            wait_ms = (started - float(stamp.min())) * 1000
+            except Exception as error:  # logged here, never sent to the client with a traceback
+                pb_utils.Logger.log_error(f"router: request {index} could not be read: {error!r}")
+                responses[index] = _error("digits: the request could not be read", pb_utils.TritonError.INVALID_ARG)
+                continue
+            wait_ms = self._wait_ms(float(stamp.min()), started)
             longest_wait_ms = max(longest_wait_ms, wait_ms)
             action, why = self.router.load.action(context.tier, wait_ms)
             if action == SHED:  # refused before its images are read: shedding must cost little
                 responses[index] = self._response(context.tier, [Shed(why)])
                 outcomes.append((context.tier, [Shed(why)] * len(stamp), 0.0))
                 continue
-            stamps.append(stamp)
             image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
             images.append(image)
             sources.append(pb_utils.get_input_tensor_by_name(request, "SOURCE").as_numpy())
+            waits.extend(self._wait_ms(float(s), started) for s in stamp.ravel())
             row_contexts.extend([context] * len(image))
             owners.extend([index] * len(image))
             contexts[index] = context
@@ -82,10 +88,11 @@ class TritonPythonModel:
         self.board.post(self.board_slot, gauge, [tier for tier in SHED_LEVELS
                                                  if self.router.load.action(tier, gauge)[0] == SHED], started)
         if images:
-            batch = np.concatenate(images)
-            rows = signatures(batch, np.concatenate(sources), row_contexts, self.stats)
-            waits_ms = (started - np.concatenate(stamps).ravel()) * 1000
-            answers = await self.router.route(batch, rows, self._infer, waits_ms=waits_ms.tolist())
+            try:
+                answers = await self._route(images, sources, row_contexts, waits)
+            except Exception as error:  # a bug must not show a traceback to clients
+                pb_utils.Logger.log_error(f"router: routing failed: {error!r}")
+                answers = ["the router failed on this batch (see the server log)"] * len(owners)
             owners_arr = np.asarray(owners)
             for index, context in contexts.items():
                 mine = [answers[i] for i in np.flatnonzero(owners_arr == index)]
@@ -95,6 +102,17 @@ class TritonPythonModel:
             self.metrics.requests(outcomes, time.monotonic() - started)
             self.metrics.state(self.router.breakers, self.router.load.wait_ms)
         return responses
+
+    async def _route(self, images: list[np.ndarray], sources: list[np.ndarray], contexts: list, waits: list[float]):
+        batch = np.concatenate(images)
+        rows = signatures(batch, np.concatenate(sources), contexts, self.stats)
+        return await self.router.route(batch, rows, self._infer, waits_ms=waits)
+
+    def _wait_ms(self, stamp: float, started: float) -> float:
+        """How long a request queued for the router because of load: its wait since `preprocess` stamped it,
+        less the time this router was stuck on failing downstream calls (a fault is not overload)."""
+        stamp = min(stamp, started)
+        return max(started - stamp - self.router.stalls.overlap(stamp, started), 0.0) * 1000
 
     async def _infer(self, model: str, images: np.ndarray, parameters: dict[str, str], *,
                      timeout_s: float) -> np.ndarray:
@@ -121,7 +139,10 @@ class TritonPythonModel:
         """What a response's error means for the router, or None when the call succeeded."""
         if not response.has_error():
             return None
-        message = response.error().message()
+        error = response.error()
+        message = error.message()
+        if error.code() == pb_utils.TritonError.INVALID_ARG:
+            return ModelRefused(message)
         return (ModelDown if self.healer.model_down(model, message, sent_at) else ModelCallError)(message)
 
     def _reload(self, name: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from tierserve.learned_router import FEATURES, LearnedRouter
 from tierserve.policy import parse_policy
-from tierserve.routing import ModelCallError, ModelTimeout, Router, merged_parameters
+from tierserve.routing import ModelCallError, ModelRefused, ModelTimeout, Router, StallLog, merged_parameters
 from tierserve.signature import Signature
 
 POLICY = {
@@ -339,3 +339,110 @@ def test_critical_rows_go_to_their_lanes_and_other_tiers_share_the_models():
     assert sorted((model, rows) for model, rows, _ in models.calls) == [
         ("heavy_critical:1", 1), ("light:1", 1), ("light_critical:1", 2)]
     assert set(router.breakers) >= {"light_critical:1", "heavy_critical:1"}
+
+
+class NonFiniteModels(FakeModels):
+    """Answers NaN probabilities for rows whose pixel [0, 2] is set, on the models named."""
+
+    def __init__(self, non_finite_on: frozenset[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.non_finite_on = non_finite_on
+
+    async def __call__(self, model, images, parameters, *, timeout_s):
+        probs = await super().__call__(model, images, parameters, timeout_s=timeout_s)
+        if model in self.non_finite_on:
+            probs[images[:, 0, 2] > 0] = np.nan
+        return probs
+
+
+def test_timeouts_caused_by_a_clients_own_tight_deadline_never_eject_the_model():
+    clock = Clock()
+    router = _chained_router(clock)
+    models = FakeModels(latency_s={"light:1": 0.005}, clock=clock)
+    for _ in range(5):  # each call is cut at 1 ms by the row's own deadline: the model is not to blame
+        (answer,) = _route(router, _images(0.9), [_signature(deadline_ms=1)], models)
+        assert answer.route == "rules:1", "the row still gets the safe default, late rather than never"
+    assert router.breakers["light:1"].state == "closed"
+    assert router.breakers["heavy:1"].state == "closed"
+
+
+def test_a_timeout_with_ample_time_still_counts_against_the_model():
+    clock = Clock()
+    router = _chained_router(clock)
+    models = FakeModels(latency_s={"light:1": 5.0}, clock=clock)  # hung: far past the 500 ms call timeout
+    for _ in range(2):
+        _route(router, _images(0.9), [_signature()], models)
+    assert router.breakers["light:1"].state == "open"
+
+
+def test_a_tight_deadline_row_does_not_shorten_the_call_for_its_neighbours():
+    clock = Clock()
+    router = _chained_router(clock)
+    models = FakeModels(latency_s={"light:1": 0.030}, clock=clock)
+    answers = _route(router, _images(0.9, 0.9), [_signature(deadline_ms=10), _signature(deadline_ms=200)], models)
+    assert models.timeouts[0] == pytest.approx(0.2), "the call waits as long as its most patient row may"
+    assert [a.route for a in answers] == ["light:1", "light:1"]
+
+
+class TickingClock(Clock):
+    """Every reading is 2 ms later than the last: a 1 ms deadline has passed by the first call."""
+
+    def __call__(self) -> float:
+        self.now += 0.002
+        return self.now
+
+
+def test_a_row_whose_deadline_passed_goes_straight_to_the_safe_default():
+    clock = TickingClock()
+    router = _chained_router(clock)
+    models = FakeModels()
+    (answer,) = _route(router, _images(0.9), [_signature(deadline_ms=1)], models)
+    assert answer.route == "rules:1" and answer.path == "light:1 timeout>rules:1 ok"
+    assert [model for model, _, _ in models.calls] == ["rules:1"], "no call is made that cannot be waited for"
+    assert router.breakers["light:1"].state == "closed"
+
+
+def test_non_finite_probabilities_are_never_an_answer():
+    clock = Clock()
+    router = _chained_router(clock)
+    images = _images(0.9, 0.9)
+    images[0, 0, 2] = 1.0
+    models = NonFiniteModels(frozenset({"light:1"}), clock=clock)
+    bad, good = _route(router, images, [_signature(), _signature()], models)
+    assert bad.path == "light:1 error>heavy:1 ok" and "non-finite" in bad.reason
+    assert np.isfinite(bad.probs).all() and np.isfinite(bad.confidence)
+    assert good.path == "light:1 ok"
+    assert router.breakers["light:1"].state == "closed", "the model answered; the input was extreme"
+
+
+def test_a_row_every_model_answers_non_finitely_is_an_error_not_a_nan_answer():
+    models = NonFiniteModels(frozenset({"light:1", "heavy:1", "rules:1"}))
+    images = _images(0.9)
+    images[0, 0, 2] = 1.0
+    (answer,) = _route(Router(parse_policy(POLICY), ACCEPTS_MISSING, learned=None), images, [_signature()], models)
+    assert isinstance(answer, str) and "non-finite" in answer
+
+
+def test_refusals_of_the_input_do_not_count_against_the_model():
+    clock = Clock()
+    router = _chained_router(clock)
+
+    async def refusing(model, images, parameters, *, timeout_s):
+        if model == "light:1":
+            raise ModelRefused("light:1: PIXELS has 1 infinite value(s)")
+        return await FakeModels()(model, images, parameters, timeout_s=timeout_s)
+
+    for _ in range(4):
+        (answer,) = asyncio.run(router.route(_images(0.9), [_signature()], refusing))
+        assert answer.route == "heavy:1"
+    assert router.breakers["light:1"].state == "closed"
+
+
+def test_the_stall_log_counts_overlapping_stalls_once():
+    log = StallLog()
+    log.add(1.0, 2.0)
+    log.add(1.5, 3.0)
+    log.add(5.0, 6.0)
+    assert log.overlap(0.0, 10.0) == pytest.approx(3.0)
+    assert log.overlap(2.5, 5.5) == pytest.approx(1.0)
+    assert log.overlap(3.0, 5.0) == 0.0

@@ -91,3 +91,15 @@ def test_onnx_runner_flattens_images_and_returns_probabilities(tmp_path: Path):
 def test_runner_for_names_the_unknown_runtime(tmp_path: Path):
     with pytest.raises(ValueError, match="unknown runtime 'tensorflow'"):
         runner_for("tensorflow", tmp_path / "model.pb", accepts_missing=False)
+
+
+@pytest.mark.parametrize("value", [1e38, np.finfo(np.float32).max, -np.finfo(np.float32).max])
+def test_the_safe_default_answers_extreme_finite_images_with_finite_probabilities(value):
+    runner = CentroidRunner(np.random.default_rng(0).uniform(0, 16, (10, 64)), temperature=1.0)
+    images = np.zeros((3, 8, 8), np.float32)
+    images[0, 3, 3] = value
+    images[1] = value
+    images[2, 0, 0] = np.nan
+    probs = runner.infer(images)
+    assert np.isfinite(probs).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)

@@ -1,0 +1,125 @@
+"""One client's bad or careless request fails alone: it never fails its neighbours, never ejects a healthy
+model for everyone, and never comes back as a non-finite answer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tierserve.client import TierserveClient
+from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.server import TritonServer
+
+from .prometheus import metric_values
+
+OUTPUTS = ("LABEL", "PROBS", "CONFIDENCE", "ROUTE", "PATH")
+
+
+def _request(image: np.ndarray, **parameters: str):
+    tensor = grpcclient.InferInput("PIXELS", [1, *image.shape], "FP32")
+    tensor.set_data_from_numpy(image[None].astype(np.float32))
+    return {"model_name": "digits", "inputs": [tensor], "parameters": parameters or None,
+            "outputs": [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]}
+
+
+def _assert_clean_message(message: str) -> None:
+    assert "Traceback" not in message and 'File "' not in message and "/work/" not in message
+    assert len(message) < 400, "echoed values are cut to a bounded length"
+
+
+def test_a_malformed_parameter_fails_its_own_request_only(triton: TritonServer, split: DigitsSplit):
+    """'²' passes str.isdigit() and int() refuses it: it once failed the whole router batch with a traceback."""
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    results: dict[int, object] = {}
+    done = threading.Event()
+    total = 160
+
+    def record(index: int):
+        def callback(result, error):
+            results[index] = error or result
+            if len(results) == total:
+                done.set()
+        return callback
+
+    for index in range(total):
+        bad = index % 5 == 0
+        request = _request(split.test.images[index % 50], **({"deadline_ms": "²"} if bad else {}))
+        client.async_infer(callback=record(index), **request)
+    assert done.wait(60)
+    client.close()
+    for index, result in results.items():
+        if index % 5 == 0:
+            assert isinstance(result, InferenceServerException)
+            assert str(result.status()) == "StatusCode.INVALID_ARGUMENT"
+            assert "parameter 'deadline_ms' must be a positive integer, got '²'" in result.message()
+            _assert_clean_message(result.message())
+        else:
+            assert not isinstance(result, InferenceServerException), result
+            assert 0 <= result.as_numpy("LABEL")[0, 0] <= 9
+
+
+@pytest.mark.parametrize("parameters", [{"tier": "x" * 10_000}, {"user_id": "u" * 5_000},
+                                        {"deadline_ms": "9" * 500}, {"y" * 3_000: "1"}])
+def test_refusals_echo_a_bounded_value_without_a_traceback(triton: TritonServer, split: DigitsSplit, parameters):
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(**_request(split.test.images[0], **parameters))
+    client.close()
+    assert str(caught.value.status()) == "StatusCode.INVALID_ARGUMENT"
+    _assert_clean_message(caught.value.message())
+
+
+def test_tight_deadlines_of_one_client_never_eject_healthy_models(triton: TritonServer, split: DigitsSplit):
+    """Four threads send deadline_ms=1: their calls are cut short by their own budget, which says nothing
+    about the models. Another client's standard requests, during and after, all succeed on their models."""
+    stop = threading.Event()
+    hurried: list[str] = []
+
+    def hurry() -> None:
+        with TierserveClient(triton.grpc_url) as client:
+            i = 0
+            while not stop.is_set():
+                (answer,) = client.classify(split.test.images[i % 100], deadline_ms=1)
+                hurried.append(answer.path)
+                i += 1
+
+    threads = [threading.Thread(target=hurry) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    failures, paths = [], []
+    with TierserveClient(triton.grpc_url) as client:
+        until = time.monotonic() + 4
+        i = 0
+        while time.monotonic() < until:
+            try:
+                (answer,) = client.classify(split.test.images[i % 200], tier="standard")
+                paths.append(answer.path)
+            except Exception as error:  # every failure is the finding
+                failures.append(repr(error))
+            i += 1
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        assert hurried, "the tight-deadline client was answered"
+        assert failures == []
+        assert not [p for p in paths if "ejected" in p], "no model was ejected for the standard client"
+    assert max(metric_values(triton, "tierserve_breaker_state")) == 0.0, "every breaker is still closed"
+
+
+@pytest.mark.parametrize("kind", ["one_huge_pixel", "flt_max_image", "negative_flt_max_image"])
+def test_extreme_pixels_get_the_capped_safe_default_never_a_nan(triton: TritonServer, split: DigitsSplit, kind):
+    image = split.test.images[0].astype(np.float32).copy()
+    big = np.finfo(np.float32).max
+    if kind == "one_huge_pixel":
+        image[3, 3] = 1e38
+    else:
+        image[:] = big if kind == "flt_max_image" else -big
+    with TierserveClient(triton.http_url, protocol="http") as client:
+        (answer,) = client.classify(image)
+    assert np.isfinite(answer.probs).all() and np.isfinite(answer.confidence)
+    assert answer.route == "digits_rules:1" and answer.confidence <= np.float32(0.3)

@@ -16,11 +16,14 @@ import triton_python_backend_utils as pb_utils
 from tierserve.healing import Healer, ReloadLog
 from tierserve.load_board import SHED_LEVELS, LoadBoard, server_scratch
 from tierserve.load_shedding import SHED, shed_message
+from tierserve.pixels import IMAGE_SHAPE, NUM_CLASSES
 from tierserve.request_context import ParameterError, parse_context
+from tierserve.resize import source_problem
 from tierserve.router_files import load_router
-from tierserve.routing import Answer, ModelCallError, ModelDown, ModelRefused, ModelTimeout, Shed
-from tierserve.signature import signatures
+from tierserve.routing import Answer, ModelCallError, ModelDown, ModelRefused, ModelTimeout, Router, Shed
+from tierserve.signature import RequestContext, signatures
 from tierserve.triton_router_metrics import RouterMetrics
+from tierserve.warmup import WarmUp
 
 
 def _error(message: str, code: int) -> pb_utils.InferenceResponse:
@@ -50,8 +53,27 @@ class TritonPythonModel:
         self.healer = Healer(self.policy.reload_min_interval_s, reload_log,
                              trip=lambda model, why: self.router.breakers[model].trip(why), reload=self._reload)
         self.metrics = RouterMetrics(self.policy.callable_models, self.policy.tiers, args["model_instance_name"])
+        self.warm_up = WarmUp(json.loads(args["model_config"]))
+
+    async def _warm(self, requests: list) -> list:
+        """A warm-up execute: the whole decision path on the samples, answered as the safe default would be
+        without calling it (models may still be loading); neither the load gauge nor metrics move."""
+
+        async def uniform(model: str, images: np.ndarray, parameters: dict[str, str], *, timeout_s: float):
+            return np.full((len(images), NUM_CLASSES), 1.0 / NUM_CLASSES, np.float32)
+
+        responses = []
+        for request in requests:
+            image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+            native = np.tile(np.array([*IMAGE_SHAPE, 0.0, 0.0], np.float32), (len(image), 1))  # as if sent 8x8
+            rows = signatures(image, native, [RequestContext(self.policy.default_tier)] * len(image), self.stats)
+            responses.append(self._response(self.policy.default_tier, await Router(
+                self.policy, self.router.accepts_missing, self.router.learned).route(image, rows, uniform)))
+        return responses
 
     async def execute(self, requests: list) -> list:
+        if self.warm_up.take():
+            return await self._warm(requests)
         started = time.monotonic()
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
         images, sources, waits, row_contexts, owners, contexts = [], [], [], [], [], {}
@@ -61,8 +83,9 @@ class TritonPythonModel:
             try:  # one request's problem is answered for that request alone, never for its batch
                 context = parse_context(json.loads(request.parameters()), self.policy.default_tier)
                 stamp = pb_utils.get_input_tensor_by_name(request, "STAMP").as_numpy()
-                if not np.isfinite(stamp).all():
-                    raise ParameterError("STAMP must be finite")
+                source = pb_utils.get_input_tensor_by_name(request, "SOURCE").as_numpy()
+                if problem := ("STAMP must be finite" if not np.isfinite(stamp).all() else source_problem(source)):
+                    raise ParameterError(problem)
             except ParameterError as error:
                 responses[index] = _error(f"digits: {error}", pb_utils.TritonError.INVALID_ARG)
                 continue
@@ -79,7 +102,7 @@ class TritonPythonModel:
                 continue
             image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
             images.append(image)
-            sources.append(pb_utils.get_input_tensor_by_name(request, "SOURCE").as_numpy())
+            sources.append(source)
             waits.extend(self._wait_ms(float(s), started) for s in stamp.ravel())
             row_contexts.extend([context] * len(image))
             owners.extend([index] * len(image))

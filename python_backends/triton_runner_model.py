@@ -12,6 +12,7 @@ import triton_python_backend_utils as pb_utils
 from tierserve.batching import Rejected, infer_batched
 from tierserve.faults import FaultInjector, FaultSpec
 from tierserve.runners import load_runner
+from tierserve.warmup import WarmUp
 
 
 class TritonPythonModel:
@@ -19,20 +20,22 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         self.name = f"{args['model_name']}:{args['model_version']}"
-        parameters = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         # for the Python backend, model_repository is this model's own folder; a lane (reserved
         # capacity for one tier) serves the artifacts of the model named in its `serves` parameter
         model_dir = Path(args["model_repository"])
         if serves := parameters.get("serves"):
             model_dir = model_dir.parent / serves
         self.runner = load_runner(model_dir / args["model_version"])
+        self.warm_up = WarmUp(config)  # Triton's warm-up samples never meet an injected fault
         spec = FaultSpec.from_parameters(parameters)
         self.faults = FaultInjector(spec) if spec.active else None
         if self.faults:
             pb_utils.Logger.log_warn(f"{self.name}: fault injection is on: {spec}")
 
     def execute(self, requests: list) -> list:
-        if self.faults:
+        if not self.warm_up.take() and self.faults:
             time.sleep(self.faults.spec.latency_ms / 1000)
             if failure := self.faults.failure():
                 error = pb_utils.TritonError(f"{self.name}: {failure}", pb_utils.TritonError.INTERNAL)

@@ -11,15 +11,6 @@ OUTPUTS = ("LABEL", "PROBS", "CONFIDENCE", "ROUTE", "REASON", "PATH")
 MODEL = "digits"
 
 
-class TierserveError(RuntimeError):
-    """The server refused or failed a request. `status` is the gRPC status name or the HTTP code."""
-
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(f"{status}: {message}")
-        self.status = status
-        self.message = message
-
-
 @dataclass(frozen=True)
 class Classification:
     """One image's answer: the label, the class probabilities, and which route answered and why."""

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import concurrent.futures
 import importlib
-from collections.abc import Iterator
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
-from tritonclient.utils import InferenceServerException
 
-from tierserve.client.classification import (
-    MODEL,
-    OUTPUTS,
-    Classification,
-    TierserveError,
-    as_pixels,
-    decode,
-    request_parameters,
-)
+from tierserve.client.classification import MODEL, OUTPUTS, Classification, as_pixels, decode, request_parameters
+from tierserve.client.errors import call_errors
 from tierserve.signature import TIERS, triton_priority
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+DEFAULT_TIMEOUT_S = 10.0  # far above any answer the router gives (its SLOs are 50-500 ms), far below "hung"
 
 
 def _module(protocol: str, asyncio: bool) -> ModuleType:
@@ -30,6 +28,36 @@ def _module(protocol: str, asyncio: bool) -> ModuleType:
     if protocol not in DEFAULT_URLS:
         raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
     return importlib.import_module(f"tritonclient.{protocol}{'.aio' if asyncio else ''}")
+
+
+def _connection_errors(protocol: str, asyncio: bool) -> tuple[type[BaseException], ...]:
+    """What the transport raises, raw, for a connection it could not make or lost; gRPC says UNAVAILABLE itself."""
+    if protocol == "grpc":
+        return ()
+    if asyncio:
+        import aiohttp
+
+        return (aiohttp.ClientConnectionError, OSError)
+    from geventhttpclient.response import HTTPParseError
+
+    return (HTTPParseError, OSError)
+
+
+def _url(url: str | None, protocol: str) -> str:
+    if url and "://" in url:
+        raise ValueError(f"url is host:port, without a scheme, got {url!r}")
+    return url or DEFAULT_URLS[protocol]
+
+
+def _positive(timeout_s: float) -> float:
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"timeout_s must be a positive, finite number of seconds, got {timeout_s!r}")
+    return float(timeout_s)
+
+
+def _check_open(closed: bool) -> None:
+    if closed:
+        raise ValueError("classify on a closed client")
 
 
 def _request(module: ModuleType, images: Any, tier: str | None, user_id: str | None,
@@ -47,30 +75,119 @@ def _request(module: ModuleType, images: Any, tier: str | None, user_id: str | N
     }
 
 
-@contextlib.contextmanager
-def _server_errors() -> Iterator[None]:
-    try:
-        yield
-    except InferenceServerException as error:
-        raise TierserveError(str(error.status()), error.message() or str(error)) from None
+class _GrpcCalls:
+    """One tritonclient.grpc client for every thread: its channel is thread-safe and multiplexes their calls."""
 
+    def __init__(self, module: ModuleType, url: str) -> None:
+        self._client = module.InferenceServerClient(url)
 
-class TierserveClient:
-    """Blocking client: `TierserveClient("localhost:8001").classify(images, tier="critical")`."""
-
-    def __init__(self, url: str | None = None, protocol: str = "grpc") -> None:
-        self._module = _module(protocol, asyncio=False)
-        self._client = self._module.InferenceServerClient(url or DEFAULT_URLS[protocol])
-
-    def classify(self, images: np.ndarray, *, tier: str | None = None, user_id: str | None = None,
-                 deadline_ms: int | None = None) -> list[Classification]:
-        """Classify [N, H, W] images (or one [H, W]); raises TierserveError when the server refuses."""
-        request = _request(self._module, images, tier, user_id, deadline_ms)
-        with _server_errors():
-            return decode(self._client.infer(**request))
+    def infer(self, request: dict[str, Any], timeout_s: float) -> Any:
+        return self._client.infer(**request, client_timeout=timeout_s)
 
     def close(self) -> None:
         self._client.close()
+
+
+@dataclass
+class _Connection:
+    """One of _HttpCalls' threads: its tritonclient.http client (None until made or after a timeout) and the
+    gevent hub that client is bound to."""
+
+    hub: Any
+    client: Any = None
+
+
+class _HttpCalls:
+    """HTTP calls run on the client's own threads, each thread with its own tritonclient.http client.
+
+    A tritonclient.http client is bound to the gevent hub of the thread that made it (shared, it hangs), and its
+    timeouts apply per socket operation and are fixed at construction. So a gevent.Timeout bounds each call as a
+    whole, and a client it interrupts is replaced: its connection is mid-request. Threads of the client's own
+    bound the number of connections and let close() release each thread's hub, which a caller's thread that has
+    ended would leave open.
+    """
+
+    def __init__(self, module: ModuleType, url: str, max_connections: int) -> None:
+        self._module = module
+        self._url = url
+        self._threads = ThreadPoolExecutor(max_connections, thread_name_prefix="tierserve-http")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[_Connection] = []
+
+    def _infer(self, request: dict[str, Any], deadline: float) -> Any:
+        """On one of the client's threads: the call, through that thread's client, bounded by `deadline`."""
+        import gevent  # imported by tritonclient.http already; gRPC users never load it
+
+        connection: _Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = _Connection(gevent.get_hub())
+            with self._lock:
+                self._connections.append(connection)
+        if connection.client is None:
+            connection.client = self._module.InferenceServerClient(self._url)
+        timeout = gevent.Timeout(max(deadline - time.monotonic(), 0.0))
+        try:
+            with timeout:
+                return connection.client.infer(**request)
+        except gevent.Timeout as error:
+            if error is not timeout:
+                raise
+            connection.client.close()
+            connection.client = None
+            raise TimeoutError from None
+
+    def infer(self, request: dict[str, Any], timeout_s: float) -> Any:
+        call = self._threads.submit(self._infer, request, time.monotonic() + timeout_s)
+        try:
+            return call.result(timeout=timeout_s)  # the whole call, waiting for a free thread included
+        except concurrent.futures.TimeoutError:
+            call.cancel()  # not started: never sent; started: its own deadline ends it
+            raise TimeoutError from None
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:  # their threads have ended: gevent allows releasing the hubs from here
+            if connection.client is not None:
+                connection.client.close()
+            connection.hub.destroy(destroy_loop=True)
+
+
+class TierserveClient:
+    """Blocking client, safe to share between threads: `TierserveClient("localhost:8001").classify(images)`.
+
+    Every call is bounded by `timeout_s` seconds, and every failure (a refusal, no answer in time, no server)
+    raises TierserveError. Over gRPC all calls share one channel; over HTTP at most `max_connections` run at
+    once, each on its own connection, and the others wait for one (within their timeout).
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 max_connections: int = 8) -> None:
+        self._module = _module(protocol, asyncio=False)
+        self.url = _url(url, protocol)
+        self.protocol = protocol
+        self.timeout_s = _positive(timeout_s)
+        self._connection_errors = _connection_errors(protocol, asyncio=False)
+        self._calls = (_GrpcCalls(self._module, self.url) if protocol == "grpc"
+                       else _HttpCalls(self._module, self.url, max_connections))
+        self._closed = False
+
+    def classify(self, images: np.ndarray, *, tier: str | None = None, user_id: str | None = None,
+                 deadline_ms: int | None = None, timeout_s: float | None = None) -> list[Classification]:
+        """Classify [N, H, W] images (or one [H, W]); `timeout_s` overrides the client's for this call."""
+        _check_open(self._closed)
+        timeout_s = self.timeout_s if timeout_s is None else _positive(timeout_s)
+        request = _request(self._module, images, tier, user_id, deadline_ms)
+        with call_errors(self.protocol, self.url, timeout_s, self._connection_errors):
+            return decode(self._calls.infer(request, timeout_s))
+
+    def close(self) -> None:
+        """Close every connection, whichever thread used it; closing again does nothing."""
+        if not self._closed:
+            self._closed = True
+            self._calls.close()
 
     def __enter__(self) -> TierserveClient:
         return self
@@ -80,21 +197,36 @@ class TierserveClient:
 
 
 class AsyncTierserveClient:
-    """asyncio client: `await AsyncTierserveClient("localhost:8001").classify(images)`."""
+    """asyncio client: `await AsyncTierserveClient("localhost:8001").classify(images)`; timeouts and errors as
+    TierserveClient's."""
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc") -> None:
+    def __init__(self, url: str | None = None, protocol: str = "grpc", *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self._module = _module(protocol, asyncio=True)
-        self._client = self._module.InferenceServerClient(url or DEFAULT_URLS[protocol])
+        self.url = _url(url, protocol)
+        self.protocol = protocol
+        self.timeout_s = _positive(timeout_s)
+        self._connection_errors = _connection_errors(protocol, asyncio=True)
+        # HTTP: no session-wide bound (it would cut a longer per-call timeout short); asyncio.wait_for bounds calls
+        options = {"conn_timeout": None} if protocol == "http" else {}
+        self._client = self._module.InferenceServerClient(self.url, **options)
+        self._closed = False
 
     async def classify(self, images: np.ndarray, *, tier: str | None = None, user_id: str | None = None,
-                       deadline_ms: int | None = None) -> list[Classification]:
-        """Classify [N, H, W] images (or one [H, W]); raises TierserveError when the server refuses."""
+                       deadline_ms: int | None = None, timeout_s: float | None = None) -> list[Classification]:
+        """Classify [N, H, W] images (or one [H, W]); `timeout_s` overrides the client's for this call."""
+        _check_open(self._closed)
+        timeout_s = self.timeout_s if timeout_s is None else _positive(timeout_s)
         request = _request(self._module, images, tier, user_id, deadline_ms)
-        with _server_errors():
-            return decode(await self._client.infer(**request))
+        with call_errors(self.protocol, self.url, timeout_s, self._connection_errors):
+            if self.protocol == "grpc":
+                return decode(await self._client.infer(**request, client_timeout=timeout_s))
+            return decode(await asyncio.wait_for(self._client.infer(**request), timeout_s))
 
     async def close(self) -> None:
-        await self._client.close()
+        if not self._closed:
+            self._closed = True
+            await self._client.close()
 
     async def __aenter__(self) -> AsyncTierserveClient:
         return self

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from grpc import StatusCode
 
 from tierserve.client import AsyncTierserveClient, TierserveClient, TierserveError
 from tierserve.faults import FaultSpec
@@ -83,7 +84,7 @@ def test_critical_requests_overtake_a_best_effort_flood_and_are_never_shed(tiere
     shed = [result for _, _, result in flood if isinstance(result, Exception)]
     assert shed, "the flood is overload for this server: some best_effort work is shed"
     for error in shed:
-        assert error.status == "StatusCode.UNAVAILABLE"
+        assert error.status == StatusCode.UNAVAILABLE
         assert "best_effort request shed: router queue wait" in error.message and "sheds best_effort" in error.message
 
 

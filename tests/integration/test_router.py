@@ -134,7 +134,7 @@ def test_any_size_from_4x4_to_64x64_is_accepted(client: TierserveClient, split: 
 
 @pytest.mark.parametrize(("parameters", "message"), [
     ({"tier": "gold"}, "parameter 'tier' must be one of critical, standard, best_effort, got 'gold'"),
-    ({"deadline_ms": -3}, "parameter 'deadline_ms' must be a positive integer, got -3"),
+    ({"deadline_ms": -3}, "parameter 'deadline_ms' must be a positive integer up to 3600000, got -3"),
 ])
 def test_a_bad_parameter_is_rejected_by_name(client: TierserveClient, split: DigitsSplit, parameters, message):
     with pytest.raises(TierserveError) as caught:

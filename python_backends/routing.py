@@ -215,24 +215,27 @@ class Router:
         return verdicts
 
     async def route(self, images: np.ndarray, signatures: list[Signature], infer: InferFn,
-                    waits_ms: Sequence[float] = ()) -> list[Answer | Shed | str]:
+                    waits_ms: Sequence[float] = (), spent_ms: Sequence[float] = ()) -> list[Answer | Shed | str]:
         """An Answer per row, Shed for a row refused under load, or the error that left a row unanswered.
 
-        Each row must be answered within its deadline_ms, or its tier's SLO when it sent none.
-        `waits_ms[i]` is how long row i's request queued for the router (none given: no wait); the caller
-        feeds the load gauge (`self.load.observe`)."""
+        Each row must be answered within its deadline_ms, or its tier's SLO when it sent none, counted from
+        when the server started on its request: `spent_ms[i]` of row i's budget went before the router (none
+        given: nothing). `waits_ms[i]` is how long row i's request queued for the router because of load
+        (none given: no wait); the caller feeds the load gauge (`self.load.observe`)."""
         start = self.clock()
         waits = list(waits_ms) or [0.0] * len(signatures)
+        spent = list(spent_ms) or [0.0] * len(signatures)
         results: list[Answer | Shed | str] = [""] * len(signatures)
         rows, kept = [], []
-        for index, (signature, wait_ms) in enumerate(zip(signatures, waits, strict=True)):
+        for index, (signature, wait_ms, spent_before_ms) in enumerate(zip(signatures, waits, spent, strict=True)):
             action, why = self.load.action(signature.tier, wait_ms)
             if action == SHED:
                 results[index] = Shed(why)
                 continue
             decision = self.decide(signature)
             budget_ms = signature.deadline_ms or self.policy.tiers[signature.tier].slo_ms
-            row = _Row(decision, signature, start + budget_ms / 1000, degraded=why if action == DEGRADE else "")
+            deadline = start + (budget_ms - spent_before_ms) / 1000
+            row = _Row(decision, signature, deadline, degraded=why if action == DEGRADE else "")
             self._send(row, [decision.route, *self.policy.chain(decision.route)])
             rows.append(row)
             kept.append(index)

@@ -23,8 +23,12 @@ class TritonPythonModel:
         self.board = LoadBoard(server_scratch(os.getppid()))
 
     def execute(self, requests: list) -> list:
-        posted = self.board.read(time.monotonic())  # once per execute; tiers are read only while shedding
-        return [(posted.level and self._shed(request, posted)) or self._preprocess(request) for request in requests]
+        # The earliest moment tierserve sees a request: deadlines and SLO latencies count from here. (Triton
+        # 2.51 tells a Python model nothing of when the request arrived, so the wait for this step is outside.)
+        received = time.monotonic()
+        posted = self.board.read(received)  # once per execute; tiers are read only while shedding
+        return [(posted.level and self._shed(request, posted)) or self._preprocess(request, received)
+                for request in requests]
 
     @staticmethod
     def _shed(request, posted: Posted) -> pb_utils.InferenceResponse | None:
@@ -34,13 +38,13 @@ class TritonPythonModel:
                 error=pb_utils.TritonError(shed_message(tier, why), pb_utils.TritonError.UNAVAILABLE))
         return None
 
-    def _preprocess(self, request) -> pb_utils.InferenceResponse:
+    def _preprocess(self, request, received: float) -> pb_utils.InferenceResponse:
         pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS").as_numpy()
         if problem := size_problem(pixels.shape) or infinity_problem(pixels):
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(problem, pb_utils.TritonError.INVALID_ARG))
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("IMAGE", resize_to_native(pixels)),
             pb_utils.Tensor("SOURCE", source_stats(pixels)),
-            # the system-wide monotonic clock: the router measures how long the request waited for it
-            pb_utils.Tensor("STAMP", np.full((len(pixels), 1), time.monotonic(), np.float64)),
+            # the system-wide monotonic clock: the router counts budgets and its queue wait from it
+            pb_utils.Tensor("STAMP", np.full((len(pixels), 1), received, np.float64)),
         ])

@@ -43,8 +43,9 @@ class RouterMetrics:
         kind = pb_utils.MetricFamily
         self.rows = _Family("tierserve_rows_total", "Rows by tier, the model that answered, and outcome "
                             "(direct, fallback, degraded, shed, failed)", kind.COUNTER, instance)
-        self.latency = _Family("tierserve_request_latency_seconds", "Time in the router per request, by tier and "
-                               "the model that answered its first row", kind.HISTOGRAM, instance, LATENCY_BUCKETS_S)
+        self.latency = _Family("tierserve_request_latency_seconds", "Time per request from preprocess to the "
+                               "router's answer, by tier and the model that answered its first row", kind.HISTOGRAM,
+                               instance, LATENCY_BUCKETS_S)
         self.misses = _Family("tierserve_slo_misses_total", "Requests answered after their deadline or tier SLO",
                               kind.COUNTER, instance)
         self.burn = _Family("tierserve_error_budget_burn", "SLO misses over the budgeted share in the last 60 s "
@@ -61,14 +62,14 @@ class RouterMetrics:
         for model in models:
             self.breaker(model=model).set(BREAKER_VALUES[CLOSED])
 
-    def requests(self, outcomes: Iterable[tuple[str, list[Answer | Shed | str], float]], seconds: float) -> None:
-        """One execute's requests as (tier, answers, budget_ms), all `seconds` in the router. Counts are summed
-        per series first (each metric update is a message to tritonserver); a shed request counts as shed,
-        not as an SLO miss."""
+    def requests(self, outcomes: Iterable[tuple[str, list[Answer | Shed | str], float, float]]) -> None:
+        """One execute's requests as (tier, answers, budget_ms, seconds since the server started on it: the
+        wait for the router included). Counts are summed per series first (each metric update is a message to
+        tritonserver); a shed request counts as shed, not as an SLO miss."""
         rows: Counter[tuple[str, str, str]] = Counter()
         met: Counter[str] = Counter()
         missed: Counter[str] = Counter()
-        for tier, answers, budget_ms in outcomes:
+        for tier, answers, budget_ms, seconds in outcomes:
             for answer in answers:
                 if isinstance(answer, Answer):
                     rows[tier, answer.route, answer.outcome] += 1

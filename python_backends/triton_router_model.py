@@ -76,8 +76,10 @@ class TritonPythonModel:
             return await self._warm(requests)
         started = time.monotonic()
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
-        images, sources, waits, row_contexts, owners, contexts = [], [], [], [], [], {}
-        outcomes: list[tuple[str, list[Answer | Shed | str], float]] = []  # (tier, answers, budget_ms) per request
+        images, sources, waits, spent, row_contexts, owners, contexts = [], [], [], [], [], [], {}
+        received: dict[int, float] = {}  # per request: when preprocess started on it (monotonic clock)
+        # per request: (tier, answers, budget_ms, seconds since it was received)
+        outcomes: list[tuple[str, list[Answer | Shed | str], float, float]] = []
         longest_wait_ms = 0.0
         for index, request in enumerate(requests):
             try:  # one request's problem is answered for that request alone, never for its batch
@@ -98,12 +100,14 @@ class TritonPythonModel:
             action, why = self.router.load.action(context.tier, wait_ms)
             if action == SHED:  # refused before its images are read: shedding must cost little
                 responses[index] = self._response(context.tier, [Shed(why)])
-                outcomes.append((context.tier, [Shed(why)] * len(stamp), 0.0))
+                outcomes.append((context.tier, [Shed(why)] * len(stamp), 0.0, 0.0))
                 continue
+            received[index] = min(float(stamp.min()), started)
             image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
             images.append(image)
             sources.append(source)
             waits.extend(self._wait_ms(float(s), started) for s in stamp.ravel())
+            spent.extend([(started - received[index]) * 1000] * len(image))
             row_contexts.extend([context] * len(image))
             owners.extend([index] * len(image))
             contexts[index] = context
@@ -112,24 +116,27 @@ class TritonPythonModel:
                                                  if self.router.load.action(tier, gauge)[0] == SHED], started)
         if images:
             try:
-                answers = await self._route(images, sources, row_contexts, waits)
+                answers = await self._route(images, sources, row_contexts, waits, spent)
             except Exception as error:  # a bug must not show a traceback to clients
                 pb_utils.Logger.log_error(f"router: routing failed: {error!r}")
                 answers = ["the router failed on this batch (see the server log)"] * len(owners)
             owners_arr = np.asarray(owners)
+            finished = time.monotonic()
             for index, context in contexts.items():
                 mine = [answers[i] for i in np.flatnonzero(owners_arr == index)]
                 responses[index] = self._response(context.tier, mine)
-                outcomes.append((context.tier, mine, context.deadline_ms or self.policy.tiers[context.tier].slo_ms))
+                outcomes.append((context.tier, mine, context.deadline_ms or self.policy.tiers[context.tier].slo_ms,
+                                 finished - received[index]))
         if outcomes:
-            self.metrics.requests(outcomes, time.monotonic() - started)
+            self.metrics.requests(outcomes)
             self.metrics.state(self.router.breakers, self.router.load.wait_ms)
         return responses
 
-    async def _route(self, images: list[np.ndarray], sources: list[np.ndarray], contexts: list, waits: list[float]):
+    async def _route(self, images: list[np.ndarray], sources: list[np.ndarray], contexts: list, waits: list[float],
+                     spent: list[float]):
         batch = np.concatenate(images)
         rows = signatures(batch, np.concatenate(sources), contexts, self.stats)
-        return await self.router.route(batch, rows, self._infer, waits_ms=waits)
+        return await self.router.route(batch, rows, self._infer, waits_ms=waits, spent_ms=spent)
 
     def _wait_ms(self, stamp: float, started: float) -> float:
         """How long a request queued for the router because of load: its wait since `preprocess` stamped it,

@@ -446,3 +446,11 @@ def test_the_stall_log_counts_overlapping_stalls_once():
     assert log.overlap(0.0, 10.0) == pytest.approx(3.0)
     assert log.overlap(2.5, 5.5) == pytest.approx(1.0)
     assert log.overlap(3.0, 5.0) == 0.0
+
+
+def test_the_budget_counts_from_when_the_server_started_on_the_request():
+    clock = Clock()
+    router = _chained_router(clock)
+    models = FakeModels(clock=clock)
+    asyncio.run(router.route(_images(0.9), [_signature(deadline_ms=100)], models, spent_ms=[70.0]))
+    assert models.timeouts[0] == pytest.approx(0.030), "70 ms of the 100 ms went before the router"

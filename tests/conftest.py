@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from tierserve.tools.build_models import build_all
 from tierserve.tools.dataset import DigitsSplit, load_split
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 from tierserve.tools.server import Ports, ServerError, TritonServer
+from tierserve.tools.supervisor import Supervisor
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -33,17 +35,24 @@ def model_repository() -> Path:
 
 
 @pytest.fixture(scope="session")
-def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """A real tritonserver on free ports serving the model repository, for the whole session."""
+def supervisor(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
+    """A real tritonserver on free ports serving the model repository, for the whole session, supervised: a
+    test that kills a stub or the server leaves a healed server to the tests after it."""
     workdir = tmp_path_factory.mktemp("triton")
     log_path = workdir / "tritonserver.log"
     with log_path.open("wb") as log:
-        server = TritonServer(model_repository, Ports.free(), workdir, output=log)
-        server.start()
+        supervisor = Supervisor(TritonServer(model_repository, Ports.free(), workdir, output=log),
+                                report=lambda event: print(f"supervisor: {event}", file=sys.stderr))
         try:
-            server.wait_ready()
+            supervisor.start()
         except ServerError as error:
-            server.stop()
+            supervisor.stop()
             pytest.fail(f"{error}\n--- tritonserver log ---\n{log_path.read_text()[-5000:]}")
-        yield server
-        server.stop()
+        yield supervisor
+        supervisor.stop()
+
+
+@pytest.fixture(scope="session")
+def triton(supervisor: Supervisor) -> TritonServer:
+    """The session's server: the same object (URLs, ports, admin key) across restarts."""
+    return supervisor.server

@@ -1,4 +1,5 @@
-"""`tierserve serve`: build missing models, run tritonserver in the foreground, stop cleanly on Ctrl-C."""
+"""`tierserve serve`: build missing models, run tritonserver in the foreground under supervision (a crashed
+server is restarted, a model whose stub died is reloaded), stop cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from types import FrameType
 from tierserve.tools.build_models import build_all
 from tierserve.tools.paths import ADMIN_KEY_ENV, ADMIN_KEY_FILE, RUNTIME_DIR
 from tierserve.tools.server import ADMIN_HEADER, Ports, ServerError, TritonServer
+from tierserve.tools.supervisor import Event, Supervisor
 
 
 def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -41,19 +43,25 @@ def _banner(server: TritonServer) -> str:
     ])
 
 
+def _print_event(event: Event) -> None:
+    print(f"tierserve: {event}", file=sys.stderr, flush=True)
+
+
 def serve(args: argparse.Namespace) -> int:
-    """Run tritonserver until it exits or is interrupted; the exit code is tritonserver's (0 on Ctrl-C)."""
+    """Run tritonserver until interrupted (exit code 0) or until it crashes too often to restart (1)."""
     if not args.no_build:
         build_all(args.model_repository)
     server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
                           RUNTIME_DIR, tritonserver=args.tritonserver, log_verbose=args.log_verbose,
                           admin_key=_admin_key())
+    supervisor = Supervisor(server, report=_print_event)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        server.start()
-        server.wait_ready()
+        supervisor.start()
         print(_banner(server), flush=True)
-        return server.wait()
+        while (code := supervisor.wait(timeout_s=1.0)) is None:
+            pass  # short waits: Ctrl-C and SIGTERM are handled between them
+        return code
     except KeyboardInterrupt:
         print("tierserve: stopping tritonserver", flush=True)
         return 0
@@ -61,4 +69,4 @@ def serve(args: argparse.Namespace) -> int:
         print(f"tierserve: {error}", file=sys.stderr)
         return 1
     finally:
-        server.stop()
+        supervisor.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -15,7 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from tierserve.load_board import server_scratch
 from tierserve.tools.triton_install import assemble_backend_directory, embedded_install, server_environment
@@ -23,10 +24,12 @@ from tierserve.tools.triton_install import assemble_backend_directory, embedded_
 SHM_DIR = Path("/dev/shm")
 EXIT_TIMEOUT_S = 10  # how long tritonserver lets in-flight requests finish after SIGTERM
 ADMIN_HEADER = "tierserve-admin-key"  # the header the model repository API (load/unload) requires
+LOAD_TIMEOUT_S = 120  # a model load returns once every instance has initialized
+STUB_EXECUTABLE = b"/triton_python_backend_stub"  # the program of every Python backend stub process
 
 
 class ServerError(RuntimeError):
-    """tritonserver could not be started or did not become ready."""
+    """tritonserver could not be started, did not become ready, or refused a model repository request."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,25 @@ class Ports:
         return taken
 
 
+@dataclass(frozen=True)
+class Stub:
+    """One Python backend stub process: the model instance it runs, as its command line names it."""
+
+    pid: int
+    model: str
+    version: str
+    instance: str  # Triton's instance name, e.g. "preprocess_0_1"
+
+    @classmethod
+    def from_argv(cls, pid: int, argv: list[str]) -> Stub | None:
+        """Read `<stub> <repository>/<model>/<version>/model.py <shm region> ... <instance> <runtime dir>`
+        (the Python backend's launch line, the same from Triton 2.51 to 2.64); None for another layout."""
+        if len(argv) < 4 or not argv[1].endswith("/model.py"):
+            return None
+        version_dir = Path(argv[1]).parent
+        return cls(pid, version_dir.parent.name, version_dir.name, argv[-2])
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM it if the launcher dies, so no tritonserver is orphaned."""
     pr_set_pdeathsig = 1
@@ -82,6 +104,11 @@ class TritonServer:
         self.shm_prefix = f"tierserve_{os.getpid()}_{ports.http}_"
         self._process: subprocess.Popen[bytes] | None = None
         self.swept_shm_regions: list[Path] = []  # regions tritonserver left behind and stop() removed
+
+    @property
+    def pid(self) -> int | None:
+        """tritonserver's process id (of the latest start), None before the first start."""
+        return None if self._process is None else self._process.pid
 
     @property
     def http_url(self) -> str:
@@ -134,17 +161,34 @@ class TritonServer:
             if self._process is None or self._process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.returncode} before it was ready; "
                                   "its log says why")
-            if self._get("/v2/health/ready") == 200:
+            if self.is_ready():
                 return
             time.sleep(0.2)
         raise ServerError(f"tritonserver was not ready within {timeout_s:.0f} s")
 
+    def is_ready(self) -> bool:
+        """Whether /v2/health/ready answers 200 now: the server is up and calls every model READY."""
+        return self._get("/v2/health/ready") == 200
+
     def models(self) -> list[dict[str, str]]:
         """The repository index as the server reports it: name, version, state of each model."""
-        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST",
-                                         headers={ADMIN_HEADER: self.admin_key})
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read())
+        return self._call("/v2/repository/index", {}, timeout_s=5)
+
+    def model_ready(self, model: str, version: str) -> bool | None:
+        """Whether /v2/models/<model>/versions/<version>/ready answers 200; None when the server did not answer.
+        Triton 2.51 answers 200 for a model whose stub died; 2.64 (NGC 25.12) and later do not."""
+        status = self._get(f"/v2/models/{model}/versions/{version}/ready")
+        return None if status is None else status == 200
+
+    def model_config(self, model: str) -> dict:
+        """The configuration the server runs `model` with (model_config.proto as JSON)."""
+        return self._call(f"/v2/models/{model}/config", timeout_s=5)
+
+    def load(self, model: str, config: dict) -> None:
+        """Load `model` with this configuration in place of its config.pbtxt; if that fails, the loaded version
+        keeps serving and ServerError carries the server's reason."""
+        self._call(f"/v2/repository/models/{model}/load", {"parameters": {"config": json.dumps(config)}},
+                   timeout_s=LOAD_TIMEOUT_S)
 
     def wait(self) -> int:
         assert self._process is not None, "start() first"
@@ -155,7 +199,8 @@ class TritonServer:
         return None if self._process is None else self._process.poll()
 
     def stop(self) -> None:
-        """SIGTERM, let in-flight work drain, SIGKILL the process group if it hangs, then sweep shared memory."""
+        """SIGTERM, let in-flight work drain, SIGKILL the process group if it hangs, then end the stubs a crashed
+        server left running and sweep its shared memory and scratch space. Safe to call on a dead server."""
         process = self._process
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -164,6 +209,7 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        self._end_orphaned_stubs()
         self.swept_shm_regions = sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
         for region in self.swept_shm_regions:
             region.unlink(missing_ok=True)
@@ -176,17 +222,40 @@ class TritonServer:
         return own + self.stub_pids()
 
     def stub_pids(self, model: str = "") -> list[int]:
-        """PIDs of this server's Python stub processes, of one model or of all."""
+        """PIDs of this server's Python stub processes, of one model ("preprocess"), one version
+        ("digits_heavy/2") or of all."""
         marker = f"/{model}/".encode() if model else b""
-        pids = []
+        return [pid for pid, cmdline in self._stub_cmdlines() if marker in cmdline]
+
+    def stubs(self) -> list[Stub]:
+        """This server's running Python stubs, each with the model instance it runs."""
+        found = (Stub.from_argv(pid, cmdline.decode(errors="replace").split("\0")[:-1])
+                 for pid, cmdline in self._stub_cmdlines())
+        return [stub for stub in found if stub is not None]
+
+    def _stub_cmdlines(self) -> list[tuple[int, bytes]]:
+        """(pid, NUL-separated command line) of each live stub process with this launcher's shm prefix
+        (tritonserver's own command line carries the prefix too). A stub that died but is not reaped yet (a
+        zombie) has an empty command line, so it is not listed."""
+        found = []
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
                 text = cmdline.read_bytes()
             except OSError:
                 continue  # the process ended while we looked
-            if self.shm_prefix.encode() in text and marker in text:
-                pids.append(int(cmdline.parent.name))
-        return pids
+            if self.shm_prefix.encode() in text and text.split(b"\0", 1)[0].endswith(STUB_EXECUTABLE):
+                found.append((int(cmdline.parent.name), text))
+        return found
+
+    def _end_orphaned_stubs(self, timeout_s: float = 5.0) -> None:
+        """SIGKILL the stubs of a server that is gone. They would hold the server's inherited sockets and shared
+        memory, and a restarted server reuses the same shm prefix, so they must not outlive it."""
+        deadline = time.monotonic() + timeout_s
+        while (pids := self.stub_pids()) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
 
     def __enter__(self) -> TritonServer:
         self.start()
@@ -196,8 +265,27 @@ class TritonServer:
         self.stop()
 
     def _get(self, path: str) -> int | None:
+        """The HTTP status of GET `path`, None when the server did not answer."""
         try:
             with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as response:
                 return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return None
+
+    def _call(self, path: str, body: dict | None = None, *, timeout_s: float) -> Any:
+        """GET `path` (POST `body` when given) with the admin key; the JSON answer, or ServerError with the
+        server's message."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://{self.http_url}{path}", data=data,
+                                         method="GET" if body is None else "POST",
+                                         headers={ADMIN_HEADER: self.admin_key})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                answer = response.read()
+        except urllib.error.HTTPError as error:  # Triton's body is {"error": "<why>"}
+            raise ServerError(f"{path}: {error.code} {error.read().decode(errors='replace')}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            raise ServerError(f"{path}: tritonserver did not answer ({error})") from None
+        return json.loads(answer) if answer else None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tierserve.pixels import pixel_problem
+from tierserve.pixels import bounded, pixel_problem
 from tierserve.runners import Runner
 
 
@@ -27,7 +27,15 @@ def infer_batched(runner: Runner, batches: Sequence[np.ndarray]) -> list[np.ndar
     problems = [pixel_problem(batch, runner.accepts_missing) for batch in batches]
     valid = [batch for batch, problem in zip(batches, problems, strict=True) if problem is None]
     if valid:
-        probs = runner.infer(np.concatenate(valid).astype(np.float32, copy=False))
+        probs = runner.infer(bounded(np.concatenate(valid).astype(np.float32, copy=False)))
         split_at = np.cumsum([len(batch) for batch in valid])[:-1]
         answers = iter(np.split(probs, split_at))
-    return [Rejected(problem) if problem else next(answers) for problem in problems]
+    return [Rejected(problem) if problem else _finite(next(answers)) for problem in problems]
+
+
+def _finite(probs: np.ndarray) -> np.ndarray | Rejected:
+    """A request's probabilities, or its refusal: NaN or infinite probabilities are never an answer."""
+    if np.isfinite(probs).all():
+        return probs
+    return Rejected(f"the model's probabilities for {int((~np.isfinite(probs).all(axis=1)).sum())} image(s) are "
+                    "not finite; pixels should be 0-16")

@@ -7,6 +7,13 @@ import numpy as np
 IMAGE_SHAPE = (8, 8)
 NUM_CLASSES = 10
 PIXEL_MAX = 16.0
+PIXEL_BOUND = 1e6  # models see pixels clipped to +-this: any finite image gets finite probabilities
+
+
+def bounded(pixels: np.ndarray) -> np.ndarray:
+    """Pixels clipped to +-PIXEL_BOUND (NaN stays NaN). Values like 1e38 overflow a model's arithmetic into NaN;
+    far past 0-16 either way, the clipped image reads the same to every model."""
+    return np.clip(pixels, -PIXEL_BOUND, PIXEL_BOUND)
 
 
 def pixel_problem(pixels: np.ndarray, accepts_missing: bool) -> str | None:

@@ -54,3 +54,22 @@ def test_no_runner_call_when_every_request_is_rejected():
     assert runner.calls == []
     assert "infinite" in results[0].message
     assert "shape [N, 8, 8]" in results[1].message
+
+
+def test_extreme_finite_pixels_never_come_back_as_nan_and_non_finite_answers_are_refused():
+    class Overflowing:
+        accepts_missing = False
+
+        def infer(self, pixels):
+            probs = np.full((len(pixels), 10), 0.1, np.float32)
+            probs[np.abs(pixels).max(axis=(1, 2)) > 1e30] = np.nan  # what 1e38 did to the ONNX models
+            probs[pixels[:, 0, 0] == -7] = np.inf
+            return probs
+
+    extreme = np.zeros((1, 8, 8), np.float32)
+    extreme[0, 3, 3] = 1e38
+    broken = np.full((1, 8, 8), -7, np.float32)
+    answers = infer_batched(Overflowing(), [extreme, broken, np.zeros((2, 8, 8), np.float32)])
+    assert np.isfinite(answers[0]).all(), "models see pixels bounded to +-1e6"
+    assert isinstance(answers[1], Rejected) and "not finite" in answers[1].message
+    assert answers[2].shape == (2, 10)

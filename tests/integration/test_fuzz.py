@@ -37,6 +37,12 @@ def _finite_outputs(outputs: list[dict]) -> bool:
                if o["datatype"] in ("FP32", "FP64"))
 
 
+def _crashes_the_http_front_end(case: Case) -> bool:
+    """A dimension of 2**31 or more crashes Triton 2.51's HTTP front end itself (README, Errors: supervision
+    restarts it, test_supervision); over gRPC the same shapes are refused."""
+    return any(dim >= 2**31 for _, _, shape, _ in case.inputs for dim in shape)
+
+
 def _http(server: TritonServer, case: Case) -> str | None:
     """What is wrong with the server's answer to `case` over HTTP, or None."""
     connection = http.client.HTTPConnection(server.http_url, timeout=TIMEOUT_S)
@@ -104,8 +110,7 @@ def test_malformed_requests_are_refused_one_by_one_and_nothing_is_lost(triton: T
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     for case in cases(SEED, COUNT):
         sent += 1
-        # odd dims crash Triton 2.51's HTTP front end itself (README, Errors; test_supervision restarts it)
-        if case.kind != "odd_dims" and (problem := _http(triton, case)):
+        if not _crashes_the_http_front_end(case) and (problem := _http(triton, case)):
             problems.append(f"http {case.kind} {case.model} {[i[1:3] for i in case.inputs]} "
                             f"{str(case.parameters)[:80]}: {problem}")
         if case.raw_body is None:

@@ -1,6 +1,6 @@
-"""Supervision against a real tritonserver of its own: a dead Python stub of any model is replaced without
-traffic, a crashed tritonserver is restarted on the same ports, a crash loop is given up loudly, and
-reloads or unloads someone else asked for are not mistaken for deaths."""
+"""Supervision against real tritonservers of its own (and the suite's shared one): a dead Python stub of any
+model is replaced without traffic, a crashed tritonserver is restarted on the same ports, a crash loop is
+given up loudly, and reloads or unloads someone else asked for are not mistaken for deaths."""
 
 from __future__ import annotations
 

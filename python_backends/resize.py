@@ -7,12 +7,15 @@ import numpy as np
 from tierserve.pixels import IMAGE_SHAPE
 
 MIN_SIDE, MAX_SIDE = 4, 64
+MAX_IMAGES = 64  # max_batch_size of digits and preprocess
 
 
 def size_problem(shape: tuple[int, ...]) -> str | None:
     """Say what is wrong with a batch shape [N, H, W], or None when it can be resized."""
     if len(shape) != 3:
         return f"PIXELS must have shape [N, H, W], got {list(shape)}"
+    if not 1 <= shape[0] <= MAX_IMAGES:
+        return f"PIXELS must hold 1 to {MAX_IMAGES} images, got {shape[0]}"
     height, width = shape[1:]
     if not (MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE):
         return f"PIXELS images must be {MIN_SIDE}x{MIN_SIDE} to {MAX_SIDE}x{MAX_SIDE}, got {height}x{width}"

@@ -49,6 +49,8 @@ def test_missing_pixels_are_left_out_and_stay_missing_only_when_all_are_missing(
     ((1, 3, 8), "PIXELS images must be 4x4 to 64x64, got 3x8"),
     ((1, 8, 65), "PIXELS images must be 4x4 to 64x64, got 8x65"),
     ((1, 64), "PIXELS must have shape [N, H, W], got [1, 64]"),
+    ((0, 8, 8), "PIXELS must hold 1 to 64 images, got 0"),
+    ((65, 8, 8), "PIXELS must hold 1 to 64 images, got 65"),
 ])
 def test_unusable_sizes_are_named(shape, problem):
     assert size_problem(shape) == problem

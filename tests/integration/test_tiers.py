@@ -19,6 +19,7 @@ from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.model_control import ModelControl
 from tierserve.tools.repository_variants import policy_variant, shipped_policy
 from tierserve.tools.server import Ports, TritonServer
+from tierserve.tools.workload import noisy
 
 from .prometheus import metric_values
 
@@ -89,8 +90,11 @@ def test_critical_requests_overtake_a_best_effort_flood_and_are_never_shed(tiere
 
 
 def test_degraded_best_effort_answers_say_so(model_repository: Path, tmp_path: Path, split: DigitsSplit):
+    # noisy images, so that most rows want the escalation that degradation skips; a flood long enough for the
+    # load gauge to stay past the threshold for sustain_s on a warm server
+    images = noisy(split.test.images, sigma=4.0, seed=5)
     with _server(model_repository, tmp_path, DEGRADING) as server:
-        flood, _ = asyncio.run(_flood(server.grpc_url, split.test.images, best_effort=300, critical=1))
+        flood, _ = asyncio.run(_flood(server.grpc_url, images, best_effort=600, critical=1))
     answers = [answer for _, _, result in flood if not isinstance(result, Exception) for answer in result]
     degraded = [a for a in answers if "escalation skipped, degraded: router queue wait" in a.reason]
     assert degraded and all(a.path == "digits_light:1 ok" for a in degraded)

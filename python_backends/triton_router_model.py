@@ -25,6 +25,8 @@ from tierserve.signature import RequestContext, signatures
 from tierserve.triton_router_metrics import RouterMetrics
 from tierserve.warmup import WarmUp
 
+IDLE_S = 0.25  # an instance without an execute for this long reports no queue wait
+
 
 def _error(message: str, code: int) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
@@ -54,6 +56,19 @@ class TritonPythonModel:
                              trip=lambda model, why: self.router.breakers[model].trip(why), reload=self._reload)
         self.metrics = RouterMetrics(self.policy.callable_models, self.policy.tiers, args["model_instance_name"])
         self.warm_up = WarmUp(json.loads(args["model_config"]))
+        self._last_execute: float | None = time.monotonic()  # when the latest execute ended; None during one
+        self._stopping = threading.Event()
+        threading.Thread(target=self._report_idle, name="router-idle-gauge", daemon=True).start()
+
+    def _report_idle(self) -> None:
+        """An instance Triton sends nothing has nobody waiting for it: its load gauge falls to zero (and its
+        metric with it) instead of showing the last flood's wait for as long as it stays idle."""
+        while not self._stopping.wait(IDLE_S):
+            if self._last_execute is not None and time.monotonic() - self._last_execute >= IDLE_S:
+                self.metrics.state(self.router.breakers, self.router.load.observe(0.0))
+
+    def finalize(self) -> None:
+        self._stopping.set()
 
     async def _warm(self, requests: list) -> list:
         """A warm-up execute: the whole decision path on the samples, answered as the safe default would be
@@ -74,6 +89,7 @@ class TritonPythonModel:
     async def execute(self, requests: list) -> list:
         if self.warm_up.take():
             return await self._warm(requests)
+        self._last_execute = None  # busy: not idle, however long this execute takes
         started = time.monotonic()
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
         images, sources, waits, spent, row_contexts, owners, contexts = [], [], [], [], [], [], {}
@@ -130,6 +146,7 @@ class TritonPythonModel:
         if outcomes:
             self.metrics.requests(outcomes)
             self.metrics.state(self.router.breakers, self.router.load.wait_ms)
+        self._last_execute = time.monotonic()
         return responses
 
     async def _route(self, images: list[np.ndarray], sources: list[np.ndarray], contexts: list, waits: list[float],

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from harness import running_server
 
+from tierserve.load_board import server_scratch
+from tierserve.seal import LANE_TOKEN_PARAMETER, lane_token, server_secret
 from tierserve.tools.dataset import load_split
 from tierserve.tools.open_loop import OpenLoopResult, kserve_request, run_open_loop
 from tierserve.tools.paths import DEFAULT_REPOSITORY
@@ -97,7 +99,9 @@ def main() -> None:
             priority_run = overload(server, flood, OVERLOAD * sustained, critical)
         with running_server() as server:
             flood, critical = _request(server, images, "best_effort", 3), _request(server, images, "critical", 1)
-            lane = kserve_request(server.http_url, "digits_light_critical", images, {})
+            # the floor needs the router's lane token: lanes refuse other callers (the operator may read it)
+            token = lane_token(server_secret(server_scratch(server.pid)))
+            lane = kserve_request(server.http_url, "digits_light_critical", images, {LANE_TOKEN_PARAMETER: token})
             (lane_unloaded,) = _streams(server, [(lane, CRITICAL_RATE, 0.0, RUN_S)])
             *router_run, lane_loaded = overload(server, flood, OVERLOAD * sustained, critical, lane)
     base_p50, base_p99, _ = _percentiles(unloaded)

@@ -13,6 +13,7 @@ from tierserve.load_board import LoadBoard, Posted, server_scratch
 from tierserve.load_shedding import shed_message
 from tierserve.pixels import infinity_problem
 from tierserve.resize import resize_to_native, size_problem, source_stats
+from tierserve.seal import seal_rows, server_secret
 
 
 class TritonPythonModel:
@@ -20,7 +21,9 @@ class TritonPythonModel:
     of a tier the router is shedding (tierserve.load_board) is refused here, before any work."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        self.board = LoadBoard(server_scratch(os.getppid()))
+        scratch = server_scratch(os.getppid())  # shared by this server's stubs (their parent is tritonserver)
+        self.board = LoadBoard(scratch)
+        self.secret = server_secret(scratch)
 
     def execute(self, requests: list) -> list:
         # The earliest moment tierserve sees a request: deadlines and SLO latencies count from here. (Triton
@@ -42,9 +45,13 @@ class TritonPythonModel:
         pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS").as_numpy()
         if problem := size_problem(pixels.shape) or infinity_problem(pixels):
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(problem, pb_utils.TritonError.INVALID_ARG))
+        image, source = resize_to_native(pixels), source_stats(pixels)
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("IMAGE", resize_to_native(pixels)),
-            pb_utils.Tensor("SOURCE", source_stats(pixels)),
+            pb_utils.Tensor("IMAGE", image),
+            pb_utils.Tensor("SOURCE", source),
             # the system-wide monotonic clock: the router counts budgets and its queue wait from it
             pb_utils.Tensor("STAMP", np.full((len(pixels), 1), received, np.float64)),
+            # only rows sealed here pass the router: a direct caller cannot forge a stamp, facts or pixels
+            pb_utils.Tensor("SEAL", np.array([[seal] for seal in seal_rows(self.secret, received, source, image)],
+                                             dtype=np.object_)),
         ])

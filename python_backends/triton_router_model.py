@@ -21,6 +21,7 @@ from tierserve.request_context import ParameterError, parse_context
 from tierserve.resize import source_problem
 from tierserve.router_files import load_router
 from tierserve.routing import Answer, ModelCallError, ModelDown, ModelRefused, ModelTimeout, Router, Shed
+from tierserve.seal import LANE_TOKEN_PARAMETER, lane_token, rows_sealed, server_secret
 from tierserve.signature import RequestContext, signatures
 from tierserve.triton_router_metrics import RouterMetrics
 from tierserve.warmup import WarmUp
@@ -51,6 +52,9 @@ class TritonPythonModel:
         # shared by this server's router instances (their parent process is tritonserver)
         scratch = server_scratch(os.getppid())
         reload_log = ReloadLog(scratch)
+        self.secret = server_secret(scratch)
+        self.lane_token = lane_token(self.secret)
+        self.lanes = set(self.policy.callable_models) - set(self.policy.models)
         self.board, self.board_slot = LoadBoard(scratch), _instance_index(args["model_instance_name"])
         self.healer = Healer(self.policy.reload_min_interval_s, reload_log,
                              trip=lambda model, why: self.router.breakers[model].trip(why), reload=self._reload)
@@ -102,6 +106,11 @@ class TritonPythonModel:
                 context = parse_context(json.loads(request.parameters()), self.policy.default_tier)
                 stamp = pb_utils.get_input_tensor_by_name(request, "STAMP").as_numpy()
                 source = pb_utils.get_input_tensor_by_name(request, "SOURCE").as_numpy()
+                image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+                seals = pb_utils.get_input_tensor_by_name(request, "SEAL").as_numpy()
+                if not rows_sealed(self.secret, stamp, source, image, seals):
+                    raise ParameterError("router is an internal step of digits and takes only rows that "
+                                         "preprocess sealed; send the request to digits")
                 if problem := ("STAMP must be finite" if not np.isfinite(stamp).all() else source_problem(source)):
                     raise ParameterError(problem)
             except ParameterError as error:
@@ -119,7 +128,6 @@ class TritonPythonModel:
                 outcomes.append((context.tier, [Shed(why)] * len(stamp), 0.0, 0.0))
                 continue
             received[index] = min(float(stamp.min()), started)
-            image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
             images.append(image)
             sources.append(source)
             waits.extend(self._wait_ms(float(s), started) for s in stamp.ravel())
@@ -166,7 +174,8 @@ class TritonPythonModel:
         name, version = model.split(":")
         request = pb_utils.InferenceRequest(
             model_name=name, model_version=int(version), requested_output_names=["PROBS"],
-            inputs=[pb_utils.Tensor("PIXELS", images)], parameters=parameters,
+            inputs=[pb_utils.Tensor("PIXELS", images)],
+            parameters={**parameters, LANE_TOKEN_PARAMETER: self.lane_token} if model in self.lanes else parameters,
             timeout=max(int(timeout_s * 1e6), 1),  # rejects the call if it is still queued by then
         )
         sent_at = time.monotonic()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import triton_python_backend_utils as pb_utils
 
 from tierserve.batching import Rejected, infer_batched
 from tierserve.faults import FaultInjector, FaultSpec
+from tierserve.load_board import server_scratch
 from tierserve.runners import load_runner
+from tierserve.seal import LANE_TOKEN_PARAMETER, lane_token, server_secret
 from tierserve.warmup import WarmUp
 
 
@@ -25,8 +29,10 @@ class TritonPythonModel:
         # for the Python backend, model_repository is this model's own folder; a lane (reserved
         # capacity for one tier) serves the artifacts of the model named in its `serves` parameter
         model_dir = Path(args["model_repository"])
+        self.lane_token: str | None = None  # a lane serves only the router's calls, which carry this token
         if serves := parameters.get("serves"):
             model_dir = model_dir.parent / serves
+            self.lane_token = lane_token(server_secret(server_scratch(os.getppid())))
         self.runner = load_runner(model_dir / args["model_version"])
         self.warm_up = WarmUp(config)  # Triton's warm-up samples never meet an injected fault
         spec = FaultSpec.from_parameters(parameters)
@@ -35,13 +41,31 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"{self.name}: fault injection is on: {spec}")
 
     def execute(self, requests: list) -> list:
-        if not self.warm_up.take() and self.faults:
+        if self.warm_up.take():
+            return self._infer(requests)
+        return self._lane(requests) if self.lane_token else self._serve(requests)
+
+    def _serve(self, requests: list) -> list:
+        """Requests that may be served: injected faults first, if any, then one runner call."""
+        if self.faults:
             time.sleep(self.faults.spec.latency_ms / 1000)
             if failure := self.faults.failure():
                 error = pb_utils.TritonError(f"{self.name}: {failure}", pb_utils.TritonError.INTERNAL)
                 return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        return self._infer(requests)
+
+    def _infer(self, requests: list) -> list:
         batches = [pb_utils.get_input_tensor_by_name(request, "PIXELS").as_numpy() for request in requests]
         return [self._response(result) for result in infer_batched(self.runner, batches)]
+
+    def _lane(self, requests: list) -> list:
+        """Serve the router's calls; refuse anyone else's (reserved capacity is not for direct callers)."""
+        mine = [hmac.compare_digest(str(json.loads(r.parameters()).get(LANE_TOKEN_PARAMETER, "")), self.lane_token)
+                for r in requests]
+        served = iter(self._serve([r for r, ok in zip(requests, mine, strict=True) if ok]) if any(mine) else [])
+        refusal = pb_utils.TritonError(f"{self.name} is capacity reserved for critical rows that digits routes; "
+                                       "call digits, or the shared model it serves", pb_utils.TritonError.INVALID_ARG)
+        return [next(served) if ok else pb_utils.InferenceResponse(error=refusal) for ok in mine]
 
     def _response(self, result: np.ndarray | Rejected) -> pb_utils.InferenceResponse:
         if isinstance(result, Rejected):

@@ -1,6 +1,7 @@
-"""1,200 seeded malformed requests over HTTP and gRPC against `digits` and every public model: each gets an
-answer (no hang), a refusal is a client error naming the problem (bar Triton's own JSON-parser 500s, README),
-no message carries a traceback, every success is finite, and no stub is lost."""
+"""1,200 seeded malformed requests over HTTP and gRPC against `digits`, every public model, the router and the
+critical lanes: each gets an answer (no hang), a refusal is a client error naming the problem (bar Triton's
+own front-end 5xx, README), no message carries a traceback or a server path, every success is finite, and no
+stub is lost."""
 
 from __future__ import annotations
 
@@ -28,8 +29,17 @@ FRONT_END_5XX = re.compile(r"^(failed to parse the request JSON buffer|Unable to
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED}
 
 
+SERVER_PATH = re.compile(r"(/(work|home|root|tmp|usr|opt|dev/shm)/|\.py\b|site-packages)")
+
+
+# Triton 2.51 prefixes some refusals with the client's own request id, however long (README, Errors)
+REQUEST_ID_ECHO = re.compile(r"^\[request id: [^\]]*\] ")
+
+
 def _clean(message: str) -> bool:
-    return "Traceback" not in message and 'File "' not in message and len(message) < 2000
+    """No traceback, no server file path, and a bounded length (the client's own echoed request id aside)."""
+    message = REQUEST_ID_ECHO.sub("", message)
+    return "Traceback" not in message and not SERVER_PATH.search(message) and len(message) < 2000
 
 
 def _finite_outputs(outputs: list[dict]) -> bool:

@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from tierserve.client import TierserveClient, TierserveError
 from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.load import SteadyLoad
 from tierserve.tools.server import Ports, TritonServer
 from tierserve.tools.workload import noisy
 
@@ -94,23 +95,14 @@ def test_tight_deadlines_of_one_client_never_eject_healthy_models(triton: Triton
     threads = [threading.Thread(target=hurry) for _ in range(4)]
     for thread in threads:
         thread.start()
-    failures, paths = [], []
-    with TierserveClient(triton.grpc_url) as client:
-        until = time.monotonic() + 4
-        i = 0
-        while time.monotonic() < until:
-            try:
-                (answer,) = client.classify(split.test.images[i % 200], tier="standard")
-                paths.append(answer.path)
-            except Exception as error:  # every failure is the finding
-                failures.append(repr(error))
-            i += 1
-        stop.set()
-        for thread in threads:
-            thread.join(10)
-        assert hurried, "the tight-deadline client was answered"
-        assert failures == []
-        assert not [p for p in paths if "ejected" in p], "no model was ejected for the standard client"
+    with SteadyLoad(triton.grpc_url, split.test.images[:200], tiers=("standard",), pause_s=0.0) as load:
+        time.sleep(4)
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert hurried, "the tight-deadline client was answered"
+    assert [s.error for s in load.sent if s.error] == [] and load.sent
+    assert not [s for s in load.sent if "ejected" in s.answer.path], "no model was ejected for the standard client"
     assert max(metric_values(triton, "tierserve_breaker_state")) == 0.0, "every breaker is still closed"
 
 

@@ -13,6 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from tierserve.client import TierserveClient
 from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.load import SteadyLoad
 from tierserve.tools.server import TritonServer
 
 from .prometheus import metric_values
@@ -74,20 +75,12 @@ def test_forged_router_calls_shed_nobody_and_eject_nothing(triton: TritonServer,
 
     forger = threading.Thread(target=forge)
     forger.start()
-    errors, answers = [], []
-    with TierserveClient(triton.grpc_url) as client:
-        until = time.monotonic() + 3
-        i = 0
-        while time.monotonic() < until:
-            try:
-                answers.extend(client.classify(split.test.images[i % 100], tier="standard"))
-            except Exception as error:  # every failure is the finding
-                errors.append(str(error))
-            i += 1
+    with SteadyLoad(triton.grpc_url, split.test.images[:100], tiers=("standard",), pause_s=0.0) as load:
+        time.sleep(3)
     stop.set()
     forger.join(10)
     assert forged > 50, "the forger was refused many times"
-    assert errors == [] and answers
+    assert [s.error for s in load.sent if s.error] == [] and load.sent
     assert max(metric_values(triton, "tierserve_breaker_state")) == 0.0, "no breaker was opened by a forgery"
 
 

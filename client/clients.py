@@ -18,6 +18,7 @@ import numpy as np
 from tierserve.client.classification import MODEL, OUTPUTS, Classification, as_pixels, decode, request_parameters
 from tierserve.client.errors import call_errors
 from tierserve.signature import TIERS, triton_priority
+from tierserve.tier_keys import TIER_KEY_HEADER
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 DEFAULT_TIMEOUT_S = 10.0  # far above any answer the router gives (its SLOs are 50-500 ms), far below "hung"
@@ -55,13 +56,23 @@ def _positive(timeout_s: float) -> float:
     return float(timeout_s)
 
 
+def _tier_key_headers(tier_key: str | None) -> dict[str, str] | None:
+    """The header (HTTP) or metadata (gRPC) that carries a tier key on every call; None without a key."""
+    if tier_key is None:
+        return None
+    if not isinstance(tier_key, str) or not tier_key or not all("!" <= c <= "~" for c in tier_key):
+        raise ValueError("tier_key must be a non-empty string of printable ASCII without spaces, as "
+                         "`tierserve tier-key add` prints it")
+    return {TIER_KEY_HEADER: tier_key}
+
+
 def _check_open(closed: bool) -> None:
     if closed:
         raise ValueError("classify on a closed client")
 
 
-def _request(module: ModuleType, images: Any, tier: str | None, user_id: str | None,
-             deadline_ms: int | None) -> dict[str, Any]:
+def _request(module: ModuleType, images: Any, tier: str | None, user_id: str | None, deadline_ms: int | None,
+             headers: dict[str, str] | None) -> dict[str, Any]:
     pixels = as_pixels(images)
     tensor = module.InferInput("PIXELS", list(pixels.shape), "FP32")
     tensor.set_data_from_numpy(pixels)
@@ -72,6 +83,7 @@ def _request(module: ModuleType, images: Any, tier: str | None, user_id: str | N
         "parameters": request_parameters(tier, user_id, deadline_ms) or None,
         # the tier's Triton priority orders the queues of `digits`' steps; no tier: the default level
         "priority": triton_priority(tier) if tier in TIERS else 0,
+        "headers": headers,
     }
 
 
@@ -160,11 +172,13 @@ class TierserveClient:
 
     Every call is bounded by `timeout_s` seconds, and every failure (a refusal, no answer in time, no server)
     raises TierserveError. Over gRPC all calls share one channel; over HTTP at most `max_connections` run at
-    once, each on its own connection, and the others wait for one (within their timeout).
+    once, each on its own connection, and the others wait for one (within their timeout). `tier_key` (from
+    `tierserve tier-key add`) goes with every call as the tierserve-tier-key header: tiers above standard need it.
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_connections: int = 8) -> None:
+                 max_connections: int = 8, tier_key: str | None = None) -> None:
+        self._headers = _tier_key_headers(tier_key)
         self._module = _module(protocol, asyncio=False)
         self.url = _url(url, protocol)
         self.protocol = protocol
@@ -179,7 +193,7 @@ class TierserveClient:
         """Classify [N, H, W] images (or one [H, W]); `timeout_s` overrides the client's for this call."""
         _check_open(self._closed)
         timeout_s = self.timeout_s if timeout_s is None else _positive(timeout_s)
-        request = _request(self._module, images, tier, user_id, deadline_ms)
+        request = _request(self._module, images, tier, user_id, deadline_ms, self._headers)
         with call_errors(self.protocol, self.url, timeout_s, self._connection_errors):
             return decode(self._calls.infer(request, timeout_s))
 
@@ -197,11 +211,12 @@ class TierserveClient:
 
 
 class AsyncTierserveClient:
-    """asyncio client: `await AsyncTierserveClient("localhost:8001").classify(images)`; timeouts and errors as
-    TierserveClient's."""
+    """asyncio client: `await AsyncTierserveClient("localhost:8001").classify(images)`; timeouts, errors and
+    `tier_key` as TierserveClient's."""
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, tier_key: str | None = None) -> None:
+        self._headers = _tier_key_headers(tier_key)
         self._module = _module(protocol, asyncio=True)
         self.url = _url(url, protocol)
         self.protocol = protocol
@@ -217,7 +232,7 @@ class AsyncTierserveClient:
         """Classify [N, H, W] images (or one [H, W]); `timeout_s` overrides the client's for this call."""
         _check_open(self._closed)
         timeout_s = self.timeout_s if timeout_s is None else _positive(timeout_s)
-        request = _request(self._module, images, tier, user_id, deadline_ms)
+        request = _request(self._module, images, tier, user_id, deadline_ms, self._headers)
         with call_errors(self.protocol, self.url, timeout_s, self._connection_errors):
             if self.protocol == "grpc":
                 return decode(await self._client.infer(**request, client_timeout=timeout_s))

@@ -17,6 +17,14 @@ Status = grpc.StatusCode | int  # an HTTP code is an http.HTTPStatus where the c
 UNREACHABLE: dict[str, Status] = {"grpc": grpc.StatusCode.UNAVAILABLE, "http": HTTPStatus.SERVICE_UNAVAILABLE}
 TIMED_OUT: dict[str, Status] = {"grpc": grpc.StatusCode.DEADLINE_EXCEEDED, "http": HTTPStatus.GATEWAY_TIMEOUT}
 RETRYABLE = frozenset({*UNREACHABLE.values(), *TIMED_OUT.values()})
+# How Triton (2.51 to 2.64) words a refusal of a call to an API restricted by --http-restricted-api (403) or
+# --grpc-restricted-protocol (UNAVAILABLE, as if the server were down).
+RESTRICTED_REFUSALS = ("This API is restricted, expecting header", "This protocol is restricted, expecting header")
+
+
+def is_restricted_refusal(message: str) -> bool:
+    """Whether a server's error message refuses a call for want of the header a restricted API requires."""
+    return message.startswith(RESTRICTED_REFUSALS)
 
 
 class TierserveError(RuntimeError):
@@ -71,6 +79,8 @@ def call_errors(protocol: str, url: str, timeout_s: float,
         status, message = status_from(protocol, error.status()), error.message() or str(error)
         if status is grpc.StatusCode.DEADLINE_EXCEEDED:  # gRPC's own words for its client-side deadline
             message = f"no answer from {url} within {timeout_s:g} s ({message})"
+        elif status is grpc.StatusCode.UNAVAILABLE and is_restricted_refusal(message):
+            status = grpc.StatusCode.PERMISSION_DENIED  # not retryable, whatever Triton's code says
         raise TierserveError(status, message) from None
     except (TimeoutError, asyncio.TimeoutError) as error:
         raise TierserveError(TIMED_OUT[protocol], f"no answer from {url} within {timeout_s:g} s") from error

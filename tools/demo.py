@@ -56,9 +56,10 @@ def build_workload(split: DigitsSplit, count: int, seed: int) -> list[Sample]:
     return samples
 
 
-def run_workload(url: str, protocol: str, samples: list[Sample], concurrency: int = 4) -> list[Outcome]:
+def run_workload(url: str, protocol: str, samples: list[Sample], concurrency: int = 4,
+                 tier_key: str | None = None) -> list[Outcome]:
     """Send every sample as its own request, `concurrency` at a time, timing each."""
-    with TierserveClient(url, protocol) as client:
+    with TierserveClient(url, protocol, tier_key=tier_key) as client:
         def send(sample: Sample) -> Outcome:
             start = time.perf_counter()
             (answer,) = client.classify(sample.image, tier=sample.tier)

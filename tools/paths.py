@@ -4,6 +4,10 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
-RUNTIME_DIR = PROJECT_ROOT / ".tierserve"  # assembled backend directory, git-ignored
-ADMIN_KEY_ENV = "TIERSERVE_ADMIN_KEY"  # the operator's key for load/unload; else `tierserve serve` makes one
-ADMIN_KEY_FILE = RUNTIME_DIR / "admin_key"  # where `tierserve serve` writes the key it made
+RUNTIME_DIR = PROJECT_ROOT / ".tierserve"  # assembled backend directory, keys, git-ignored
+ADMIN_KEY_ENV = "TIERSERVE_ADMIN_KEY"  # the operator's key for the admin APIs; else `tierserve serve` makes one
+ADMIN_KEY_FILE = RUNTIME_DIR / "admin_key"  # where `tierserve serve` writes the key it made (mode 600)
+# The tier keys file when $TIERSERVE_TIER_KEYS names none; `tierserve serve` creates it on first start with one
+# key for `critical`, whose plain text it writes to TIER_KEY_FILE (both mode 600).
+TIER_KEYS_FILE = RUNTIME_DIR / "tier_keys.json"
+TIER_KEY_FILE = RUNTIME_DIR / "tier_key"

@@ -4,15 +4,28 @@ server is restarted, a model whose stub died is reloaded), stop cleanly on Ctrl-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 
+from tierserve.private_file import write_private
+from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key
 from tierserve.tools.build_models import build_all
-from tierserve.tools.paths import ADMIN_KEY_ENV, ADMIN_KEY_FILE, RUNTIME_DIR
-from tierserve.tools.server import ADMIN_HEADER, Ports, ServerError, TritonServer
+from tierserve.tools.paths import ADMIN_KEY_ENV, ADMIN_KEY_FILE, RUNTIME_DIR, TIER_KEY_FILE, TIER_KEYS_FILE
+from tierserve.tools.server import (
+    ADMIN_APIS,
+    ADMIN_HEADER,
+    GRPC_ADMIN_HEADER,
+    LOCAL_TIER_KEY_NAME,
+    Ports,
+    ServerError,
+    TritonServer,
+    cmdline_hidden_from_other_users,
+)
 from tierserve.tools.supervisor import Event, Supervisor
 
 
@@ -21,26 +34,57 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _admin_key() -> str:
-    """$TIERSERVE_ADMIN_KEY, or a fresh key written to .tierserve/admin_key (owner-only) for `tierserve fault`."""
+    """$TIERSERVE_ADMIN_KEY, or a fresh key written to .tierserve/admin_key (mode 600 from creation) for
+    `tierserve fault` and other admin calls."""
     if key := os.environ.get(ADMIN_KEY_ENV):
         return key
-    RUNTIME_DIR.mkdir(parents=True, exist_ok=True)
-    ADMIN_KEY_FILE.write_text(key := secrets.token_hex(16))
-    ADMIN_KEY_FILE.chmod(0o600)
+    RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(ADMIN_KEY_FILE, key := secrets.token_hex(16))
     return key
+
+
+def _tier_keys(explicit: Path | None) -> Path:
+    """The tier keys file the routers read: --tier-keys, $TIERSERVE_TIER_KEYS, or .tierserve/tier_keys.json,
+    which the first start creates with one key for `critical` (its plain text in .tierserve/tier_key, both
+    mode 600). TierKeyError if the file is missing (when named) or invalid: better now than in every router."""
+    if explicit is None and (named := os.environ.get(TIER_KEYS_ENV)):
+        explicit = Path(named)
+    if explicit is None and not TIER_KEYS_FILE.exists():
+        RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        local = TierKeys().add(LOCAL_TIER_KEY_NAME, key := new_key(), "critical")
+        with contextlib.suppress(FileExistsError):  # another launcher made it first: keep its key
+            write_private(TIER_KEYS_FILE, local.to_json(), overwrite=False)
+            write_private(TIER_KEY_FILE, key + "\n")
+    path = explicit or TIER_KEYS_FILE
+    TierKeys.load(path)
+    return path
+
+
+def _bound(server: TritonServer, port: int) -> str:
+    addresses = server.listening().get(port, [])
+    every = " (every interface)" if any(a in ("0.0.0.0", "::") for a in addresses) else ""
+    return f"bound to {', '.join(f'{a}:{port}' for a in addresses) or 'nothing'}{every}"
 
 
 def _banner(server: TritonServer) -> str:
     models = ", ".join(f"{m['name']}:{m.get('version', '?')}" for m in server.models() if m.get("state") == "READY")
-    return "\n".join([
+    tier_key = f"; local key in {TIER_KEY_FILE}" if server.tier_keys == TIER_KEYS_FILE else ""
+    lines = [
         "tierserve: tritonserver is ready",
-        f"  HTTP     http://{server.http_url}    (try: curl {server.http_url}/v2/health/ready)",
-        f"  gRPC     {server.grpc_url}",
-        f"  metrics  http://127.0.0.1:{server.ports.metrics}/metrics",
+        f"  HTTP     http://{server.http_url}    {_bound(server, server.ports.http)}    "
+        f"(try: curl {server.http_url}/v2/health/ready)",
+        f"  gRPC     {server.grpc_url}    {_bound(server, server.ports.grpc)}",
+        f"  metrics  {server.metrics_url}    {_bound(server, server.ports.metrics)}",
         f"  models   {models}",
-        f"  admin    load/unload need header {ADMIN_HEADER} (key: ${ADMIN_KEY_ENV} or {ADMIN_KEY_FILE})",
-        "Press Ctrl-C to stop.",
-    ])
+        f"  admin    {', '.join(ADMIN_APIS)} need the admin key (${ADMIN_KEY_ENV} or {ADMIN_KEY_FILE}): "
+        f"HTTP header {ADMIN_HEADER}, gRPC metadata {GRPC_ADMIN_HEADER}",
+        f"  tiers    tiers above standard need a tier key: HTTP header or gRPC metadata {TIER_KEY_HEADER} "
+        f"(keys file {server.tier_keys}{tier_key})",
+    ]
+    if not cmdline_hidden_from_other_users():
+        lines.append("  warning  Triton 2.51 takes the admin key only on its command line: other local users can read "
+                     "it in /proc/<pid>/cmdline (mount /proc with hidepid=2 to prevent that)")
+    return "\n".join([*lines, "Press Ctrl-C to stop."])
 
 
 def _print_event(event: Event) -> None:
@@ -51,9 +95,14 @@ def serve(args: argparse.Namespace) -> int:
     """Run tritonserver until interrupted (exit code 0) or until it crashes too often to restart (1)."""
     if not args.no_build:
         build_all(args.model_repository)
+    try:
+        tier_keys = _tier_keys(args.tier_keys)
+    except TierKeyError as error:
+        print(f"tierserve: {error}", file=sys.stderr)
+        return 1
     server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
                           RUNTIME_DIR, tritonserver=args.tritonserver, log_verbose=args.log_verbose,
-                          admin_key=_admin_key())
+                          admin_key=_admin_key(), address=args.address, tier_keys=tier_keys)
     supervisor = Supervisor(server, report=_print_event)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import json
 import os
 import secrets
@@ -19,17 +20,47 @@ from pathlib import Path
 from typing import IO, Any
 
 from tierserve.load_board import server_scratch
+from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeys, new_key
+from tierserve.tools.paths import ADMIN_KEY_ENV
 from tierserve.tools.triton_install import assemble_backend_directory, embedded_install, server_environment
 
 SHM_DIR = Path("/dev/shm")
 EXIT_TIMEOUT_S = 10  # how long tritonserver lets in-flight requests finish after SIGTERM
-ADMIN_HEADER = "tierserve-admin-key"  # the header the model repository API (load/unload) requires
+ADMIN_HEADER = "tierserve-admin-key"  # the HTTP header every admin API requires
+# Over gRPC Triton looks for the restricted-protocol key with this prefix (Triton 2.51 to 2.64 at least).
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+# Every API that changes server state needs the admin key (Triton's names, the same for HTTP and gRPC). Open:
+# inference, health, metadata, model-config and statistics (read-only; the same numbers as the metrics port).
+ADMIN_APIS = ("model-repository", "logging", "trace", "shared-memory")
+DEFAULT_ADDRESS = "127.0.0.1"  # the embedded default serves this machine only; a container passes 0.0.0.0
+LOCAL_TIER_KEY_NAME = "local"  # the key a server with no keys file of the operator's makes for itself
 LOAD_TIMEOUT_S = 120  # a model load returns once every instance has initialized
 STUB_EXECUTABLE = b"/triton_python_backend_stub"  # the program of every Python backend stub process
 
 
 class ServerError(RuntimeError):
     """tritonserver could not be started, did not become ready, or refused a model repository request."""
+
+
+def admin_headers(protocol: str, admin_key: str) -> dict[str, str]:
+    """The header (HTTP) or metadata (gRPC) that carries the admin key on a call to an admin API."""
+    return {GRPC_ADMIN_HEADER if protocol == "grpc" else ADMIN_HEADER: admin_key}
+
+
+def connect_host(address: str) -> str:
+    """Where a client on this machine reaches a server bound to `address` (all interfaces: loopback)."""
+    return "127.0.0.1" if ipaddress.IPv4Address(address).is_unspecified else address
+
+
+def cmdline_hidden_from_other_users(mounts: Path = Path("/proc/mounts")) -> bool:
+    """Whether /proc is mounted with hidepid (1/noaccess, 2/invisible or 4/ptraceable), so other users cannot
+    read a process's command line; tritonserver takes its admin key only as a flag."""
+    for line in mounts.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[1] == "/proc" and fields[2] == "proc":
+            options = dict(option.partition("=")[::2] for option in fields[3].split(","))
+            return options.get("hidepid", "0") not in ("0", "off")
+    return False
 
 
 @dataclass(frozen=True)
@@ -52,12 +83,12 @@ class Ports:
             for sock in sockets:
                 sock.close()
 
-    def busy(self) -> list[int]:
-        """The ports among these that something already listens on."""
+    def busy(self, host: str = "127.0.0.1") -> list[int]:
+        """The ports among these that something already listens on at `host`."""
         taken = []
         for port in (self.http, self.grpc, self.metrics):
             with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                if sock.connect_ex((host, port)) == 0:
                     taken.append(port)
         return taken
 
@@ -81,6 +112,17 @@ class Stub:
         return cls(pid, version_dir.parent.name, version_dir.name, argv[-2])
 
 
+def _proc_net_address(field: str) -> tuple[str, int]:
+    """`0100007F:1F40` (a /proc/net/tcp{,6} local address: 32-bit words in host order, here little-endian) as
+    ("127.0.0.1", 8000)."""
+    hex_address, hex_port = field.split(":")
+    raw = b"".join(bytes.fromhex(hex_address[i:i + 8])[::-1] for i in range(0, len(hex_address), 8))
+    address = ipaddress.ip_address(raw)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address), int(hex_port, 16)
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM it if the launcher dies, so no tritonserver is orphaned."""
     pr_set_pdeathsig = 1
@@ -88,18 +130,26 @@ def _die_with_parent() -> None:
 
 
 class TritonServer:
-    """tritonserver serving `repository` on `ports`; use as a context manager or start()/stop()."""
+    """tritonserver serving `repository` on `ports` of `address`; use as a context manager or start()/stop().
+
+    `tier_keys` is the operator's tier keys file; without one, start() writes `workdir/tier_keys.json` with one
+    key for `critical`, kept in `tier_key` (the same across restarts)."""
 
     def __init__(self, repository: Path, ports: Ports, workdir: Path, *, tritonserver: Path | None = None,
-                 log_verbose: int = 0, output: IO[bytes] | None = None, admin_key: str | None = None) -> None:
+                 log_verbose: int = 0, output: IO[bytes] | None = None, admin_key: str | None = None,
+                 address: str = DEFAULT_ADDRESS, tier_keys: Path | None = None) -> None:
         self.repository = repository.resolve()
         self.ports = ports
         self.workdir = workdir
         self.tritonserver = tritonserver
         self.log_verbose = log_verbose
         self.output = output  # where tritonserver's log goes; None inherits the launcher's stdout
-        # load/unload are the operator's and the router's alone: over HTTP/gRPC they need this key
+        # the admin APIs (ADMIN_APIS) are the operator's alone: over HTTP/gRPC they need this key
         self.admin_key = admin_key or secrets.token_hex(16)
+        connect_host(address)  # an IPv4 address or ValueError: Triton 2.51 joins address and port with ':'
+        self.address = address
+        self.tier_keys = tier_keys or workdir / "tier_keys.json"
+        self.tier_key = None if tier_keys else new_key()
         # Python backend shared-memory regions get a prefix of their own so stop() can sweep leftovers.
         self.shm_prefix = f"tierserve_{os.getpid()}_{ports.http}_"
         self._process: subprocess.Popen[bytes] | None = None
@@ -112,11 +162,15 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.ports.http}"
+        return f"{connect_host(self.address)}:{self.ports.http}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
+        return f"{connect_host(self.address)}:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{connect_host(self.address)}:{self.ports.metrics}/metrics"
 
     def command(self) -> list[str]:
         if self.tritonserver is None:
@@ -128,28 +182,40 @@ class TritonServer:
         return [
             str(binary),
             f"--model-repository={self.repository}",
+            f"--http-address={self.address}",
             f"--http-port={self.ports.http}",
+            f"--grpc-address={self.address}",
             f"--grpc-port={self.ports.grpc}",
+            f"--metrics-address={self.address}",
             f"--metrics-port={self.ports.metrics}",
             *backend_args,
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             # explicit control lets the router reload a model whose stub died; all models load at start
             "--model-control-mode=explicit",
             "--load-model=*",
-            f"--http-restricted-api=model-repository:{ADMIN_HEADER}={self.admin_key}",
-            f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={self.admin_key}",
+            # Triton 2.51 takes the key only here, so it is on the command line (README: Trust boundary)
+            f"--http-restricted-api={','.join(ADMIN_APIS)}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={','.join(ADMIN_APIS)}:{ADMIN_HEADER}={self.admin_key}",
+            # the tier key reaches the router as a request parameter (Triton adds (?i): any case matches)
+            f"--http-header-forward-pattern=^{TIER_KEY_HEADER}$",
+            f"--grpc-header-forward-pattern=^{TIER_KEY_HEADER}$",
             "--disable-auto-complete-config",  # config.pbtxt is the whole truth about each model
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             f"--log-verbose={self.log_verbose}",
         ]
 
     def start(self) -> None:
-        if busy := self.ports.busy():
+        if busy := self.ports.busy(connect_host(self.address)):
             raise ServerError(f"port(s) {', '.join(map(str, busy))} already in use: stop what listens there "
                               "or choose other ports with --http-port/--grpc-port/--metrics-port")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.tier_key is not None:
+            TierKeys().add(LOCAL_TIER_KEY_NAME, self.tier_key, "critical").save(self.tier_keys)
+        environment = server_environment()
+        environment.pop(ADMIN_KEY_ENV, None)  # the server has it as a flag; its stubs need not see it
+        environment[TIER_KEYS_ENV] = str(self.tier_keys.resolve())
         self._process = subprocess.Popen(
-            self.command(), env=server_environment(), stdout=self.output, stderr=subprocess.STDOUT,
+            self.command(), env=environment, stdout=self.output, stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches the launcher, which stops the server in order
             preexec_fn=_die_with_parent,
         )
@@ -216,6 +282,26 @@ class TritonServer:
         if process is not None:  # the stubs' shared reload log and load board
             shutil.rmtree(server_scratch(process.pid), ignore_errors=True)
 
+    def listening(self) -> dict[int, list[str]]:
+        """What tritonserver really listens on, read from /proc: the addresses of its listening sockets by port
+        (an IPv4-mapped IPv6 address as IPv4). Empty when it is not running."""
+        if self._process is None or self.returncode is not None:
+            return {}
+        pid = self._process.pid
+        inodes = set()
+        for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if (target := os.readlink(descriptor)).startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
+        found: dict[int, list[str]] = {}
+        for table in ("tcp", "tcp6"):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    address, port = _proc_net_address(fields[1])
+                    found.setdefault(port, []).append(address)
+        return {port: sorted(set(addresses)) for port, addresses in sorted(found.items())}
+
     def live_processes(self) -> list[int]:
         """PIDs of this server's processes still running: tritonserver and its Python stubs."""
         own = [] if self.returncode is not None or self._process is None else [self._process.pid]
@@ -280,7 +366,7 @@ class TritonServer:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"http://{self.http_url}{path}", data=data,
                                          method="GET" if body is None else "POST",
-                                         headers={ADMIN_HEADER: self.admin_key})
+                                         headers=admin_headers("http", self.admin_key))
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 answer = response.read()

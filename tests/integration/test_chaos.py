@@ -18,7 +18,7 @@ from tierserve.faults import FaultSpec
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.load import Sent, SteadyLoad
-from tierserve.tools.model_control import ModelControl
+from tierserve.tools.model_control import AdminKeyRefused, ModelControl
 from tierserve.tools.server import Ports, TritonServer
 from tierserve.tools.workload import pure_noise, with_missing
 
@@ -50,9 +50,10 @@ def _recent_on(sent: list[Sent], model: str, count: int = 10,
 
 
 def test_the_model_repository_api_needs_the_admin_key(chaos):
+    """Every admin API over both protocols: test_admin_surface.py."""
     server, _ = chaos
     intruder = ModelControl(server.http_url, "not-the-key")
-    with pytest.raises(InferenceServerException, match=r"403.*restricted, expecting header 'tierserve-admin-key'"):
+    with pytest.raises(AdminKeyRefused, match=r"restricted, expecting header 'tierserve-admin-key'"):
         intruder.unload("digits_light")
     intruder.close()
 

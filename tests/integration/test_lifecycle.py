@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -14,6 +17,27 @@ import pytest
 
 from tierserve.tools.repository_variants import policy_variant, shipped_policy
 from tierserve.tools.server import SHM_DIR, Ports, ServerError, TritonServer
+
+
+def _non_loopback_ipv4() -> str | None:
+    """An IPv4 address of this machine outside 127/8 (SIOCGIFADDR on each interface), None when it has none."""
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                request = fcntl.ioctl(sock.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on this interface
+                continue
+            address = socket.inet_ntoa(request[20:24])
+            if not ipaddress.IPv4Address(address).is_loopback:
+                return address
+    return None
+
+
+def _accepts(address: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex((address, port)) == 0
 
 
 def _processes_with(marker: str) -> list[str]:
@@ -47,7 +71,15 @@ def test_serve_prints_where_it_listens_and_stops_cleanly(model_repository: Path,
     text = "".join(banner)
     assert f"http://127.0.0.1:{ports.http}" in text and f"127.0.0.1:{ports.grpc}" in text
     assert f"http://127.0.0.1:{ports.metrics}/metrics" in text
+    for port in (ports.http, ports.grpc, ports.metrics):  # what /proc says tritonserver listens on
+        assert f"bound to 127.0.0.1:{port}" in text
+    assert "every interface" not in text
+    assert "tierserve-admin-key" in text and "triton-grpc-protocol-tierserve-admin-key" in text
     assert "digits_heavy:1" in text and "digits_heavy:2" in text and "digits_rules:1" in text
+    if (outside := _non_loopback_ipv4()) is not None:
+        for port in (ports.http, ports.grpc, ports.metrics):
+            assert not _accepts(outside, port), f"{outside}:{port} must not accept connections"
+        assert _accepts("127.0.0.1", ports.http)
 
     shm_prefix = f"tierserve_{launcher.pid}_{ports.http}_"
     assert _processes_with(shm_prefix), "the Python stubs run with the launcher's shared-memory prefix"
@@ -58,6 +90,27 @@ def test_serve_prints_where_it_listens_and_stops_cleanly(model_repository: Path,
     assert list(SHM_DIR.glob(f"{shm_prefix}*")) == []
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", ports.http)) != 0, "nothing listens on the HTTP port any more"
+
+
+def test_the_default_address_is_loopback_only_and_every_interface_must_be_asked_for(tmp_path: Path):
+    """With an empty repository (fast): the default server refuses connections on a non-loopback address of this
+    machine, and one started with address 0.0.0.0 accepts them there (so the check can tell the two apart)."""
+    outside = _non_loopback_ipv4()
+    if outside is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    (tmp_path / "repository").mkdir()
+    for address, reachable in (("127.0.0.1", False), ("0.0.0.0", True)):
+        ports = Ports.free()
+        with (tmp_path / f"{address}.log").open("wb") as log, \
+                TritonServer(tmp_path / "repository", ports, tmp_path / address, output=log, address=address) as server:
+            server.wait_ready(timeout_s=60)
+            # gRPC listens on an IPv6 socket: [::ffff:127.0.0.1], or [::] (IPv6 too) for every interface
+            grpc = [address] if address == "127.0.0.1" else ["::"]
+            assert server.listening() == dict(sorted({ports.http: [address], ports.grpc: grpc,
+                                                      ports.metrics: [address]}.items()))
+            for port in (ports.http, ports.grpc, ports.metrics):
+                assert _accepts(outside, port) is reachable, f"{address}: {outside}:{port}"
+                assert _accepts("127.0.0.1", port)
 
 
 def test_a_stopped_server_leaves_no_process_and_no_shared_memory(model_repository: Path, tmp_path: Path):

@@ -74,6 +74,21 @@ def test_a_server_refusal_keeps_the_servers_message():
     assert error.status == StatusCode.INVALID_ARGUMENT and error.message == "no such tier"
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_call_refused_for_want_of_a_restricted_apis_header_is_not_retryable(protocol: str):
+    """Triton 2.51 answers it with UNAVAILABLE over gRPC, which would read as "retry later"."""
+    raw = {"grpc": InferenceServerException("This protocol is restricted, expecting header "
+                                            "'triton-grpc-protocol-tierserve-admin-key'",
+                                            status="StatusCode.UNAVAILABLE"),
+           "http": InferenceServerException("This API is restricted, expecting header 'tierserve-admin-key'",
+                                            status="403")}[protocol]
+    error = _raised(protocol, raw)
+    assert error.status == {"grpc": StatusCode.PERMISSION_DENIED, "http": HTTPStatus.FORBIDDEN}[protocol]
+    assert not error.retryable and error.message.startswith("This ")
+    shed = _raised("grpc", InferenceServerException("shed", status="StatusCode.UNAVAILABLE"))
+    assert shed.status == StatusCode.UNAVAILABLE and shed.retryable
+
+
 def test_other_exceptions_are_not_swallowed():
     with pytest.raises(KeyError), call_errors("http", "host:1", 0.5, (OSError,)):
         raise KeyError("a bug stays a bug")
@@ -89,6 +104,34 @@ def test_other_exceptions_are_not_swallowed():
 def test_bad_arguments_are_refused_by_name(client: type, arguments: dict[str, object], message: str):
     with pytest.raises(ValueError, match=message):
         client(**arguments)
+
+
+@pytest.mark.parametrize("client", [TierserveClient, AsyncTierserveClient])
+@pytest.mark.parametrize("tier_key", ["", "with space", "line\nbreak", "caf\u00e9", 7])
+def test_a_tier_key_that_cannot_travel_as_a_header_is_refused(client: type, tier_key: object):
+    with pytest.raises(ValueError, match="tier_key must be a non-empty string of printable ASCII"):
+        client("127.0.0.1:1", tier_key=tier_key)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_the_tier_key_goes_with_every_call_as_a_header(protocol: str):
+    sent = []
+    with TierserveClient("127.0.0.1:1", protocol, tier_key="k-1_x") as client:
+        client._calls.infer = lambda request, timeout_s: sent.append(request) or _NoAnswer()
+        client.classify([[0.0] * 8] * 8, tier="critical")
+        client.classify([[0.0] * 8] * 8)
+    assert [request["headers"] for request in sent] == [{"tierserve-tier-key": "k-1_x"}] * 2
+    with TierserveClient("127.0.0.1:1", protocol) as client:
+        client._calls.infer = lambda request, timeout_s: sent.append(request) or _NoAnswer()
+        client.classify([[0.0] * 8] * 8)
+    assert sent[-1]["headers"] is None
+
+
+class _NoAnswer:
+    """An InferResult with no rows."""
+
+    def as_numpy(self, name: str) -> list:
+        return []
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tierserve.signature import TIERS, RequestContext
+from tierserve.tier_keys import TIER_KEY_HEADER
 
 KNOWN_PARAMETERS = ("tier", "user_id", "deadline_ms")
 MAX_DEADLINE_MS = 3_600_000  # an hour: anything longer is a mistake, not a deadline
@@ -39,8 +40,10 @@ def _deadline_ms(value: Any) -> int:
 
 
 def parse_context(parameters: Mapping[str, Any], default_tier: str) -> RequestContext:
-    """The request's context. Parameters may arrive as strings (HTTP JSON, gRPC string_param) or typed."""
-    if unknown := sorted(str(name) for name in set(parameters) - set(KNOWN_PARAMETERS)):
+    """The request's context. Parameters may arrive as strings (HTTP JSON, gRPC string_param) or typed. The tier
+    key (forwarded from the tierserve-tier-key header, in any case) is not part of it: tier_keys judges it."""
+    names = {str(name) for name in parameters if str(name).lower() != TIER_KEY_HEADER}
+    if unknown := sorted(names - set(KNOWN_PARAMETERS)):
         raise ParameterError(f"unknown parameter {echo(unknown[0])}; digits accepts {', '.join(KNOWN_PARAMETERS)}")
     tier = parameters.get("tier", default_tier)
     if not isinstance(tier, str) or tier not in TIERS:

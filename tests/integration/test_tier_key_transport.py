@@ -105,6 +105,15 @@ def test_the_asyncio_sdk_sends_it_too(echo_server: TritonServer, protocol: str):
     assert presented_key(_parameters(asyncio.run(classify()))) == "async-key"
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_real_digits_takes_a_request_that_carries_its_servers_tier_key(triton: TritonServer, split, protocol: str):
+    """Whatever the router does with the key, a valid one never makes a request fail."""
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    with TierserveClient(url, protocol, tier_key=triton.tier_key) as client:
+        answers = client.classify(split.test.images[:2], tier="critical")
+    assert len(answers) == 2 and all(answer.route for answer in answers)
+
+
 def test_the_stub_is_told_where_the_keys_file_is(echo_server: TritonServer):
     with TierserveClient(echo_server.grpc_url) as client:
         (answer,) = client.classify(IMAGE)

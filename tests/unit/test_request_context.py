@@ -18,6 +18,12 @@ def test_all_parameters_typed_or_as_strings():
     assert parse_context({"tier": "critical", "user_id": "u-7", "deadline_ms": "25"}, "standard") == expected
 
 
+def test_the_forwarded_tier_key_is_not_an_unknown_parameter():
+    """Triton forwards the tierserve-tier-key header into the parameters, named as the client spelled it."""
+    for name in ("tierserve-tier-key", "TierServe-Tier-Key"):
+        assert parse_context({"tier": "critical", name: "k"}, "standard") == RequestContext("critical", "", None)
+
+
 @pytest.mark.parametrize(("parameters", "message"), [
     ({"tier": "gold"}, "parameter 'tier' must be one of critical, standard, best_effort, got 'gold'"),
     ({"deadline_ms": "soon"}, "parameter 'deadline_ms' must be a positive integer, got 'soon'"),

@@ -25,6 +25,7 @@ from harness import running_server
 
 from tierserve.load_board import server_scratch
 from tierserve.seal import LANE_TOKEN_PARAMETER, lane_token, server_secret
+from tierserve.tier_keys import TIER_KEY_HEADER
 from tierserve.tools.dataset import load_split
 from tierserve.tools.open_loop import OpenLoopResult, kserve_request, run_open_loop
 from tierserve.tools.paths import DEFAULT_REPOSITORY
@@ -37,7 +38,9 @@ NO_SHEDDING = {"degrade_best_effort_at_ms": 1e9, "shed_best_effort_at_ms": 1e9, 
 
 
 def _request(server: TritonServer, images: np.ndarray, tier: str, priority: int) -> bytes:
-    return kserve_request(server.http_url, "digits", images, {"tier": tier, "priority": priority})
+    # the server's own tier key, sent as a parameter (what the tierserve-tier-key header becomes)
+    return kserve_request(server.http_url, "digits", images,
+                          {"tier": tier, "priority": priority, TIER_KEY_HEADER: server.tier_key})
 
 
 def _streams(server: TritonServer, streams: list[tuple[bytes, float, float, float]]) -> list[OpenLoopResult]:

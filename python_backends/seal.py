@@ -10,30 +10,26 @@ and is swept with that directory when the server stops.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
 import numpy as np
+
+from tierserve.private_file import write_private
 
 SECRET_FILE = "secret"
 LANE_TOKEN_PARAMETER = "tierserve_lane_token"  # the BLS request parameter a lane checks
 
 
 def server_secret(scratch: Path) -> bytes:
-    """This server's secret, created at first use (exclusively, owner-only) and read by every later stub."""
+    """This server's secret, created at first use (whole, owner-only) and read by every later stub."""
     scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = scratch / SECRET_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        while not (secret := path.read_bytes()):  # another stub created it a moment ago and is writing it
-            pass
-        return secret
-    with os.fdopen(fd, "wb") as file:
-        file.write(secrets.token_hex(32).encode())
+    with contextlib.suppress(FileExistsError):  # another stub made it first: theirs is the one
+        write_private(path, secrets.token_hex(32), overwrite=False)
     return path.read_bytes()
 
 

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from tierserve.router_files import load_router
 from tierserve.routing import Answer, ModelCallError, ModelDown, ModelRefused, ModelTimeout, Router, Shed
 from tierserve.seal import LANE_TOKEN_PARAMETER, lane_token, rows_sealed, server_secret
 from tierserve.signature import RequestContext, signatures
+from tierserve.tier_keys import TIER_KEYS_ENV, TierKeyError, TierKeys, presented_key
 from tierserve.triton_router_metrics import RouterMetrics
 from tierserve.warmup import WarmUp
 
@@ -60,6 +62,10 @@ class TritonPythonModel:
                              trip=lambda model, why: self.router.breakers[model].trip(why), reload=self._reload)
         self.metrics = RouterMetrics(self.policy.callable_models, self.policy.tiers, args["model_instance_name"])
         self.warm_up = WarmUp(json.loads(args["model_config"]))
+        # tiers above standard need a tier key; without a keys file (tritonserver run by hand) none is granted
+        self._keys_path = Path(path) if (path := os.environ.get(TIER_KEYS_ENV)) else None
+        self._keys, self._keys_mtime, self._keys_checked = TierKeys(), None, float("-inf")
+        self._tier_keys()
         self._last_execute: float | None = time.monotonic()  # when the latest execute ended; None during one
         self._stopping = threading.Event()
         threading.Thread(target=self._report_idle, name="router-idle-gauge", daemon=True).start()
@@ -98,12 +104,14 @@ class TritonPythonModel:
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
         images, sources, waits, spent, row_contexts, owners, contexts = [], [], [], [], [], [], {}
         received: dict[int, float] = {}  # per request: when preprocess started on it (monotonic clock)
+        downgrades: dict[int, str] = {}  # per request: why it is served below the tier it asked for, or ""
         # per request: (tier, answers, budget_ms, seconds since it was received)
         outcomes: list[tuple[str, list[Answer | Shed | str], float, float]] = []
         longest_wait_ms = 0.0
         for index, request in enumerate(requests):
             try:  # one request's problem is answered for that request alone, never for its batch
-                context = parse_context(json.loads(request.parameters()), self.policy.default_tier)
+                parameters = json.loads(request.parameters())
+                context = parse_context(parameters, self.policy.default_tier)
                 stamp = pb_utils.get_input_tensor_by_name(request, "STAMP").as_numpy()
                 source = pb_utils.get_input_tensor_by_name(request, "SOURCE").as_numpy()
                 image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
@@ -113,6 +121,7 @@ class TritonPythonModel:
                                          "preprocess sealed; send the request to digits")
                 if problem := ("STAMP must be finite" if not np.isfinite(stamp).all() else source_problem(source)):
                     raise ParameterError(problem)
+                context, downgrades[index] = self._verified(context, parameters)
             except ParameterError as error:
                 responses[index] = _error(f"digits: {error}", pb_utils.TritonError.INVALID_ARG)
                 continue
@@ -148,6 +157,9 @@ class TritonPythonModel:
             finished = time.monotonic()
             for index, context in contexts.items():
                 mine = [answers[i] for i in np.flatnonzero(owners_arr == index)]
+                if downgrades.get(index):
+                    mine = [replace(a, reason=f"{downgrades[index]}; {a.reason}") if isinstance(a, Answer) else a
+                            for a in mine]
                 responses[index] = self._response(context.tier, mine)
                 outcomes.append((context.tier, mine, context.deadline_ms or self.policy.tiers[context.tier].slo_ms,
                                  finished - received[index]))
@@ -156,6 +168,32 @@ class TritonPythonModel:
             self.metrics.state(self.router.breakers, self.router.load.wait_ms)
         self._last_execute = time.monotonic()
         return responses
+
+    def _verified(self, context: RequestContext, parameters: dict) -> tuple[RequestContext, str]:
+        """The context with the tier its tier key allows, and why it was downgraded ("" when it was not);
+        ParameterError when the tier is refused."""
+        try:
+            verdict = self._tier_keys().verdict(context.tier, presented_key(parameters))
+        except TierKeyError as error:
+            raise ParameterError(str(error)) from None
+        if verdict.refused:
+            raise ParameterError(verdict.message)
+        if verdict.downgraded:
+            return replace(context, tier=verdict.tier), verdict.message
+        return context, ""
+
+    def _tier_keys(self) -> TierKeys:
+        """The operator's tier keys, read again when the file changes (looked at once a second at most)."""
+        now = time.monotonic()
+        if self._keys_path is None or now - self._keys_checked < 1.0:
+            return self._keys
+        self._keys_checked = now
+        try:
+            if (mtime := self._keys_path.stat().st_mtime_ns) != self._keys_mtime:
+                self._keys, self._keys_mtime = TierKeys.load(self._keys_path), mtime
+        except (OSError, TierKeyError) as error:  # keep the keys in force; say why the new file was not taken
+            pb_utils.Logger.log_error(f"router: tier keys not reloaded: {error}")
+        return self._keys
 
     async def _route(self, images: list[np.ndarray], sources: list[np.ndarray], contexts: list, waits: list[float],
                      spent: list[float]):

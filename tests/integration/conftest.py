@@ -59,6 +59,6 @@ def grpc(triton: TritonServer) -> Iterator[Triton]:
 
 @pytest.fixture
 def grpc_sdk(triton: TritonServer) -> Iterator[TierserveClient]:
-    with TierserveClient(triton.grpc_url) as sdk:
+    with TierserveClient(triton.grpc_url, tier_key=triton.tier_key) as sdk:
         yield sdk
 

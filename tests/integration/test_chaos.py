@@ -61,7 +61,7 @@ def test_the_model_repository_api_needs_the_admin_key(chaos):
 def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(chaos, split: DigitsSplit):
     server, _ = chaos
     (old_pid,) = server.stub_pids("digits_light")
-    with SteadyLoad(server.grpc_url, split.test.images[:50]) as load:  # critical and standard
+    with SteadyLoad(server.grpc_url, split.test.images[:50], tier_key=server.tier_key) as load:  # critical, standard
         assert load.wait_until(lambda sent: len(sent) > 40, 10)
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
@@ -84,7 +84,7 @@ def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(
 
 def test_an_unloaded_primary_falls_back_and_takes_traffic_again_once_loaded(chaos, split: DigitsSplit):
     server, control = chaos
-    with SteadyLoad(server.grpc_url, split.test.images[:50]) as load:  # critical and standard
+    with SteadyLoad(server.grpc_url, split.test.images[:50], tier_key=server.tier_key) as load:  # critical, standard
         assert load.wait_until(lambda sent: _recent_on(sent, "digits_light:1", 5, ("standard",)), 10)
         control.unload("digits_light")
         unloaded_at = time.monotonic()
@@ -115,7 +115,7 @@ def test_injected_latency_is_cut_off_by_the_deadline(chaos, split: DigitsSplit):
     server, control = chaos
     control.set_fault("digits_heavy", FaultSpec(latency_ms=400))
     try:
-        with TierserveClient(server.grpc_url) as client:
+        with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
             assert _settled(client, split.test.images[0], "digits_light:1 ")
             answers = [a for _ in range(4) for a in client.classify(split.test.images[:16], deadline_ms=150)]
     finally:
@@ -134,7 +134,7 @@ def test_injected_errors_trip_the_breaker_and_it_recovers(chaos, split: DigitsSp
     server, control = chaos
     images = with_missing(split.test.images[:30], 0.3, seed=5)
     control.set_fault("digits_missing", FaultSpec(hard_failure=True))
-    with TierserveClient(server.grpc_url) as client:
+    with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
         failing = [client.classify(image)[0] for image in images[:12]]
         assert 2.0 in metric_values(server, "tierserve_breaker_state", model="digits_missing:1")
         control.set_fault("digits_missing", FaultSpec())
@@ -164,7 +164,7 @@ def test_the_fault_command_switches_faults_on_and_off(chaos, monkeypatch, capsys
     assert control.config("digits_rules")["parameters"]["fault_hard_failure"] == {"string_value": "true"}
     assert main(["fault", "digits_rules", "--off", "--url", server.http_url]) == 0
     assert "fault_hard_failure" not in control.config("digits_rules").get("parameters", {})
-    with TierserveClient(server.grpc_url) as client:
+    with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
         assert _settled(client, pure_noise(1, seed=1)[0], "digits_rules:1 ok")
 
 
@@ -173,6 +173,6 @@ def test_a_malformed_fault_parameter_is_refused_and_the_model_keeps_serving(chao
     config = {**control.config("digits_rules"), "parameters": {"fault_error_rate": {"string_value": "often"}}}
     with pytest.raises(InferenceServerException, match="parameter fault_error_rate must be a number, got 'often'"):
         control.load_with("digits_rules", config)
-    with TierserveClient(server.grpc_url) as client:
+    with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
         (answer,) = client.classify(pure_noise(1, seed=2)[0])
     assert answer.path == "digits_rules:1 ok", "the loaded version keeps serving when a reload fails"

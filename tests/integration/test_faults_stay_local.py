@@ -85,7 +85,7 @@ def test_tight_deadlines_of_one_client_never_eject_healthy_models(triton: Triton
     hurried: list[str] = []
 
     def hurry() -> None:
-        with TierserveClient(triton.grpc_url) as client:
+        with TierserveClient(triton.grpc_url, tier_key=triton.tier_key) as client:
             i = 0
             while not stop.is_set():
                 (answer,) = client.classify(split.test.images[i % 100], deadline_ms=1)
@@ -114,7 +114,7 @@ def test_extreme_pixels_get_the_capped_safe_default_never_a_nan(triton: TritonSe
         image[3, 3] = 1e38
     else:
         image[:] = big if kind == "flt_max_image" else -big
-    with TierserveClient(triton.http_url, protocol="http") as client:
+    with TierserveClient(triton.http_url, protocol="http", tier_key=triton.tier_key) as client:
         (answer,) = client.classify(image)
     assert np.isfinite(answer.probs).all() and np.isfinite(answer.confidence)
     assert answer.route == "digits_rules:1" and answer.confidence <= np.float32(0.3)
@@ -132,7 +132,7 @@ def test_a_dead_model_is_a_fault_not_overload(model_repository, tmp_path, split:
         answered, errors = [], []
 
         def send(worker: int) -> None:
-            with TierserveClient(server.grpc_url) as client:
+            with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
                 while not stop.is_set():
                     try:
                         # a budget above the 250 ms call timeout: a call to the dead model stalls the router
@@ -165,7 +165,7 @@ def test_the_first_requests_after_a_start_meet_their_deadlines(model_repository,
     with (tmp_path / "tritonserver.log").open("wb") as log, \
             TritonServer(model_repository, Ports.free(), tmp_path, output=log) as server:
         server.wait_ready()
-        with TierserveClient(server.grpc_url) as client:
+        with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
             paths = {tier: client.classify(split.test.images[0], tier=tier, deadline_ms=19)[0].path
                      for tier in ("critical", "standard")}
     assert paths == {"critical": "digits_light_critical:1 ok", "standard": "digits_light:1 ok"}

@@ -95,6 +95,6 @@ def test_a_critical_lane_refuses_direct_callers_and_serves_digits(triton: Triton
     assert str(caught.value.status()) == "StatusCode.INVALID_ARGUMENT"
     assert f"{lane}:" in caught.value.message() and "reserved for critical rows that digits routes" in \
         caught.value.message()
-    with TierserveClient(triton.grpc_url) as sdk:
+    with TierserveClient(triton.grpc_url, tier_key=triton.tier_key) as sdk:
         (answer,) = sdk.classify(split.test.images[0], tier="critical")
     assert answer.path.startswith("digits_light_critical:1 "), "digits still routes critical rows to the lanes"

@@ -7,6 +7,7 @@ import asyncio
 
 import numpy as np
 
+from tierserve.tier_keys import TIER_KEY_HEADER
 from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.open_loop import kserve_request, open_loop
 from tierserve.tools.server import TritonServer
@@ -18,7 +19,8 @@ def _send(server: TritonServer, request: bytes, rate: float, seconds: float):
 
 
 def test_every_request_sent_on_schedule_is_answered(triton: TritonServer, split: DigitsSplit):
-    request = kserve_request(triton.http_url, "digits", split.test.images[:2], {"tier": "critical", "priority": 1})
+    request = kserve_request(triton.http_url, "digits", split.test.images[:2],
+                             {"tier": "critical", "priority": 1, TIER_KEY_HEADER: triton.tier_key})
     result = _send(triton, request, rate=200, seconds=1.0)
     assert result.count(200) == 200 and result.count() == 200 and result.skipped == 0
     assert result.rate(200) == 200

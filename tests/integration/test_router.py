@@ -26,7 +26,7 @@ from tierserve.tools.workload import pure_noise, upscaled, with_missing
 @pytest.fixture(params=["grpc", "http"])
 def client(request: pytest.FixtureRequest, triton: TritonServer):
     url = triton.grpc_url if request.param == "grpc" else triton.http_url
-    with TierserveClient(url, protocol=request.param) as sdk:
+    with TierserveClient(url, protocol=request.param, tier_key=triton.tier_key) as sdk:
         yield sdk
 
 
@@ -110,7 +110,7 @@ def test_a_batch_mixing_routes_comes_back_in_order(client: TierserveClient, grpc
 def test_concurrent_requests_batched_together_each_get_their_own_answers(triton: TritonServer,
                                                                           split: DigitsSplit):
     async def run() -> list[list[Classification]]:
-        async with AsyncTierserveClient(triton.grpc_url) as sdk:
+        async with AsyncTierserveClient(triton.grpc_url, tier_key=triton.tier_key) as sdk:
             tiers = ["critical", "standard", "best_effort"]
             return await asyncio.gather(*(sdk.classify(split.test.images[i], tier=tiers[i % 3], user_id=f"u{i}")
                                           for i in range(60)))
@@ -176,7 +176,7 @@ def test_requests_never_reach_a_model_outside_the_policy(triton: TritonServer, g
 
 def test_the_async_client_over_http(triton: TritonServer, split: DigitsSplit):
     async def run() -> list[Classification]:
-        async with AsyncTierserveClient(triton.http_url, protocol="http") as sdk:
+        async with AsyncTierserveClient(triton.http_url, protocol="http", tier_key=triton.tier_key) as sdk:
             return await sdk.classify(split.test.images[:3], tier="critical")
 
     answers = asyncio.run(run())
@@ -184,8 +184,9 @@ def test_the_async_client_over_http(triton: TritonServer, split: DigitsSplit):
     assert all(a.probs.shape == (10,) and 0 < a.confidence <= 1 for a in answers)
 
 
-def test_the_demo_prints_a_row_per_route(triton: TritonServer, capsys: pytest.CaptureFixture[str]):
-    assert main(["demo", "--url", triton.grpc_url, "--count", "120", "--seed", "1"]) == 0
+def test_the_demo_prints_a_row_per_route(triton: TritonServer, capsys: pytest.CaptureFixture[str], tmp_path):
+    (key := tmp_path / "tier_key").write_text(triton.tier_key)  # the demo sends critical requests too
+    assert main(["demo", "--url", triton.grpc_url, "--count", "120", "--seed", "1", "--tier-key-file", str(key)]) == 0
     table = capsys.readouterr().out
     for route in ("digits_light:1", "digits_heavy:2", "digits_missing:1", "digits_rules:1"):
         assert f"| {route} |" in table

@@ -70,7 +70,7 @@ def test_one_client_shared_by_8_threads_answers_every_call(triton: TritonServer,
             images = upscaled(split.test.images[first:first + 1 + call % 4], thread + 1)
             answered[thread].append((first, client.classify(images, tier="critical", user_id=f"t{thread}")))
 
-    with TierserveClient(_url(triton, protocol), protocol) as client:
+    with TierserveClient(_url(triton, protocol), protocol, tier_key=triton.tier_key) as client:
         threads = [threading.Thread(target=work, args=(t, client), daemon=True) for t in range(8)]
         began = time.monotonic()
         for thread in threads:
@@ -130,7 +130,7 @@ def test_a_call_that_runs_out_of_time_does_not_spoil_the_next(triton: TritonServ
     """Timeouts from 0.1 ms (before the request is out) to 10 ms (while the server works on it): whatever state
     an interrupted call left its connection in, the next call on the same single connection is answered."""
     timed_out = 0
-    with TierserveClient(_url(triton, protocol), protocol, max_connections=1) as client:
+    with TierserveClient(_url(triton, protocol), protocol, max_connections=1, tier_key=triton.tier_key) as client:
         for timeout_s in (0.0001, 0.001, 0.003, 0.01) * 3:
             try:
                 client.classify(split.test.images[:64], tier="critical", timeout_s=timeout_s)

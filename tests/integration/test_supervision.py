@@ -113,7 +113,7 @@ def test_a_killed_stub_is_replaced_without_any_traffic(supervised: Supervisor, s
     for _ in range(4):  # preprocess and the router have two instances: reach both
         assert (_labels(server.grpc_url, images) == labels).mean() >= 0.75
     if model.endswith("_critical"):  # a lane serves only the router's calls: reach it through digits
-        with TierserveClient(server.grpc_url) as client:
+        with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
             paths = [answer.path for answer in client.classify(noisy(images, sigma=4.0, seed=2), tier="critical")]
         assert any(f"{model}:" in path and "error" not in path and "timeout" not in path for path in paths)
     elif model in RUNNERS:

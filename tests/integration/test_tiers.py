@@ -49,7 +49,7 @@ def tiered(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def calm(tiered: TritonServer, split: DigitsSplit) -> None:
     """Each test starts on a calm server: the last flood's queue wait has left the moving average."""
     deadline = time.monotonic() + 15
-    with TierserveClient(tiered.grpc_url) as client:
+    with TierserveClient(tiered.grpc_url, tier_key=tiered.tier_key) as client:
         while time.monotonic() < deadline:
             client.classify(split.test.images[0], tier="critical")
             if max(metric_values(tiered, "tierserve_router_queue_wait_ms"), default=0.0) < 1.0:
@@ -58,9 +58,9 @@ def calm(tiered: TritonServer, split: DigitsSplit) -> None:
     pytest.fail("the server did not calm down after the last flood")
 
 
-async def _flood(url: str, images: np.ndarray, best_effort: int, critical: int) -> tuple[list, list]:
+async def _flood(server: TritonServer, images: np.ndarray, best_effort: int, critical: int) -> tuple[list, list]:
     """Queue `best_effort` requests at once, then `critical` ones; return (tier, seconds, outcome) of each."""
-    async with AsyncTierserveClient(url) as client:
+    async with AsyncTierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
         async def one(tier: str, image: np.ndarray):
             sent = time.monotonic()
             try:
@@ -77,7 +77,7 @@ async def _flood(url: str, images: np.ndarray, best_effort: int, critical: int) 
 
 def test_critical_requests_overtake_a_best_effort_flood_and_are_never_shed(tiered: TritonServer,
                                                                            split: DigitsSplit):
-    flood, urgent = asyncio.run(_flood(tiered.grpc_url, split.test.images, best_effort=800, critical=10))
+    flood, urgent = asyncio.run(_flood(tiered, split.test.images, best_effort=800, critical=10))
     assert all(not isinstance(result, Exception) for _, _, result in urgent), "no critical request failed"
     answered = [seconds for _, seconds, result in flood if not isinstance(result, Exception)]
     assert max(seconds for _, seconds, _ in urgent) < np.median(answered), \
@@ -94,7 +94,7 @@ def test_degraded_best_effort_answers_say_so(model_repository: Path, tmp_path: P
     # load gauge to stay past the threshold for sustain_s on a warm server
     images = noisy(split.test.images, sigma=4.0, seed=5)
     with _server(model_repository, tmp_path, DEGRADING) as server:
-        flood, _ = asyncio.run(_flood(server.grpc_url, images, best_effort=600, critical=1))
+        flood, _ = asyncio.run(_flood(server, images, best_effort=600, critical=1))
     answers = [answer for _, _, result in flood if not isinstance(result, Exception) for answer in result]
     degraded = [a for a in answers if "escalation skipped, degraded: router queue wait" in a.reason]
     assert degraded and all(a.path == "digits_light:1 ok" for a in degraded)
@@ -106,10 +106,10 @@ def test_tier_metrics_move(tiered: TritonServer, split: DigitsSplit):
 
     before = {tier: total("tierserve_rows_total", tier=tier, outcome="direct") for tier in ("critical", "standard")}
     shed_before = total("tierserve_rows_total", tier="best_effort", outcome="shed")
-    with TierserveClient(tiered.grpc_url) as client:
+    with TierserveClient(tiered.grpc_url, tier_key=tiered.tier_key) as client:
         for tier in ("critical", "standard"):
             client.classify(split.test.images[:3], tier=tier)
-    asyncio.run(_flood(tiered.grpc_url, split.test.images, best_effort=800, critical=1))
+    asyncio.run(_flood(tiered, split.test.images, best_effort=800, critical=1))
     for tier in ("critical", "standard"):
         assert total("tierserve_rows_total", tier=tier, outcome="direct") >= before[tier] + 3
     assert total("tierserve_rows_total", tier="best_effort", outcome="shed") > shed_before
@@ -123,7 +123,7 @@ def test_a_deadline_too_short_for_the_heavy_model_gets_the_light_answer_with_the
     control = ModelControl(tiered.http_url, tiered.admin_key)
     control.set_fault("digits_heavy", FaultSpec(latency_ms=60))
     try:
-        with TierserveClient(tiered.grpc_url) as client:
+        with TierserveClient(tiered.grpc_url, tier_key=tiered.tier_key) as client:
             # with a roomy deadline escalations reach the slow heavy model, which teaches each router
             # instance's moving average how long it now takes
             for _ in range(16):

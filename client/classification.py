@@ -43,7 +43,13 @@ def decode(result: Any) -> list[Classification]:
     """Classifications from a tritonclient InferResult (gRPC or HTTP, sync or asyncio)."""
     out = {name: result.as_numpy(name) for name in OUTPUTS}
     return [
-        Classification(int(out["LABEL"][i, 0]), out["PROBS"][i], float(out["CONFIDENCE"][i, 0]),
-                       out["ROUTE"][i, 0].decode(), out["REASON"][i, 0].decode(), out["PATH"][i, 0].decode())
+        Classification(
+            int(out["LABEL"][i, 0]),
+            out["PROBS"][i],
+            float(out["CONFIDENCE"][i, 0]),
+            out["ROUTE"][i, 0].decode(),
+            out["REASON"][i, 0].decode(),
+            out["PATH"][i, 0].decode(),
+        )
         for i in range(len(out["LABEL"]))
     ]

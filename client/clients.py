@@ -61,8 +61,10 @@ def _tier_key_headers(tier_key: str | None) -> dict[str, str] | None:
     if tier_key is None:
         return None
     if not isinstance(tier_key, str) or not tier_key or not all("!" <= c <= "~" for c in tier_key):
-        raise ValueError("tier_key must be a non-empty string of printable ASCII without spaces, as "
-                         "`tierserve tier-key add` prints it")
+        raise ValueError(
+            "tier_key must be a non-empty string of printable ASCII without spaces, as "
+            "`tierserve tier-key add` prints it"
+        )
     return {TIER_KEY_HEADER: tier_key}
 
 
@@ -71,8 +73,14 @@ def _check_open(closed: bool) -> None:
         raise ValueError("classify on a closed client")
 
 
-def _request(module: ModuleType, images: Any, tier: str | None, user_id: str | None, deadline_ms: int | None,
-             headers: dict[str, str] | None) -> dict[str, Any]:
+def _request(
+    module: ModuleType,
+    images: Any,
+    tier: str | None,
+    user_id: str | None,
+    deadline_ms: int | None,
+    headers: dict[str, str] | None,
+) -> dict[str, Any]:
     pixels = as_pixels(images)
     tensor = module.InferInput("PIXELS", list(pixels.shape), "FP32")
     tensor.set_data_from_numpy(pixels)
@@ -176,20 +184,37 @@ class TierserveClient:
     `tierserve tier-key add`) goes with every call as the tierserve-tier-key header: tiers above standard need it.
     """
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_connections: int = 8, tier_key: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_connections: int = 8,
+        tier_key: str | None = None,
+    ) -> None:
         self._headers = _tier_key_headers(tier_key)
         self._module = _module(protocol, asyncio=False)
         self.url = _url(url, protocol)
         self.protocol = protocol
         self.timeout_s = _positive(timeout_s)
         self._connection_errors = _connection_errors(protocol, asyncio=False)
-        self._calls = (_GrpcCalls(self._module, self.url) if protocol == "grpc"
-                       else _HttpCalls(self._module, self.url, max_connections))
+        self._calls = (
+            _GrpcCalls(self._module, self.url)
+            if protocol == "grpc"
+            else _HttpCalls(self._module, self.url, max_connections)
+        )
         self._closed = False
 
-    def classify(self, images: np.ndarray, *, tier: str | None = None, user_id: str | None = None,
-                 deadline_ms: int | None = None, timeout_s: float | None = None) -> list[Classification]:
+    def classify(
+        self,
+        images: np.ndarray,
+        *,
+        tier: str | None = None,
+        user_id: str | None = None,
+        deadline_ms: int | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Classification]:
         """Classify [N, H, W] images (or one [H, W]); `timeout_s` overrides the client's for this call."""
         _check_open(self._closed)
         timeout_s = self.timeout_s if timeout_s is None else _positive(timeout_s)
@@ -214,8 +239,14 @@ class AsyncTierserveClient:
     """asyncio client: `await AsyncTierserveClient("localhost:8001").classify(images)`; timeouts, errors and
     `tier_key` as TierserveClient's."""
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, tier_key: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        tier_key: str | None = None,
+    ) -> None:
         self._headers = _tier_key_headers(tier_key)
         self._module = _module(protocol, asyncio=True)
         self.url = _url(url, protocol)
@@ -227,8 +258,15 @@ class AsyncTierserveClient:
         self._client = self._module.InferenceServerClient(self.url, **options)
         self._closed = False
 
-    async def classify(self, images: np.ndarray, *, tier: str | None = None, user_id: str | None = None,
-                       deadline_ms: int | None = None, timeout_s: float | None = None) -> list[Classification]:
+    async def classify(
+        self,
+        images: np.ndarray,
+        *,
+        tier: str | None = None,
+        user_id: str | None = None,
+        deadline_ms: int | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Classification]:
         """Classify [N, H, W] images (or one [H, W]); `timeout_s` overrides the client's for this call."""
         _check_open(self._closed)
         timeout_s = self.timeout_s if timeout_s is None else _positive(timeout_s)

@@ -69,8 +69,9 @@ def status_from(protocol: str, status: str | None) -> Status | None:
 
 
 @contextlib.contextmanager
-def call_errors(protocol: str, url: str, timeout_s: float,
-                connection_errors: tuple[type[BaseException], ...]) -> Iterator[None]:
+def call_errors(
+    protocol: str, url: str, timeout_s: float, connection_errors: tuple[type[BaseException], ...]
+) -> Iterator[None]:
     """Turn whatever one call raises into a TierserveError: refusals keep the server's status, a call that ran
     out of time gets TIMED_OUT, and `connection_errors` (the transport's own, raw) get UNREACHABLE."""
     try:

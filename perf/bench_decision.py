@@ -27,6 +27,7 @@ def main() -> None:
     probs = np.full((64, 10), 0.1, np.float32)
     context = RequestContext("standard", "user-1", 50)
     print("| work | images | µs per request | µs per image |\n|---|---:|---:|---:|")
+
     def decide(batch: np.ndarray, source: np.ndarray, first_probs: np.ndarray) -> None:
         rows = signatures(batch, source, [context] * len(batch), stats)
         for row in rows:

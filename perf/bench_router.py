@@ -19,8 +19,12 @@ from tierserve.manifest import Manifest
 from tierserve.tools.dataset import load_split
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 
-ALWAYS_HEAVY = {"first": "digits_heavy:2", "escalate_to": "digits_heavy:2", "escalate_when": "threshold",
-                "thresholds": {"critical": 0.0, "standard": 0.0, "best_effort": 0.0}}
+ALWAYS_HEAVY = {
+    "first": "digits_heavy:2",
+    "escalate_to": "digits_heavy:2",
+    "escalate_when": "threshold",
+    "thresholds": {"critical": 0.0, "standard": 0.0, "best_effort": 0.0},
+}
 
 
 def _row(name: str, m: perf_analyzer.Measurement) -> str:
@@ -33,8 +37,10 @@ def routing_overhead(images: np.ndarray) -> None:
     paths = {
         "digits_light direct": ("digits_light", ()),
         "static ensemble preprocess -> digits_light": ("digits_static_light", ()),
-        "digits router -> digits_light (rule tight_deadline)": ("digits", ("--request-parameter",
-                                                                          "deadline_ms:15:int")),
+        "digits router -> digits_light (rule tight_deadline)": (
+            "digits",
+            ("--request-parameter", "deadline_ms:15:int"),
+        ),
     }
     results = {}
     with running_server() as server:
@@ -43,15 +49,17 @@ def routing_overhead(images: np.ndarray) -> None:
             for m in results[name]:
                 print(_row(name, m), flush=True)
     direct, static, routed = results.values()
-    print(f"\nrouter vs static ensemble throughput: c1 {routed[0].throughput / static[0].throughput:.2f}x, "
-          f"c8 {routed[1].throughput / static[1].throughput:.2f}x; router p50 added over the direct call: "
-          f"c1 {(routed[0].p50_us - direct[0].p50_us) / 1000:+.3f} ms, "
-          f"c8 {(routed[1].p50_us - direct[1].p50_us) / 1000:+.3f} ms\n")
+    print(
+        f"\nrouter vs static ensemble throughput: c1 {routed[0].throughput / static[0].throughput:.2f}x, "
+        f"c8 {routed[1].throughput / static[1].throughput:.2f}x; router p50 added over the direct call: "
+        f"c1 {(routed[0].p50_us - direct[0].p50_us) / 1000:+.3f} ms, "
+        f"c8 {(routed[1].p50_us - direct[1].p50_us) / 1000:+.3f} ms\n"
+    )
 
 
 def _accuracy_and_escalations(url: str, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     with TierserveClient(url) as client:
-        answers = [a for s in range(0, len(images), 64) for a in client.classify(images[s:s + 64], tier="standard")]
+        answers = [a for s in range(0, len(images), 64) for a in client.classify(images[s : s + 64], tier="standard")]
     accuracy = float(np.mean([a.label == y for a, y in zip(answers, labels, strict=True)]))
     return accuracy, float(np.mean(["low_confidence" in a.path for a in answers]))
 
@@ -61,22 +69,31 @@ def cascade_efficiency(images: np.ndarray, labels: np.ndarray) -> None:
     print("| policy | test accuracy | escalated | inferences/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|---:|")
     measured = {}
     with cascade_variant(ALWAYS_HEAVY) as heavy_repository:
-        for name, repository in (("cascade (shipped policy)", DEFAULT_REPOSITORY),
-                                 ("always heavy", heavy_repository)):
+        for name, repository in (("cascade (shipped policy)", DEFAULT_REPOSITORY), ("always heavy", heavy_repository)):
             with running_server(repository) as server:
                 accuracy, escalated = _accuracy_and_escalations(server.grpc_url, images, labels)
-                (m,) = perf_analyzer.run(server.grpc_url, "digits", images[:64], [8],
-                                         extra_args=("--request-parameter", "tier:standard:string"))
+                (m,) = perf_analyzer.run(
+                    server.grpc_url,
+                    "digits",
+                    images[:64],
+                    [8],
+                    extra_args=("--request-parameter", "tier:standard:string"),
+                )
             measured[name] = (accuracy, escalated, m)
-            print(f"| {name} | {accuracy:.4f} | {escalated:.1%} | {m.throughput:,.0f} | {m.p50_us / 1000:.3f} | "
-                  f"{m.p99_us / 1000:.3f} |", flush=True)
+            print(
+                f"| {name} | {accuracy:.4f} | {escalated:.1%} | {m.throughput:,.0f} | {m.p50_us / 1000:.3f} | "
+                f"{m.p99_us / 1000:.3f} |",
+                flush=True,
+            )
     (cascade_acc, escalated, cascade), (heavy_acc, _, heavy) = measured.values()
     light_ops = Manifest.read(DEFAULT_REPOSITORY / "digits_light" / "1").ops_per_sample
     heavy_ops = Manifest.read(DEFAULT_REPOSITORY / "digits_heavy" / "2").ops_per_sample
-    print(f"\ncascade: {cascade.throughput / heavy.throughput:.2f}x the always-heavy throughput at "
-          f"{cascade_acc / heavy_acc:.2%} of its accuracy; model compute per image "
-          f"{heavy_ops / (light_ops + escalated * heavy_ops):.2f}x less ({light_ops} + {escalated:.1%} x {heavy_ops} "
-          f"vs {heavy_ops} multiply-adds)\n")
+    print(
+        f"\ncascade: {cascade.throughput / heavy.throughput:.2f}x the always-heavy throughput at "
+        f"{cascade_acc / heavy_acc:.2%} of its accuracy; model compute per image "
+        f"{heavy_ops / (light_ops + escalated * heavy_ops):.2f}x less ({light_ops} + {escalated:.1%} x {heavy_ops} "
+        f"vs {heavy_ops} multiply-adds)\n"
+    )
 
 
 def main() -> None:

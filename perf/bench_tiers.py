@@ -39,8 +39,9 @@ NO_SHEDDING = {"degrade_best_effort_at_ms": 1e9, "shed_best_effort_at_ms": 1e9, 
 
 def _request(server: TritonServer, images: np.ndarray, tier: str, priority: int) -> bytes:
     # the server's own tier key, sent as a parameter (what the tierserve-tier-key header becomes)
-    return kserve_request(server.http_url, "digits", images,
-                          {"tier": tier, "priority": priority, TIER_KEY_HEADER: server.tier_key})
+    return kserve_request(
+        server.http_url, "digits", images, {"tier": tier, "priority": priority, TIER_KEY_HEADER: server.tier_key}
+    )
 
 
 def _streams(server: TritonServer, streams: list[tuple[bytes, float, float, float]]) -> list[OpenLoopResult]:
@@ -74,8 +75,9 @@ def sustainable_rate(server: TritonServer, flood: bytes) -> float:
 
 def overload(server: TritonServer, flood: bytes, flood_rate: float, *probes: bytes) -> list[OpenLoopResult]:
     """The flood and then the probe streams at CRITICAL_RATE; the flood starts 1 s before them and ends 1 s after."""
-    return _streams(server, [(flood, flood_rate, 0.0, RUN_S + 2)] + [(probe, CRITICAL_RATE, 1.0, RUN_S)
-                                                                     for probe in probes])
+    return _streams(
+        server, [(flood, flood_rate, 0.0, RUN_S + 2)] + [(probe, CRITICAL_RATE, 1.0, RUN_S) for probe in probes]
+    )
 
 
 def _row(name: str, flood: OpenLoopResult, critical: OpenLoopResult, flood_rate: float, unloaded_p99: float) -> str:
@@ -83,18 +85,23 @@ def _row(name: str, flood: OpenLoopResult, critical: OpenLoopResult, flood_rate:
     p50, p99, slowest = _percentiles(critical)
     errors = critical.count() - critical.count(200) + critical.skipped
     unanswered = round(flood_rate * flood.seconds) - flood.count() - flood.skipped
-    return (f"| {name} | {flood_rate:,.0f} | {flood.rate(200):,.0f} | {_percentiles(flood)[1]:,.0f} | "
-            f"{unanswered / flood.seconds:,.0f} | {flood.skipped / flood.seconds:,.0f} | "
-            f"{by_router / flood.seconds:,.0f} | {critical.count()} | {errors} | {p50:.2f} | {p99:.2f} | "
-            f"{slowest:.1f} | {p99 / unloaded_p99:.1f}x |")
+    return (
+        f"| {name} | {flood_rate:,.0f} | {flood.rate(200):,.0f} | {_percentiles(flood)[1]:,.0f} | "
+        f"{unanswered / flood.seconds:,.0f} | {flood.skipped / flood.seconds:,.0f} | "
+        f"{by_router / flood.seconds:,.0f} | {critical.count()} | {errors} | {p50:.2f} | {p99:.2f} | "
+        f"{slowest:.1f} | {p99 / unloaded_p99:.1f}x |"
+    )
 
 
 def main() -> None:
     images = load_split().test.images[:1]
     shipped = shipped_policy(DEFAULT_REPOSITORY)
     with tempfile.TemporaryDirectory() as tmp:
-        priority_only = policy_variant(DEFAULT_REPOSITORY, Path(tmp), {
-            **{k: v for k, v in shipped.items() if k != "lanes"}, "load_shedding": NO_SHEDDING})
+        priority_only = policy_variant(
+            DEFAULT_REPOSITORY,
+            Path(tmp),
+            {**{k: v for k, v in shipped.items() if k != "lanes"}, "load_shedding": NO_SHEDDING},
+        )
         with running_server(priority_only) as server:
             flood, critical = _request(server, images, "best_effort", 3), _request(server, images, "critical", 1)
             (unloaded,) = _streams(server, [(critical, CRITICAL_RATE, 0.0, RUN_S)])
@@ -108,19 +115,28 @@ def main() -> None:
             (lane_unloaded,) = _streams(server, [(lane, CRITICAL_RATE, 0.0, RUN_S)])
             *router_run, lane_loaded = overload(server, flood, OVERLOAD * sustained, critical, lane)
     base_p50, base_p99, _ = _percentiles(unloaded)
-    print(f"unloaded critical ({CRITICAL_RATE:g}/s): p50 {base_p50:.2f} ms, p99 {base_p99:.2f} ms; sustainable "
-          f"best_effort rate (answered in full): {sustained:,.0f}/s; overload: {OVERLOAD:g}x that\n")
-    print("| policy | best_effort offered/s | answered/s | answered p99 ms | unanswered 10 s after the run/s "
-          "| not sent, every connection waiting/s | shed, by preprocess or the router/s "
-          "| critical sent | critical errors | critical p50 ms | critical p99 ms | critical max ms "
-          "| p99 / unloaded p99 |")
+    print(
+        f"unloaded critical ({CRITICAL_RATE:g}/s): p50 {base_p50:.2f} ms, p99 {base_p99:.2f} ms; sustainable "
+        f"best_effort rate (answered in full): {sustained:,.0f}/s; overload: {OVERLOAD:g}x that\n"
+    )
+    print(
+        "| policy | best_effort offered/s | answered/s | answered p99 ms | unanswered 10 s after the run/s "
+        "| not sent, every connection waiting/s | shed, by preprocess or the router/s "
+        "| critical sent | critical errors | critical p50 ms | critical p99 ms | critical max ms "
+        "| p99 / unloaded p99 |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(_row("Triton priority levels only (no lanes, no router shedding)", *priority_run, OVERLOAD * sustained,
-               base_p99))
+    print(
+        _row(
+            "Triton priority levels only (no lanes, no router shedding)", *priority_run, OVERLOAD * sustained, base_p99
+        )
+    )
     print(_row("router: priority + critical lanes + shedding (shipped)", *router_run, OVERLOAD * sustained, base_p99))
     lane_p99, lane_loaded_p99 = _percentiles(lane_unloaded)[1], _percentiles(lane_loaded)[1]
-    print(f"\nfloor, direct calls to the idle lane digits_light_critical: p99 {lane_p99:.2f} ms unloaded, "
-          f"{lane_loaded_p99:.2f} ms during the shipped run's flood ({lane_loaded_p99 / lane_p99:.1f}x)")
+    print(
+        f"\nfloor, direct calls to the idle lane digits_light_critical: p99 {lane_p99:.2f} ms unloaded, "
+        f"{lane_loaded_p99:.2f} ms during the shipped run's flood ({lane_loaded_p99 / lane_p99:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

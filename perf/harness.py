@@ -18,8 +18,11 @@ from tierserve.tools.server import Ports, TritonServer
 def running_server(repository: Path = DEFAULT_REPOSITORY) -> Iterator[TritonServer]:
     """A ready tritonserver on free ports serving `repository` (models built first); log in a temp dir."""
     build_all(DEFAULT_REPOSITORY, log=lambda line: None)
-    with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "tritonserver.log").open("wb") as log, \
-            TritonServer(repository, Ports.free(), Path(tmp), output=log) as server:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        (Path(tmp) / "tritonserver.log").open("wb") as log,
+        TritonServer(repository, Ports.free(), Path(tmp), output=log) as server,
+    ):
         server.wait_ready()
         yield server
 

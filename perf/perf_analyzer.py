@@ -43,24 +43,55 @@ def write_input_data(images: np.ndarray, path: Path) -> Path:
     return path
 
 
-def run(url: str, model: str, images: np.ndarray, concurrencies: list[int], *,
-        measurement_ms: int = 3000, extra_args: tuple[str, ...] = ()) -> list[Measurement]:
+def run(
+    url: str,
+    model: str,
+    images: np.ndarray,
+    concurrencies: list[int],
+    *,
+    measurement_ms: int = 3000,
+    extra_args: tuple[str, ...] = (),
+) -> list[Measurement]:
     """Measure `model` over gRPC at each concurrency with stable windows; one request = one image."""
     binary = Path(sys.executable).parent / "perf_analyzer"
     with tempfile.TemporaryDirectory() as tmp:
         data = write_input_data(images, Path(tmp) / "input.json")
         report = Path(tmp) / "report.csv"
         command = [
-            str(binary), "-m", model, "-u", url, "-i", "grpc", "--input-data", str(data),
-            "--concurrency-range", f"{concurrencies[0]}:{concurrencies[-1]}:{_step(concurrencies)}",
-            "--measurement-interval", str(measurement_ms), "--stability-percentage", "20",
-            "--percentile", "99", "-f", str(report), *extra_args,
+            str(binary),
+            "-m",
+            model,
+            "-u",
+            url,
+            "-i",
+            "grpc",
+            "--input-data",
+            str(data),
+            "--concurrency-range",
+            f"{concurrencies[0]}:{concurrencies[-1]}:{_step(concurrencies)}",
+            "--measurement-interval",
+            str(measurement_ms),
+            "--stability-percentage",
+            "20",
+            "--percentile",
+            "99",
+            "-f",
+            str(report),
+            *extra_args,
         ]
         subprocess.run(command, check=True, env=_environment(), stdout=subprocess.DEVNULL)
         with report.open() as file:
             rows = list(csv.DictReader(file))
-    return [Measurement(int(r["Concurrency"]), float(r["Inferences/Second"]), float(r["p50 latency"]),
-                        float(r["p90 latency"]), float(r["p99 latency"])) for r in rows]
+    return [
+        Measurement(
+            int(r["Concurrency"]),
+            float(r["Inferences/Second"]),
+            float(r["p50 latency"]),
+            float(r["p90 latency"]),
+            float(r["p99 latency"]),
+        )
+        for r in rows
+    ]
 
 
 def _step(concurrencies: list[int]) -> int:

@@ -37,5 +37,7 @@ def _finite(probs: np.ndarray) -> np.ndarray | Rejected:
     """A request's probabilities, or its refusal: NaN or infinite probabilities are never an answer."""
     if np.isfinite(probs).all():
         return probs
-    return Rejected(f"the model's probabilities for {int((~np.isfinite(probs).all(axis=1)).sum())} image(s) are "
-                    "not finite; pixels should be 0-16")
+    return Rejected(
+        f"the model's probabilities for {int((~np.isfinite(probs).all(axis=1)).sum())} image(s) are "
+        "not finite; pixels should be 0-16"
+    )

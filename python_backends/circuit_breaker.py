@@ -72,8 +72,10 @@ class CircuitBreaker:
         failures = sum(f for _, f in self._window)
         if self._consecutive >= self.settings.consecutive_errors:
             self._eject(now, f"{self._consecutive} consecutive failed calls")
-        elif (len(self._window) >= self.settings.failure_percentage_request_volume
-              and 100.0 * failures / len(self._window) >= self.settings.failure_percentage_threshold):
+        elif (
+            len(self._window) >= self.settings.failure_percentage_request_volume
+            and 100.0 * failures / len(self._window) >= self.settings.failure_percentage_threshold
+        ):
             self._eject(now, f"{failures} of {len(self._window)} calls failed in {self.settings.interval_s:g} s")
 
     def trip(self, why: str) -> None:

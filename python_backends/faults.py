@@ -31,6 +31,7 @@ class FaultSpec:
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> FaultSpec:
         """Read the fault_* keys of a model's parameters (other keys are not ours and are ignored)."""
+
         def number(key: str, low: float, high: float) -> float:
             raw = parameters.get(key, "0")
             try:
@@ -47,8 +48,11 @@ class FaultSpec:
         return cls(number("fault_latency_ms", 0, 60_000), number("fault_error_rate", 0, 1), hard == "true")
 
     def to_parameters(self) -> dict[str, str]:
-        return {"fault_latency_ms": f"{self.latency_ms:g}", "fault_error_rate": f"{self.error_rate:g}",
-                "fault_hard_failure": str(self.hard_failure).lower()}
+        return {
+            "fault_latency_ms": f"{self.latency_ms:g}",
+            "fault_error_rate": f"{self.error_rate:g}",
+            "fault_hard_failure": str(self.hard_failure).lower(),
+        }
 
 
 class FaultInjector:

@@ -31,7 +31,7 @@ class ReloadLog:
         directory.mkdir(parents=True, exist_ok=True)
 
     def claim(self, name: str, sent_at: float, now: float, min_interval_s: float) -> str:
-        """"stale" if a reload began after the failed call was sent, "recent" if one began less than
+        """ "stale" if a reload began after the failed call was sent, "recent" if one began less than
         `min_interval_s` ago, otherwise "reload" (recorded at `now`: the caller reloads)."""
         with (self.directory / f"{name}.reload").open("a+") as file:
             fcntl.flock(file, fcntl.LOCK_EX)
@@ -53,8 +53,14 @@ class Healer:
     `reload(name)` starts reloading a model (off the hot path); each model reloads at most once per
     `min_interval_s` across all router instances sharing `log`."""
 
-    def __init__(self, min_interval_s: float, log: ReloadLog, trip: Callable[[str, str], None],
-                 reload: Callable[[str], None], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        min_interval_s: float,
+        log: ReloadLog,
+        trip: Callable[[str, str], None],
+        reload: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.min_interval_s = min_interval_s
         self._log = log
         self._trip = trip

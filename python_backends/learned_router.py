@@ -11,8 +11,16 @@ import numpy as np
 
 from tierserve.signature import Signature
 
-FEATURES = ("confidence", "margin", "entropy", "missing_fraction", "out_of_range_fraction", "sparsity",
-            "ood_score", "log_area")
+FEATURES = (
+    "confidence",
+    "margin",
+    "entropy",
+    "missing_fraction",
+    "out_of_range_fraction",
+    "sparsity",
+    "ood_score",
+    "log_area",
+)
 
 
 def escalation_features(signatures: list[Signature], probs: np.ndarray) -> np.ndarray:
@@ -22,8 +30,10 @@ def escalation_features(signatures: list[Signature], probs: np.ndarray) -> np.nd
     features[:, 0] = top_two[:, 1]
     features[:, 1] = top_two[:, 1] - top_two[:, 0]
     features[:, 2] = -(probs * np.log(np.clip(probs, 1e-9, 1.0))).sum(axis=1)
-    features[:, 3:] = [[s.missing_fraction, s.out_of_range_fraction, s.sparsity, s.ood_score,
-                        math.log(s.height * s.width / 64.0)] for s in signatures]
+    features[:, 3:] = [
+        [s.missing_fraction, s.out_of_range_fraction, s.sparsity, s.ood_score, math.log(s.height * s.width / 64.0)]
+        for s in signatures
+    ]
     return features
 
 
@@ -41,12 +51,18 @@ class LearnedRouter:
         data = json.loads(path.read_text())
         if tuple(data["features"]) != FEATURES:
             raise ValueError(f"{path} was trained on features {data['features']}, not {list(FEATURES)}: rebuild")
-        return cls(*(np.asarray(data[key], np.float32) for key in ("mean", "scale", "coef")),
-                   float(data["intercept"]))
+        return cls(*(np.asarray(data[key], np.float32) for key in ("mean", "scale", "coef")), float(data["intercept"]))
 
     def to_json(self) -> str:
-        return json.dumps({"features": FEATURES, "mean": self.mean.tolist(), "scale": self.scale.tolist(),
-                           "coef": self.coef.tolist(), "intercept": self.intercept})
+        return json.dumps(
+            {
+                "features": FEATURES,
+                "mean": self.mean.tolist(),
+                "scale": self.scale.tolist(),
+                "coef": self.coef.tolist(),
+                "intercept": self.intercept,
+            }
+        )
 
     def wrong_probability(self, features: np.ndarray) -> np.ndarray:
         """[N] probability that the first model's answer is wrong."""

@@ -61,8 +61,11 @@ class LoadMonitor:
     def _past(self, threshold: float, wait_ms: float) -> bool:
         """Whether a request that waited `wait_ms` is past `threshold`, with the average past it for sustain_s."""
         since = self._past_since.get(threshold)
-        return (min(wait_ms, self.wait_ms) >= threshold and since is not None
-                and self._clock() - since >= self.settings.sustain_s)
+        return (
+            min(wait_ms, self.wait_ms) >= threshold
+            and since is not None
+            and self._clock() - since >= self.settings.sustain_s
+        )
 
     def action(self, tier: str, wait_ms: float) -> tuple[str, str]:
         """NORMAL, DEGRADE or SHED for a request of `tier` that waited `wait_ms` for the router, and why.
@@ -75,6 +78,7 @@ class LoadMonitor:
         if tier == "standard" and self._past(s.shed_standard_at_ms, wait_ms):
             return SHED, f"router queue wait {wait:.1f} ms >= {s.shed_standard_at_ms:g} ms sheds standard"
         if tier == "best_effort" and self._past(s.degrade_best_effort_at_ms, wait_ms):
-            return DEGRADE, (f"degraded: router queue wait {wait:.1f} ms >= {s.degrade_best_effort_at_ms:g} ms, "
-                             "first model only")
+            return DEGRADE, (
+                f"degraded: router queue wait {wait:.1f} ms >= {s.degrade_best_effort_at_ms:g} ms, first model only"
+            )
         return NORMAL, ""

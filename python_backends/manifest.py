@@ -47,8 +47,11 @@ class Manifest:
         except json.JSONDecodeError as error:
             raise ManifestError(f"{path} is not valid JSON: {error}") from None
         names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         if missing := sorted(required - data.keys()):
             raise ManifestError(f"{path} lacks {', '.join(missing)}: rebuild with `tierserve build --force`")
         if unknown := sorted(data.keys() - names):

@@ -25,8 +25,10 @@ def pixel_problem(pixels: np.ndarray, accepts_missing: bool) -> str | None:
     if not accepts_missing:
         missing = int(np.isnan(pixels).sum())
         if missing:
-            return (f"PIXELS has {missing} missing (NaN) pixel(s) and this model needs complete images; "
-                    "send images with missing pixels to digits_missing or digits_rules")
+            return (
+                f"PIXELS has {missing} missing (NaN) pixel(s) and this model needs complete images; "
+                "send images with missing pixels to digits_missing or digits_rules"
+            )
     return None
 
 

@@ -24,11 +24,15 @@ from tierserve.load_shedding import SheddingSettings
 from tierserve.signature import TIERS, Signature
 from tierserve.slo import TierSlo
 
-NUMERIC_CUES = ("height", "width", "missing_fraction", "out_of_range_fraction", "sparsity", "ood_score",
-                "deadline_ms")
+NUMERIC_CUES = ("height", "width", "missing_fraction", "out_of_range_fraction", "sparsity", "ood_score", "deadline_ms")
 TEXT_CUES = ("tier", "user_id")
 COMPARISONS: dict[str, Callable[[float, float], bool]] = {
-    "<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq, "!=": operator.ne,
+    "<=": operator.le,
+    ">=": operator.ge,
+    "<": operator.lt,
+    ">": operator.gt,
+    "==": operator.eq,
+    "!=": operator.ne,
 }
 ESCALATE_WHEN = ("threshold", "learned", "either", "both")
 DEFAULT_TIERS = {"critical": TierSlo(50, 0.999), "standard": TierSlo(100, 0.99), "best_effort": TierSlo(500, 0.9)}
@@ -175,8 +179,12 @@ def _rule(data: Any, key: str, models: tuple[str, ...]) -> Rule:
 
 
 def _cascade(data: Any, models: tuple[str, ...]) -> Cascade:
-    data = _mapping(data, "cascade", {"first", "escalate_to", "thresholds", "escalate_when", "learned_router"},
-                    {"first", "escalate_to", "thresholds", "escalate_when"})
+    data = _mapping(
+        data,
+        "cascade",
+        {"first", "escalate_to", "thresholds", "escalate_when", "learned_router"},
+        {"first", "escalate_to", "thresholds", "escalate_when"},
+    )
     thresholds = _mapping(data["thresholds"], "cascade.thresholds", set(TIERS), set(TIERS))
     escalate_when = data["escalate_when"]
     if escalate_when not in ESCALATE_WHEN:
@@ -246,8 +254,9 @@ def _shedding(data: Any) -> SheddingSettings:
     data = _mapping(data, "load_shedding", set(keys), set())
     settings = SheddingSettings(**{key: _positive(value, f"load_shedding.{key}") for key, value in data.items()})
     if not settings.degrade_best_effort_at_ms <= settings.shed_best_effort_at_ms <= settings.shed_standard_at_ms:
-        raise PolicyError("load_shedding: expected degrade_best_effort_at_ms <= shed_best_effort_at_ms "
-                          "<= shed_standard_at_ms")
+        raise PolicyError(
+            "load_shedding: expected degrade_best_effort_at_ms <= shed_best_effort_at_ms <= shed_standard_at_ms"
+        )
     return settings
 
 
@@ -258,18 +267,34 @@ def _lanes(data: Any, models: tuple[str, ...]) -> dict[str, dict[str, str]]:
         by_model = _mapping(by_model, f"lanes.{tier}", set(models), set())
         for model, lane in by_model.items():
             if not isinstance(lane, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+:[0-9]+", lane) or lane in models:
-                raise PolicyError(f"lanes.{tier}.{model}: expected a lane 'model:version' not listed under models, "
-                                  f"got {lane!r}")
+                raise PolicyError(
+                    f"lanes.{tier}.{model}: expected a lane 'model:version' not listed under models, got {lane!r}"
+                )
         lanes[tier] = dict(by_model)
     return lanes
 
 
 def parse_policy(data: Any) -> Policy:
     """Validate a policy document (already parsed from YAML) into a Policy."""
-    data = _mapping(data, "policy", {"models", "default_tier", "rules", "cascade", "fallback", "fallbacks",
-                                     "circuit_breaker", "call_timeout_ms", "self_healing", "tiers",
-                                     "load_shedding", "lanes"},
-                    {"models", "cascade", "fallback"})
+    data = _mapping(
+        data,
+        "policy",
+        {
+            "models",
+            "default_tier",
+            "rules",
+            "cascade",
+            "fallback",
+            "fallbacks",
+            "circuit_breaker",
+            "call_timeout_ms",
+            "self_healing",
+            "tiers",
+            "load_shedding",
+            "lanes",
+        },
+        {"models", "cascade", "fallback"},
+    )
     models = data["models"]
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
         raise PolicyError("models: expected a non-empty list of 'model:version' names")
@@ -289,7 +314,10 @@ def parse_policy(data: Any) -> Policy:
         raise PolicyError(f"rules: rule name {duplicates[0]!r} is used twice")
     healing = _mapping(data.get("self_healing", {}), "self_healing", {"reload_min_interval_s"}, set())
     return Policy(
-        models, default_tier, parsed_rules, _cascade(data["cascade"], models),
+        models,
+        default_tier,
+        parsed_rules,
+        _cascade(data["cascade"], models),
         _model(data["fallback"], "fallback", models),
         fallbacks=_fallbacks(data.get("fallbacks", {}), models),
         breaker=_breaker(data.get("circuit_breaker", {})),

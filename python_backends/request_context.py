@@ -34,8 +34,9 @@ def _deadline_ms(value: Any) -> int:
             raise ParameterError(f"parameter 'deadline_ms' must be a positive integer, got {echo(value)}")
         value = int(value.strip())
     if not 0 < value <= MAX_DEADLINE_MS:
-        raise ParameterError(f"parameter 'deadline_ms' must be a positive integer up to {MAX_DEADLINE_MS}, "
-                             f"got {echo(value)}")
+        raise ParameterError(
+            f"parameter 'deadline_ms' must be a positive integer up to {MAX_DEADLINE_MS}, got {echo(value)}"
+        )
     return value
 
 
@@ -52,7 +53,6 @@ def parse_context(parameters: Mapping[str, Any], default_tier: str) -> RequestCo
     if not isinstance(user_id, str):
         raise ParameterError(f"parameter 'user_id' must be a string, got {echo(user_id)}")
     if len(user_id) > MAX_USER_ID_CHARS:
-        raise ParameterError(f"parameter 'user_id' must be at most {MAX_USER_ID_CHARS} characters, "
-                             f"got {len(user_id)}")
+        raise ParameterError(f"parameter 'user_id' must be at most {MAX_USER_ID_CHARS} characters, got {len(user_id)}")
     deadline = parameters.get("deadline_ms")
     return RequestContext(tier, user_id, None if deadline is None else _deadline_ms(deadline))

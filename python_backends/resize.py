@@ -65,7 +65,8 @@ def source_problem(stats: np.ndarray) -> str | None:
     if stats.ndim != 2 or stats.shape[1] != 4 or not np.isfinite(stats).all():
         return "SOURCE must be finite [N, 4] facts from preprocess"
     sides, fractions = stats[:, :2], stats[:, 2:]
-    if ((sides < MIN_SIDE) | (sides > MAX_SIDE) | (sides != np.round(sides))).any() or \
-            ((fractions < 0) | (fractions > 1)).any():
+    if ((sides < MIN_SIDE) | (sides > MAX_SIDE) | (sides != np.round(sides))).any() or (
+        (fractions < 0) | (fractions > 1)
+    ).any():
         return "SOURCE must hold sizes of 4 to 64 and fractions of 0 to 1, as preprocess writes them"
     return None

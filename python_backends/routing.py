@@ -97,8 +97,9 @@ class StallLog:
 class InferFn(Protocol):
     """Calls one downstream model; raises ModelCallError, or ModelTimeout after `timeout_s`."""
 
-    def __call__(self, model: str, images: np.ndarray, parameters: Mapping[str, str], *,
-                 timeout_s: float) -> Awaitable[np.ndarray]: ...
+    def __call__(
+        self, model: str, images: np.ndarray, parameters: Mapping[str, str], *, timeout_s: float
+    ) -> Awaitable[np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -162,13 +163,20 @@ def merged_parameters(signatures: list[Signature]) -> dict[str, str]:
 class Router:
     """Applies one policy. `accepts_missing` says which listed models take images with missing pixels."""
 
-    def __init__(self, policy: Policy, accepts_missing: Mapping[str, bool], learned: LearnedRouter | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        accepts_missing: Mapping[str, bool],
+        learned: LearnedRouter | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if unknown := sorted(set(policy.models) - set(accepts_missing)):
             raise ValueError(f"no manifest for policy model(s) {', '.join(unknown)}")
         if policy.cascade.escalate_when != "threshold" and learned is None:
-            raise ValueError(f"the policy escalates on the learned router ({policy.cascade.escalate_when!r}) "
-                             "but no learned router was built")
+            raise ValueError(
+                f"the policy escalates on the learned router ({policy.cascade.escalate_when!r}) "
+                "but no learned router was built"
+            )
         if not accepts_missing[policy.fallback]:
             raise ValueError(f"fallback {policy.fallback} must accept images with missing pixels")
         self.policy = policy
@@ -197,8 +205,11 @@ class Router:
         """For rows answered by the cascade's first model: escalate or not, and why."""
         cascade = self.policy.cascade
         confidence = probs.max(axis=1)
-        wrong = (self.learned.wrong_probability(escalation_features(signatures, probs))
-                 if self.learned is not None and cascade.learned_escalate_above is not None else None)
+        wrong = (
+            self.learned.wrong_probability(escalation_features(signatures, probs))
+            if self.learned is not None and cascade.learned_escalate_above is not None
+            else None
+        )
         verdicts = []
         for i, signature in enumerate(signatures):
             threshold = cascade.thresholds[signature.tier]
@@ -208,14 +219,22 @@ class Router:
                 verdicts.append((low, why))
                 continue
             doubt = bool(wrong[i] > cascade.learned_escalate_above)
-            why += (f", learned router p(wrong)={wrong[i]:.2f} {'>' if doubt else '<='} "
-                    f"{cascade.learned_escalate_above:.2f}")
+            why += (
+                f", learned router p(wrong)={wrong[i]:.2f} {'>' if doubt else '<='} "
+                f"{cascade.learned_escalate_above:.2f}"
+            )
             escalate = {"threshold": low, "learned": doubt, "either": low or doubt, "both": low and doubt}
             verdicts.append((escalate[cascade.escalate_when], why))
         return verdicts
 
-    async def route(self, images: np.ndarray, signatures: list[Signature], infer: InferFn,
-                    waits_ms: Sequence[float] = (), spent_ms: Sequence[float] = ()) -> list[Answer | Shed | str]:
+    async def route(
+        self,
+        images: np.ndarray,
+        signatures: list[Signature],
+        infer: InferFn,
+        waits_ms: Sequence[float] = (),
+        spent_ms: Sequence[float] = (),
+    ) -> list[Answer | Shed | str]:
         """An Answer per row, Shed for a row refused under load, or the error that left a row unanswered.
 
         Each row must be answered within its deadline_ms, or its tier's SLO when it sent none, counted from
@@ -248,11 +267,23 @@ class Router:
         while pending := {i: row.next_model for i, row in enumerate(rows) if row.next_model}:
             outcomes = await self._call(pending, images, rows, infer)
             first = self.policy.cascade.first
-            cascading = [i for i, outcome in outcomes.items() if not isinstance(outcome, HopFailure)
-                         and rows[i].decision.cascade and pending[i] == first and rows[i].best is None]
-            verdicts = dict(zip(cascading, self.escalations([signatures[i] for i in cascading],
-                                                            np.stack([outcomes[i] for i in cascading]))
-                                if cascading else [], strict=True))
+            cascading = [
+                i
+                for i, outcome in outcomes.items()
+                if not isinstance(outcome, HopFailure)
+                and rows[i].decision.cascade
+                and pending[i] == first
+                and rows[i].best is None
+            ]
+            verdicts = dict(
+                zip(
+                    cascading,
+                    self.escalations([signatures[i] for i in cascading], np.stack([outcomes[i] for i in cascading]))
+                    if cascading
+                    else [],
+                    strict=True,
+                )
+            )
             for i, outcome in outcomes.items():
                 self._advance(rows[i], pending[i], outcome, verdicts.get(i))
         return [self._answer(row) for row in rows]
@@ -275,8 +306,9 @@ class Router:
             row.hops.append(f"{target} ejected")
             row.notes.append(f"{target} {breaker.describe()}")
 
-    async def _call(self, pending: dict[int, str], images: np.ndarray, rows: list[_Row],
-                    infer: InferFn) -> dict[int, Outcome]:
+    async def _call(
+        self, pending: dict[int, str], images: np.ndarray, rows: list[_Row], infer: InferFn
+    ) -> dict[int, Outcome]:
         groups: dict[str, list[int]] = defaultdict(list)  # by the model:version actually called (lanes apart)
         outcomes: dict[int, Outcome] = {}
         for row, model in pending.items():
@@ -298,8 +330,9 @@ class Router:
             timeout = min(call_timeout, max(call_timeout if t is None else t for t in lefts))
             started = self.clock()
             try:
-                probs = await infer(model, images[members],
-                                    merged_parameters([rows[r].signature for r in members]), timeout_s=timeout)
+                probs = await infer(
+                    model, images[members], merged_parameters([rows[r].signature for r in members]), timeout_s=timeout
+                )
             except ModelTimeout:
                 if timeout >= max(FAIR_TIMEOUT_FLOOR_S, FAIR_TIMEOUT_FACTOR * self.latency_ewma.get(model, 0.0)):
                     self.breakers[model].record(False, self.clock() - started)
@@ -328,8 +361,11 @@ class Router:
                 continue
             finite = np.isfinite(result).all(axis=1)
             for position, row in enumerate(members):
-                outcomes[row] = result[position] if finite[position] else HopFailure(
-                    Failure.NON_FINITE, f"{model} answered non-finite probabilities for this image")
+                outcomes[row] = (
+                    result[position]
+                    if finite[position]
+                    else HopFailure(Failure.NON_FINITE, f"{model} answered non-finite probabilities for this image")
+                )
         return outcomes
 
     def _advance(self, row: _Row, logical: str, outcome: Outcome, verdict: tuple[bool, str] | None) -> None:
@@ -367,8 +403,10 @@ class Router:
             row.notes.append(f"escalation skipped, {row.degraded}")
         elif escalate and left is not None and left <= needed:
             row.hops.append(f"{model} ok")
-            row.notes.append(f"escalation skipped: {max(left, 0) * 1000:.0f} ms left of the "
-                             f"{row.signature.tier} budget, {target} takes ~{needed * 1000:.0f} ms")
+            row.notes.append(
+                f"escalation skipped: {max(left, 0) * 1000:.0f} ms left of the "
+                f"{row.signature.tier} budget, {target} takes ~{needed * 1000:.0f} ms"
+            )
         elif escalate:
             row.hops.append(f"{model} low_confidence")
             self._send(row, [self.policy.cascade.escalate_to])
@@ -385,8 +423,9 @@ class Router:
             return f"no model could answer ({path}): {'; '.join(row.notes)}"
         model, probs = row.best
         confidence = float(probs.max())
-        if row.decision.confidence_cap is not None and model == self.policy.lane(row.decision.route,
-                                                                                 row.signature.tier):
+        if row.decision.confidence_cap is not None and model == self.policy.lane(
+            row.decision.route, row.signature.tier
+        ):
             confidence = min(confidence, row.decision.confidence_cap)
         reason = "; ".join([row.decision.reason, *row.notes, f"cues: {row.signature.cues()}"])
         failed_on_the_way = any(hop.endswith((" error", " timeout", " ejected")) for hop in row.hops)

@@ -36,22 +36,25 @@ def server_secret(scratch: Path) -> bytes:
 def seal_rows(secret: bytes, stamp: float, source: np.ndarray, image: np.ndarray) -> list[bytes]:
     """One seal per row: HMAC-SHA256 of the stamp and the row's SOURCE and IMAGE bytes, hex."""
     head = np.float64(stamp).tobytes()
-    return [hmac.new(secret, head + s.tobytes() + i.tobytes(), hashlib.sha256).hexdigest().encode()
-            for s, i in zip(np.ascontiguousarray(source, np.float32), np.ascontiguousarray(image, np.float32),
-                            strict=True)]
+    return [
+        hmac.new(secret, head + s.tobytes() + i.tobytes(), hashlib.sha256).hexdigest().encode()
+        for s, i in zip(np.ascontiguousarray(source, np.float32), np.ascontiguousarray(image, np.float32), strict=True)
+    ]
 
 
-def rows_sealed(secret: bytes, stamps: np.ndarray, source: np.ndarray, image: np.ndarray,
-                seals: np.ndarray) -> bool:
+def rows_sealed(secret: bytes, stamps: np.ndarray, source: np.ndarray, image: np.ndarray, seals: np.ndarray) -> bool:
     """Whether every row's seal is the one `preprocess` would have made (constant-time comparisons)."""
     if not (len(stamps) == len(source) == len(image) == len(seals)):
         return False
-    expected = [seal_rows(secret, float(stamp), s[None], i[None])[0] for stamp, s, i in
-                zip(np.asarray(stamps, np.float64).ravel(), source, image, strict=True)]
-    given = [bytes(seal) if isinstance(seal, bytes | bytearray) else str(seal).encode()
-             for seal in np.asarray(seals, dtype=object).ravel()]
-    return len(given) == len(expected) and all(hmac.compare_digest(e, g) for e, g in zip(expected, given,
-                                                                                         strict=True))
+    expected = [
+        seal_rows(secret, float(stamp), s[None], i[None])[0]
+        for stamp, s, i in zip(np.asarray(stamps, np.float64).ravel(), source, image, strict=True)
+    ]
+    given = [
+        bytes(seal) if isinstance(seal, bytes | bytearray) else str(seal).encode()
+        for seal in np.asarray(seals, dtype=object).ravel()
+    ]
+    return len(given) == len(expected) and all(hmac.compare_digest(e, g) for e, g in zip(expected, given, strict=True))
 
 
 def lane_token(secret: bytes) -> str:

@@ -15,6 +15,8 @@ TIERS = ("critical", "standard", "best_effort")  # in priority order: Triton pri
 def triton_priority(tier: str) -> int:
     """The Triton request priority of a tier (1 is served first); configs use priority_levels: 3."""
     return TIERS.index(tier) + 1
+
+
 STD_FLOOR = 1.0  # pixels that never vary in training (the borders) still get a finite z-score
 
 
@@ -42,15 +44,17 @@ class TrainingStats:
     @classmethod
     def fit(cls, train: np.ndarray, validation: np.ndarray) -> TrainingStats:
         flat = train.reshape(len(train), -1)
-        unscaled = cls(flat.mean(axis=0).astype(np.float32),
-                       np.maximum(flat.std(axis=0), STD_FLOOR).astype(np.float32), 1.0)
+        unscaled = cls(
+            flat.mean(axis=0).astype(np.float32), np.maximum(flat.std(axis=0), STD_FLOOR).astype(np.float32), 1.0
+        )
         return cls(unscaled.mean, unscaled.std, float(np.percentile(unscaled.ood_scores(validation), 99)))
 
     @classmethod
     def load(cls, path: Path) -> TrainingStats:
         data = json.loads(path.read_text())
-        return cls(np.asarray(data["mean"], np.float32), np.asarray(data["std"], np.float32),
-                   float(data["raw_score_p99"]))
+        return cls(
+            np.asarray(data["mean"], np.float32), np.asarray(data["std"], np.float32), float(data["raw_score_p99"])
+        )
 
     def to_json(self) -> str:
         return json.dumps({"mean": self.mean.tolist(), "std": self.std.tolist(), "raw_score_p99": self.raw_score_p99})
@@ -81,13 +85,16 @@ class Signature:
     def cues(self) -> str:
         """The signature as an operator reads it in REASON."""
         deadline = "none" if self.deadline_ms is None else f"{self.deadline_ms}ms"
-        return (f"size={self.height}x{self.width} missing={self.missing_fraction:.2f} "
-                f"out_of_range={self.out_of_range_fraction:.2f} sparsity={self.sparsity:.2f} "
-                f"ood={self.ood_score:.2f} tier={self.tier} deadline={deadline}")
+        return (
+            f"size={self.height}x{self.width} missing={self.missing_fraction:.2f} "
+            f"out_of_range={self.out_of_range_fraction:.2f} sparsity={self.sparsity:.2f} "
+            f"ood={self.ood_score:.2f} tier={self.tier} deadline={deadline}"
+        )
 
 
-def signatures(images: np.ndarray, source: np.ndarray, contexts: Sequence[RequestContext],
-               stats: TrainingStats) -> list[Signature]:
+def signatures(
+    images: np.ndarray, source: np.ndarray, contexts: Sequence[RequestContext], stats: TrainingStats
+) -> list[Signature]:
     """One signature per row: `images` [N, 8, 8] resized, `source` [N, 4] from `resize.source_stats`,
     `contexts` the request context of each row. One call serves a whole batch: numpy's cost is per call."""
     flat = images.reshape(len(images), -1)
@@ -95,8 +102,18 @@ def signatures(images: np.ndarray, source: np.ndarray, contexts: Sequence[Reques
     blank = (flat < 1.0).sum(axis=1) / np.maximum(observed.sum(axis=1), 1)  # NaN < 1 is False
     ood = stats.ood_scores(images)
     return [
-        Signature(int(height), int(width), float(missing), float(out_of_range), float(sparsity), float(score),
-                  context.tier, context.user_id, context.deadline_ms)
+        Signature(
+            int(height),
+            int(width),
+            float(missing),
+            float(out_of_range),
+            float(sparsity),
+            float(score),
+            context.tier,
+            context.user_id,
+            context.deadline_ms,
+        )
         for (height, width, missing, out_of_range), sparsity, score, context in zip(
-            source.tolist(), blank.tolist(), ood.tolist(), contexts, strict=True)
+            source.tolist(), blank.tolist(), ood.tolist(), contexts, strict=True
+        )
     ]

@@ -23,8 +23,9 @@ class BudgetBurn:
     1.0 means misses arrive exactly at the budgeted rate; above 1.0 the budget runs out early. Outcomes
     are counted in `slices` time slices of the window, so recording costs O(1) at any request rate."""
 
-    def __init__(self, slo: TierSlo, window_s: float = 60.0, slices: int = 60,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, slo: TierSlo, window_s: float = 60.0, slices: int = 60, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.slo = slo
         self._slice_s = window_s / slices
         self._slices = slices

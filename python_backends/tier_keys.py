@@ -161,8 +161,9 @@ class TierKeys:
                 raise fail(f"{where}: unknown key {unknown[0]!r}; expected name, sha256, max_tier")
             name, digest, max_tier = entry["name"], entry["sha256"], entry["max_tier"]
             if not isinstance(name, str) or not _NAME.fullmatch(name):
-                raise fail(f"{where}.name must be 1-64 letters, digits or _.@- (starting with a letter or digit), "
-                           f"got {name!r}")
+                raise fail(
+                    f"{where}.name must be 1-64 letters, digits or _.@- (starting with a letter or digit), got {name!r}"
+                )
             if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
                 raise fail(f"{where}.sha256 must be 64 lower-case hex digits (the key's SHA-256), got {digest!r}")
             if max_tier not in TIERS:
@@ -176,8 +177,10 @@ class TierKeys:
         return cls(tuple(keys), OnMissing(on_missing), source)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"on_missing": self.on_missing.value,
-                "keys": [{"name": k.name, "sha256": k.sha256, "max_tier": k.max_tier} for k in self.keys]}
+        return {
+            "on_missing": self.on_missing.value,
+            "keys": [{"name": k.name, "sha256": k.sha256, "max_tier": k.max_tier} for k in self.keys],
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -189,8 +192,9 @@ class TierKeys:
     def add(self, name: str, key: str, max_tier: str) -> TierKeys:
         """These keys plus `key` under `name` (stored as its hash); TierKeyError if the name is taken or bad."""
         if not _NAME.fullmatch(name):
-            raise TierKeyError(f"a tier key name must be 1-64 letters, digits or _.@- (starting with a letter or "
-                               f"digit), got {name!r}")
+            raise TierKeyError(
+                f"a tier key name must be 1-64 letters, digits or _.@- (starting with a letter or digit), got {name!r}"
+            )
         if max_tier not in TIERS:
             raise TierKeyError(f"max_tier must be one of {', '.join(TIERS)}, got {max_tier!r}")
         if any(k.name == name for k in self.keys):
@@ -209,13 +213,19 @@ class TierKeys:
         if requested_tier not in TIERS:
             raise ValueError(f"unknown tier {requested_tier!r}; tiers are {', '.join(TIERS)}")
         if _rank(requested_tier) >= _rank(KEYLESS_TIER):
-            return TierVerdict(requested_tier, requested_tier, Grant.GRANTED, None,
-                               f"tier {requested_tier!r} needs no tier key")
+            return TierVerdict(
+                requested_tier, requested_tier, Grant.GRANTED, None, f"tier {requested_tier!r} needs no tier key"
+            )
         needs = f"tier {requested_tier!r} needs a tier key (header {TIER_KEY_HEADER})"
         holder = self._holder(presented_key) if presented_key else None
         if holder is not None and _rank(holder.max_tier) <= _rank(requested_tier):
-            return TierVerdict(requested_tier, requested_tier, Grant.GRANTED, holder.name,
-                               f"tier {requested_tier!r} granted to tier key {holder.name!r}")
+            return TierVerdict(
+                requested_tier,
+                requested_tier,
+                Grant.GRANTED,
+                holder.name,
+                f"tier {requested_tier!r} granted to tier key {holder.name!r}",
+            )
         if not presented_key:
             problem, fallback = f"{needs}; none was sent", KEYLESS_TIER
         elif holder is None:
@@ -225,8 +235,13 @@ class TierKeys:
             fallback = TIERS[min(_rank(holder.max_tier), _rank(KEYLESS_TIER))]
         if self.on_missing is OnMissing.REFUSE:
             return TierVerdict(requested_tier, None, Grant.REFUSED, None, problem)
-        return TierVerdict(requested_tier, fallback, Grant.DOWNGRADED, None if holder is None else holder.name,
-                           f"{problem}; served as {fallback!r}")
+        return TierVerdict(
+            requested_tier,
+            fallback,
+            Grant.DOWNGRADED,
+            None if holder is None else holder.name,
+            f"{problem}; served as {fallback!r}",
+        )
 
     def _holder(self, presented_key: str) -> TierKey | None:
         """The stored key whose hash matches, comparing every hash in constant time (no early exit)."""

@@ -30,15 +30,18 @@ class TritonPythonModel:
         # 2.51 tells a Python model nothing of when the request arrived, so the wait for this step is outside.)
         received = time.monotonic()
         posted = self.board.read(received)  # once per execute; tiers are read only while shedding
-        return [(posted.level and self._shed(request, posted)) or self._preprocess(request, received)
-                for request in requests]
+        return [
+            (posted.level and self._shed(request, posted)) or self._preprocess(request, received)
+            for request in requests
+        ]
 
     @staticmethod
     def _shed(request, posted: Posted) -> pb_utils.InferenceResponse | None:
         tier = json.loads(request.parameters()).get("tier")  # a malformed tier is the router's to refuse
         if isinstance(tier, str) and (why := posted.reason(tier)):
             return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(shed_message(tier, why), pb_utils.TritonError.UNAVAILABLE))
+                error=pb_utils.TritonError(shed_message(tier, why), pb_utils.TritonError.UNAVAILABLE)
+            )
         return None
 
     def _preprocess(self, request, received: float) -> pb_utils.InferenceResponse:
@@ -46,12 +49,16 @@ class TritonPythonModel:
         if problem := size_problem(pixels.shape) or infinity_problem(pixels):
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(problem, pb_utils.TritonError.INVALID_ARG))
         image, source = resize_to_native(pixels), source_stats(pixels)
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("IMAGE", image),
-            pb_utils.Tensor("SOURCE", source),
-            # the system-wide monotonic clock: the router counts budgets and its queue wait from it
-            pb_utils.Tensor("STAMP", np.full((len(pixels), 1), received, np.float64)),
-            # only rows sealed here pass the router: a direct caller cannot forge a stamp, facts or pixels
-            pb_utils.Tensor("SEAL", np.array([[seal] for seal in seal_rows(self.secret, received, source, image)],
-                                             dtype=np.object_)),
-        ])
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("IMAGE", image),
+                pb_utils.Tensor("SOURCE", source),
+                # the system-wide monotonic clock: the router counts budgets and its queue wait from it
+                pb_utils.Tensor("STAMP", np.full((len(pixels), 1), received, np.float64)),
+                # only rows sealed here pass the router: a direct caller cannot forge a stamp, facts or pixels
+                pb_utils.Tensor(
+                    "SEAL",
+                    np.array([[seal] for seal in seal_rows(self.secret, received, source, image)], dtype=np.object_),
+                ),
+            ]
+        )

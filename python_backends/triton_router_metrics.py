@@ -18,8 +18,9 @@ LATENCY_BUCKETS_S = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 class _Family:
     """A metric family whose labelled metrics are created on first use."""
 
-    def __init__(self, name: str, description: str, kind: object, instance: str,
-                 buckets: list[float] | None = None) -> None:
+    def __init__(
+        self, name: str, description: str, kind: object, instance: str, buckets: list[float] | None = None
+    ) -> None:
         self.family = pb_utils.MetricFamily(name, description, kind)
         self._instance = instance
         self._buckets = buckets
@@ -41,22 +42,48 @@ class RouterMetrics:
 
     def __init__(self, models: Iterable[str], tiers: Mapping[str, TierSlo], instance: str) -> None:
         kind = pb_utils.MetricFamily
-        self.rows = _Family("tierserve_rows_total", "Rows by tier, the model that answered, and outcome "
-                            "(direct, fallback, degraded, shed, failed)", kind.COUNTER, instance)
-        self.latency = _Family("tierserve_request_latency_seconds", "Time per request from preprocess to the "
-                               "router's answer, by tier and the model that answered its first row", kind.HISTOGRAM,
-                               instance, LATENCY_BUCKETS_S)
-        self.misses = _Family("tierserve_slo_misses_total", "Requests answered after their deadline or tier SLO",
-                              kind.COUNTER, instance)
-        self.burn = _Family("tierserve_error_budget_burn", "SLO misses over the budgeted share in the last 60 s "
-                            "(1 = on budget)", kind.GAUGE, instance)
-        self.load = _Family("tierserve_router_queue_wait_ms", "Moving average of the longest wait for the router "
-                            "per execute (the load gauge; shedding judges each request by its own wait)",
-                            kind.GAUGE, instance)
-        self.breaker = _Family("tierserve_breaker_state", "Circuit breaker per downstream model: 0 closed, "
-                               "1 half-open, 2 open", kind.GAUGE, instance)
-        self.reloads = _Family("tierserve_model_reloads_total", "Models reloaded by the router after their stub died",
-                               kind.COUNTER, instance)
+        self.rows = _Family(
+            "tierserve_rows_total",
+            "Rows by tier, the model that answered, and outcome (direct, fallback, degraded, shed, failed)",
+            kind.COUNTER,
+            instance,
+        )
+        self.latency = _Family(
+            "tierserve_request_latency_seconds",
+            "Time per request from preprocess to the "
+            "router's answer, by tier and the model that answered its first row",
+            kind.HISTOGRAM,
+            instance,
+            LATENCY_BUCKETS_S,
+        )
+        self.misses = _Family(
+            "tierserve_slo_misses_total", "Requests answered after their deadline or tier SLO", kind.COUNTER, instance
+        )
+        self.burn = _Family(
+            "tierserve_error_budget_burn",
+            "SLO misses over the budgeted share in the last 60 s (1 = on budget)",
+            kind.GAUGE,
+            instance,
+        )
+        self.load = _Family(
+            "tierserve_router_queue_wait_ms",
+            "Moving average of the longest wait for the router "
+            "per execute (the load gauge; shedding judges each request by its own wait)",
+            kind.GAUGE,
+            instance,
+        )
+        self.breaker = _Family(
+            "tierserve_breaker_state",
+            "Circuit breaker per downstream model: 0 closed, 1 half-open, 2 open",
+            kind.GAUGE,
+            instance,
+        )
+        self.reloads = _Family(
+            "tierserve_model_reloads_total",
+            "Models reloaded by the router after their stub died",
+            kind.COUNTER,
+            instance,
+        )
         self._burns = {tier: BudgetBurn(slo) for tier, slo in tiers.items()}
         self._breaker_states = {model: CLOSED for model in models}
         for model in models:

@@ -58,8 +58,12 @@ class TritonPythonModel:
         self.lane_token = lane_token(self.secret)
         self.lanes = set(self.policy.callable_models) - set(self.policy.models)
         self.board, self.board_slot = LoadBoard(scratch), _instance_index(args["model_instance_name"])
-        self.healer = Healer(self.policy.reload_min_interval_s, reload_log,
-                             trip=lambda model, why: self.router.breakers[model].trip(why), reload=self._reload)
+        self.healer = Healer(
+            self.policy.reload_min_interval_s,
+            reload_log,
+            trip=lambda model, why: self.router.breakers[model].trip(why),
+            reload=self._reload,
+        )
         self.metrics = RouterMetrics(self.policy.callable_models, self.policy.tiers, args["model_instance_name"])
         self.warm_up = WarmUp(json.loads(args["model_config"]))
         # tiers above standard need a tier key; without a keys file (tritonserver run by hand) none is granted
@@ -92,8 +96,14 @@ class TritonPythonModel:
             image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
             native = np.tile(np.array([*IMAGE_SHAPE, 0.0, 0.0], np.float32), (len(image), 1))  # as if sent 8x8
             rows = signatures(image, native, [RequestContext(self.policy.default_tier)] * len(image), self.stats)
-            responses.append(self._response(self.policy.default_tier, await Router(
-                self.policy, self.router.accepts_missing, self.router.learned).route(image, rows, uniform)))
+            responses.append(
+                self._response(
+                    self.policy.default_tier,
+                    await Router(self.policy, self.router.accepts_missing, self.router.learned).route(
+                        image, rows, uniform
+                    ),
+                )
+            )
         return responses
 
     async def execute(self, requests: list) -> list:
@@ -117,8 +127,10 @@ class TritonPythonModel:
                 image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
                 seals = pb_utils.get_input_tensor_by_name(request, "SEAL").as_numpy()
                 if not rows_sealed(self.secret, stamp, source, image, seals):
-                    raise ParameterError("router is an internal step of digits and takes only rows that "
-                                         "preprocess sealed; send the request to digits")
+                    raise ParameterError(
+                        "router is an internal step of digits and takes only rows that "
+                        "preprocess sealed; send the request to digits"
+                    )
                 if problem := ("STAMP must be finite" if not np.isfinite(stamp).all() else source_problem(source)):
                     raise ParameterError(problem)
                 context, downgrades[index] = self._verified(context, parameters)
@@ -145,8 +157,12 @@ class TritonPythonModel:
             owners.extend([index] * len(image))
             contexts[index] = context
         gauge = self.router.load.observe(longest_wait_ms)
-        self.board.post(self.board_slot, gauge, [tier for tier in SHED_LEVELS
-                                                 if self.router.load.action(tier, gauge)[0] == SHED], started)
+        self.board.post(
+            self.board_slot,
+            gauge,
+            [tier for tier in SHED_LEVELS if self.router.load.action(tier, gauge)[0] == SHED],
+            started,
+        )
         if images:
             try:
                 answers = await self._route(images, sources, row_contexts, waits, spent)
@@ -158,11 +174,19 @@ class TritonPythonModel:
             for index, context in contexts.items():
                 mine = [answers[i] for i in np.flatnonzero(owners_arr == index)]
                 if downgrades.get(index):
-                    mine = [replace(a, reason=f"{downgrades[index]}; {a.reason}") if isinstance(a, Answer) else a
-                            for a in mine]
+                    mine = [
+                        replace(a, reason=f"{downgrades[index]}; {a.reason}") if isinstance(a, Answer) else a
+                        for a in mine
+                    ]
                 responses[index] = self._response(context.tier, mine)
-                outcomes.append((context.tier, mine, context.deadline_ms or self.policy.tiers[context.tier].slo_ms,
-                                 finished - received[index]))
+                outcomes.append(
+                    (
+                        context.tier,
+                        mine,
+                        context.deadline_ms or self.policy.tiers[context.tier].slo_ms,
+                        finished - received[index],
+                    )
+                )
         if outcomes:
             self.metrics.requests(outcomes)
             self.metrics.state(self.router.breakers, self.router.load.wait_ms)
@@ -195,8 +219,14 @@ class TritonPythonModel:
             pb_utils.Logger.log_error(f"router: tier keys not reloaded: {error}")
         return self._keys
 
-    async def _route(self, images: list[np.ndarray], sources: list[np.ndarray], contexts: list, waits: list[float],
-                     spent: list[float]):
+    async def _route(
+        self,
+        images: list[np.ndarray],
+        sources: list[np.ndarray],
+        contexts: list,
+        waits: list[float],
+        spent: list[float],
+    ):
         batch = np.concatenate(images)
         rows = signatures(batch, np.concatenate(sources), contexts, self.stats)
         return await self.router.route(batch, rows, self._infer, waits_ms=waits, spent_ms=spent)
@@ -207,11 +237,14 @@ class TritonPythonModel:
         stamp = min(stamp, started)
         return max(started - stamp - self.router.stalls.overlap(stamp, started), 0.0) * 1000
 
-    async def _infer(self, model: str, images: np.ndarray, parameters: dict[str, str], *,
-                     timeout_s: float) -> np.ndarray:
+    async def _infer(
+        self, model: str, images: np.ndarray, parameters: dict[str, str], *, timeout_s: float
+    ) -> np.ndarray:
         name, version = model.split(":")
         request = pb_utils.InferenceRequest(
-            model_name=name, model_version=int(version), requested_output_names=["PROBS"],
+            model_name=name,
+            model_version=int(version),
+            requested_output_names=["PROBS"],
             inputs=[pb_utils.Tensor("PIXELS", images)],
             parameters={**parameters, LANE_TOKEN_PARAMETER: self.lane_token} if model in self.lanes else parameters,
             timeout=max(int(timeout_s * 1e6), 1),  # rejects the call if it is still queued by then
@@ -260,11 +293,13 @@ class TritonPythonModel:
         if failures := [a for a in answers if isinstance(a, str)]:
             return _error(f"digits: {failures[0]}", pb_utils.TritonError.INTERNAL)
         probs = np.stack([a.probs for a in answers]).astype(np.float32)
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("LABEL", probs.argmax(axis=1).astype(np.int64)[:, None]),
-            pb_utils.Tensor("PROBS", probs),
-            pb_utils.Tensor("CONFIDENCE", np.array([[a.confidence] for a in answers], np.float32)),
-            pb_utils.Tensor("ROUTE", _text([a.route for a in answers])),
-            pb_utils.Tensor("REASON", _text([a.reason for a in answers])),
-            pb_utils.Tensor("PATH", _text([a.path for a in answers])),
-        ])
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("LABEL", probs.argmax(axis=1).astype(np.int64)[:, None]),
+                pb_utils.Tensor("PROBS", probs),
+                pb_utils.Tensor("CONFIDENCE", np.array([[a.confidence] for a in answers], np.float32)),
+                pb_utils.Tensor("ROUTE", _text([a.route for a in answers])),
+                pb_utils.Tensor("REASON", _text([a.reason for a in answers])),
+                pb_utils.Tensor("PATH", _text([a.path for a in answers])),
+            ]
+        )

@@ -60,11 +60,16 @@ class TritonPythonModel:
 
     def _lane(self, requests: list) -> list:
         """Serve the router's calls; refuse anyone else's (reserved capacity is not for direct callers)."""
-        mine = [hmac.compare_digest(str(json.loads(r.parameters()).get(LANE_TOKEN_PARAMETER, "")), self.lane_token)
-                for r in requests]
+        mine = [
+            hmac.compare_digest(str(json.loads(r.parameters()).get(LANE_TOKEN_PARAMETER, "")), self.lane_token)
+            for r in requests
+        ]
         served = iter(self._serve([r for r, ok in zip(requests, mine, strict=True) if ok]) if any(mine) else [])
-        refusal = pb_utils.TritonError(f"{self.name} is capacity reserved for critical rows that digits routes; "
-                                       "call digits, or the shared model it serves", pb_utils.TritonError.INVALID_ARG)
+        refusal = pb_utils.TritonError(
+            f"{self.name} is capacity reserved for critical rows that digits routes; "
+            "call digits, or the shared model it serves",
+            pb_utils.TritonError.INVALID_ARG,
+        )
         return [next(served) if ok else pb_utils.InferenceResponse(error=refusal) for ok in mine]
 
     def _response(self, result: np.ndarray | Rejected) -> pb_utils.InferenceResponse:

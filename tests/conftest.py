@@ -41,8 +41,10 @@ def supervisor(model_repository: Path, tmp_path_factory: pytest.TempPathFactory)
     workdir = tmp_path_factory.mktemp("triton")
     log_path = workdir / "tritonserver.log"
     with log_path.open("wb") as log:
-        supervisor = Supervisor(TritonServer(model_repository, Ports.free(), workdir, output=log),
-                                report=lambda event: print(f"supervisor: {event}", file=sys.stderr))
+        supervisor = Supervisor(
+            TritonServer(model_repository, Ports.free(), workdir, output=log),
+            report=lambda event: print(f"supervisor: {event}", file=sys.stderr),
+        )
         try:
             supervisor.start()
         except ServerError as error:

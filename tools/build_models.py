@@ -47,10 +47,13 @@ class ModelSpec:
 
 MODEL_SPECS = (
     ModelSpec("digits_heavy", 1, seed=1, recipe={"trainer": "mlp", "hidden": [256], "alpha": 0.1, "epochs": 200}),
-    ModelSpec("digits_heavy", 2, seed=2,
-              recipe={"trainer": "mlp", "hidden": [512, 256], "alpha": 0.1, "epochs": 200}),
-    ModelSpec("digits_light", 1, seed=0,
-              recipe={"trainer": "distilled_logistic", "teacher": "digits_heavy:2", "temperature": 2.0}),
+    ModelSpec("digits_heavy", 2, seed=2, recipe={"trainer": "mlp", "hidden": [512, 256], "alpha": 0.1, "epochs": 200}),
+    ModelSpec(
+        "digits_light",
+        1,
+        seed=0,
+        recipe={"trainer": "distilled_logistic", "teacher": "digits_heavy:2", "temperature": 2.0},
+    ),
     ModelSpec("digits_missing", 1, seed=7, recipe={"trainer": "gbdt_missing", "iterations": 100}),
     ModelSpec("digits_rules", 1, seed=0, recipe={"trainer": "centroids"}),
 )
@@ -73,8 +76,14 @@ class BuildError(RuntimeError):
 
 
 def _onnx_built(model: BaseEstimator, accepts_missing: bool, ops_per_sample: int) -> Built:
-    return Built("onnxruntime", "model.onnx", to_onnx(model), accepts_missing, ops_per_sample,
-                 lambda images: model.predict_proba(images.reshape(len(images), -1)))
+    return Built(
+        "onnxruntime",
+        "model.onnx",
+        to_onnx(model),
+        accepts_missing,
+        ops_per_sample,
+        lambda images: model.predict_proba(images.reshape(len(images), -1)),
+    )
 
 
 def _build_mlp(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Built:
@@ -139,9 +148,13 @@ def _is_current(spec: ModelSpec, folder: Path, split: DigitsSplit) -> bool:
     except ManifestError:
         return False
     artifact = folder / manifest.artifact
-    return (manifest.recipe == spec.recipe and manifest.seed == spec.seed
-            and manifest.split == split.fingerprint() and artifact.is_file()
-            and hashlib.sha256(artifact.read_bytes()).hexdigest() == manifest.artifact_sha256)
+    return (
+        manifest.recipe == spec.recipe
+        and manifest.seed == spec.seed
+        and manifest.split == split.fingerprint()
+        and artifact.is_file()
+        and hashlib.sha256(artifact.read_bytes()).hexdigest() == manifest.artifact_sha256
+    )
 
 
 def build_model(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Manifest:
@@ -159,13 +172,19 @@ def build_model(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Manife
         for fraction in MISSING_FRACTIONS:
             masked = mask_pixels(split.test.images, fraction, MISSING_MASK_SEED)
             test_images.append(masked)
-            metrics[f"test_accuracy_{round(fraction * 100)}pct_missing"] = accuracy(
-                runner, masked, split.test.labels)
+            metrics[f"test_accuracy_{round(fraction * 100)}pct_missing"] = accuracy(runner, masked, split.test.labels)
     _verify(built, runner, np.concatenate(test_images), spec.name)
 
     manifest = Manifest(
-        spec.model, spec.version, built.runtime, built.artifact, hashlib.sha256(built.data).hexdigest(),
-        built.accepts_missing, spec.seed, spec.recipe, split.fingerprint(),
+        spec.model,
+        spec.version,
+        built.runtime,
+        built.artifact,
+        hashlib.sha256(built.data).hexdigest(),
+        built.accepts_missing,
+        spec.seed,
+        spec.recipe,
+        split.fingerprint(),
         test_accuracy=accuracy(runner, split.test.images, split.test.labels),
         ops_per_sample=int(built.ops_per_sample),
         us_per_sample=_microseconds_per_sample(runner, split.test.images),
@@ -190,8 +209,10 @@ def build_all(repository: Path, force: bool = False, log: Callable[[str], None] 
         start = time.perf_counter()
         manifest = build_model(spec, split, repository)
         rebuilt.add(spec.name)
-        log(f"built {spec.name:<18} test accuracy {manifest.test_accuracy:.4f}  "
-            f"{manifest.ops_per_sample:>7} ops/sample  {time.perf_counter() - start:5.1f} s")
+        log(
+            f"built {spec.name:<18} test accuracy {manifest.test_accuracy:.4f}  "
+            f"{manifest.ops_per_sample:>7} ops/sample  {time.perf_counter() - start:5.1f} s"
+        )
         manifests.append(manifest)
     if rebuilt or router_artifacts_missing(repository):
         build_router_artifacts(repository, split, log=log)

@@ -26,8 +26,9 @@ def router_artifacts_missing(repository: Path) -> bool:
     return not ((router_version / STATS_FILE).is_file() and (router_version / LEARNED_ROUTER_FILE).is_file())
 
 
-def build_router_artifacts(repository: Path, split: DigitsSplit, first_model: str = "digits_light:1",
-                           log: Callable[[str], None] = print) -> None:
+def build_router_artifacts(
+    repository: Path, split: DigitsSplit, first_model: str = "digits_light:1", log: Callable[[str], None] = print
+) -> None:
     """Fit the OOD statistics on the training images, then teach the learned router when `first_model`
     is wrong, on validation images it never saw in training: clean, noisy and shifted."""
     router_version = repository / "router" / "1"
@@ -37,8 +38,14 @@ def build_router_artifacts(repository: Path, split: DigitsSplit, first_model: st
     (router_version / STATS_FILE).write_text(stats.to_json() + "\n")
 
     base = split.validation.images
-    images = np.concatenate([base, noisy(base, 2.0, LEARNED_ROUTER_SEED), noisy(base, 4.0, LEARNED_ROUTER_SEED + 1),
-                             shifted(base, LEARNED_ROUTER_SEED + 2)])
+    images = np.concatenate(
+        [
+            base,
+            noisy(base, 2.0, LEARNED_ROUTER_SEED),
+            noisy(base, 4.0, LEARNED_ROUTER_SEED + 1),
+            shifted(base, LEARNED_ROUTER_SEED + 2),
+        ]
+    )
     labels = np.tile(split.validation.labels, 4)
     probs = load_runner(version_dir(repository, first_model)).infer(images)
     rows = signatures(images, source_stats(images), [RequestContext()] * len(images), stats)
@@ -46,9 +53,15 @@ def build_router_artifacts(repository: Path, split: DigitsSplit, first_model: st
     wrong = probs.argmax(axis=1) != labels
     scaler = StandardScaler().fit(features)
     model = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(features), wrong)
-    learned = LearnedRouter(scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32),
-                            model.coef_[0].astype(np.float32), float(model.intercept_[0]))
+    learned = LearnedRouter(
+        scaler.mean_.astype(np.float32),
+        scaler.scale_.astype(np.float32),
+        model.coef_[0].astype(np.float32),
+        float(model.intercept_[0]),
+    )
     (router_version / LEARNED_ROUTER_FILE).write_text(learned.to_json() + "\n")
     caught = (learned.wrong_probability(features) > 0.5)[wrong].mean()
-    log(f"built router:1        learned router on {len(images)} images, {first_model} wrong on {wrong.sum()}, "
-        f"flags {caught:.0%} of those at p>0.5")
+    log(
+        f"built router:1        learned router on {len(images)} images, {first_model} wrong on {wrong.sum()}, "
+        f"flags {caught:.0%} of those at p>0.5"
+    )

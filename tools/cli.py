@@ -42,8 +42,10 @@ def _fault(args: argparse.Namespace) -> int:
 
     key = os.environ.get(ADMIN_KEY_ENV) or (ADMIN_KEY_FILE.read_text().strip() if ADMIN_KEY_FILE.exists() else "")
     if not key:
-        print(f"tierserve: no admin key: set ${ADMIN_KEY_ENV}, or run `tierserve serve`, which writes "
-              f"{ADMIN_KEY_FILE}", file=sys.stderr)
+        print(
+            f"tierserve: no admin key: set ${ADMIN_KEY_ENV}, or run `tierserve serve`, which writes {ADMIN_KEY_FILE}",
+            file=sys.stderr,
+        )
         return 1
     spec = FaultSpec() if args.off else FaultSpec(args.latency_ms, args.error_rate, args.hard_failure)
     control = ModelControl(args.url, key)
@@ -69,9 +71,12 @@ def _tier_key_add(args: argparse.Namespace) -> int:
     keys = TierKeys.load(path) if path.exists() else TierKeys(source=str(path))
     keys.add(args.name, key := new_key(), args.max_tier).save(path)
     print(key)
-    print(f"tierserve: tier key {args.name!r} (up to {args.max_tier!r}) added to {path}; the line above is the key "
-          f"itself, shown only now (only its SHA-256 is stored). Clients send it as the {TIER_KEY_HEADER} header "
-          "(SDK: tier_key=...).", file=sys.stderr)
+    print(
+        f"tierserve: tier key {args.name!r} (up to {args.max_tier!r}) added to {path}; the line above is the key "
+        f"itself, shown only now (only its SHA-256 is stored). Clients send it as the {TIER_KEY_HEADER} header "
+        "(SDK: tier_key=...).",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -95,8 +100,9 @@ def _ipv4(text: str) -> str:
     try:
         return str(ipaddress.IPv4Address(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"an IPv4 address (127.0.0.1, 0.0.0.0 for every interface), got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(
+            f"an IPv4 address (127.0.0.1, 0.0.0.0 for every interface), got {text!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,16 +119,27 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--tritonserver", type=Path, default=None,
-                       help="tritonserver binary to run (default: the one shipped in nvidia-pytriton)")
+    serve.add_argument(
+        "--tritonserver",
+        type=Path,
+        default=None,
+        help="tritonserver binary to run (default: the one shipped in nvidia-pytriton)",
+    )
     serve.add_argument("--no-build", action="store_true", help="serve the repository as it is")
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
-    serve.add_argument("--address", type=_ipv4, default="127.0.0.1",
-                       help="IPv4 address HTTP, gRPC and metrics bind to (default: this machine only; 0.0.0.0: "
-                            "every interface)")
-    serve.add_argument("--tier-keys", type=Path, default=None,
-                       help=f"tier keys file (default: ${TIER_KEYS_ENV}, else {TIER_KEYS_FILE}, created on first "
-                            "start with a key for critical)")
+    serve.add_argument(
+        "--address",
+        type=_ipv4,
+        default="127.0.0.1",
+        help="IPv4 address HTTP, gRPC and metrics bind to (default: this machine only; 0.0.0.0: every interface)",
+    )
+    serve.add_argument(
+        "--tier-keys",
+        type=Path,
+        default=None,
+        help=f"tier keys file (default: ${TIER_KEYS_ENV}, else {TIER_KEYS_FILE}, created on first "
+        "start with a key for critical)",
+    )
     serve.set_defaults(run=_serve)
 
     demo = commands.add_parser("demo", help="send a seeded mixed workload to a running server; print routes")
@@ -131,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--count", type=int, default=400)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--concurrency", type=int, default=4)
-    demo.add_argument("--tier-key-file", type=Path, default=TIER_KEY_FILE,
-                      help="the tier key sent with every request, when the file exists (default: the local key "
-                           "`tierserve serve` made)")
+    demo.add_argument(
+        "--tier-key-file",
+        type=Path,
+        default=TIER_KEY_FILE,
+        help="the tier key sent with every request, when the file exists (default: the local key "
+        "`tierserve serve` made)",
+    )
     demo.set_defaults(run=_demo)
 
     fault = commands.add_parser("fault", help="switch fault injection of a model on or off on a running server")
@@ -145,18 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     fault.add_argument("--url", default="localhost:8000", help="the server's HTTP address")
     fault.set_defaults(run=_fault)
 
-    tier_key = commands.add_parser("tier-key", help="add, list or remove the keys that may claim tiers above "
-                                                    "standard")
+    tier_key = commands.add_parser("tier-key", help="add, list or remove the keys that may claim tiers above standard")
     keys_file = argparse.ArgumentParser(add_help=False)
-    keys_file.add_argument("--keys-file", type=Path, default=None,
-                           help=f"default: ${TIER_KEYS_ENV}, else {TIER_KEYS_FILE}")
+    keys_file.add_argument(
+        "--keys-file", type=Path, default=None, help=f"default: ${TIER_KEYS_ENV}, else {TIER_KEYS_FILE}"
+    )
     actions = tier_key.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", parents=[keys_file], help="generate a key, print it once, store its hash")
     add.add_argument("name", help="who holds the key, e.g. alice-app")
     add.add_argument("--max-tier", choices=TIERS, default=TIERS[0], help="the most urgent tier it may claim")
     add.set_defaults(run=_tier_key_add)
-    actions.add_parser("list", parents=[keys_file],
-                       help="the keys' names, tiers and hash prefixes").set_defaults(run=_tier_key_list)
+    actions.add_parser("list", parents=[keys_file], help="the keys' names, tiers and hash prefixes").set_defaults(
+        run=_tier_key_list
+    )
     remove = actions.add_parser("remove", parents=[keys_file], help="remove a key by name")
     remove.add_argument("name")
     remove.set_defaults(run=_tier_key_remove)

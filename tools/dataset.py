@@ -44,8 +44,11 @@ class DigitsSplit:
         return {
             "dataset": "sklearn.datasets.load_digits",
             "seed": SPLIT_SEED,
-            "sizes": {"train": len(self.train.rows), "validation": len(self.validation.rows),
-                      "test": len(self.test.rows)},
+            "sizes": {
+                "train": len(self.train.rows),
+                "validation": len(self.validation.rows),
+                "test": len(self.test.rows),
+            },
             "rows_sha256": digest.hexdigest(),
         }
 
@@ -56,10 +59,15 @@ def load_split() -> DigitsSplit:
     images = digits.images.astype(np.float32)
     labels = digits.target.astype(np.int64)
     rows = np.arange(len(labels))
-    train, held_out = train_test_split(rows, test_size=VALIDATION_FRACTION + TEST_FRACTION,
-                                       stratify=labels, random_state=SPLIT_SEED)
-    validation, test = train_test_split(held_out, test_size=TEST_FRACTION / (VALIDATION_FRACTION + TEST_FRACTION),
-                                        stratify=labels[held_out], random_state=SPLIT_SEED)
+    train, held_out = train_test_split(
+        rows, test_size=VALIDATION_FRACTION + TEST_FRACTION, stratify=labels, random_state=SPLIT_SEED
+    )
+    validation, test = train_test_split(
+        held_out,
+        test_size=TEST_FRACTION / (VALIDATION_FRACTION + TEST_FRACTION),
+        stratify=labels[held_out],
+        random_state=SPLIT_SEED,
+    )
 
     def part(selected: np.ndarray) -> Part:
         selected = np.sort(selected)

@@ -41,7 +41,7 @@ def build_workload(split: DigitsSplit, count: int, seed: int) -> list[Sample]:
     tiers = rng.choice(TIERS, size=count)
     samples = []
     for i, (row, kind, tier) in enumerate(zip(picks, kinds, tiers, strict=True)):
-        image, label = split.test.images[row:row + 1], int(split.test.labels[row])
+        image, label = split.test.images[row : row + 1], int(split.test.labels[row])
         if kind == "noisy":
             image = noisy(image, 3.0, seed + i)
         elif kind == "shifted":
@@ -56,10 +56,12 @@ def build_workload(split: DigitsSplit, count: int, seed: int) -> list[Sample]:
     return samples
 
 
-def run_workload(url: str, protocol: str, samples: list[Sample], concurrency: int = 4,
-                 tier_key: str | None = None) -> list[Outcome]:
+def run_workload(
+    url: str, protocol: str, samples: list[Sample], concurrency: int = 4, tier_key: str | None = None
+) -> list[Outcome]:
     """Send every sample as its own request, `concurrency` at a time, timing each."""
     with TierserveClient(url, protocol, tier_key=tier_key) as client:
+
         def send(sample: Sample) -> Outcome:
             start = time.perf_counter()
             (answer,) = client.classify(sample.image, tier=sample.tier)
@@ -84,15 +86,18 @@ def summarize(outcomes: list[Outcome]) -> str:
     lines = ["| route | requests | accuracy | p50 ms | p99 ms | top reasons |", "|---|---:|---:|---:|---:|---|"]
     for route, group in sorted(by_route.items(), key=lambda item: -len(item[1])):
         labelled = [o for o in group if o.sample.label is not None]
-        accuracy = (f"{np.mean([o.answer.label == o.sample.label for o in labelled]):.3f}"
-                    if labelled else "n/a")
+        accuracy = f"{np.mean([o.answer.label == o.sample.label for o in labelled]):.3f}" if labelled else "n/a"
         latency = np.array([o.latency_ms for o in group])
         reasons = Counter(reason_kind(o.answer.reason) for o in group).most_common(3)
         top = ", ".join(f"{kind} ({n})" for kind, n in reasons)
-        lines.append(f"| {route} | {len(group)} | {accuracy} | {np.percentile(latency, 50):.2f} | "
-                     f"{np.percentile(latency, 99):.2f} | {top} |")
+        lines.append(
+            f"| {route} | {len(group)} | {accuracy} | {np.percentile(latency, 50):.2f} | "
+            f"{np.percentile(latency, 99):.2f} | {top} |"
+        )
     labelled = [o for o in outcomes if o.sample.label is not None]
     overall = np.mean([o.answer.label == o.sample.label for o in labelled])
-    lines.append(f"\n{len(outcomes)} requests, accuracy {overall:.3f} on the {len(labelled)} that are digits; "
-                 f"kinds: {dict(Counter(o.sample.kind for o in outcomes))}")
+    lines.append(
+        f"\n{len(outcomes)} requests, accuracy {overall:.3f} on the {len(labelled)} that are digits; "
+        f"kinds: {dict(Counter(o.sample.kind for o in outcomes))}"
+    )
     return "\n".join(lines)

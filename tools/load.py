@@ -28,13 +28,21 @@ class Sent:
 class SteadyLoad:
     """Sends until stopped (or LOAD_LIMIT_S); use as a context manager. Loopback addresses only."""
 
-    def __init__(self, url: str, images: np.ndarray, tiers: tuple[str, ...] = ("critical", "standard"),
-                 pause_s: float = 0.005, tier_key: str | None = None, **parameters: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        images: np.ndarray,
+        tiers: tuple[str, ...] = ("critical", "standard"),
+        pause_s: float = 0.005,
+        tier_key: str | None = None,
+        **parameters: Any,
+    ) -> None:
         self.sent: list[Sent] = []
         self._stop = threading.Event()
         self._tier_key = tier_key  # sent with every request (tiers above standard need one)
-        self._threads = [threading.Thread(target=self._run, args=(url, images, tier, pause_s, parameters))
-                         for tier in tiers]
+        self._threads = [
+            threading.Thread(target=self._run, args=(url, images, tier, pause_s, parameters)) for tier in tiers
+        ]
 
     def _run(self, url: str, images: np.ndarray, tier: str, pause_s: float, parameters: dict[str, Any]) -> None:
         started = time.monotonic()

@@ -26,9 +26,11 @@ def _admin_call(action: str) -> Iterator[None]:
         yield
     except InferenceServerException as error:
         if is_restricted_refusal(error.message() or ""):
-            raise AdminKeyRefused(f"{action}: the server refused the admin key ({error.message()}); use the key it "
-                                  f"runs with ($TIERSERVE_ADMIN_KEY or .tierserve/admin_key), sent as "
-                                  f"{ADMIN_HEADER} over HTTP or {GRPC_ADMIN_HEADER} over gRPC") from None
+            raise AdminKeyRefused(
+                f"{action}: the server refused the admin key ({error.message()}); use the key it "
+                f"runs with ($TIERSERVE_ADMIN_KEY or .tierserve/admin_key), sent as "
+                f"{ADMIN_HEADER} over HTTP or {GRPC_ADMIN_HEADER} over gRPC"
+            ) from None
         raise
 
 

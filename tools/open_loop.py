@@ -22,13 +22,23 @@ HEADER_END = b"\r\n\r\n"
 def kserve_request(host: str, model: str, images: np.ndarray, parameters: dict[str, object]) -> bytes:
     """An HTTP/1.1 KServe v2 infer request for `images` ([N, H, W] FP32) with request `parameters`
     (Triton takes `priority` from them)."""
-    body = json.dumps({
-        "parameters": parameters,
-        "inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": list(images.shape),
-                    "data": images.astype(np.float32).ravel().tolist()}],
-    }).encode()
-    head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
+    body = json.dumps(
+        {
+            "parameters": parameters,
+            "inputs": [
+                {
+                    "name": "PIXELS",
+                    "datatype": "FP32",
+                    "shape": list(images.shape),
+                    "data": images.astype(np.float32).ravel().tolist(),
+                }
+            ],
+        }
+    ).encode()
+    head = (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -77,13 +87,14 @@ class _Connection(asyncio.Protocol):
         status = int(head[0].split(" ", 2)[1])
         self._result.latencies.setdefault(status, []).append(time.perf_counter() - self._sent_at)
         if status != 200:
-            self._result.errors[self._buffer[end + 4:end + 4 + length].decode(errors="replace")] += 1
-        self._buffer = self._buffer[end + 4 + length:]
+            self._result.errors[self._buffer[end + 4 : end + 4 + length].decode(errors="replace")] += 1
+        self._buffer = self._buffer[end + 4 + length :]
         self._idle.append(self)
 
 
-async def open_loop(host: str, port: int, request: bytes, rate: float, seconds: float,
-                    max_connections: int = 1024) -> OpenLoopResult:
+async def open_loop(
+    host: str, port: int, request: bytes, rate: float, seconds: float, max_connections: int = 1024
+) -> OpenLoopResult:
     """Send `request` `rate` times a second for `seconds`, then wait (up to 10 s) for the answers."""
     loop = asyncio.get_running_loop()
     result = OpenLoopResult(seconds)

@@ -82,8 +82,10 @@ def _banner(server: TritonServer) -> str:
         f"(keys file {server.tier_keys}{tier_key})",
     ]
     if not cmdline_hidden_from_other_users():
-        lines.append("  warning  Triton 2.51 takes the admin key only on its command line: other local users can read "
-                     "it in /proc/<pid>/cmdline (mount /proc with hidepid=2 to prevent that)")
+        lines.append(
+            "  warning  Triton 2.51 takes the admin key only on its command line: other local users can read "
+            "it in /proc/<pid>/cmdline (mount /proc with hidepid=2 to prevent that)"
+        )
     return "\n".join([*lines, "Press Ctrl-C to stop."])
 
 
@@ -100,9 +102,16 @@ def serve(args: argparse.Namespace) -> int:
     except TierKeyError as error:
         print(f"tierserve: {error}", file=sys.stderr)
         return 1
-    server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
-                          RUNTIME_DIR, tritonserver=args.tritonserver, log_verbose=args.log_verbose,
-                          admin_key=_admin_key(), address=args.address, tier_keys=tier_keys)
+    server = TritonServer(
+        args.model_repository,
+        Ports(args.http_port, args.grpc_port, args.metrics_port),
+        RUNTIME_DIR,
+        tritonserver=args.tritonserver,
+        log_verbose=args.log_verbose,
+        admin_key=_admin_key(),
+        address=args.address,
+        tier_keys=tier_keys,
+    )
     supervisor = Supervisor(server, report=_print_event)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:

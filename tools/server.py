@@ -116,7 +116,7 @@ def _proc_net_address(field: str) -> tuple[str, int]:
     """`0100007F:1F40` (a /proc/net/tcp{,6} local address: 32-bit words in host order, here little-endian) as
     ("127.0.0.1", 8000)."""
     hex_address, hex_port = field.split(":")
-    raw = b"".join(bytes.fromhex(hex_address[i:i + 8])[::-1] for i in range(0, len(hex_address), 8))
+    raw = b"".join(bytes.fromhex(hex_address[i : i + 8])[::-1] for i in range(0, len(hex_address), 8))
     address = ipaddress.ip_address(raw)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
@@ -135,9 +135,19 @@ class TritonServer:
     `tier_keys` is the operator's tier keys file; without one, start() writes `workdir/tier_keys.json` with one
     key for `critical`, kept in `tier_key` (the same across restarts)."""
 
-    def __init__(self, repository: Path, ports: Ports, workdir: Path, *, tritonserver: Path | None = None,
-                 log_verbose: int = 0, output: IO[bytes] | None = None, admin_key: str | None = None,
-                 address: str = DEFAULT_ADDRESS, tier_keys: Path | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        ports: Ports,
+        workdir: Path,
+        *,
+        tritonserver: Path | None = None,
+        log_verbose: int = 0,
+        output: IO[bytes] | None = None,
+        admin_key: str | None = None,
+        address: str = DEFAULT_ADDRESS,
+        tier_keys: Path | None = None,
+    ) -> None:
         self.repository = repository.resolve()
         self.ports = ports
         self.workdir = workdir
@@ -206,8 +216,10 @@ class TritonServer:
 
     def start(self) -> None:
         if busy := self.ports.busy(connect_host(self.address)):
-            raise ServerError(f"port(s) {', '.join(map(str, busy))} already in use: stop what listens there "
-                              "or choose other ports with --http-port/--grpc-port/--metrics-port")
+            raise ServerError(
+                f"port(s) {', '.join(map(str, busy))} already in use: stop what listens there "
+                "or choose other ports with --http-port/--grpc-port/--metrics-port"
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.tier_key is not None:
             TierKeys().add(LOCAL_TIER_KEY_NAME, self.tier_key, "critical").save(self.tier_keys)
@@ -215,7 +227,10 @@ class TritonServer:
         environment.pop(ADMIN_KEY_ENV, None)  # the server has it as a flag; its stubs need not see it
         environment[TIER_KEYS_ENV] = str(self.tier_keys.resolve())
         self._process = subprocess.Popen(
-            self.command(), env=environment, stdout=self.output, stderr=subprocess.STDOUT,
+            self.command(),
+            env=environment,
+            stdout=self.output,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches the launcher, which stops the server in order
             preexec_fn=_die_with_parent,
         )
@@ -225,8 +240,9 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.returncode} before it was ready; "
-                                  "its log says why")
+                raise ServerError(
+                    f"tritonserver exited with code {self.returncode} before it was ready; its log says why"
+                )
             if self.is_ready():
                 return
             time.sleep(0.2)
@@ -253,8 +269,11 @@ class TritonServer:
     def load(self, model: str, config: dict) -> None:
         """Load `model` with this configuration in place of its config.pbtxt; if that fails, the loaded version
         keeps serving and ServerError carries the server's reason."""
-        self._call(f"/v2/repository/models/{model}/load", {"parameters": {"config": json.dumps(config)}},
-                   timeout_s=LOAD_TIMEOUT_S)
+        self._call(
+            f"/v2/repository/models/{model}/load",
+            {"parameters": {"config": json.dumps(config)}},
+            timeout_s=LOAD_TIMEOUT_S,
+        )
 
     def wait(self) -> int:
         assert self._process is not None, "start() first"
@@ -292,7 +311,7 @@ class TritonServer:
         for descriptor in Path(f"/proc/{pid}/fd").iterdir():
             with contextlib.suppress(OSError):
                 if (target := os.readlink(descriptor)).startswith("socket:["):
-                    inodes.add(target[len("socket:["):-1])
+                    inodes.add(target[len("socket:[") : -1])
         found: dict[int, list[str]] = {}
         for table in ("tcp", "tcp6"):
             for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
@@ -315,8 +334,10 @@ class TritonServer:
 
     def stubs(self) -> list[Stub]:
         """This server's running Python stubs, each with the model instance it runs."""
-        found = (Stub.from_argv(pid, cmdline.decode(errors="replace").split("\0")[:-1])
-                 for pid, cmdline in self._stub_cmdlines())
+        found = (
+            Stub.from_argv(pid, cmdline.decode(errors="replace").split("\0")[:-1])
+            for pid, cmdline in self._stub_cmdlines()
+        )
         return [stub for stub in found if stub is not None]
 
     def _stub_cmdlines(self) -> list[tuple[int, bytes]]:
@@ -364,9 +385,12 @@ class TritonServer:
         """GET `path` (POST `body` when given) with the admin key; the JSON answer, or ServerError with the
         server's message."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"http://{self.http_url}{path}", data=data,
-                                         method="GET" if body is None else "POST",
-                                         headers=admin_headers("http", self.admin_key))
+        request = urllib.request.Request(
+            f"http://{self.http_url}{path}",
+            data=data,
+            method="GET" if body is None else "POST",
+            headers=admin_headers("http", self.admin_key),
+        )
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 answer = response.read()

@@ -93,8 +93,15 @@ class Supervisor:
 
     `restarts` and `reloads` (per model) count what was done; `events` lists everything reported."""
 
-    def __init__(self, server: TritonServer, *, report: Callable[[Event], None] = lambda event: None,
-                 max_restarts: int = 5, restart_window_s: float = 60.0, ready_timeout_s: float = 180.0) -> None:
+    def __init__(
+        self,
+        server: TritonServer,
+        *,
+        report: Callable[[Event], None] = lambda event: None,
+        max_restarts: int = 5,
+        restart_window_s: float = 60.0,
+        ready_timeout_s: float = 180.0,
+    ) -> None:
         self.server = server
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
@@ -165,8 +172,13 @@ class Supervisor:
         self._deaths = [t for t in self._deaths if seen_at - t < self.restart_window_s] + [seen_at]
         if len(self._deaths) > self.max_restarts:
             self._exit_code = 1
-            self._emit(Event(EventKind.GAVE_UP, f"tritonserver died {len(self._deaths)} times within "
-                                                f"{self.restart_window_s:.0f} s; not restarting it again"))
+            self._emit(
+                Event(
+                    EventKind.GAVE_UP,
+                    f"tritonserver died {len(self._deaths)} times within "
+                    f"{self.restart_window_s:.0f} s; not restarting it again",
+                )
+            )
             self._gave_up.set()
             return
         try:
@@ -179,9 +191,15 @@ class Supervisor:
         self.restarts += 1
         self._learn_stubs()
         took_s = time.monotonic() - seen_at
-        self._emit(Event(EventKind.SERVER_RESTARTED, f"pid {self.server.pid} on the same ports, ready "
-                                                     f"{took_s:.1f} s after the death was seen "
-                                                     f"(restart {self.restarts})", took_s=took_s))
+        self._emit(
+            Event(
+                EventKind.SERVER_RESTARTED,
+                f"pid {self.server.pid} on the same ports, ready "
+                f"{took_s:.1f} s after the death was seen "
+                f"(restart {self.restarts})",
+                took_s=took_s,
+            )
+        )
 
     def _learn_stubs(self) -> None:
         now = time.monotonic()
@@ -212,16 +230,14 @@ class Supervisor:
     def _heal(self, model: str, keys: dict[InstanceKey, float]) -> None:
         """Reload `model`, whose instances `keys` (with when each was last seen alive) lost their stubs."""
         now = time.monotonic()
-        claim = ReloadLog(server_scratch(self.server.pid)).claim(model, max(keys.values()), now,
-                                                                 RELOAD_MIN_INTERVAL_S)
+        claim = ReloadLog(server_scratch(self.server.pid)).claim(model, max(keys.values()), now, RELOAD_MIN_INTERVAL_S)
         if claim == "stale":  # a router began reloading it after the death: wait for that reload
             self._seen.update(dict.fromkeys(keys, now))
             return
         if claim == "recent":
             return  # reloaded less than RELOAD_MIN_INTERVAL_S ago; looked at again on the next check
         names = ", ".join(sorted(f"{key.instance} (version {key.version})" for key in keys))
-        self._emit(Event(EventKind.STUB_DIED, f"{model}: no stub process for {names}; reloading {model}",
-                         model=model))
+        self._emit(Event(EventKind.STUB_DIED, f"{model}: no stub process for {names}; reloading {model}", model=model))
         started = time.monotonic()
         try:
             self._reload(model)
@@ -231,9 +247,14 @@ class Supervisor:
         took_s = time.monotonic() - started
         self.reloads[model] += 1
         self._forget(keys)  # the reloaded instances are learned on the next check
-        self._emit(Event(EventKind.MODEL_RELOADED, f"{model} reloaded in {took_s:.2f} s "
-                                                   f"(heal {self.reloads[model]} of {model})",
-                         model=model, took_s=took_s))
+        self._emit(
+            Event(
+                EventKind.MODEL_RELOADED,
+                f"{model} reloaded in {took_s:.2f} s (heal {self.reloads[model]} of {model})",
+                model=model,
+                took_s=took_s,
+            )
+        )
 
     def _reload(self, model: str) -> None:
         """Load `model` again with the configuration it runs now, marked so that Triton does not skip it."""

@@ -55,8 +55,9 @@ def train_missing_gbdt(split: DigitsSplit, seed: int, iterations: int) -> HistGr
     masked = [mask_pixels(split.train.images, f, seed + i) for i, f in enumerate(fractions)]
     images = np.concatenate([split.train.images, *masked]).reshape(-1, 64)
     labels = np.tile(split.train.labels, 1 + len(fractions))
-    model = HistGradientBoostingClassifier(max_iter=iterations, learning_rate=0.1, max_leaf_nodes=15,
-                                           early_stopping=False, random_state=seed)
+    model = HistGradientBoostingClassifier(
+        max_iter=iterations, learning_rate=0.1, max_leaf_nodes=15, early_stopping=False, random_state=seed
+    )
     return model.fit(images, labels)
 
 

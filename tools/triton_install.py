@@ -35,8 +35,9 @@ def embedded_install() -> TritonInstall:
     """The tritonserver inside the installed nvidia-pytriton wheel, with the stub for this Python."""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise TritonNotFound("nvidia-pytriton is not installed in this environment: run `make serve`, "
-                             "which installs it into .venv")
+        raise TritonNotFound(
+            "nvidia-pytriton is not installed in this environment: run `make serve`, which installs it into .venv"
+        )
     root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
     python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
     install = TritonInstall(

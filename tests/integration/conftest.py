@@ -61,4 +61,3 @@ def grpc(triton: TritonServer) -> Iterator[Triton]:
 def grpc_sdk(triton: TritonServer) -> Iterator[TierserveClient]:
     with TierserveClient(triton.grpc_url, tier_key=triton.tier_key) as sdk:
         yield sdk
-

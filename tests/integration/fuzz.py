@@ -18,17 +18,46 @@ from typing import Any
 
 import numpy as np
 
-DATATYPES = {"FP32": ("f", 4), "FP64": ("d", 8), "FP16": ("e", 2), "INT32": ("i", 4), "INT64": ("q", 8),
-             "INT8": ("b", 1), "UINT8": ("B", 1), "BOOL": ("?", 1)}
+DATATYPES = {
+    "FP32": ("f", 4),
+    "FP64": ("d", 8),
+    "FP16": ("e", 2),
+    "INT32": ("i", 4),
+    "INT64": ("q", 8),
+    "INT8": ("b", 1),
+    "UINT8": ("B", 1),
+    "BOOL": ("?", 1),
+}
 SPECIAL_VALUES = (float("nan"), float("inf"), float("-inf"), 1e38, -1e38, 3.4028235e38, -0.0, 0.0, 16.0, 17.0, -1.0)
 RUNNERS = ("digits_heavy", "digits_light", "digits_missing", "digits_rules")
 PUBLIC_MODELS = ("digits", "digits_static_light", *RUNNERS)
 # internal steps must refuse cleanly too (preprocess is left out: Triton 2.51 never answers a [0, 0, 0] batch)
 TARGETS = (*PUBLIC_MODELS, "router", "digits_light_critical", "digits_heavy_critical")
 NAMES = ("PIXELS", "pixels", "IMAGE", "", "P" * 300, "PIXELS\u0000", "🙂")
-PARAMETER_VALUES: tuple[Any, ...] = ("²", "٣", "-1", "0", "1e3", "99999999999999999999", "", " ", "critical ",
-                                     "x" * 5000, True, False, -5, 0, 2**62, 1.5, "standard", "best_effort",
-                                     "critical", "25", "\u0000", "🙂")
+PARAMETER_VALUES: tuple[Any, ...] = (
+    "²",
+    "٣",
+    "-1",
+    "0",
+    "1e3",
+    "99999999999999999999",
+    "",
+    " ",
+    "critical ",
+    "x" * 5000,
+    True,
+    False,
+    -5,
+    0,
+    2**62,
+    1.5,
+    "standard",
+    "best_effort",
+    "critical",
+    "25",
+    "\u0000",
+    "🙂",
+)
 PARAMETER_NAMES = ("tier", "deadline_ms", "user_id", "model", "priority", "sequence_id", "timeout", "", "k" * 400)
 
 
@@ -69,8 +98,21 @@ def cases(seed: int, count: int) -> Iterator[Case]:
     rng = random.Random(seed)
     for _ in range(count):
         model = rng.choice(TARGETS)
-        kind = rng.choice(("shape", "shape", "datatype", "values", "parameters", "name", "inputs", "version",
-                           "payload", "body", "odd_dims"))
+        kind = rng.choice(
+            (
+                "shape",
+                "shape",
+                "datatype",
+                "values",
+                "parameters",
+                "name",
+                "inputs",
+                "version",
+                "payload",
+                "body",
+                "odd_dims",
+            )
+        )
         shape: tuple[int, ...] = (1, 8, 8)
         datatype, name, parameters, version, raw_body = "FP32", "PIXELS", {}, "", None
         values_count = 64
@@ -80,8 +122,11 @@ def cases(seed: int, count: int) -> Iterator[Case]:
         elif kind == "datatype":
             datatype = rng.choice([d for d in DATATYPES if d != "FP32"] + ["BYTES", "FP8", "", "fp32"])
         elif kind == "values":
-            shape = (rng.randint(1, 4), 8, 8) if model != "digits" else (rng.randint(1, 4), *[rng.choice(
-                (4, 8, 16, 64))] * 2)
+            shape = (
+                (rng.randint(1, 4), 8, 8)
+                if model != "digits"
+                else (rng.randint(1, 4), *[rng.choice((4, 8, 16, 64))] * 2)
+            )
             values_count = int(np.prod(shape))
         elif kind == "parameters":
             parameters = _parameters(rng)
@@ -90,8 +135,10 @@ def cases(seed: int, count: int) -> Iterator[Case]:
         elif kind == "version":
             version = rng.choice(("0", "3", "-1", "1", "2", "99999999999999999999", "x", "1.0"))
         elif kind == "odd_dims":  # a batch past every limit; negative dims where the model's dims are fixed
-            shape = rng.choice(((2**62, 8, 8), (2**31, 8, 8), (2**32 + 1, 8, 8)) + (
-                ((-1, 8, 8), (1, -8, -8), (-2, 8, 8)) if model in RUNNERS else ()))
+            shape = rng.choice(
+                ((2**62, 8, 8), (2**31, 8, 8), (2**32 + 1, 8, 8))
+                + (((-1, 8, 8), (1, -8, -8), (-2, 8, 8)) if model in RUNNERS else ())
+            )
         elif kind == "payload":  # the data does not match the shape
             values_count = rng.choice((0, 1, 63, 65, 128, 4096))
         inputs = [(name, datatype, shape, _values(rng, values_count))]
@@ -105,10 +152,18 @@ def cases(seed: int, count: int) -> Iterator[Case]:
 def _broken_body(rng: random.Random) -> bytes:
     good = {"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": [1, 8, 8], "data": [1.0] * 64}]}
     choices = [
-        b"", b"{", b"[]", b"null", b"\xff\xfe", b'{"inputs": 5}', b'{"inputs": [{}]}',
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b"\xff\xfe",
+        b'{"inputs": 5}',
+        b'{"inputs": [{}]}',
         b'{"inputs": [{"name": "PIXELS"}]}',
-        *(json.dumps({"inputs": [{**good["inputs"][0], **change}]}).encode()
-          for change in ({"shape": "1,8,8"}, {"data": ["a"] * 64}, {"data": [[1.0] * 8] * 8})),
+        *(
+            json.dumps({"inputs": [{**good["inputs"][0], **change}]}).encode()
+            for change in ({"shape": "1,8,8"}, {"data": ["a"] * 64}, {"data": [[1.0] * 8] * 8})
+        ),
         json.dumps({**good, "parameters": {"tier": {"nested": 1}}}).encode(),
         json.dumps({**good, "parameters": {"tier": [1, 2]}}).encode(),
         json.dumps({**good, "outputs": [{"name": "NOPE"}]}).encode(),
@@ -122,11 +177,21 @@ def _broken_body(rng: random.Random) -> bytes:
 def json_body(case: Case) -> bytes:
     if case.raw_body is not None:
         return case.raw_body
-    inputs = [{"name": name, "datatype": datatype, "shape": list(shape),
-               "data": [None if np.isnan(v) else v for v in values.tolist()] if datatype == "FP32" else
-               np.clip(np.nan_to_num(values), 0, 100).astype(int).tolist() if datatype not in ("BYTES", "BOOL") else
-               [bool(v) for v in values] if datatype == "BOOL" else [str(v) for v in values.tolist()]}
-              for name, datatype, shape, values in case.inputs]
+    inputs = [
+        {
+            "name": name,
+            "datatype": datatype,
+            "shape": list(shape),
+            "data": [None if np.isnan(v) else v for v in values.tolist()]
+            if datatype == "FP32"
+            else np.clip(np.nan_to_num(values), 0, 100).astype(int).tolist()
+            if datatype not in ("BYTES", "BOOL")
+            else [bool(v) for v in values]
+            if datatype == "BOOL"
+            else [str(v) for v in values.tolist()],
+        }
+        for name, datatype, shape, values in case.inputs
+    ]
     body: dict[str, Any] = {"inputs": inputs}
     if case.parameters:
         body["parameters"] = case.parameters

@@ -30,14 +30,24 @@ HTTP_ADMIN_CALLS = [
     ("GET", "/v2/cudasharedmemory/status", None),
     ("POST", "/v2/cudasharedmemory/region/nothing/unregister", {}),
 ]
-HTTP_OPEN_CALLS = ["/v2", "/v2/health/ready", "/v2/models/digits_rules", "/v2/models/digits_rules/config",
-                   "/v2/models/stats"]
+HTTP_OPEN_CALLS = [
+    "/v2",
+    "/v2/health/ready",
+    "/v2/models/digits_rules",
+    "/v2/models/digits_rules/config",
+    "/v2/models/stats",
+]
 
 
-def _http(server: TritonServer, method: str, path: str, body: dict | None = None,
-          headers: dict[str, str] | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://{server.http_url}{path}", method=method, headers=headers or {},
-                                     data=None if body is None else json.dumps(body).encode())
+def _http(
+    server: TritonServer, method: str, path: str, body: dict | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"http://{server.http_url}{path}",
+        method=method,
+        headers=headers or {},
+        data=None if body is None else json.dumps(body).encode(),
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read().decode()
@@ -49,17 +59,22 @@ def _http(server: TritonServer, method: str, path: str, body: dict | None = None
 def test_http_admin_apis_need_the_admin_key(triton: TritonServer, method: str, path: str, body: dict | None):
     for headers in (None, {ADMIN_HEADER: "not-the-key"}, {GRPC_ADMIN_HEADER: triton.admin_key}):
         status, text = _http(triton, method, path, body, headers)
-        assert (status, json.loads(text)) == (403, {"error": "This API is restricted, expecting header "
-                                                             "'tierserve-admin-key'"})
+        assert (status, json.loads(text)) == (
+            403,
+            {"error": "This API is restricted, expecting header 'tierserve-admin-key'"},
+        )
     status, _ = _http(triton, method, path, body, {ADMIN_HEADER: triton.admin_key})
     assert status == 200
 
 
 def test_http_state_changes_are_refused_without_the_key(triton: TritonServer):
     before = _http(triton, "GET", "/v2/logging", headers={ADMIN_HEADER: triton.admin_key})[1]
-    changes = [("/v2/logging", {"log_verbose_level": 3}), ("/v2/trace/setting", {"trace_level": ["TIMESTAMPS"]}),
-               ("/v2/systemsharedmemory/region/x/register", {"key": "/x", "offset": 0, "byte_size": 8}),
-               ("/v2/repository/models/digits_rules/unload", {})]
+    changes = [
+        ("/v2/logging", {"log_verbose_level": 3}),
+        ("/v2/trace/setting", {"trace_level": ["TIMESTAMPS"]}),
+        ("/v2/systemsharedmemory/region/x/register", {"key": "/x", "offset": 0, "byte_size": 8}),
+        ("/v2/repository/models/digits_rules/unload", {}),
+    ]
     for path, body in changes:
         assert _http(triton, "POST", path, body)[0] == 403, path
     assert _http(triton, "GET", "/v2/logging", headers={ADMIN_HEADER: triton.admin_key})[1] == before
@@ -95,8 +110,9 @@ def test_grpc_admin_apis_need_the_admin_key_under_its_grpc_name(triton: TritonSe
             with pytest.raises(InferenceServerException) as refused:
                 call(client, headers)
             assert refused.value.status() == "StatusCode.UNAVAILABLE"
-            assert refused.value.message() == ("This protocol is restricted, expecting header "
-                                               "'triton-grpc-protocol-tierserve-admin-key'")
+            assert refused.value.message() == (
+                "This protocol is restricted, expecting header 'triton-grpc-protocol-tierserve-admin-key'"
+            )
         try:
             call(client, {GRPC_ADMIN_HEADER: triton.admin_key})
         except InferenceServerException as error:  # past the key: only the unload of a model that is not there
@@ -120,7 +136,8 @@ def test_grpc_read_only_apis_stay_open(triton: TritonServer):
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_model_control_sends_the_right_header_per_protocol_and_a_refusal_is_a_permission_error(
-        triton: TritonServer, protocol: str):
+    triton: TritonServer, protocol: str
+):
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     intruder = ModelControl(url, "not-the-key", protocol)
     try:
@@ -140,8 +157,9 @@ def test_model_control_sends_the_right_header_per_protocol_and_a_refusal_is_a_pe
 
 def test_stubs_get_the_tier_keys_path_and_never_the_admin_key(triton: TritonServer):
     for pid in triton.stub_pids():
-        environment = dict(entry.split(b"=", 1) for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                           if b"=" in entry)
+        environment = dict(
+            entry.split(b"=", 1) for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in entry
+        )
         assert environment[TIER_KEYS_ENV.encode()] == str(triton.tier_keys.resolve()).encode()
         assert ADMIN_KEY_ENV.encode() not in environment
         assert triton.admin_key.encode() not in b"".join(environment.values())

@@ -37,15 +37,17 @@ def _is_invalid_argument(error: InferenceServerException) -> bool:
 def _is_client_error(error: InferenceServerException) -> bool:
     """A 4xx-style status: the request was wrong, not the server."""
     status = str(error.status())
-    return status in {"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE"} \
-        or status.startswith("4")
+    return status in {
+        "StatusCode.INVALID_ARGUMENT",
+        "StatusCode.NOT_FOUND",
+        "StatusCode.UNAVAILABLE",
+    } or status.startswith("4")
 
 
 @pytest.mark.parametrize("datatype", ["FP64", "INT32", "FP16"])
 def test_wrong_datatype_is_rejected(triton_client, split: DigitsSplit, datatype: str):
     dtype = {"FP64": np.float64, "INT32": np.int32, "FP16": np.float16}[datatype]
-    error = _error(lambda: triton_client.infer("digits_heavy", split.test.images[:2].astype(dtype),
-                                               datatype=datatype))
+    error = _error(lambda: triton_client.infer("digits_heavy", split.test.images[:2].astype(dtype), datatype=datatype))
     assert _is_client_error(error)
     assert "data-type" in error.message() and datatype in error.message() and "FP32" in error.message()
 
@@ -75,8 +77,7 @@ def test_unknown_version_is_rejected(triton_client):
     assert "digits_heavy" in error.message() and "7" in error.message()
 
 
-def test_missing_pixels_sent_to_a_model_that_needs_complete_images_are_rejected(triton_client,
-                                                                               split: DigitsSplit):
+def test_missing_pixels_sent_to_a_model_that_needs_complete_images_are_rejected(triton_client, split: DigitsSplit):
     images = split.test.images[:3].copy()
     images[1, 2, 3] = np.nan
     error = _error(lambda: triton_client.infer("digits_heavy", images))
@@ -92,8 +93,7 @@ def test_infinite_pixels_are_rejected_even_by_the_safe_default(triton_client, sp
     assert "infinite" in error.message()
 
 
-def test_a_bad_request_does_not_fail_the_good_ones_batched_with_it(triton: TritonServer, grpc,
-                                                                   split: DigitsSplit):
+def test_a_bad_request_does_not_fail_the_good_ones_batched_with_it(triton: TritonServer, grpc, split: DigitsSplit):
     """Requests that share one dynamic batch are answered or rejected one by one."""
     bad = split.test.images[:1].copy()
     bad[0, 4, 4] = np.nan
@@ -106,10 +106,11 @@ def test_a_bad_request_does_not_fail_the_good_ones_batched_with_it(triton: Trito
             outcomes[index] = error or result.as_numpy("PROBS")
             if len(outcomes) == total:
                 done.set()
+
         return callback
 
     for index in range(total):
-        image = bad if index % 4 == 0 else split.test.images[index:index + 1]
+        image = bad if index % 4 == 0 else split.test.images[index : index + 1]
         tensor = grpc.module.InferInput("PIXELS", [1, 8, 8], "FP32")
         tensor.set_data_from_numpy(image)
         grpc.client.async_infer("digits_heavy", [tensor], callback=record(index))
@@ -125,8 +126,12 @@ def test_a_bad_request_does_not_fail_the_good_ones_batched_with_it(triton: Trito
 @pytest.mark.parametrize("body", [b"{not json", b'{"inputs": [{"name": "PIXELS"', b"", b"[1, 2, 3]"])
 def test_malformed_json_over_http_is_answered_with_an_error(triton: TritonServer, triton_client, body: bytes):
     """Triton 2.51's own HTTP front end parses the JSON; it answers 400 or 500 with a message (README)."""
-    request = urllib.request.Request(f"http://{triton.http_url}/v2/models/digits_light/infer", data=body,
-                                     method="POST", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{triton.http_url}/v2/models/digits_light/infer",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=10)
     assert caught.value.code in {400, 500}

@@ -26,25 +26,32 @@ from .prometheus import metric_values
 
 
 @pytest.fixture(scope="module")
-def chaos(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonServer,
-                                                                                              ModelControl]]:
+def chaos(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TritonServer, ModelControl]]:
     workdir = tmp_path_factory.mktemp("chaos")
-    with (workdir / "tritonserver.log").open("wb") as log, \
-            TritonServer(model_repository, Ports.free(), workdir, output=log) as server:
+    with (
+        (workdir / "tritonserver.log").open("wb") as log,
+        TritonServer(model_repository, Ports.free(), workdir, output=log) as server,
+    ):
         server.wait_ready()
         control = ModelControl(server.http_url, server.admin_key)
         yield server, control
         control.close()
 
 
-def _recent_on(sent: list[Sent], model: str, count: int = 10,
-               tiers: tuple[str, ...] = ("critical", "standard")) -> bool:
+def _recent_on(
+    sent: list[Sent], model: str, count: int = 10, tiers: tuple[str, ...] = ("critical", "standard")
+) -> bool:
     """The last `count` answers of each tier (at least that many) came from `model`, with no failure on the way."""
     for tier in tiers:
         last = [s for s in sent if s.tier == tier][-count:]
-        if len(last) < count or not all(s.answer and s.answer.path.startswith(f"{model} ") and
-                                        s.answer.path.split(">")[0] in (f"{model} ok", f"{model} low_confidence")
-                                        for s in last):
+        if len(last) < count or not all(
+            s.answer
+            and s.answer.path.startswith(f"{model} ")
+            and s.answer.path.split(">")[0] in (f"{model} ok", f"{model} low_confidence")
+            for s in last
+        ):
             return False
     return True
 
@@ -65,15 +72,19 @@ def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(
         assert load.wait_until(lambda sent: len(sent) > 40, 10)
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
-        assert load.wait_until(lambda sent: any(s.at > killed_at and s.answer and "ejected" in s.answer.path
-                                                for s in sent), 15), "the breaker never opened"
-        healed = load.wait_until(lambda sent: _recent_on([s for s in sent if s.at > killed_at + 1],
-                                                         "digits_light:1", tiers=("standard",)), 25)
+        assert load.wait_until(
+            lambda sent: any(s.at > killed_at and s.answer and "ejected" in s.answer.path for s in sent), 15
+        ), "the breaker never opened"
+        healed = load.wait_until(
+            lambda sent: _recent_on([s for s in sent if s.at > killed_at + 1], "digits_light:1", tiers=("standard",)),
+            25,
+        )
     after = [s for s in load.sent if s.at > killed_at and s.tier == "standard"]
     assert [s.error for s in load.sent if s.error] == [], "no request failed"
     critical = [s.answer for s in load.sent if s.at > killed_at and s.tier == "critical"]
-    assert critical and all(a.path.startswith("digits_light_critical:1 ") for a in critical), \
+    assert critical and all(a.path.startswith("digits_light_critical:1 ") for a in critical), (
         "critical rows run on their reserved lane, untouched by the shared model's death"
+    )
     assert any("digits_light:1 error" in s.answer.path or "digits_light:1 timeout" in s.answer.path for s in after)
     assert any("digits_light:1 breaker open" in s.answer.reason for s in after)
     assert sum(metric_values(server, "tierserve_model_reloads_total", model="digits_light")) >= 1
@@ -88,12 +99,14 @@ def test_an_unloaded_primary_falls_back_and_takes_traffic_again_once_loaded(chao
         assert load.wait_until(lambda sent: _recent_on(sent, "digits_light:1", 5, ("standard",)), 10)
         control.unload("digits_light")
         unloaded_at = time.monotonic()
-        assert load.wait_until(lambda sent: time.monotonic() - unloaded_at > 1.5
-                               and sum(s.at > unloaded_at for s in sent) > 20, 15)
+        assert load.wait_until(
+            lambda sent: time.monotonic() - unloaded_at > 1.5 and sum(s.at > unloaded_at for s in sent) > 20, 15
+        )
         control.load("digits_light")
         loaded_at = time.monotonic()
-        back = load.wait_until(lambda sent: _recent_on([s for s in sent if s.at > loaded_at], "digits_light:1",
-                                                       tiers=("standard",)), 25)
+        back = load.wait_until(
+            lambda sent: _recent_on([s for s in sent if s.at > loaded_at], "digits_light:1", tiers=("standard",)), 25
+        )
     assert [s.error for s in load.sent if s.error] == []
     during = [s.answer for s in load.sent if unloaded_at + 0.2 < s.at < loaded_at and s.tier == "standard"]
     assert during and all(a.route != "digits_light:1" for a in during)
@@ -124,8 +137,10 @@ def test_injected_latency_is_cut_off_by_the_deadline(chaos, split: DigitsSplit):
     assert escalated, "some images needed the heavy model"
     for answer in escalated:
         assert answer.route == "digits_light:1"
-        assert answer.path in ("digits_light:1 low_confidence>digits_heavy:2 timeout",
-                               "digits_light:1 low_confidence>digits_heavy:2 ejected")
+        assert answer.path in (
+            "digits_light:1 low_confidence>digits_heavy:2 timeout",
+            "digits_light:1 low_confidence>digits_heavy:2 ejected",
+        )
         assert "answered with digits_light:1" in answer.reason
     assert any("did not answer within" in a.reason for a in escalated)
 

@@ -27,8 +27,12 @@ OUTPUTS = ("LABEL", "PROBS", "CONFIDENCE", "ROUTE", "PATH")
 def _request(image: np.ndarray, **parameters: str):
     tensor = grpcclient.InferInput("PIXELS", [1, *image.shape], "FP32")
     tensor.set_data_from_numpy(image[None].astype(np.float32))
-    return {"model_name": "digits", "inputs": [tensor], "parameters": parameters or None,
-            "outputs": [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]}
+    return {
+        "model_name": "digits",
+        "inputs": [tensor],
+        "parameters": parameters or None,
+        "outputs": [grpcclient.InferRequestedOutput(name) for name in OUTPUTS],
+    }
 
 
 def _assert_clean_message(message: str) -> None:
@@ -48,6 +52,7 @@ def test_a_malformed_parameter_fails_its_own_request_only(triton: TritonServer, 
             results[index] = error or result
             if len(results) == total:
                 done.set()
+
         return callback
 
     for index in range(total):
@@ -67,8 +72,9 @@ def test_a_malformed_parameter_fails_its_own_request_only(triton: TritonServer, 
             assert 0 <= result.as_numpy("LABEL")[0, 0] <= 9
 
 
-@pytest.mark.parametrize("parameters", [{"tier": "x" * 10_000}, {"user_id": "u" * 5_000},
-                                        {"deadline_ms": "9" * 500}, {"y" * 3_000: "1"}])
+@pytest.mark.parametrize(
+    "parameters", [{"tier": "x" * 10_000}, {"user_id": "u" * 5_000}, {"deadline_ms": "9" * 500}, {"y" * 3_000: "1"}]
+)
 def test_refusals_echo_a_bounded_value_without_a_traceback(triton: TritonServer, split: DigitsSplit, parameters):
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     with pytest.raises(InferenceServerException) as caught:
@@ -125,8 +131,10 @@ def test_a_dead_model_is_a_fault_not_overload(model_repository, tmp_path, split:
     killed: calls to it stall until its breaker opens, and requests queue meanwhile. That wait is a fault,
     not overload: nothing may be shed (it once refused 211 of 300 requests), and nothing may fail."""
     images = noisy(np.repeat(split.test.images[:64], 1, axis=0), sigma=3.0, seed=1).reshape(8, 8, 8, 8)
-    with (tmp_path / "tritonserver.log").open("wb") as log, \
-            TritonServer(model_repository, Ports.free(), tmp_path, output=log) as server:
+    with (
+        (tmp_path / "tritonserver.log").open("wb") as log,
+        TritonServer(model_repository, Ports.free(), tmp_path, output=log) as server,
+    ):
         server.wait_ready()
         stop = threading.Event()
         answered, errors = [], []
@@ -154,18 +162,24 @@ def test_a_dead_model_is_a_fault_not_overload(model_repository, tmp_path, split:
             thread.join(30)
     assert escalated_before > 0, "the workload escalates to the heavy model"
     assert errors == [], f"{len(errors)} requests refused or failed, e.g. {errors[:2]}"
-    assert any("digits_heavy:2" in a.path and ("error" in a.path or "timeout" in a.path or "ejected" in a.path)
-               for a in answered), "the kill was noticed"
+    assert any(
+        "digits_heavy:2" in a.path and ("error" in a.path or "timeout" in a.path or "ejected" in a.path)
+        for a in answered
+    ), "the kill was noticed"
 
 
 def test_the_first_requests_after_a_start_meet_their_deadlines(model_repository, tmp_path, split: DigitsSplit):
     """Every model is warm before the server says ready. A cold model's first call took ~20 ms here (a
     warm one < 1 ms), so the first requests with a 19 ms deadline (rule tight_deadline: the light model
     alone) timed out on their cold lane and fell back."""
-    with (tmp_path / "tritonserver.log").open("wb") as log, \
-            TritonServer(model_repository, Ports.free(), tmp_path, output=log) as server:
+    with (
+        (tmp_path / "tritonserver.log").open("wb") as log,
+        TritonServer(model_repository, Ports.free(), tmp_path, output=log) as server,
+    ):
         server.wait_ready()
         with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
-            paths = {tier: client.classify(split.test.images[0], tier=tier, deadline_ms=19)[0].path
-                     for tier in ("critical", "standard")}
+            paths = {
+                tier: client.classify(split.test.images[0], tier=tier, deadline_ms=19)[0].path
+                for tier in ("critical", "standard")
+            }
     assert paths == {"critical": "digits_light_critical:1 ok", "standard": "digits_light:1 ok"}

@@ -24,8 +24,10 @@ SEED = 20261123
 COUNT = 600  # per protocol
 TIMEOUT_S = 10.0
 # Triton 2.51's HTTP front end answers some malformed requests with 5xx before any model sees them (README, Errors)
-FRONT_END_5XX = re.compile(r"^(failed to parse the request JSON buffer|Unable to parse '\w+'|"
-                           r"string correlation ID cannot be longer than 128 characters)")
+FRONT_END_5XX = re.compile(
+    r"^(failed to parse the request JSON buffer|Unable to parse '\w+'|"
+    r"string correlation ID cannot be longer than 128 characters)"
+)
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED}
 
 
@@ -43,8 +45,9 @@ def _clean(message: str) -> bool:
 
 
 def _finite_outputs(outputs: list[dict]) -> bool:
-    return all(np.isfinite(np.asarray(o["data"], np.float64)).all() for o in outputs
-               if o["datatype"] in ("FP32", "FP64"))
+    return all(
+        np.isfinite(np.asarray(o["data"], np.float64)).all() for o in outputs if o["datatype"] in ("FP32", "FP64")
+    )
 
 
 def _crashes_the_http_front_end(case: Case) -> bool:
@@ -58,8 +61,12 @@ def _http(server: TritonServer, case: Case) -> str | None:
     connection = http.client.HTTPConnection(server.http_url, timeout=TIMEOUT_S)
     version = f"/versions/{case.version}" if case.version else ""
     try:
-        connection.request("POST", f"/v2/models/{case.model}{version}/infer", body=json_body(case),
-                           headers={"Content-Type": "application/json"})
+        connection.request(
+            "POST",
+            f"/v2/models/{case.model}{version}/infer",
+            body=json_body(case),
+            headers={"Content-Type": "application/json"},
+        )
         response = connection.getresponse()
         status, body = response.status, response.read()
     except TimeoutError:
@@ -121,13 +128,16 @@ def test_malformed_requests_are_refused_one_by_one_and_nothing_is_lost(triton: T
     for case in cases(SEED, COUNT):
         sent += 1
         if not _crashes_the_http_front_end(case) and (problem := _http(triton, case)):
-            problems.append(f"http {case.kind} {case.model} {[i[1:3] for i in case.inputs]} "
-                            f"{str(case.parameters)[:80]}: {problem}")
+            problems.append(
+                f"http {case.kind} {case.model} {[i[1:3] for i in case.inputs]} {str(case.parameters)[:80]}: {problem}"
+            )
         if case.raw_body is None:
             sent += 1
             if problem := _grpc(stub, case):
-                problems.append(f"grpc {case.kind} {case.model} {[i[1:3] for i in case.inputs]} "
-                                f"{str(case.parameters)[:80]}: {problem}")
+                problems.append(
+                    f"grpc {case.kind} {case.model} {[i[1:3] for i in case.inputs]} "
+                    f"{str(case.parameters)[:80]}: {problem}"
+                )
     channel.close()
     assert sent >= 1000 and time.monotonic() - started < 300
     assert problems == [], f"{len(problems)} of {sent}:\n" + "\n".join(problems[:30])
@@ -137,7 +147,9 @@ def test_malformed_requests_are_refused_one_by_one_and_nothing_is_lost(triton: T
     valid.raw_input_contents.append(split.test.images[0].astype(np.float32).tobytes())
     valid.outputs.add(name="LABEL")
     channel = grpc.insecure_channel(triton.grpc_url)
-    label = np.frombuffer(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(valid, timeout=10)
-                          .raw_output_contents[0], np.int64)
+    label = np.frombuffer(
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(valid, timeout=10).raw_output_contents[0],
+        np.int64,
+    )
     channel.close()
     assert label[0] == split.test.labels[0]

@@ -21,10 +21,12 @@ from .prometheus import metric_values
 
 def _router_request(image: np.ndarray, stamp: float, source: list[float], seal: bytes = b"") -> list:
     tensors = []
-    for name, datatype, value in (("IMAGE", "FP32", image[None].astype(np.float32)),
-                                  ("SOURCE", "FP32", np.array([source], np.float32)),
-                                  ("STAMP", "FP64", np.array([[stamp]], np.float64)),
-                                  ("SEAL", "BYTES", np.array([[seal]], dtype=np.object_))):
+    for name, datatype, value in (
+        ("IMAGE", "FP32", image[None].astype(np.float32)),
+        ("SOURCE", "FP32", np.array([source], np.float32)),
+        ("STAMP", "FP64", np.array([[stamp]], np.float64)),
+        ("SEAL", "BYTES", np.array([[seal]], dtype=np.object_)),
+    ):
         tensor = grpcclient.InferInput(name, list(value.shape), datatype)
         tensor.set_data_from_numpy(value)
         tensors.append(tensor)
@@ -93,8 +95,10 @@ def test_a_critical_lane_refuses_direct_callers_and_serves_digits(triton: Triton
         client.infer(lane, [pixels], parameters={"tierserve_lane_token": "guess"})
     client.close()
     assert str(caught.value.status()) == "StatusCode.INVALID_ARGUMENT"
-    assert f"{lane}:" in caught.value.message() and "reserved for critical rows that digits routes" in \
-        caught.value.message()
+    assert (
+        f"{lane}:" in caught.value.message()
+        and "reserved for critical rows that digits routes" in caught.value.message()
+    )
     with TierserveClient(triton.grpc_url, tier_key=triton.tier_key) as sdk:
         (answer,) = sdk.classify(split.test.images[0], tier="critical")
     assert answer.path.startswith("digits_light_critical:1 "), "digits still routes critical rows to the lanes"

@@ -56,10 +56,20 @@ def _processes_with(marker: str) -> list[str]:
 def test_serve_prints_where_it_listens_and_stops_cleanly(model_repository: Path, stop_signal: signal.Signals):
     ports = Ports.free()
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "tierserve.tools.cli", "serve", "--no-build",
-         f"--model-repository={model_repository}", f"--http-port={ports.http}",
-         f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tierserve.tools.cli",
+            "serve",
+            "--no-build",
+            f"--model-repository={model_repository}",
+            f"--http-port={ports.http}",
+            f"--grpc-port={ports.grpc}",
+            f"--metrics-port={ports.metrics}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     banner = []
     deadline = time.monotonic() + 120
@@ -101,13 +111,16 @@ def test_the_default_address_is_loopback_only_and_every_interface_must_be_asked_
     (tmp_path / "repository").mkdir()
     for address, reachable in (("127.0.0.1", False), ("0.0.0.0", True)):
         ports = Ports.free()
-        with (tmp_path / f"{address}.log").open("wb") as log, \
-                TritonServer(tmp_path / "repository", ports, tmp_path / address, output=log, address=address) as server:
+        with (
+            (tmp_path / f"{address}.log").open("wb") as log,
+            TritonServer(tmp_path / "repository", ports, tmp_path / address, output=log, address=address) as server,
+        ):
             server.wait_ready(timeout_s=60)
             # gRPC listens on an IPv6 socket: [::ffff:127.0.0.1], or [::] (IPv6 too) for every interface
             grpc = [address] if address == "127.0.0.1" else ["::"]
-            assert server.listening() == dict(sorted({ports.http: [address], ports.grpc: grpc,
-                                                      ports.metrics: [address]}.items()))
+            assert server.listening() == dict(
+                sorted({ports.http: [address], ports.grpc: grpc, ports.metrics: [address]}.items())
+            )
             for port in (ports.http, ports.grpc, ports.metrics):
                 assert _accepts(outside, port) is reachable, f"{address}: {outside}:{port}"
                 assert _accepts("127.0.0.1", port)
@@ -128,8 +141,10 @@ def test_a_stopped_server_leaves_no_process_and_no_shared_memory(model_repositor
 
 def test_busy_ports_are_reported_before_starting(model_repository: Path, tmp_path: Path, triton: TritonServer):
     server = TritonServer(model_repository, triton.ports, tmp_path)
-    with pytest.raises(ServerError, match=f"port\\(s\\) {triton.ports.http}, {triton.ports.grpc}, "
-                                          f"{triton.ports.metrics} already in use"):
+    with pytest.raises(
+        ServerError,
+        match=f"port\\(s\\) {triton.ports.http}, {triton.ports.grpc}, {triton.ports.metrics} already in use",
+    ):
         server.start()
 
 
@@ -143,13 +158,17 @@ def test_a_broken_repository_fails_fast_with_the_exit_code(tmp_path: Path):
     assert "broken" in (tmp_path / "log").read_text()
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"fallback": "digits_heavy:1"}, "fallback: 'digits_heavy:1' is not listed under models"),
-    ({"cascade": {"first": "digits_light:1"}}, "cascade.escalate_to: required key is missing"),
-    ({"fallback": "digits_light:1"}, "fallback digits_light:1 must accept images with missing pixels"),
-])
-def test_a_bad_policy_fails_the_router_load_naming_the_key(model_repository: Path, tmp_path: Path,
-                                                            change: dict, message: str):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"fallback": "digits_heavy:1"}, "fallback: 'digits_heavy:1' is not listed under models"),
+        ({"cascade": {"first": "digits_light:1"}}, "cascade.escalate_to: required key is missing"),
+        ({"fallback": "digits_light:1"}, "fallback digits_light:1 must accept images with missing pixels"),
+    ],
+)
+def test_a_bad_policy_fails_the_router_load_naming_the_key(
+    model_repository: Path, tmp_path: Path, change: dict, message: str
+):
     repository = tmp_path / "repository"
     repository.mkdir()
     policy_variant(model_repository, repository, {**shipped_policy(model_repository), **change})

@@ -37,35 +37,39 @@ def test_each_model_answers_with_a_distribution(triton_client, split: DigitsSpli
 
 
 @pytest.mark.parametrize(("model", "version"), VERSIONS, ids=ids)
-def test_served_outputs_equal_the_artifact_run_directly(grpc, model_repository: Path, split: DigitsSplit,
-                                                        model: str, version: str):
+def test_served_outputs_equal_the_artifact_run_directly(
+    grpc, model_repository: Path, split: DigitsSplit, model: str, version: str
+):
     images = split.test.images[:64]
     served = grpc.probs(model, images, version)
     np.testing.assert_allclose(served, _direct_probs(model_repository / model / version, images), atol=1e-6)
 
 
 @pytest.mark.parametrize(("model", "version"), VERSIONS, ids=ids)
-def test_accuracy_through_the_server_equals_the_manifest(grpc, model_repository: Path, split: DigitsSplit,
-                                                         model: str, version: str):
-    predictions = np.concatenate([
-        grpc.probs(model, split.test.images[start:start + 64], version).argmax(axis=1)
-        for start in range(0, len(split.test.images), 64)
-    ])
+def test_accuracy_through_the_server_equals_the_manifest(
+    grpc, model_repository: Path, split: DigitsSplit, model: str, version: str
+):
+    predictions = np.concatenate(
+        [
+            grpc.probs(model, split.test.images[start : start + 64], version).argmax(axis=1)
+            for start in range(0, len(split.test.images), 64)
+        ]
+    )
     manifest = Manifest.read(model_repository / model / version)
     assert float((predictions == split.test.labels).mean()) == manifest.test_accuracy
 
 
 @pytest.mark.parametrize("model", ["digits_missing", "digits_rules"])
-def test_models_that_accept_missing_pixels_answer_them(triton_client, model_repository: Path,
-                                                       split: DigitsSplit, model: str):
+def test_models_that_accept_missing_pixels_answer_them(
+    triton_client, model_repository: Path, split: DigitsSplit, model: str
+):
     images = mask_pixels(split.test.images[:32], 0.4, seed=3)
     served = triton_client.probs(model, images)
     np.testing.assert_allclose(served, _direct_probs(model_repository / model / "1", images), atol=1e-6)
     assert (served.argmax(axis=1) == split.test.labels[:32]).mean() > 0.7
 
 
-def test_both_heavy_versions_are_addressable_and_unversioned_requests_get_the_latest(triton_client,
-                                                                                     split: DigitsSplit):
+def test_both_heavy_versions_are_addressable_and_unversioned_requests_get_the_latest(triton_client, split: DigitsSplit):
     images = split.test.images[:16]
     v1 = triton_client.probs("digits_heavy", images, "1")
     v2 = triton_client.probs("digits_heavy", images, "2")
@@ -86,8 +90,12 @@ def test_dynamic_batching_forms_batches_under_concurrent_load(grpc, split: Digit
     for i in range(requests):
         tensor = grpc.module.InferInput("PIXELS", [1, 8, 8], "FP32")
         tensor.set_data_from_numpy(split.test.images[i % 64][None])
-        grpc.client.async_infer("digits_heavy", [tensor], model_version="1",
-                                callback=lambda result, error: (errors if error else results).append(result))
+        grpc.client.async_infer(
+            "digits_heavy",
+            [tensor],
+            model_version="1",
+            callback=lambda result, error: (errors if error else results).append(result),
+        )
     deadline = time.monotonic() + 60
     while len(results) + len(errors) < requests and time.monotonic() < deadline:
         time.sleep(0.05)

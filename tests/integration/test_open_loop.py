@@ -19,8 +19,12 @@ def _send(server: TritonServer, request: bytes, rate: float, seconds: float):
 
 
 def test_every_request_sent_on_schedule_is_answered(triton: TritonServer, split: DigitsSplit):
-    request = kserve_request(triton.http_url, "digits", split.test.images[:2],
-                             {"tier": "critical", "priority": 1, TIER_KEY_HEADER: triton.tier_key})
+    request = kserve_request(
+        triton.http_url,
+        "digits",
+        split.test.images[:2],
+        {"tier": "critical", "priority": 1, TIER_KEY_HEADER: triton.tier_key},
+    )
     result = _send(triton, request, rate=200, seconds=1.0)
     assert result.count(200) == 200 and result.count() == 200 and result.skipped == 0
     assert result.rate(200) == 200
@@ -28,8 +32,7 @@ def test_every_request_sent_on_schedule_is_answered(triton: TritonServer, split:
 
 
 def test_refusals_are_counted_with_the_servers_message(triton: TritonServer, split: DigitsSplit):
-    request = kserve_request(triton.http_url, "digits", split.test.images[:1].astype(np.float32),
-                             {"tier": "gold"})
+    request = kserve_request(triton.http_url, "digits", split.test.images[:1].astype(np.float32), {"tier": "gold"})
     result = _send(triton, request, rate=50, seconds=0.2)
     assert result.count(400) == result.count() == 10 and result.count(200) == 0
     (body,) = result.errors

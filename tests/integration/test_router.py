@@ -50,8 +50,12 @@ def test_each_rule_fires_on_the_input_built_for_it(client: TierserveClient, spli
         "missing_pixels": (with_missing(image[None], 0.3, seed=1), {}),
         "tight_deadline": (image[None], {"deadline_ms": 15}),
     }
-    routes = {"out_of_distribution": "digits_rules:1", "values_out_of_range": "digits_rules:1",
-              "missing_pixels": "digits_missing:1", "tight_deadline": "digits_light:1"}
+    routes = {
+        "out_of_distribution": "digits_rules:1",
+        "values_out_of_range": "digits_rules:1",
+        "missing_pixels": "digits_missing:1",
+        "tight_deadline": "digits_light:1",
+    }
     for rule, (images, parameters) in cases.items():
         (answer,) = client.classify(images, **parameters)
         assert answer.reason.startswith(f"rule {rule} ("), answer.reason
@@ -64,13 +68,15 @@ def test_conservative_routes_answer_with_capped_confidence(client: TierserveClie
     assert "ood=" in answer.reason
 
 
-def test_the_cascade_escalates_exactly_when_the_policy_says(grpc_sdk: TierserveClient, grpc, model_repository: Path,
-                                                            split: DigitsSplit, policy: Policy):
+def test_the_cascade_escalates_exactly_when_the_policy_says(
+    grpc_sdk: TierserveClient, grpc, model_repository: Path, split: DigitsSplit, policy: Policy
+):
     images = split.test.images
     for tier in ("standard", "best_effort"):
-        answers = [a for start in range(0, len(images), 64)
-                   for a in grpc_sdk.classify(images[start:start + 64], tier=tier)]
-        light = np.concatenate([grpc.probs("digits_light", images[s:s + 64], "1") for s in range(0, len(images), 64)])
+        answers = [
+            a for start in range(0, len(images), 64) for a in grpc_sdk.classify(images[start : start + 64], tier=tier)
+        ]
+        light = np.concatenate([grpc.probs("digits_light", images[s : s + 64], "1") for s in range(0, len(images), 64)])
         stats = TrainingStats.load(model_repository / "router" / "1" / STATS_FILE)
         learned = LearnedRouter.load(model_repository / "router" / "1" / LEARNED_ROUTER_FILE)
         rows = signatures(images, source_stats(images), [RequestContext(tier=tier)] * len(images), stats)
@@ -87,33 +93,43 @@ def test_the_cascade_escalates_exactly_when_the_policy_says(grpc_sdk: TierserveC
 
 def test_stricter_tiers_escalate_more(grpc_sdk: TierserveClient, split: DigitsSplit):
     images = split.test.images[:64]
-    escalations = {tier: sum("low_confidence" in a.path for a in grpc_sdk.classify(images, tier=tier))
-                   for tier in ("best_effort", "standard", "critical")}
+    escalations = {
+        tier: sum("low_confidence" in a.path for a in grpc_sdk.classify(images, tier=tier))
+        for tier in ("best_effort", "standard", "critical")
+    }
     assert escalations["best_effort"] < escalations["standard"] < escalations["critical"]
 
 
 def test_a_batch_mixing_routes_comes_back_in_order(client: TierserveClient, grpc, split: DigitsSplit):
     clean = split.test.images[:4]
-    batch = np.stack([pure_noise(1, seed=2)[0], clean[0], with_missing(clean[1:2], 0.4, seed=3)[0],
-                      clean[2], _out_of_range(clean[3])])
+    batch = np.stack(
+        [
+            pure_noise(1, seed=2)[0],
+            clean[0],
+            with_missing(clean[1:2], 0.4, seed=3)[0],
+            clean[2],
+            _out_of_range(clean[3]),
+        ]
+    )
     answers = client.classify(batch)
     assert answers[0].route == "digits_rules:1"
     assert answers[2].route == "digits_missing:1" and answers[4].route == "digits_rules:1"
     for index in (1, 3):
         assert answers[index].reason.startswith("cascade")
         model, version = answers[index].route.split(":")
-        np.testing.assert_allclose(answers[index].probs, grpc.probs(model, batch[index:index + 1], version)[0],
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            answers[index].probs, grpc.probs(model, batch[index : index + 1], version)[0], atol=1e-6
+        )
     assert [a.label for a in answers][1::2] == [split.test.labels[0], split.test.labels[2]]
 
 
-def test_concurrent_requests_batched_together_each_get_their_own_answers(triton: TritonServer,
-                                                                          split: DigitsSplit):
+def test_concurrent_requests_batched_together_each_get_their_own_answers(triton: TritonServer, split: DigitsSplit):
     async def run() -> list[list[Classification]]:
         async with AsyncTierserveClient(triton.grpc_url, tier_key=triton.tier_key) as sdk:
             tiers = ["critical", "standard", "best_effort"]
-            return await asyncio.gather(*(sdk.classify(split.test.images[i], tier=tiers[i % 3], user_id=f"u{i}")
-                                          for i in range(60)))
+            return await asyncio.gather(
+                *(sdk.classify(split.test.images[i], tier=tiers[i % 3], user_id=f"u{i}") for i in range(60))
+            )
 
     results = asyncio.run(run())
     labels = np.array([answers[0].label for answers in results])
@@ -132,10 +148,13 @@ def test_any_size_from_4x4_to_64x64_is_accepted(client: TierserveClient, split: 
     assert "size=4x4" in small.reason
 
 
-@pytest.mark.parametrize(("parameters", "message"), [
-    ({"tier": "gold"}, "parameter 'tier' must be one of critical, standard, best_effort, got 'gold'"),
-    ({"deadline_ms": -3}, "parameter 'deadline_ms' must be a positive integer up to 3600000, got -3"),
-])
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"tier": "gold"}, "parameter 'tier' must be one of critical, standard, best_effort, got 'gold'"),
+        ({"deadline_ms": -3}, "parameter 'deadline_ms' must be a positive integer up to 3600000, got -3"),
+    ],
+)
 def test_a_bad_parameter_is_rejected_by_name(client: TierserveClient, split: DigitsSplit, parameters, message):
     with pytest.raises(TierserveError) as caught:
         client.classify(split.test.images[:1], **parameters)
@@ -143,11 +162,14 @@ def test_a_bad_parameter_is_rejected_by_name(client: TierserveClient, split: Dig
     assert message in caught.value.message
 
 
-@pytest.mark.parametrize(("images", "message"), [
-    (np.zeros((1, 3, 3), np.float32), "PIXELS images must be 4x4 to 64x64, got 3x3"),
-    (np.zeros((1, 65, 8), np.float32), "PIXELS images must be 4x4 to 64x64, got 65x8"),
-    (np.full((1, 8, 8), np.inf, np.float32), "PIXELS has 64 infinite value(s)"),
-])
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.zeros((1, 3, 3), np.float32), "PIXELS images must be 4x4 to 64x64, got 3x3"),
+        (np.zeros((1, 65, 8), np.float32), "PIXELS images must be 4x4 to 64x64, got 65x8"),
+        (np.full((1, 8, 8), np.inf, np.float32), "PIXELS has 64 infinite value(s)"),
+    ],
+)
 def test_unusable_images_are_rejected_by_name(client: TierserveClient, images: np.ndarray, message: str):
     with pytest.raises(TierserveError) as caught:
         client.classify(images)
@@ -155,16 +177,21 @@ def test_unusable_images_are_rejected_by_name(client: TierserveClient, images: n
     assert message in caught.value.message
 
 
-def test_requests_never_reach_a_model_outside_the_policy(triton: TritonServer, grpc, client: TierserveClient,
-                                                         split: DigitsSplit, policy: Policy):
+def test_requests_never_reach_a_model_outside_the_policy(
+    triton: TritonServer, grpc, client: TierserveClient, split: DigitsSplit, policy: Policy
+):
     assert "digits_heavy:1" not in policy.models
 
     def inference_count() -> int:
         return grpc.client.get_inference_statistics("digits_heavy", "1").model_stats[0].inference_count
 
     before = inference_count()
-    workload = [split.test.images[:64], pure_noise(8, seed=1), with_missing(split.test.images[:8], 0.5, seed=2),
-                upscaled(split.test.images[:8], 2)]
+    workload = [
+        split.test.images[:64],
+        pure_noise(8, seed=1),
+        with_missing(split.test.images[:8], 0.5, seed=2),
+        upscaled(split.test.images[:8], 2),
+    ]
     for images in workload:
         client.classify(images, tier="critical")
     tensor = grpc.module.InferInput("PIXELS", [1, 8, 8], "FP32")

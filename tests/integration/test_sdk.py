@@ -49,6 +49,7 @@ def nothing_listening() -> str:
 
 def _classify_async(url: str, protocol: str, images: np.ndarray, **options: float) -> list[Classification]:
     """One call of a fresh AsyncTierserveClient; `options` split into the client's timeout and the call's."""
+
     async def run() -> list[Classification]:
         async with AsyncTierserveClient(url, protocol, timeout_s=options.get("client_timeout_s", 10.0)) as client:
             return await client.classify(images, timeout_s=options.get("timeout_s"))
@@ -67,7 +68,7 @@ def test_one_client_shared_by_8_threads_answers_every_call(triton: TritonServer,
         start.wait()
         for call in range(calls_per_thread):
             first = (thread * calls_per_thread + call) * 4
-            images = upscaled(split.test.images[first:first + 1 + call % 4], thread + 1)
+            images = upscaled(split.test.images[first : first + 1 + call % 4], thread + 1)
             answered[thread].append((first, client.classify(images, tier="critical", user_id=f"t{thread}")))
 
     with TierserveClient(_url(triton, protocol), protocol, tier_key=triton.tier_key) as client:
@@ -87,7 +88,7 @@ def test_one_client_shared_by_8_threads_answers_every_call(triton: TritonServer,
             assert len(answers) == 1 + call % 4, "one answer per image sent, in that call"
             assert all(f"size={size}x{size}" in answer.reason for answer in answers), "the thread's own images"
             labels += [answer.label for answer in answers]
-            expected += split.test.labels[first:first + len(answers)].tolist()
+            expected += split.test.labels[first : first + len(answers)].tolist()
     assert np.mean(np.array(labels) == np.array(expected)) >= 0.9
 
 
@@ -104,10 +105,14 @@ def test_closing_a_shared_http_client_ends_its_threads(triton: TritonServer, spl
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-@pytest.mark.parametrize("timeouts", [{"client_timeout_s": 0.3}, {"client_timeout_s": 30.0, "timeout_s": 0.3}],
-                         ids=["client_timeout", "call_timeout"])
-def test_a_call_to_a_server_that_never_answers_ends_at_its_timeout(silent_peer: str, protocol: str,
-                                                                    timeouts: dict[str, float]):
+@pytest.mark.parametrize(
+    "timeouts",
+    [{"client_timeout_s": 0.3}, {"client_timeout_s": 30.0, "timeout_s": 0.3}],
+    ids=["client_timeout", "call_timeout"],
+)
+def test_a_call_to_a_server_that_never_answers_ends_at_its_timeout(
+    silent_peer: str, protocol: str, timeouts: dict[str, float]
+):
     image = np.zeros((8, 8), np.float32)
     with TierserveClient(silent_peer, protocol, timeout_s=timeouts["client_timeout_s"]) as client:
         began = time.monotonic()
@@ -125,8 +130,7 @@ def test_a_call_to_a_server_that_never_answers_ends_at_its_timeout(silent_peer: 
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_a_call_that_runs_out_of_time_does_not_spoil_the_next(triton: TritonServer, split: DigitsSplit,
-                                                              protocol: str):
+def test_a_call_that_runs_out_of_time_does_not_spoil_the_next(triton: TritonServer, split: DigitsSplit, protocol: str):
     """Timeouts from 0.1 ms (before the request is out) to 10 ms (while the server works on it): whatever state
     an interrupted call left its connection in, the next call on the same single connection is answered."""
     timed_out = 0
@@ -156,15 +160,17 @@ def test_a_server_that_is_down_is_a_tierserve_error(nothing_listening: str, prot
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_a_refusal_has_the_typed_status_of_its_protocol_and_is_not_retryable(triton: TritonServer,
-                                                                              split: DigitsSplit, protocol: str):
+def test_a_refusal_has_the_typed_status_of_its_protocol_and_is_not_retryable(
+    triton: TritonServer, split: DigitsSplit, protocol: str
+):
     with TierserveClient(_url(triton, protocol), protocol) as client, pytest.raises(TierserveError) as caught:
         client.classify(split.test.images[:1], tier="gold")
     expected = StatusCode.INVALID_ARGUMENT if protocol == "grpc" else HTTPStatus.BAD_REQUEST
     assert caught.value.status == expected and type(caught.value.status) is type(expected)
     assert not caught.value.retryable
     assert "parameter 'tier'" in caught.value.message and str(caught.value).startswith(
-        "INVALID_ARGUMENT: " if protocol == "grpc" else "400 Bad Request: ")
+        "INVALID_ARGUMENT: " if protocol == "grpc" else "400 Bad Request: "
+    )
 
     with pytest.raises(TierserveError) as caught:
         _classify_async(_url(triton, protocol), protocol, np.full((1, 8, 8), np.inf, np.float32))

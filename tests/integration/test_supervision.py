@@ -35,17 +35,26 @@ from .test_lifecycle import _processes_with
 
 RECOVERY_BOUND_S = 10.0  # the issue's bound: serving again within 10 s of a death
 # One request that kills tritonserver 2.51 itself (std::bad_alloc in the HTTP front end, SIGABRT).
-CRASH_REQUEST = json.dumps({"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": [64, 100000, 100000],
-                                        "data": [0.0] * 64}]}).encode()
-RUNNERS = ["digits_light", "digits_heavy", "digits_missing", "digits_rules",
-           "digits_light_critical", "digits_heavy_critical"]
+CRASH_REQUEST = json.dumps(
+    {"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": [64, 100000, 100000], "data": [0.0] * 64}]}
+).encode()
+RUNNERS = [
+    "digits_light",
+    "digits_heavy",
+    "digits_missing",
+    "digits_rules",
+    "digits_light_critical",
+    "digits_heavy_critical",
+]
 
 
 @pytest.fixture(scope="module")
 def supervised(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
     workdir = tmp_path_factory.mktemp("supervised")
-    with (workdir / "tritonserver.log").open("wb") as log, \
-            Supervisor(TritonServer(model_repository, Ports.free(), workdir, output=log)) as supervisor:
+    with (
+        (workdir / "tritonserver.log").open("wb") as log,
+        Supervisor(TritonServer(model_repository, Ports.free(), workdir, output=log)) as supervisor,
+    ):
         yield supervisor
 
 
@@ -80,8 +89,9 @@ def _serving_again(server: TritonServer, images: np.ndarray, since: float) -> fl
 def _crash(http_url: str) -> None:
     """Send the request that kills tritonserver 2.51; it never gets an answer."""
     with pytest.raises((urllib.error.URLError, ConnectionError)):
-        urllib.request.urlopen(urllib.request.Request(f"http://{http_url}/v2/models/digits/infer",
-                                                      data=CRASH_REQUEST), timeout=30)
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://{http_url}/v2/models/digits/infer", data=CRASH_REQUEST), timeout=30
+        )
 
 
 def _wait_until(condition, timeout_s: float) -> float:
@@ -104,7 +114,8 @@ def test_a_killed_stub_is_replaced_without_any_traffic(supervised: Supervisor, s
 
     def replaced() -> bool:
         return supervised.reloads[model] > reloads and any(
-            InstanceKey.of(stub) == InstanceKey.of(victim) and stub.pid != victim.pid for stub in server.stubs())
+            InstanceKey.of(stub) == InstanceKey.of(victim) and stub.pid != victim.pid for stub in server.stubs()
+        )
 
     took_s = _wait_until(replaced, RECOVERY_BOUND_S)
     assert took_s < RECOVERY_BOUND_S, f"no new stub for {victim.instance} within {RECOVERY_BOUND_S} s"
@@ -122,8 +133,9 @@ def test_a_killed_stub_is_replaced_without_any_traffic(supervised: Supervisor, s
     assert died and victim.instance in died[-1].detail
 
 
-def test_readiness_and_digits_are_back_soon_after_every_preprocess_stub_dies(supervised: Supervisor,
-                                                                             split: DigitsSplit):
+def test_readiness_and_digits_are_back_soon_after_every_preprocess_stub_dies(
+    supervised: Supervisor, split: DigitsSplit
+):
     """Triton 2.51 keeps a model whose stubs are dead READY, and /v2/health/ready at 200: only requests show
     the death (each fails after ~1 s with "Stub process ... is not healthy"), so the reload is what keeps
     the window short. With both preprocess stubs killed every `digits` request fails until the reload.
@@ -139,8 +151,10 @@ def test_readiness_and_digits_are_back_soon_after_every_preprocess_stub_dies(sup
     answered_s = _serving_again(server, split.test.images[:8], killed_at)
     reloaded = [e for e in supervised.events if e.kind is EventKind.MODEL_RELOADED and e.model == "preprocess"]
     reloaded_s = reloaded[-1].at - killed_at
-    print(f"preprocess stubs killed: reloaded after {reloaded_s:.2f} s, ready and answering `digits` after "
-          f"{answered_s:.2f} s")
+    print(
+        f"preprocess stubs killed: reloaded after {reloaded_s:.2f} s, ready and answering `digits` after "
+        f"{answered_s:.2f} s"
+    )
     assert 0 < reloaded_s < RECOVERY_BOUND_S and answered_s < RECOVERY_BOUND_S
 
 
@@ -151,12 +165,18 @@ def test_the_session_server_heals_too(supervisor: Supervisor, triton: TritonServ
     (victim,) = triton.stub_pids("digits_rules")
     reloads = supervisor.reloads["digits_rules"]
     os.kill(victim, signal.SIGKILL)
-    assert _wait_until(lambda: supervisor.reloads["digits_rules"] > reloads
-                       and len(triton.stub_pids("digits_rules")) == 1, RECOVERY_BOUND_S) < RECOVERY_BOUND_S
+    assert (
+        _wait_until(
+            lambda: supervisor.reloads["digits_rules"] > reloads and len(triton.stub_pids("digits_rules")) == 1,
+            RECOVERY_BOUND_S,
+        )
+        < RECOVERY_BOUND_S
+    )
 
 
 def test_a_reload_by_someone_else_is_not_a_death_and_a_heal_keeps_the_running_config(
-        supervised: Supervisor, split: DigitsSplit, monkeypatch: pytest.MonkeyPatch):
+    supervised: Supervisor, split: DigitsSplit, monkeypatch: pytest.MonkeyPatch
+):
     server = supervised.server
     monkeypatch.setenv("TIERSERVE_ADMIN_KEY", server.admin_key)
     (old,) = server.stub_pids("digits_rules")
@@ -172,8 +192,10 @@ def test_a_reload_by_someone_else_is_not_a_death_and_a_heal_keeps_the_running_co
     assert faults
     (faulty,) = server.stub_pids("digits_rules")
     os.kill(faulty, signal.SIGKILL)
-    took_s = _wait_until(lambda: supervised.reloads["digits_rules"] > reloads
-                         and len(server.stub_pids("digits_rules")) == 1, RECOVERY_BOUND_S)
+    took_s = _wait_until(
+        lambda: supervised.reloads["digits_rules"] > reloads and len(server.stub_pids("digits_rules")) == 1,
+        RECOVERY_BOUND_S,
+    )
     assert took_s < RECOVERY_BOUND_S
     parameters = server.model_config("digits_rules")["parameters"]
     assert {k: v for k, v in parameters.items() if k in faults} == faults, "the injected fault survives the heal"
@@ -261,14 +283,23 @@ class _Lines:
         return False
 
 
-def test_serve_restarts_a_crashed_tritonserver_and_still_stops_cleanly(model_repository: Path,
-                                                                        split: DigitsSplit):
+def test_serve_restarts_a_crashed_tritonserver_and_still_stops_cleanly(model_repository: Path, split: DigitsSplit):
     ports = Ports.free()
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "tierserve.tools.cli", "serve", "--no-build",
-         f"--model-repository={model_repository}", f"--http-port={ports.http}",
-         f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tierserve.tools.cli",
+            "serve",
+            "--no-build",
+            f"--model-repository={model_repository}",
+            f"--http-port={ports.http}",
+            f"--grpc-port={ports.grpc}",
+            f"--metrics-port={ports.metrics}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "TIERSERVE_ADMIN_KEY": "supervision-test"},
     )
     lines = _Lines(launcher)
@@ -277,8 +308,9 @@ def test_serve_restarts_a_crashed_tritonserver_and_still_stops_cleanly(model_rep
         sent_at = time.monotonic()
         _crash(f"127.0.0.1:{ports.http}")
         assert lines.wait_for("tierserve: tritonserver restarted: pid", RECOVERY_BOUND_S), "".join(lines.seen)
-        assert any("tierserve: tritonserver died: tritonserver (pid" in line and "signal" in line
-                   for line in lines.seen)
+        assert any(
+            "tierserve: tritonserver died: tritonserver (pid" in line and "signal" in line for line in lines.seen
+        )
         took_s = _wait_until(lambda: len(_labels(f"127.0.0.1:{ports.grpc}", split.test.images[:8])) == 8, 1)
         assert time.monotonic() - sent_at < RECOVERY_BOUND_S and took_s < 1
         control = ModelControl(f"127.0.0.1:{ports.http}", "supervision-test")

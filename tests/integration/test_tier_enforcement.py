@@ -30,14 +30,17 @@ def test_critical_with_the_key_gets_its_lane_and_standard_needs_none(triton: Tri
     assert critical.path.startswith("digits_light_critical:1 ") and standard.path.startswith("digits_light:1 ")
 
 
-def test_a_key_allowing_less_is_downgraded_when_the_operator_says_so(model_repository: Path, tmp_path: Path,
-                                                                     split: DigitsSplit):
+def test_a_key_allowing_less_is_downgraded_when_the_operator_says_so(
+    model_repository: Path, tmp_path: Path, split: DigitsSplit
+):
     key = new_key()
     keys = tmp_path / "tier_keys.json"
     keys_file = TierKeys(on_missing=OnMissing.DOWNGRADE).add("batch-jobs", key, "standard")
     keys_file.save(keys)
-    with (tmp_path / "tritonserver.log").open("wb") as log, \
-            TritonServer(model_repository, Ports.free(), tmp_path, output=log, tier_keys=keys) as server:
+    with (
+        (tmp_path / "tritonserver.log").open("wb") as log,
+        TritonServer(model_repository, Ports.free(), tmp_path, output=log, tier_keys=keys) as server,
+    ):
         server.wait_ready()
         with TierserveClient(server.grpc_url, tier_key=key) as client:
             (answer,) = client.classify(split.test.images[0], tier="critical")

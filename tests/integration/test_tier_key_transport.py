@@ -64,8 +64,10 @@ def echo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServ
     (workdir / "repository" / "digits" / "1").mkdir(parents=True)
     (workdir / "repository" / "digits" / "config.pbtxt").write_text(CONFIG)
     (workdir / "repository" / "digits" / "1" / "model.py").write_text(MODEL)
-    with (workdir / "tritonserver.log").open("wb") as log, \
-            TritonServer(workdir / "repository", Ports.free(), workdir, output=log) as server:
+    with (
+        (workdir / "tritonserver.log").open("wb") as log,
+        TritonServer(workdir / "repository", Ports.free(), workdir, output=log) as server,
+    ):
         server.wait_ready(timeout_s=120)
         yield server
 

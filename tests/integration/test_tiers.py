@@ -33,8 +33,10 @@ def _server(model_repository: Path, workdir: Path, shedding: dict) -> Iterator[T
     repository = workdir / "repository"
     repository.mkdir()
     policy_variant(model_repository, repository, {**shipped_policy(model_repository), "load_shedding": shedding})
-    with (workdir / "tritonserver.log").open("wb") as log, \
-            TritonServer(repository, Ports.free(), workdir, output=log) as server:
+    with (
+        (workdir / "tritonserver.log").open("wb") as log,
+        TritonServer(repository, Ports.free(), workdir, output=log) as server,
+    ):
         server.wait_ready()
         yield server
 
@@ -61,6 +63,7 @@ def calm(tiered: TritonServer, split: DigitsSplit) -> None:
 async def _flood(server: TritonServer, images: np.ndarray, best_effort: int, critical: int) -> tuple[list, list]:
     """Queue `best_effort` requests at once, then `critical` ones; return (tier, seconds, outcome) of each."""
     async with AsyncTierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
+
         async def one(tier: str, image: np.ndarray):
             sent = time.monotonic()
             try:
@@ -75,13 +78,13 @@ async def _flood(server: TritonServer, images: np.ndarray, best_effort: int, cri
         return list(await asyncio.gather(*flood)), list(await asyncio.gather(*urgent))
 
 
-def test_critical_requests_overtake_a_best_effort_flood_and_are_never_shed(tiered: TritonServer,
-                                                                           split: DigitsSplit):
+def test_critical_requests_overtake_a_best_effort_flood_and_are_never_shed(tiered: TritonServer, split: DigitsSplit):
     flood, urgent = asyncio.run(_flood(tiered, split.test.images, best_effort=800, critical=10))
     assert all(not isinstance(result, Exception) for _, _, result in urgent), "no critical request failed"
     answered = [seconds for _, seconds, result in flood if not isinstance(result, Exception)]
-    assert max(seconds for _, seconds, _ in urgent) < np.median(answered), \
+    assert max(seconds for _, seconds, _ in urgent) < np.median(answered), (
         "every critical request waited less than half of the answered best_effort requests"
+    )
     shed = [result for _, _, result in flood if isinstance(result, Exception)]
     assert shed, "the flood is overload for this server: some best_effort work is shed"
     for error in shed:
@@ -119,7 +122,8 @@ def test_tier_metrics_move(tiered: TritonServer, split: DigitsSplit):
 
 
 def test_a_deadline_too_short_for_the_heavy_model_gets_the_light_answer_with_the_reason(
-        tiered: TritonServer, split: DigitsSplit):
+    tiered: TritonServer, split: DigitsSplit
+):
     control = ModelControl(tiered.http_url, tiered.admin_key)
     control.set_fault("digits_heavy", FaultSpec(latency_ms=60))
     try:

@@ -21,8 +21,12 @@ def clock() -> Clock:
 
 
 def _breaker(clock: Clock, **settings) -> CircuitBreaker:
-    return CircuitBreaker(BreakerSettings(**{"consecutive_errors": 3, "base_ejection_time_s": 2.0,
-                                             "max_ejection_time_s": 5.0, **settings}), clock)
+    return CircuitBreaker(
+        BreakerSettings(
+            **{"consecutive_errors": 3, "base_ejection_time_s": 2.0, "max_ejection_time_s": 5.0, **settings}
+        ),
+        clock,
+    )
 
 
 def test_consecutive_failures_eject_and_a_success_resets_the_count(clock: Clock):
@@ -75,8 +79,13 @@ def test_the_multiplier_starts_over_after_a_long_healthy_spell(clock: Clock):
 
 
 def test_a_failure_percentage_over_the_window_ejects(clock: Clock):
-    breaker = _breaker(clock, consecutive_errors=100, failure_percentage_threshold=50,
-                       failure_percentage_request_volume=10, interval_s=10)
+    breaker = _breaker(
+        clock,
+        consecutive_errors=100,
+        failure_percentage_threshold=50,
+        failure_percentage_request_volume=10,
+        interval_s=10,
+    )
     for i in range(9):
         breaker.record(i % 2 == 0, 0.001)  # 4 failures of 9: under the volume
     assert breaker.state == CLOSED

@@ -15,23 +15,34 @@ from tierserve.client import AsyncTierserveClient, TierserveClient, TierserveErr
 from tierserve.client.errors import call_errors, status_from
 
 
-@pytest.mark.parametrize(("protocol", "raw", "typed"), [
-    ("grpc", "StatusCode.INVALID_ARGUMENT", StatusCode.INVALID_ARGUMENT),
-    ("grpc", "StatusCode.UNAVAILABLE", StatusCode.UNAVAILABLE),
-    ("http", "400", HTTPStatus.BAD_REQUEST),
-    ("http", "503", HTTPStatus.SERVICE_UNAVAILABLE),
-    ("http", "599", 599),
-    ("grpc", None, None),
-])
+@pytest.mark.parametrize(
+    ("protocol", "raw", "typed"),
+    [
+        ("grpc", "StatusCode.INVALID_ARGUMENT", StatusCode.INVALID_ARGUMENT),
+        ("grpc", "StatusCode.UNAVAILABLE", StatusCode.UNAVAILABLE),
+        ("http", "400", HTTPStatus.BAD_REQUEST),
+        ("http", "503", HTTPStatus.SERVICE_UNAVAILABLE),
+        ("http", "599", 599),
+        ("grpc", None, None),
+    ],
+)
 def test_tritonclient_status_strings_become_typed_values(protocol: str, raw: str | None, typed: object):
     status = status_from(protocol, raw)
     assert status == typed and type(status) is type(typed)
 
 
-@pytest.mark.parametrize(("status", "retryable"), [
-    (StatusCode.UNAVAILABLE, True), (StatusCode.DEADLINE_EXCEEDED, True), (StatusCode.INVALID_ARGUMENT, False),
-    (HTTPStatus.SERVICE_UNAVAILABLE, True), (504, True), (HTTPStatus.BAD_REQUEST, False), (None, False),
-])
+@pytest.mark.parametrize(
+    ("status", "retryable"),
+    [
+        (StatusCode.UNAVAILABLE, True),
+        (StatusCode.DEADLINE_EXCEEDED, True),
+        (StatusCode.INVALID_ARGUMENT, False),
+        (HTTPStatus.SERVICE_UNAVAILABLE, True),
+        (504, True),
+        (HTTPStatus.BAD_REQUEST, False),
+        (None, False),
+    ],
+)
 def test_only_unreachable_shed_or_timed_out_calls_are_retryable(status: object, retryable: bool):
     assert TierserveError(status, "why").retryable is retryable
 
@@ -77,11 +88,15 @@ def test_a_server_refusal_keeps_the_servers_message():
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_call_refused_for_want_of_a_restricted_apis_header_is_not_retryable(protocol: str):
     """Triton 2.51 answers it with UNAVAILABLE over gRPC, which would read as "retry later"."""
-    raw = {"grpc": InferenceServerException("This protocol is restricted, expecting header "
-                                            "'triton-grpc-protocol-tierserve-admin-key'",
-                                            status="StatusCode.UNAVAILABLE"),
-           "http": InferenceServerException("This API is restricted, expecting header 'tierserve-admin-key'",
-                                            status="403")}[protocol]
+    raw = {
+        "grpc": InferenceServerException(
+            "This protocol is restricted, expecting header 'triton-grpc-protocol-tierserve-admin-key'",
+            status="StatusCode.UNAVAILABLE",
+        ),
+        "http": InferenceServerException(
+            "This API is restricted, expecting header 'tierserve-admin-key'", status="403"
+        ),
+    }[protocol]
     error = _raised(protocol, raw)
     assert error.status == {"grpc": StatusCode.PERMISSION_DENIED, "http": HTTPStatus.FORBIDDEN}[protocol]
     assert not error.retryable and error.message.startswith("This ")
@@ -95,12 +110,15 @@ def test_other_exceptions_are_not_swallowed():
 
 
 @pytest.mark.parametrize("client", [TierserveClient, AsyncTierserveClient])
-@pytest.mark.parametrize(("arguments", "message"), [
-    ({"url": "http://localhost:8000", "protocol": "http"}, "url is host:port, without a scheme"),
-    ({"protocol": "rest"}, "protocol must be 'grpc' or 'http'"),
-    ({"timeout_s": 0}, "timeout_s must be a positive, finite number of seconds, got 0"),
-    ({"timeout_s": float("inf")}, "got inf"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"url": "http://localhost:8000", "protocol": "http"}, "url is host:port, without a scheme"),
+        ({"protocol": "rest"}, "protocol must be 'grpc' or 'http'"),
+        ({"timeout_s": 0}, "timeout_s must be a positive, finite number of seconds, got 0"),
+        ({"timeout_s": float("inf")}, "got inf"),
+    ],
+)
 def test_bad_arguments_are_refused_by_name(client: type, arguments: dict[str, object], message: str):
     with pytest.raises(ValueError, match=message):
         client(**arguments)

@@ -31,7 +31,8 @@ def test_the_workload_mixes_every_kind_with_their_shapes(split: DigitsSplit):
 
 def test_reason_kind_drops_the_numbers():
     assert reason_kind("rule missing_pixels (missing_fraction=0.30 > 0); cues: ...") == "rule missing_pixels"
-    assert reason_kind("cascade; digits_light:1 confidence 0.5 < 0.9; escalated to digits_heavy:2") == \
-        "cascade, escalated"
+    assert (
+        reason_kind("cascade; digits_light:1 confidence 0.5 < 0.9; escalated to digits_heavy:2") == "cascade, escalated"
+    )
     assert reason_kind("cascade; digits_light:1 confidence 0.95 >= 0.9; cues: ...") == "cascade, first answer kept"
     assert reason_kind("fallback: no listed route takes images with missing pixels; cues") == "fallback"

@@ -18,12 +18,15 @@ def test_fault_parameters_round_trip():
     assert FaultSpec.from_parameters(spec.to_parameters()) == spec
 
 
-@pytest.mark.parametrize(("parameters", "message"), [
-    ({"fault_latency_ms": "slow"}, "parameter fault_latency_ms must be a number, got 'slow'"),
-    ({"fault_error_rate": "1.5"}, "parameter fault_error_rate must be from 0 to 1, got '1.5'"),
-    ({"fault_latency_ms": "-1"}, "parameter fault_latency_ms must be from 0 to 60000, got '-1'"),
-    ({"fault_hard_failure": "yes"}, "parameter fault_hard_failure must be true or false, got 'yes'"),
-])
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"fault_latency_ms": "slow"}, "parameter fault_latency_ms must be a number, got 'slow'"),
+        ({"fault_error_rate": "1.5"}, "parameter fault_error_rate must be from 0 to 1, got '1.5'"),
+        ({"fault_latency_ms": "-1"}, "parameter fault_latency_ms must be from 0 to 60000, got '-1'"),
+        ({"fault_hard_failure": "yes"}, "parameter fault_hard_failure must be true or false, got 'yes'"),
+    ],
+)
 def test_bad_fault_parameters_are_named(parameters, message):
     with pytest.raises(FaultConfigError) as caught:
         FaultSpec.from_parameters(parameters)
@@ -44,8 +47,10 @@ def test_a_hard_failure_fails_every_batch():
 
 
 def test_dead_stub_messages_are_recognised():
-    assert is_dead_stub("Failed to process the request(s) for model 'digits_light_0_0', message: "
-                        "Stub process 'digits_light_0_0' is not healthy.")
+    assert is_dead_stub(
+        "Failed to process the request(s) for model 'digits_light_0_0', message: "
+        "Stub process 'digits_light_0_0' is not healthy."
+    )
     assert not is_dead_stub("digits_light:1: injected fault: hard failure")
 
 
@@ -56,8 +61,13 @@ DEAD = "Stub process 'digits_light_0_0' is not healthy."
 def healing(tmp_path) -> tuple[Healer, list, list, list]:
     now = [10.0]
     trips, reloads = [], []
-    healer = Healer(5.0, ReloadLog(tmp_path), trip=lambda model, why: trips.append((model, why)),
-                    reload=reloads.append, clock=lambda: now[0])
+    healer = Healer(
+        5.0,
+        ReloadLog(tmp_path),
+        trip=lambda model, why: trips.append((model, why)),
+        reload=reloads.append,
+        clock=lambda: now[0],
+    )
     return healer, trips, reloads, now
 
 
@@ -98,8 +108,10 @@ def test_reloads_are_rate_limited_per_model_but_a_new_death_still_ejects(healing
 def test_two_router_instances_sharing_the_log_reload_a_dead_model_once(tmp_path):
     """Each router instance has its own Healer; the log they share makes one reload of a death."""
     reloads: list[str] = []
-    instances = [Healer(5.0, ReloadLog(tmp_path), trip=lambda model, why: None, reload=reloads.append,
-                        clock=lambda: 10.0) for _ in range(2)]
+    instances = [
+        Healer(5.0, ReloadLog(tmp_path), trip=lambda model, why: None, reload=reloads.append, clock=lambda: 10.0)
+        for _ in range(2)
+    ]
     assert instances[0].model_down("digits_light:1", DEAD, sent_at=9.0)
     assert not instances[1].model_down("digits_light:1", DEAD, sent_at=9.5), "stale for the second instance"
     assert reloads == ["digits_light"]

@@ -11,9 +11,19 @@ import pytest
 from tierserve.manifest import Manifest, ManifestError
 
 EXAMPLE = Manifest(
-    model="digits_light", version=1, runtime="onnxruntime", artifact="model.onnx", artifact_sha256="ab" * 32,
-    accepts_missing=False, seed=0, recipe={"trainer": "distilled_logistic"}, split={"seed": 1},
-    test_accuracy=0.96, ops_per_sample=640, us_per_sample=0.5, libraries={"numpy": "1.26.4"},
+    model="digits_light",
+    version=1,
+    runtime="onnxruntime",
+    artifact="model.onnx",
+    artifact_sha256="ab" * 32,
+    accepts_missing=False,
+    seed=0,
+    recipe={"trainer": "distilled_logistic"},
+    split={"seed": 1},
+    test_accuracy=0.96,
+    ops_per_sample=640,
+    us_per_sample=0.5,
+    libraries={"numpy": "1.26.4"},
 )
 
 

@@ -51,8 +51,9 @@ def test_every_model_has_a_version_folder_that_git_can_keep():
         versions = [v for v in config.parent.iterdir() if v.is_dir() and v.name.isdigit()]
         assert versions, f"{config.parent.name} has no version folder"
         for version in versions:
-            assert any(p.name != "__pycache__" for p in version.iterdir()), \
+            assert any(p.name != "__pycache__" for p in version.iterdir()), (
                 f"{version} is empty: git will not keep it (add a .gitkeep)"
+            )
 
 
 def test_lanes_serve_built_models_with_the_same_contract():
@@ -63,10 +64,12 @@ def test_lanes_serve_built_models_with_the_same_contract():
         lane = _config(path.parent.name)
         served = _config(lane.parameters["serves"].string_value)
         assert served.name in MODELS
-        assert [(t.name, t.data_type, list(t.dims)) for t in lane.input] == \
-            [(t.name, t.data_type, list(t.dims)) for t in served.input]
-        assert [(t.name, t.data_type, list(t.dims)) for t in lane.output] == \
-            [(t.name, t.data_type, list(t.dims)) for t in served.output]
+        assert [(t.name, t.data_type, list(t.dims)) for t in lane.input] == [
+            (t.name, t.data_type, list(t.dims)) for t in served.input
+        ]
+        assert [(t.name, t.data_type, list(t.dims)) for t in lane.output] == [
+            (t.name, t.data_type, list(t.dims)) for t in served.output
+        ]
         versions = sorted(int(v.name) for v in path.parent.iterdir() if v.is_dir() and v.name.isdigit())
         built = sorted(spec.version for spec in MODEL_SPECS if spec.model == served.name)
         assert set(versions) <= set(built)

@@ -14,8 +14,10 @@ def test_a_clean_batch_has_no_problem():
 
 @pytest.mark.parametrize("shape", [(2, 8, 7), (2, 64), (2, 8, 8, 1)])
 def test_wrong_shape_is_named(shape):
-    assert pixel_problem(np.zeros(shape, np.float32), accepts_missing=True) == \
-        f"PIXELS must have shape [N, 8, 8], got {list(shape)}"
+    assert (
+        pixel_problem(np.zeros(shape, np.float32), accepts_missing=True)
+        == f"PIXELS must have shape [N, 8, 8], got {list(shape)}"
+    )
 
 
 @pytest.mark.parametrize("value", [np.inf, -np.inf])

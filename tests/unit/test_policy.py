@@ -15,17 +15,36 @@ from tierserve.tools.paths import DEFAULT_REPOSITORY
 
 VALID = {
     "models": ["digits_light:1", "digits_heavy:2", "digits_rules:1"],
-    "rules": [{"name": "noise", "when": {"ood_score": "> 2", "tier": ["standard", "best_effort"]},
-               "route": "digits_rules:1", "confidence_cap": 0.3}],
-    "cascade": {"first": "digits_light:1", "escalate_to": "digits_heavy:2", "escalate_when": "threshold",
-                "thresholds": {"critical": 0.99, "standard": 0.9, "best_effort": 0.6}},
+    "rules": [
+        {
+            "name": "noise",
+            "when": {"ood_score": "> 2", "tier": ["standard", "best_effort"]},
+            "route": "digits_rules:1",
+            "confidence_cap": 0.3,
+        }
+    ],
+    "cascade": {
+        "first": "digits_light:1",
+        "escalate_to": "digits_heavy:2",
+        "escalate_when": "threshold",
+        "thresholds": {"critical": 0.99, "standard": 0.9, "best_effort": 0.6},
+    },
     "fallback": "digits_rules:1",
 }
 
 
 def _signature(**changes) -> Signature:
-    fields = dict(height=8, width=8, missing_fraction=0.0, out_of_range_fraction=0.0, sparsity=0.5,
-                  ood_score=0.5, tier="standard", user_id="", deadline_ms=None)
+    fields = dict(
+        height=8,
+        width=8,
+        missing_fraction=0.0,
+        out_of_range_fraction=0.0,
+        sparsity=0.5,
+        ood_score=0.5,
+        tier="standard",
+        user_id="",
+        deadline_ms=None,
+    )
     return Signature(**{**fields, **changes})
 
 
@@ -46,8 +65,7 @@ def _with(path: str, value) -> dict:
 def test_the_shipped_policy_loads():
     policy = Policy.load(DEFAULT_REPOSITORY / "router" / POLICY_FILE)
     assert policy.fallback in policy.models
-    assert [rule.name for rule in policy.rules][:3] == ["out_of_distribution", "values_out_of_range",
-                                                         "missing_pixels"]
+    assert [rule.name for rule in policy.rules][:3] == ["out_of_distribution", "values_out_of_range", "missing_pixels"]
 
 
 def test_conditions_compare_numbers_and_match_text():
@@ -64,46 +82,61 @@ def test_a_condition_on_an_absent_deadline_does_not_hold():
     assert policy.rules[0].matches(_signature(deadline_ms=3))
 
 
-@pytest.mark.parametrize(("path", "value", "message"), [
-    ("models", "digits_light:1", "models: expected a non-empty list"),
-    ("models", ["digits_light"], "models[0]: expected 'model:version', got 'digits_light'"),
-    ("rules.0.route", "digits_heavy:1", "rules[0].route: 'digits_heavy:1' is not listed under models"),
-    ("rules.0.when", {"ood_scor": "> 2"}, "rules[0].when.ood_scor: unknown key"),
-    ("rules.0.when", {"ood_score": "big"}, "rules[0].when.ood_score: expected a comparison such as '> 0.5'"),
-    ("rules.0.when", {"tier": "gold"}, "rules[0].when.tier: unknown tier 'gold'"),
-    ("rules.0.when", {}, "rules[0].when: a rule needs at least one condition"),
-    ("rules.0.confidence_cap", 3, "rules[0].confidence_cap: expected a number from 0 to 1, got 3"),
-    ("rules.0.colour", "red", "rules[0].colour: unknown key"),
-    ("rules.0.name", ..., "rules[0].name: required key is missing"),
-    ("cascade.thresholds", {"critical": 0.9, "standard": 0.8},
-     "cascade.thresholds.best_effort: required key is missing"),
-    ("cascade.thresholds.standard", "high", "cascade.thresholds.standard: expected a number from 0 to 1"),
-    ("cascade.escalate_when", "sometimes", "cascade.escalate_when: expected one of threshold, learned, either"),
-    ("cascade.escalate_when", "either", "cascade.learned_router: required when escalate_when is 'either'"),
-    ("cascade.first", "digits_missing:1", "cascade.first: 'digits_missing:1' is not listed under models"),
-    ("fallback", ..., "policy.fallback: required key is missing"),
-    ("default_tier", "gold", "default_tier: unknown tier 'gold'"),
-    ("fallbacks", {"digits_heavy:1": []}, "fallbacks.digits_heavy:1: unknown key"),
-    ("fallbacks", {"digits_light:1": "digits_rules:1"}, "fallbacks.digits_light:1: expected a list of models"),
-    ("fallbacks", {"digits_light:1": ["nope:1"]}, "fallbacks.digits_light:1[0]: 'nope:1' is not listed"),
-    ("circuit_breaker", {"consecutive_errorz": 3}, "circuit_breaker.consecutive_errorz: unknown key"),
-    ("circuit_breaker", {"consecutive_errors": 0}, "circuit_breaker.consecutive_errors: expected a whole number"),
-    ("circuit_breaker", {"failure_percentage_threshold": 150},
-     "circuit_breaker.failure_percentage_threshold: expected a percentage"),
-    ("circuit_breaker", {"base_ejection_time_s": -1}, "circuit_breaker.base_ejection_time_s: expected a positive"),
-    ("call_timeout_ms", 0, "call_timeout_ms: expected a positive number, got 0"),
-    ("self_healing", {"reload_min_interval_s": "often"}, "self_healing.reload_min_interval_s: expected a positive"),
-    ("tiers", {"gold": {"slo_ms": 1, "slo_target": 0.9}}, "tiers.gold: unknown key"),
-    ("tiers", {"critical": {"slo_ms": 0, "slo_target": 0.9}}, "tiers.critical.slo_ms: expected a positive number"),
-    ("tiers", {"critical": {"slo_ms": 50}}, "tiers.critical.slo_target: required key is missing"),
-    ("lanes", {"gold": {}}, "lanes.gold: unknown key"),
-    ("lanes", {"critical": {"digits_heavy:1": "x:1"}}, "lanes.critical.digits_heavy:1: unknown key"),
-    ("lanes", {"critical": {"digits_light:1": "digits_heavy:2"}},
-     "lanes.critical.digits_light:1: expected a lane 'model:version' not listed under models"),
-    ("load_shedding", {"shed_best_effort_at_ms": -1}, "load_shedding.shed_best_effort_at_ms: expected a positive"),
-    ("load_shedding", {"shed_best_effort_at_ms": 90, "shed_standard_at_ms": 80},
-     "load_shedding: expected degrade_best_effort_at_ms <= shed_best_effort_at_ms <= shed_standard_at_ms"),
-])
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("models", "digits_light:1", "models: expected a non-empty list"),
+        ("models", ["digits_light"], "models[0]: expected 'model:version', got 'digits_light'"),
+        ("rules.0.route", "digits_heavy:1", "rules[0].route: 'digits_heavy:1' is not listed under models"),
+        ("rules.0.when", {"ood_scor": "> 2"}, "rules[0].when.ood_scor: unknown key"),
+        ("rules.0.when", {"ood_score": "big"}, "rules[0].when.ood_score: expected a comparison such as '> 0.5'"),
+        ("rules.0.when", {"tier": "gold"}, "rules[0].when.tier: unknown tier 'gold'"),
+        ("rules.0.when", {}, "rules[0].when: a rule needs at least one condition"),
+        ("rules.0.confidence_cap", 3, "rules[0].confidence_cap: expected a number from 0 to 1, got 3"),
+        ("rules.0.colour", "red", "rules[0].colour: unknown key"),
+        ("rules.0.name", ..., "rules[0].name: required key is missing"),
+        (
+            "cascade.thresholds",
+            {"critical": 0.9, "standard": 0.8},
+            "cascade.thresholds.best_effort: required key is missing",
+        ),
+        ("cascade.thresholds.standard", "high", "cascade.thresholds.standard: expected a number from 0 to 1"),
+        ("cascade.escalate_when", "sometimes", "cascade.escalate_when: expected one of threshold, learned, either"),
+        ("cascade.escalate_when", "either", "cascade.learned_router: required when escalate_when is 'either'"),
+        ("cascade.first", "digits_missing:1", "cascade.first: 'digits_missing:1' is not listed under models"),
+        ("fallback", ..., "policy.fallback: required key is missing"),
+        ("default_tier", "gold", "default_tier: unknown tier 'gold'"),
+        ("fallbacks", {"digits_heavy:1": []}, "fallbacks.digits_heavy:1: unknown key"),
+        ("fallbacks", {"digits_light:1": "digits_rules:1"}, "fallbacks.digits_light:1: expected a list of models"),
+        ("fallbacks", {"digits_light:1": ["nope:1"]}, "fallbacks.digits_light:1[0]: 'nope:1' is not listed"),
+        ("circuit_breaker", {"consecutive_errorz": 3}, "circuit_breaker.consecutive_errorz: unknown key"),
+        ("circuit_breaker", {"consecutive_errors": 0}, "circuit_breaker.consecutive_errors: expected a whole number"),
+        (
+            "circuit_breaker",
+            {"failure_percentage_threshold": 150},
+            "circuit_breaker.failure_percentage_threshold: expected a percentage",
+        ),
+        ("circuit_breaker", {"base_ejection_time_s": -1}, "circuit_breaker.base_ejection_time_s: expected a positive"),
+        ("call_timeout_ms", 0, "call_timeout_ms: expected a positive number, got 0"),
+        ("self_healing", {"reload_min_interval_s": "often"}, "self_healing.reload_min_interval_s: expected a positive"),
+        ("tiers", {"gold": {"slo_ms": 1, "slo_target": 0.9}}, "tiers.gold: unknown key"),
+        ("tiers", {"critical": {"slo_ms": 0, "slo_target": 0.9}}, "tiers.critical.slo_ms: expected a positive number"),
+        ("tiers", {"critical": {"slo_ms": 50}}, "tiers.critical.slo_target: required key is missing"),
+        ("lanes", {"gold": {}}, "lanes.gold: unknown key"),
+        ("lanes", {"critical": {"digits_heavy:1": "x:1"}}, "lanes.critical.digits_heavy:1: unknown key"),
+        (
+            "lanes",
+            {"critical": {"digits_light:1": "digits_heavy:2"}},
+            "lanes.critical.digits_light:1: expected a lane 'model:version' not listed under models",
+        ),
+        ("load_shedding", {"shed_best_effort_at_ms": -1}, "load_shedding.shed_best_effort_at_ms: expected a positive"),
+        (
+            "load_shedding",
+            {"shed_best_effort_at_ms": 90, "shed_standard_at_ms": 80},
+            "load_shedding: expected degrade_best_effort_at_ms <= shed_best_effort_at_ms <= shed_standard_at_ms",
+        ),
+    ],
+)
 def test_every_mistake_is_named_by_its_key(path: str, value, message: str):
     with pytest.raises(PolicyError) as caught:
         parse_policy(_with(path, value))
@@ -128,18 +161,25 @@ def test_load_names_the_file(tmp_path: Path):
 
 
 def test_a_chain_lists_the_route_fallbacks_then_the_safe_default():
-    policy = parse_policy(_with("fallbacks", {"digits_heavy:2": ["digits_light:1", "digits_rules:1"],
-                                              "digits_light:1": ["digits_light:1"]}))
+    policy = parse_policy(
+        _with(
+            "fallbacks", {"digits_heavy:2": ["digits_light:1", "digits_rules:1"], "digits_light:1": ["digits_light:1"]}
+        )
+    )
     assert policy.chain("digits_heavy:2") == ("digits_light:1", "digits_rules:1")
     assert policy.chain("digits_light:1") == ("digits_rules:1",), "a route is never its own fallback"
     assert policy.chain("digits_rules:1") == ("digits_rules:1",)
 
 
 def test_breaker_settings_are_read_with_envoy_names():
-    policy = parse_policy(_with("circuit_breaker", {"consecutive_errors": 4, "base_ejection_time_s": 3,
-                                                    "latency_threshold_ms": 200}))
-    assert (policy.breaker.consecutive_errors, policy.breaker.base_ejection_time_s,
-            policy.breaker.latency_threshold_ms) == (4, 3.0, 200.0)
+    policy = parse_policy(
+        _with("circuit_breaker", {"consecutive_errors": 4, "base_ejection_time_s": 3, "latency_threshold_ms": 200})
+    )
+    assert (
+        policy.breaker.consecutive_errors,
+        policy.breaker.base_ejection_time_s,
+        policy.breaker.latency_threshold_ms,
+    ) == (4, 3.0, 200.0)
 
 
 def test_tiers_default_and_override():

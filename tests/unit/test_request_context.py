@@ -24,26 +24,36 @@ def test_the_forwarded_tier_key_is_not_an_unknown_parameter():
         assert parse_context({"tier": "critical", name: "k"}, "standard") == RequestContext("critical", "", None)
 
 
-@pytest.mark.parametrize(("parameters", "message"), [
-    ({"tier": "gold"}, "parameter 'tier' must be one of critical, standard, best_effort, got 'gold'"),
-    ({"deadline_ms": "soon"}, "parameter 'deadline_ms' must be a positive integer, got 'soon'"),
-    ({"deadline_ms": 0}, "parameter 'deadline_ms' must be a positive integer up to 3600000, got 0"),
-    ({"deadline_ms": -5}, "parameter 'deadline_ms' must be a positive integer up to 3600000, got -5"),
-    ({"deadline_ms": "²"}, "parameter 'deadline_ms' must be a positive integer, got '²'"),
-    ({"deadline_ms": "٣"}, "parameter 'deadline_ms' must be a positive integer, got '٣'"),
-    ({"deadline_ms": "99999999999999999999"}, "parameter 'deadline_ms' must be a positive integer, "
-                                              "got '99999999999999999999'"),
-    ({"deadline_ms": 10**30}, "parameter 'deadline_ms' must be a positive integer up to 3600000, "
-                              "got 1000000000000000000000000000000"),
-    ({"tier": ["critical"]}, "parameter 'tier' must be one of critical, standard, best_effort, got ['critical']"),
-    ({"user_id": "u" * 300}, "parameter 'user_id' must be at most 256 characters, got 300"),
-    ({"tier": "x" * 10_000}, "parameter 'tier' must be one of critical, standard, best_effort, "
-                             "got 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (10002 chars)"),
-    ({"deadline_ms": 2.5}, "parameter 'deadline_ms' must be a positive integer, got 2.5"),
-    ({"deadline_ms": True}, "parameter 'deadline_ms' must be a positive integer, got True"),
-    ({"user_id": 42}, "parameter 'user_id' must be a string, got 42"),
-    ({"model": "digits_heavy"}, "unknown parameter 'model'; digits accepts tier, user_id, deadline_ms"),
-])
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"tier": "gold"}, "parameter 'tier' must be one of critical, standard, best_effort, got 'gold'"),
+        ({"deadline_ms": "soon"}, "parameter 'deadline_ms' must be a positive integer, got 'soon'"),
+        ({"deadline_ms": 0}, "parameter 'deadline_ms' must be a positive integer up to 3600000, got 0"),
+        ({"deadline_ms": -5}, "parameter 'deadline_ms' must be a positive integer up to 3600000, got -5"),
+        ({"deadline_ms": "²"}, "parameter 'deadline_ms' must be a positive integer, got '²'"),
+        ({"deadline_ms": "٣"}, "parameter 'deadline_ms' must be a positive integer, got '٣'"),
+        (
+            {"deadline_ms": "99999999999999999999"},
+            "parameter 'deadline_ms' must be a positive integer, got '99999999999999999999'",
+        ),
+        (
+            {"deadline_ms": 10**30},
+            "parameter 'deadline_ms' must be a positive integer up to 3600000, got 1000000000000000000000000000000",
+        ),
+        ({"tier": ["critical"]}, "parameter 'tier' must be one of critical, standard, best_effort, got ['critical']"),
+        ({"user_id": "u" * 300}, "parameter 'user_id' must be at most 256 characters, got 300"),
+        (
+            {"tier": "x" * 10_000},
+            "parameter 'tier' must be one of critical, standard, best_effort, "
+            "got 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (10002 chars)",
+        ),
+        ({"deadline_ms": 2.5}, "parameter 'deadline_ms' must be a positive integer, got 2.5"),
+        ({"deadline_ms": True}, "parameter 'deadline_ms' must be a positive integer, got True"),
+        ({"user_id": 42}, "parameter 'user_id' must be a string, got 42"),
+        ({"model": "digits_heavy"}, "unknown parameter 'model'; digits accepts tier, user_id, deadline_ms"),
+    ],
+)
 def test_bad_parameters_are_named(parameters, message):
     with pytest.raises(ParameterError) as caught:
         parse_context(parameters, "standard")

@@ -45,13 +45,16 @@ def test_missing_pixels_are_left_out_and_stay_missing_only_when_all_are_missing(
     assert np.isnan(native).sum() == 1
 
 
-@pytest.mark.parametrize(("shape", "problem"), [
-    ((1, 3, 8), "PIXELS images must be 4x4 to 64x64, got 3x8"),
-    ((1, 8, 65), "PIXELS images must be 4x4 to 64x64, got 8x65"),
-    ((1, 64), "PIXELS must have shape [N, H, W], got [1, 64]"),
-    ((0, 8, 8), "PIXELS must hold 1 to 64 images, got 0"),
-    ((65, 8, 8), "PIXELS must hold 1 to 64 images, got 65"),
-])
+@pytest.mark.parametrize(
+    ("shape", "problem"),
+    [
+        ((1, 3, 8), "PIXELS images must be 4x4 to 64x64, got 3x8"),
+        ((1, 8, 65), "PIXELS images must be 4x4 to 64x64, got 8x65"),
+        ((1, 64), "PIXELS must have shape [N, H, W], got [1, 64]"),
+        ((0, 8, 8), "PIXELS must hold 1 to 64 images, got 0"),
+        ((65, 8, 8), "PIXELS must hold 1 to 64 images, got 65"),
+    ],
+)
 def test_unusable_sizes_are_named(shape, problem):
     assert size_problem(shape) == problem
 
@@ -62,7 +65,7 @@ def test_usable_sizes_have_no_problem():
 
 def test_source_stats_describe_the_image_as_sent():
     images = np.zeros((2, 16, 32), np.float32)
-    images[0, 0, :64 // 2] = np.nan  # 32 of 512 pixels missing
+    images[0, 0, : 64 // 2] = np.nan  # 32 of 512 pixels missing
     images[1, 0, :48] = 40.0  # not missing: out of range, only the first 32 fit in row 0
     stats = source_stats(images)
     np.testing.assert_allclose(stats[0], [16, 32, 32 / 512, 0.0])

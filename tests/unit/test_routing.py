@@ -20,16 +20,29 @@ POLICY = {
         {"name": "missing", "when": {"missing_fraction": "> 0"}, "route": "missing:1"},
         {"name": "hurry", "when": {"deadline_ms": "< 5"}, "route": "light:1"},
     ],
-    "cascade": {"first": "light:1", "escalate_to": "heavy:1", "escalate_when": "threshold",
-                "thresholds": {"critical": 0.95, "standard": 0.8, "best_effort": 0.5}},
+    "cascade": {
+        "first": "light:1",
+        "escalate_to": "heavy:1",
+        "escalate_when": "threshold",
+        "thresholds": {"critical": 0.95, "standard": 0.8, "best_effort": 0.5},
+    },
     "fallback": "rules:1",
 }
 ACCEPTS_MISSING = {"light:1": False, "heavy:1": False, "missing:1": True, "rules:1": True}
 
 
 def _signature(**changes) -> Signature:
-    fields = dict(height=8, width=8, missing_fraction=0.0, out_of_range_fraction=0.0, sparsity=0.5,
-                  ood_score=0.5, tier="standard", user_id="", deadline_ms=None)
+    fields = dict(
+        height=8,
+        width=8,
+        missing_fraction=0.0,
+        out_of_range_fraction=0.0,
+        sparsity=0.5,
+        ood_score=0.5,
+        tier="standard",
+        user_id="",
+        deadline_ms=None,
+    )
     return Signature(**{**fields, **changes})
 
 
@@ -51,16 +64,21 @@ class FakeModels:
     """Each image's pixel [0, 0] holds the light models' confidence; other models answer confidently.
     The label is the row's pixel [0, 1]. Records every call."""
 
-    def __init__(self, failing: frozenset[str] = frozenset(), latency_s: Mapping[str, float] | None = None,
-                 clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        failing: frozenset[str] = frozenset(),
+        latency_s: Mapping[str, float] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.calls: list[tuple[str, int, dict[str, str]]] = []
         self.timeouts: list[float] = []
         self.failing = failing
         self.latency_s = latency_s or {}
         self.clock = clock
 
-    async def __call__(self, model: str, images: np.ndarray, parameters: Mapping[str, str], *,
-                       timeout_s: float) -> np.ndarray:
+    async def __call__(
+        self, model: str, images: np.ndarray, parameters: Mapping[str, str], *, timeout_s: float
+    ) -> np.ndarray:
         self.calls.append((model, len(images), dict(parameters)))
         self.timeouts.append(timeout_s)
         latency = self.latency_s.get(model, 0.0)
@@ -96,7 +114,11 @@ def test_the_cascade_escalates_exactly_below_the_tier_threshold(router: Router):
     tiers = ["standard", "standard", "critical", "critical"]
     answers = _route(router, images, [_signature(tier=t) for t in tiers], models)
     assert [a.path for a in answers] == [
-        "light:1 low_confidence>heavy:1 ok", "light:1 ok", "light:1 low_confidence>heavy:1 ok", "light:1 ok"]
+        "light:1 low_confidence>heavy:1 ok",
+        "light:1 ok",
+        "light:1 low_confidence>heavy:1 ok",
+        "light:1 ok",
+    ]
     assert [a.route for a in answers] == ["heavy:1", "light:1", "heavy:1", "light:1"]
     assert "confidence 0.79 < 0.80 (standard threshold)" in answers[0].reason
     assert "confidence 0.96 >= 0.95 (critical threshold)" in answers[3].reason
@@ -105,15 +127,23 @@ def test_the_cascade_escalates_exactly_below_the_tier_threshold(router: Router):
 
 def test_rules_fire_in_order_and_rows_come_back_in_order(router: Router):
     models = FakeModels()
-    signatures = [_signature(ood_score=3.0), _signature(missing_fraction=0.2), _signature(deadline_ms=2),
-                  _signature(ood_score=3.0, missing_fraction=0.2), _signature()]
+    signatures = [
+        _signature(ood_score=3.0),
+        _signature(missing_fraction=0.2),
+        _signature(deadline_ms=2),
+        _signature(ood_score=3.0, missing_fraction=0.2),
+        _signature(),
+    ]
     answers = _route(router, _images(0.9, 0.9, 0.3, 0.9, 0.9), signatures, models)
     assert [a.route for a in answers] == ["rules:1", "missing:1", "light:1", "rules:1", "light:1"]
     assert answers[0].reason.startswith("rule noise (ood_score=3.00 > 2)")
     assert answers[2].path == "light:1 ok", "a rule's route is final: no escalation despite 0.3 confidence"
     assert [a.probs.argmax() for a in answers] == [0, 1, 2, 3, 4]
     assert sorted((model, rows) for model, rows, _ in models.calls) == [
-        ("light:1", 2), ("missing:1", 1), ("rules:1", 2)], "one call per model, concurrently, in one round"
+        ("light:1", 2),
+        ("missing:1", 1),
+        ("rules:1", 2),
+    ], "one call per model, concurrently, in one round"
 
 
 def test_a_rule_cap_limits_confidence_but_not_the_probabilities(router: Router):
@@ -147,8 +177,9 @@ def test_a_row_no_model_could_answer_is_an_error(router: Router):
 
 
 def test_the_learned_router_can_escalate_a_confident_row():
-    policy = dict(POLICY, cascade=dict(POLICY["cascade"], escalate_when="either",
-                                       learned_router={"escalate_above": 0.5}))
+    policy = dict(
+        POLICY, cascade=dict(POLICY["cascade"], escalate_when="either", learned_router={"escalate_above": 0.5})
+    )
     # a learned router that distrusts sparse images: weight only on sparsity
     coef = [0.0] * len(FEATURES)
     coef[FEATURES.index("sparsity")] = 10.0
@@ -160,8 +191,11 @@ def test_the_learned_router_can_escalate_a_confident_row():
 
 
 def test_merged_parameters_take_the_most_urgent_tier_and_the_tightest_deadline():
-    rows = [_signature(tier="best_effort", user_id="a", deadline_ms=50),
-            _signature(tier="critical", user_id="a", deadline_ms=20), _signature(tier="standard", user_id="a")]
+    rows = [
+        _signature(tier="best_effort", user_id="a", deadline_ms=50),
+        _signature(tier="critical", user_id="a", deadline_ms=20),
+        _signature(tier="standard", user_id="a"),
+    ]
     assert merged_parameters(rows) == {"tier": "critical", "deadline_ms": "20", "user_id": "a"}
     assert merged_parameters([_signature(user_id="a"), _signature(user_id="b")]) == {"tier": "standard"}
 
@@ -179,9 +213,12 @@ def test_a_router_refuses_a_policy_it_cannot_serve():
         Router(parse_policy(POLICY), dict(ACCEPTS_MISSING, **{"rules:1": False}), learned=None)
 
 
-CHAINED = dict(POLICY, fallbacks={"light:1": ["heavy:1"], "heavy:1": ["light:1"]},
-               circuit_breaker={"consecutive_errors": 2, "base_ejection_time_s": 1.0},
-               call_timeout_ms=500)
+CHAINED = dict(
+    POLICY,
+    fallbacks={"light:1": ["heavy:1"], "heavy:1": ["light:1"]},
+    circuit_breaker={"consecutive_errors": 2, "base_ejection_time_s": 1.0},
+    call_timeout_ms=500,
+)
 
 
 def _chained_router(clock: Clock) -> Router:
@@ -190,16 +227,21 @@ def _chained_router(clock: Clock) -> Router:
 
 def test_a_failed_route_moves_down_its_chain():
     clock = Clock()
-    (answer,) = _route(_chained_router(clock), _images(0.9), [_signature()],
-                       FakeModels(failing=frozenset({"light:1"}), clock=clock))
+    (answer,) = _route(
+        _chained_router(clock), _images(0.9), [_signature()], FakeModels(failing=frozenset({"light:1"}), clock=clock)
+    )
     assert answer.path == "light:1 error>heavy:1 ok"
     assert answer.route == "heavy:1" and "fell back to heavy:1" in answer.reason
 
 
 def test_the_whole_chain_failing_ends_at_the_fallback():
     clock = Clock()
-    (answer,) = _route(_chained_router(clock), _images(0.9), [_signature()],
-                       FakeModels(failing=frozenset({"light:1", "heavy:1"}), clock=clock))
+    (answer,) = _route(
+        _chained_router(clock),
+        _images(0.9),
+        [_signature()],
+        FakeModels(failing=frozenset({"light:1", "heavy:1"}), clock=clock),
+    )
     assert answer.path == "light:1 error>heavy:1 error>rules:1 ok"
 
 
@@ -254,8 +296,12 @@ def test_without_a_deadline_the_tier_slo_is_the_deadline():
 
 def test_the_call_timeout_bounds_calls_under_a_longer_budget():
     clock = Clock()
-    router = Router(parse_policy(dict(CHAINED, tiers={"standard": {"slo_ms": 5000, "slo_target": 0.99}})),
-                    ACCEPTS_MISSING, learned=None, clock=clock)
+    router = Router(
+        parse_policy(dict(CHAINED, tiers={"standard": {"slo_ms": 5000, "slo_target": 0.99}})),
+        ACCEPTS_MISSING,
+        learned=None,
+        clock=clock,
+    )
     models = FakeModels(latency_s={"light:1": 0.8}, clock=clock)
     (answer,) = _route(router, _images(0.9), [_signature()], models)
     assert models.timeouts[:2] == [0.5, 0.5]
@@ -284,8 +330,10 @@ def test_an_escalation_that_would_not_fit_the_budget_is_skipped():
 
 def test_under_load_best_effort_is_degraded_then_shed_before_standard_and_critical_never():
     clock = Clock()
-    policy = dict(CHAINED, load_shedding={"degrade_best_effort_at_ms": 10, "shed_best_effort_at_ms": 25,
-                                          "shed_standard_at_ms": 60})
+    policy = dict(
+        CHAINED,
+        load_shedding={"degrade_best_effort_at_ms": 10, "shed_best_effort_at_ms": 25, "shed_standard_at_ms": 60},
+    )
     router = Router(parse_policy(policy), ACCEPTS_MISSING, learned=None, clock=clock)
     tiers = ["critical", "standard", "best_effort", "best_effort"]
     signatures = [_signature(tier=t) for t in tiers]
@@ -293,8 +341,9 @@ def test_under_load_best_effort_is_degraded_then_shed_before_standard_and_critic
     def batch(*waits_ms: float):
         waits = waits_ms if len(waits_ms) == 4 else waits_ms * 4
         router.load.observe(max(waits))
-        return asyncio.run(router.route(_images(0.3, 0.3, 0.3, 0.3), signatures, FakeModels(clock=clock),
-                                        waits_ms=waits))
+        return asyncio.run(
+            router.route(_images(0.3, 0.3, 0.3, 0.3), signatures, FakeModels(clock=clock), waits_ms=waits)
+        )
 
     answers = batch(40.0)  # the gauge: 12 ms, just past the degrade threshold
     assert router.load.wait_ms == pytest.approx(12.0)
@@ -316,8 +365,9 @@ def test_under_load_best_effort_is_degraded_then_shed_before_standard_and_critic
     answers = batch(200.0)
     assert [type(a).__name__ for a in answers] == ["Answer", "Shed", "Shed", "Shed"]
     answers = batch(0.0, 0.0, 30.0, 0.0)
-    assert [type(a).__name__ for a in answers] == ["Answer", "Answer", "Shed", "Answer"], \
+    assert [type(a).__name__ for a in answers] == ["Answer", "Answer", "Shed", "Answer"], (
         "a request that did not wait is served, however loaded the router"
+    )
     assert answers[3].outcome == "direct"
     while router.load.wait_ms > 1:  # steady traffic that does not wait
         clock.now += 0.005
@@ -332,12 +382,19 @@ def test_critical_rows_go_to_their_lanes_and_other_tiers_share_the_models():
     policy = dict(CHAINED, lanes={"critical": {"light:1": "light_critical:1", "heavy:1": "heavy_critical:1"}})
     router = Router(parse_policy(policy), ACCEPTS_MISSING, learned=None, clock=clock)
     models = FakeModels(clock=clock)
-    answers = _route(router, _images(0.99, 0.99, 0.5), [_signature(tier="critical"), _signature(tier="standard"),
-                                                        _signature(tier="critical")], models)
+    answers = _route(
+        router,
+        _images(0.99, 0.99, 0.5),
+        [_signature(tier="critical"), _signature(tier="standard"), _signature(tier="critical")],
+        models,
+    )
     assert [a.route for a in answers] == ["light_critical:1", "light:1", "heavy_critical:1"]
     assert answers[2].path == "light_critical:1 low_confidence>heavy_critical:1 ok"
     assert sorted((model, rows) for model, rows, _ in models.calls) == [
-        ("heavy_critical:1", 1), ("light:1", 1), ("light_critical:1", 2)]
+        ("heavy_critical:1", 1),
+        ("light:1", 1),
+        ("light_critical:1", 2),
+    ]
     assert set(router.breakers) >= {"light_critical:1", "heavy_critical:1"}
 
 

@@ -15,7 +15,7 @@ from tierserve.runners import CentroidRunner, OnnxRunner, runner_for
 def _centroid_runner() -> CentroidRunner:
     centroids = np.zeros((10, 64), np.float32)
     for k in range(10):
-        centroids[k, k * 6:(k + 1) * 6] = 16.0  # each class lights up its own strip of pixels
+        centroids[k, k * 6 : (k + 1) * 6] = 16.0  # each class lights up its own strip of pixels
     return CentroidRunner(centroids, temperature=4.0)
 
 
@@ -64,8 +64,10 @@ def test_centroid_runner_rejects_centroids_of_the_wrong_shape():
 def _softmax_onnx(path: Path, weights: np.ndarray) -> None:
     """pixels [N, 64] @ weights [64, 10] -> Softmax, named as the runner convention wants."""
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["pixels", "W"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
+        [
+            helper.make_node("MatMul", ["pixels", "W"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
         "softmax_regression",
         [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [None, 64])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 10])],

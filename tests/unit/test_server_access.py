@@ -22,8 +22,14 @@ from tierserve.tools.server import (
 
 
 def _server(tmp_path: Path, **options: object) -> TritonServer:
-    return TritonServer(tmp_path / "repository", Ports(8000, 8001, 8002), tmp_path / "work", admin_key="k",
-                        tritonserver=Path("/opt/tritonserver/bin/tritonserver"), **options)
+    return TritonServer(
+        tmp_path / "repository",
+        Ports(8000, 8001, 8002),
+        tmp_path / "work",
+        admin_key="k",
+        tritonserver=Path("/opt/tritonserver/bin/tritonserver"),
+        **options,
+    )
 
 
 def test_every_state_changing_api_needs_the_admin_key_over_both_protocols(tmp_path: Path):
@@ -37,12 +43,14 @@ def test_every_state_changing_api_needs_the_admin_key_over_both_protocols(tmp_pa
 
 def test_the_server_binds_loopback_unless_told_otherwise(tmp_path: Path):
     default = _server(tmp_path)
-    assert {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"} <= \
-        set(default.command())
+    assert {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"} <= set(
+        default.command()
+    )
     assert (default.http_url, default.grpc_url) == ("127.0.0.1:8000", "127.0.0.1:8001")
     everywhere = _server(tmp_path, address="0.0.0.0")
-    assert {"--http-address=0.0.0.0", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0"} <= \
-        set(everywhere.command())
+    assert {"--http-address=0.0.0.0", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0"} <= set(
+        everywhere.command()
+    )
     assert everywhere.metrics_url == "http://127.0.0.1:8002/metrics", "clients on this machine use loopback"
     assert connect_host("192.0.2.7") == "192.0.2.7"
     with pytest.raises(ValueError):
@@ -62,14 +70,17 @@ def test_a_server_without_an_operators_keys_file_makes_its_own_key(tmp_path: Pat
     assert operator.tier_key is None and operator.tier_keys == tmp_path / "operator.json"
 
 
-@pytest.mark.parametrize(("options", "hidden"), [
-    ("rw,nosuid,nodev,noexec,relatime", False),
-    ("rw,relatime,hidepid=0", False),
-    ("rw,relatime,hidepid=off", False),
-    ("rw,relatime,hidepid=2", True),
-    ("rw,relatime,hidepid=invisible", True),
-    ("rw,relatime,hidepid=1", True),
-])
+@pytest.mark.parametrize(
+    ("options", "hidden"),
+    [
+        ("rw,nosuid,nodev,noexec,relatime", False),
+        ("rw,relatime,hidepid=0", False),
+        ("rw,relatime,hidepid=off", False),
+        ("rw,relatime,hidepid=2", True),
+        ("rw,relatime,hidepid=invisible", True),
+        ("rw,relatime,hidepid=1", True),
+    ],
+)
 def test_hidepid_on_proc_is_recognised(tmp_path: Path, options: str, hidden: bool):
     mounts = tmp_path / "mounts"
     mounts.write_text(f"sysfs /sys sysfs rw 0 0\nproc /proc proc {options} 0 0\n")
@@ -87,8 +98,12 @@ def test_proc_net_addresses_are_decoded():
 def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """`tierserve serve`'s key files under tmp_path instead of the project's .tierserve."""
     runtime = tmp_path / ".tierserve"
-    for name, path in {"RUNTIME_DIR": runtime, "ADMIN_KEY_FILE": runtime / "admin_key",
-                       "TIER_KEYS_FILE": runtime / "tier_keys.json", "TIER_KEY_FILE": runtime / "tier_key"}.items():
+    for name, path in {
+        "RUNTIME_DIR": runtime,
+        "ADMIN_KEY_FILE": runtime / "admin_key",
+        "TIER_KEYS_FILE": runtime / "tier_keys.json",
+        "TIER_KEY_FILE": runtime / "tier_key",
+    }.items():
         monkeypatch.setattr(serve, name, path)
     monkeypatch.delenv("TIERSERVE_ADMIN_KEY", raising=False)
     monkeypatch.delenv("TIERSERVE_TIER_KEYS", raising=False)
@@ -118,8 +133,7 @@ def test_the_first_start_makes_a_local_critical_key_and_later_starts_keep_it(run
     assert (runtime_dir / "tier_key").read_text().strip() == key
 
 
-def test_an_operators_keys_file_is_used_as_it_is(runtime_dir: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch):
+def test_an_operators_keys_file_is_used_as_it_is(runtime_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     operator = tmp_path / "operator.json"
     with pytest.raises(TierKeyError, match="cannot be read"):
         serve._tier_keys(operator)

@@ -29,8 +29,9 @@ ALICE = "alice-secret-key"
 
 
 def _keys(on_missing: OnMissing = OnMissing.REFUSE) -> TierKeys:
-    return TierKeys((TierKey("alice-app", key_hash(ALICE), "critical"),
-                     TierKey("bob", key_hash("bob-key"), "standard")), on_missing)
+    return TierKeys(
+        (TierKey("alice-app", key_hash(ALICE), "critical"), TierKey("bob", key_hash("bob-key"), "standard")), on_missing
+    )
 
 
 def _mode(path: Path) -> int:
@@ -51,21 +52,25 @@ def test_critical_with_its_key_is_granted_and_names_the_key():
     assert verdict.message == "tier 'critical' granted to tier key 'alice-app'"
 
 
-@pytest.mark.parametrize(("key", "missing"), [
-    (None, "none was sent"),
-    ("", "none was sent"),
-    ("guessed", "the key sent is not a known tier key"),
-    ("x" * 10_000, "the key sent is not a known tier key"),
-    ("bob-key", "tier key 'bob' allows at most 'standard'"),
-])
-def test_critical_without_a_sufficient_key_is_refused_by_default_saying_what_is_missing(key: str | None,
-                                                                                        missing: str):
+@pytest.mark.parametrize(
+    ("key", "missing"),
+    [
+        (None, "none was sent"),
+        ("", "none was sent"),
+        ("guessed", "the key sent is not a known tier key"),
+        ("x" * 10_000, "the key sent is not a known tier key"),
+        ("bob-key", "tier key 'bob' allows at most 'standard'"),
+    ],
+)
+def test_critical_without_a_sufficient_key_is_refused_by_default_saying_what_is_missing(key: str | None, missing: str):
     verdict = _keys().verdict("critical", key)
     assert verdict.refused and verdict.tier is None and verdict.grant is Grant.REFUSED
     assert verdict.message.startswith(f"tier 'critical' needs a tier key (header {TIER_KEY_HEADER})")
     assert verdict.message.endswith(missing)
-    assert _keys().verdict("critical", None).message == \
-        "tier 'critical' needs a tier key (header tierserve-tier-key); none was sent"
+    assert (
+        _keys().verdict("critical", None).message
+        == "tier 'critical' needs a tier key (header tierserve-tier-key); none was sent"
+    )
 
 
 @pytest.mark.parametrize("key", [None, "guessed", "bob-key"])
@@ -154,20 +159,26 @@ def test_add_and_remove(tmp_path: Path):
 GOOD_ENTRY = {"name": "alice-app", "sha256": "a" * 64, "max_tier": "critical"}
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ([], "must be a JSON object"),
-    ({"keys": [], "on_mising": "refuse"}, "unknown key 'on_mising'"),
-    ({"keys": [], "on_missing": "ignore"}, "on_missing must be one of refuse, downgrade, got 'ignore'"),
-    ({"keys": {}}, "keys must be a list"),
-    ({"keys": ["x"]}, "keys[0] must be an object"),
-    ({"keys": [{"name": "a", "max_tier": "critical"}]}, "keys[0].sha256: required key is missing"),
-    ({"keys": [{**GOOD_ENTRY, "key": "plain"}]}, "keys[0]: unknown key 'key'"),
-    ({"keys": [{**GOOD_ENTRY, "name": ""}]}, "keys[0].name must be 1-64"),
-    ({"keys": [{**GOOD_ENTRY, "sha256": "A" * 64}]}, "keys[0].sha256 must be 64 lower-case hex digits"),
-    ({"keys": [{**GOOD_ENTRY, "max_tier": "gold"}]}, "keys[0].max_tier must be one of"),
-    ({"keys": [GOOD_ENTRY, {**GOOD_ENTRY, "sha256": "b" * 64}]}, "keys[1].name 'alice-app' is already keys[0].name"),
-    ({"keys": [GOOD_ENTRY, {**GOOD_ENTRY, "name": "b"}]}, "keys[1].sha256 is already keys[0].sha256 ('alice-app')"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([], "must be a JSON object"),
+        ({"keys": [], "on_mising": "refuse"}, "unknown key 'on_mising'"),
+        ({"keys": [], "on_missing": "ignore"}, "on_missing must be one of refuse, downgrade, got 'ignore'"),
+        ({"keys": {}}, "keys must be a list"),
+        ({"keys": ["x"]}, "keys[0] must be an object"),
+        ({"keys": [{"name": "a", "max_tier": "critical"}]}, "keys[0].sha256: required key is missing"),
+        ({"keys": [{**GOOD_ENTRY, "key": "plain"}]}, "keys[0]: unknown key 'key'"),
+        ({"keys": [{**GOOD_ENTRY, "name": ""}]}, "keys[0].name must be 1-64"),
+        ({"keys": [{**GOOD_ENTRY, "sha256": "A" * 64}]}, "keys[0].sha256 must be 64 lower-case hex digits"),
+        ({"keys": [{**GOOD_ENTRY, "max_tier": "gold"}]}, "keys[0].max_tier must be one of"),
+        (
+            {"keys": [GOOD_ENTRY, {**GOOD_ENTRY, "sha256": "b" * 64}]},
+            "keys[1].name 'alice-app' is already keys[0].name",
+        ),
+        ({"keys": [GOOD_ENTRY, {**GOOD_ENTRY, "name": "b"}]}, "keys[1].sha256 is already keys[0].sha256 ('alice-app')"),
+    ],
+)
 def test_a_bad_file_is_refused_naming_the_file_and_the_key(tmp_path: Path, data: object, message: str):
     path = tmp_path / "tier_keys.json"
     path.write_text(json.dumps(data))
@@ -204,8 +215,9 @@ def test_the_cli_prints_a_new_key_once_and_stores_only_its_hash(tmp_path: Path, 
     assert main(["tier-key", "remove", "alice-app", "--keys-file", str(path)]) == 1
 
 
-def test_the_cli_takes_the_keys_file_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture):
+def test_the_cli_takes_the_keys_file_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
     path = tmp_path / "operator.json"
     monkeypatch.setenv("TIERSERVE_TIER_KEYS", str(path))
     assert main(["tier-key", "add", "ops", "--max-tier", "standard"]) == 0

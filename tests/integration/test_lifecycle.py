@@ -52,10 +52,9 @@ def _processes_with(marker: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_serve_prints_where_it_listens_and_stops_cleanly(model_repository: Path, stop_signal: signal.Signals):
-    ports = Ports.free()
-    launcher = subprocess.Popen(
+def launch_serve(model_repository: Path, ports: Ports, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`tierserve serve` on `ports` in a process of its own, its output piped (text)."""
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -70,7 +69,14 @@ def test_serve_prints_where_it_listens_and_stops_cleanly(model_repository: Path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=env,
     )
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_prints_where_it_listens_and_stops_cleanly(model_repository: Path, stop_signal: signal.Signals):
+    ports = Ports.free()
+    launcher = launch_serve(model_repository, ports)
     banner = []
     deadline = time.monotonic() + 120
     assert launcher.stdout is not None

@@ -9,7 +9,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -31,7 +30,7 @@ from tierserve.tools.server import SHM_DIR, Ports, TritonServer
 from tierserve.tools.supervisor import RELOAD_MARK, EventKind, InstanceKey, Supervisor
 from tierserve.tools.workload import noisy
 
-from .test_lifecycle import _processes_with
+from .test_lifecycle import _processes_with, launch_serve
 
 RECOVERY_BOUND_S = 10.0  # the bound: serving again within 10 s of a death
 # One request that kills tritonserver 2.51 itself (std::bad_alloc in the HTTP front end, SIGABRT).
@@ -285,23 +284,7 @@ class _Lines:
 
 def test_serve_restarts_a_crashed_tritonserver_and_still_stops_cleanly(model_repository: Path, split: DigitsSplit):
     ports = Ports.free()
-    launcher = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tierserve.tools.cli",
-            "serve",
-            "--no-build",
-            f"--model-repository={model_repository}",
-            f"--http-port={ports.http}",
-            f"--grpc-port={ports.grpc}",
-            f"--metrics-port={ports.metrics}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "TIERSERVE_ADMIN_KEY": "supervision-test"},
-    )
+    launcher = launch_serve(model_repository, ports, env={**os.environ, "TIERSERVE_ADMIN_KEY": "supervision-test"})
     lines = _Lines(launcher)
     try:
         assert lines.wait_for("Press Ctrl-C to stop.", 120), "".join(lines.seen)

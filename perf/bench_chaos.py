@@ -1,116 +1,505 @@
-"""P4 resilience: kill -9 the digits_light stub under steady load and follow traffic per route over time.
+"""P4 resilience: kill -9 a model's Python stub under concurrency-8 traffic per tier, and follow every request.
 
-Usage: .venv/bin/python perf/bench_chaos.py [--plot perf/reports/p4_timeline.png]   (about 30 s)
+Usage: .venv/bin/python perf/bench_chaos.py [--model digits_light|digits_heavy|both]   (about 35 s per model)
+       .venv/bin/python perf/bench_chaos.py --table   (the README table, from perf/reports/p4_<model>.json)
 
-Two client threads (critical and standard) send one image per request back to back. At 5 s the shared
-light model's Python stub is killed; the router must answer every request, eject the model, reload it,
-and move standard traffic back (critical rows run on their reserved lane throughout). Prints the
-goals' numbers and writes a timeline plot (requests/s per route, errors).
+A fault is not overload. 8 client threads per tier (critical and standard), each with a TierserveClient of its
+own, send one noisy test image per request (sigma 3: most standard rows escalate to digits_heavy:2), back to
+back. After a warm-up, the stub of the shared `digits_light:1` or `digits_heavy:2` gets SIGKILL while the
+clients go on as before. Goals: 0 failed critical requests, 0 shed standard requests, each router instance's
+breaker ejects the model within 5 failed calls, traffic is back on the reloaded model within 10 s. Each model
+is killed on a fresh server. Writes perf/reports/p4_<model>.json and perf/reports/p4_timeline_<model>.png.
+
+Exit status: 1 without a report when the operating point was not reached (a client thread died or fell silent,
+no escalations before the kill, no traffic, the kill not seen); 2 when a goal was missed (report written).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import signal
+import sys
+import threading
 import time
+import urllib.request
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from harness import running_server
 
+from tierserve.client import Classification, TierserveClient, TierserveError
 from tierserve.tools.dataset import load_split
-from tierserve.tools.load import Sent, SteadyLoad
+from tierserve.tools.server import TritonServer
+from tierserve.tools.workload import noisy
 
-KILL_AT_S, RUN_S, BUCKET_S = 5.0, 20.0, 0.5
-MODEL = "digits_light:1"
+REPORTS = Path(__file__).parent / "reports"
+KILLED = {"digits_light": "digits_light:1", "digits_heavy": "digits_heavy:2"}  # --model: the model:version killed
+TIERS, CONCURRENCY, SIGMA = ("critical", "standard"), 8, 3.0
+WARM_UP_S, AFTER_KILL_S, BUCKET_S = 6.0, 16.0, 0.25
+COMPARE_S = 5.0  # the seconds just before the kill are compared with as many just after it
+ESCALATED_AT_LEAST = 0.5  # share of standard rows escalated to digits_heavy:2 before the kill: "most"
+BACK_AFTER_ROWS = 10  # traffic is back once this many rows in a row that need the model are served by it
+FAILED_CALLS_GOAL, BACK_GOAL_S = 5, 10.0
+GOALS = (
+    "0 failed critical",
+    "0 shed standard",
+    f"each breaker trips within {FAILED_CALLS_GOAL} failed calls",
+    f"traffic back within {BACK_GOAL_S:g} s",
+)
+POLL_S = 0.05  # how often BreakerWatch reads the breakers
 
 
-def _on_model(sent: Sent) -> bool:
-    return sent.answer is not None and sent.answer.path.split(">")[0] in (f"{MODEL} ok", f"{MODEL} low_confidence")
+@dataclass(frozen=True)
+class Sent:
+    """One request: when it was sent and answered (monotonic clock), by which thread, its answer or error."""
+
+    sent: float
+    at: float
+    tier: str
+    worker: int
+    answer: Classification | None
+    error: str | None  # "STATUS: message"
 
 
-def summarize(sent: list[Sent], start: float, killed: float) -> dict[str, float]:
-    """The goals' numbers: failed critical requests, failures before the ejection, seconds until traffic is back.
+class ClosedLoop:
+    """CONCURRENCY threads per tier, each with its own client, one image per request, back to back."""
 
-    Critical rows run on their reserved lane (digits_light_critical), which the kill does not touch;
-    the standard tier shares digits_light, so the recovery is read from its rows."""
-    after = sorted((s for s in sent if s.at > killed and s.tier == "standard"), key=lambda s: s.at)
-    first_ejected = next((s.at for s in after if s.answer and f"{MODEL} ejected" in s.answer.path), None)
-    failed_before = sum(1 for s in after if s.answer and (first_ejected is None or s.at <= first_ejected)
-                        and (f"{MODEL} error" in s.answer.path or f"{MODEL} timeout" in s.answer.path))
+    def __init__(self, url: str, images: np.ndarray, tier_key: str | None) -> None:
+        self.sent: list[Sent] = []
+        self.crashed: list[str] = []  # threads that ended on something other than a TierserveError
+        self._stop = threading.Event()
+        self._tier_key = tier_key  # critical traffic needs the server's tier key
+        self._threads = [
+            threading.Thread(target=self._run, args=(url, images, tier, worker), daemon=True)
+            for tier in TIERS
+            for worker in range(CONCURRENCY)
+        ]
+
+    def _run(self, url: str, images: np.ndarray, tier: str, worker: int) -> None:
+        try:
+            with TierserveClient(url, tier_key=self._tier_key) as client:
+                i = worker * len(images) // CONCURRENCY  # the threads start at different images
+                while not self._stop.is_set():
+                    sent = time.monotonic()
+                    try:
+                        (answer,) = client.classify(images[i % len(images)], tier=tier)
+                        self.sent.append(Sent(sent, time.monotonic(), tier, worker, answer, None))
+                    except TierserveError as error:
+                        self.sent.append(Sent(sent, time.monotonic(), tier, worker, None, str(error)))
+                    i += 1
+        except Exception as error:  # reported as a missed operating point
+            self.crashed.append(f"{tier} thread {worker}: {error!r}")
+
+    def alive(self) -> int:
+        return sum(thread.is_alive() for thread in self._threads)
+
+    def __enter__(self) -> ClosedLoop:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+class BreakerWatch:
+    """Polls the metrics port for the killed model's breaker state per router instance (0 closed, 1 half-open,
+    2 open)."""
+
+    def __init__(self, server: TritonServer, model: str) -> None:
+        self._url = f"http://127.0.0.1:{server.ports.metrics}/metrics"
+        self._model = model
+        self.samples: list[tuple[float, dict[str, float]]] = []  # (time, breaker state per router instance)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                with urllib.request.urlopen(self._url, timeout=2) as response:
+                    text = response.read().decode()
+            except OSError:
+                continue
+            states = {}
+            for line in text.splitlines():
+                if line.startswith("tierserve_breaker_state{") and f'model="{self._model}"' in line:
+                    states[re.search(r'instance="([^"]*)"', line).group(1)] = float(line.rsplit(" ", 1)[1])
+            self.samples.append((time.monotonic(), states))
+
+    def __enter__(self) -> BreakerWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def _hops(sent: Sent) -> list[str]:
+    return sent.answer.path.split(">") if sent.answer else []
+
+
+def _touches(sent: Sent, model: str) -> bool:
+    return any(hop.split(" ")[0] == model for hop in _hops(sent))
+
+
+def _served_by(sent: Sent, model: str) -> bool:
+    return any(hop in (f"{model} ok", f"{model} low_confidence") for hop in _hops(sent))
+
+
+def _failed_on(sent: Sent, model: str) -> bool:
+    return any(hop in (f"{model} error", f"{model} timeout") for hop in _hops(sent))
+
+
+def _escalated(sent: Sent) -> bool:
+    return _served_by(sent, "digits_heavy:2") and "low_confidence>" in sent.answer.path
+
+
+def _decision(sent: Sent) -> str:
+    """What happened to a request, in the router's words: escalated, kept, skipped, a rule, a failed hop."""
+    if sent.error:
+        return "shed" if "shed" in sent.error else "failed"
+    if not _direct(sent):
+        return "answered after a failed or ejected hop"
+    if "escalation skipped" in sent.answer.reason:
+        return "escalation skipped"
+    if "low_confidence>" in sent.answer.path:
+        return "escalated"
+    return sent.answer.reason.split(" (")[0] if sent.answer.reason.startswith("rule ") else "first answer kept"
+
+
+def _kind(error: str) -> str:
+    """An error message with its numbers blanked, so errors of one kind count together."""
+    return re.sub(r"\d+(\.\d+)?", "N", error)[:200]
+
+
+def _percentile_ms(sent: list[Sent], q: float) -> float | None:
+    times = [(s.at - s.sent) * 1000 for s in sent if s.answer]
+    return round(float(np.percentile(times, q)), 2) if times else None
+
+
+def operating_point(load: ClosedLoop, sent: list[Sent], killed: float) -> list[str]:
+    """Why this run did not measure what P4 asks for; empty when it did."""
+    problems = [f"client thread crashed: {crash}" for crash in load.crashed]
+    last_second = {(s.tier, s.worker) for s in sent if killed - 1.0 < s.at <= killed}
+    if len(last_second) < CONCURRENCY * len(TIERS):
+        problems.append(
+            f"only {len(last_second)} of {CONCURRENCY * len(TIERS)} client threads got an answer "
+            "in the second before the kill"
+        )
+    if load.alive() < CONCURRENCY * len(TIERS):
+        problems.append(f"only {load.alive()} of {CONCURRENCY * len(TIERS)} client threads ran to the end")
+    standard = [s for s in sent if s.tier == "standard" and s.answer and killed - COMPARE_S < s.at <= killed]
+    share = sum(map(_escalated, standard)) / max(len(standard), 1)
+    if share < ESCALATED_AT_LEAST:
+        problems.append(
+            f"{share:.0%} of {len(standard)} standard rows escalated to digits_heavy:2 before the "
+            f"kill, fewer than {ESCALATED_AT_LEAST:.0%}"
+        )
+    for tier in TIERS:
+        if not any(s.tier == tier and s.at > killed for s in sent):
+            problems.append(f"no {tier} request after the kill")
+    return problems
+
+
+def summarize(model: str, sent: list[Sent], samples: list, killed: float, end: float) -> dict:
+    """The goals' numbers, and what else a reader needs to trust them."""
+    by_tier = {tier: [s for s in sent if s.tier == tier] for tier in TIERS}
+    after = sorted((s for s in sent if s.at > killed), key=lambda s: s.at)
+    first_ejected = next((s.at for s in after if f"{model} ejected" in _hops(s)), None)
+    # per router instance: when its breaker first opened after the kill
+    opened: dict[str, float] = {}
+    for at, states in samples:
+        for instance, state in states.items():
+            if at > killed and state == 2.0:
+                opened.setdefault(instance, at)
+    instances = sorted({instance for _, states in samples for instance in states})
+    needing = [s for s in after if _touches(s, model)]
     back = None
-    for i in range(len(after) - 10):
-        if first_ejected and after[i].at > first_ejected and all(_on_model(s) for s in after[i:i + 10]):
-            back = after[i].at
+    for i in range(len(needing) - BACK_AFTER_ROWS + 1):
+        window = needing[i : i + BACK_AFTER_ROWS]
+        if first_ejected and window[0].at > first_ejected and all(_served_by(s, model) for s in window):
+            back = window[0].at
             break
+    # REASON names why the breaker that ejected the row opened: "3 consecutive failed calls; ejection 1"
+    pattern = re.compile(rf"{re.escape(model)} breaker open \((.*?); ejection (\d+)")
+    ejections = Counter(
+        f"ejection {m.group(2)}: {m.group(1)}"
+        for s in after
+        if s.answer
+        for m in [pattern.search(s.answer.reason)]
+        if m
+    )
+    failed_before = [s for s in after if _failed_on(s, model) and (first_ejected is None or s.sent < first_ejected)]
+    # tier -> phase -> requests
+    windows = {
+        "before_kill": (killed - COMPARE_S, killed),
+        "first_5_s_after_kill": (killed, killed + COMPARE_S),
+        "later": (killed + COMPARE_S, end),
+    }
+    phases = {
+        tier: {phase: [s for s in by_tier[tier] if low < s.at <= high] for phase, (low, high) in windows.items()}
+        for tier in TIERS
+    }
+    escalating = [s for s in phases["standard"]["before_kill"] if s.answer]
     return {
-        "requests": len(sent),
-        "failed_critical": sum(1 for s in sent if s.error and s.tier == "critical"),
-        "critical_rows_off_their_lane_after_the_kill": sum(
-            1 for s in sent if s.at > killed and s.tier == "critical" and s.answer
-            and not s.answer.path.startswith("digits_light_critical:1 ")),
-        "failed_any": sum(1 for s in sent if s.error),
-        "rows_failed_on_model_before_ejection": failed_before,
-        "seconds_to_ejection": (first_ejected - killed) if first_ejected else float("nan"),
-        "seconds_until_traffic_back": (back - killed) if back else float("nan"),
+        "model": model,
+        "run": {
+            "concurrency_per_tier": CONCURRENCY,
+            "noise_sigma": SIGMA,
+            "warm_up_s": WARM_UP_S,
+            "after_kill_s": round(end - killed, 1),
+            "router_instances": instances,
+        },
+        "requests": {tier: len(rows) for tier, rows in by_tier.items()},
+        "failed": {tier: sum(1 for s in rows if s.error) for tier, rows in by_tier.items()},
+        "shed_standard": sum(1 for s in by_tier["standard"] if s.error and "shed" in s.error),
+        "errors_by_kind": dict(Counter(_kind(s.error) for s in sent if s.error).most_common(10)),
+        "standard_escalated_before_kill": round(sum(map(_escalated, escalating)) / max(len(escalating), 1), 3),
+        "critical_rows_touching_the_killed_model": sum(1 for s in after if s.tier == "critical" and _touches(s, model)),
+        "rows_with_a_failed_hop": {
+            tier: {phase: sum(1 for s in rows if s.answer and not _direct(s)) for phase, rows in phases[tier].items()}
+            for tier in TIERS
+        },
+        "decisions": {
+            tier: {phase: dict(Counter(map(_decision, rows)).most_common()) for phase, rows in phases[tier].items()}
+            for tier in TIERS
+        },
+        "critical_paths_with_a_failed_hop_after_kill": dict(
+            Counter(s.answer.path for s in after if s.tier == "critical" and s.answer and not _direct(s)).most_common(6)
+        ),
+        "rows_failed_on_model_sent_before_ejection": len(failed_before),
+        "rows_failed_on_model_after_kill": sum(1 for s in after if _failed_on(s, model)),
+        "ejection_reasons": dict(ejections.most_common(6)),
+        "seconds_to_first_ejection": round(first_ejected - killed, 3) if first_ejected else None,
+        "seconds_to_breaker_open": {i: round(opened[i] - killed, 3) if i in opened else None for i in instances},
+        "seconds_until_traffic_back": round(back - killed, 3) if back else None,
+        "latency_ms": {
+            tier: {
+                phase: {"p50": _percentile_ms(rows, 50), "p99": _percentile_ms(rows, 99)}
+                for phase, rows in phases[tier].items()
+            }
+            for tier in TIERS
+        },
+        "paths_first_3_s_after_kill": dict(
+            Counter(s.answer.path for s in after if s.answer and s.at < killed + 3).most_common(8)
+        ),
     }
 
 
-def plot(sent: list[Sent], start: float, killed: float, path: Path) -> None:
+def goals(report: dict) -> dict[str, bool]:
+    """Each goal of P4, met or not, from one run's report."""
+    # a first ejection after N consecutive failed calls, or N of M failed calls, counts N; a dead stub's own
+    # error ("model down") ejects at once, on the failed call that carried it
+    counted = [
+        int(m.group(1))
+        for why in report["ejection_reasons"]
+        for m in [re.match(r"ejection 1: (\d+) (consecutive|of)", why)]
+        if m
+    ]
+    back = report["seconds_until_traffic_back"]
+    met = (
+        report["failed"]["critical"] == 0,
+        report["shed_standard"] == 0,
+        None not in report["seconds_to_breaker_open"].values() and all(c <= FAILED_CALLS_GOAL for c in counted),
+        back is not None and back <= BACK_GOAL_S,
+    )
+    return dict(zip(GOALS, met, strict=True))
+
+
+def plot(model: str, sent: list[Sent], samples: list, start: float, killed: float, end: float, path: Path) -> None:
+    """Requests per second per tier and what answered them, around the kill; shaded: a router's breaker open."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    edges = np.arange(0, RUN_S + BUCKET_S, BUCKET_S)
-    routes = sorted({s.answer.route for s in sent if s.answer})
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    for route in routes:
-        times = [s.at - start for s in sent if s.answer and s.answer.route == route and _direct(s)]
-        label = f"answered by {route}, no failure on the way"
-        ax.plot(edges[:-1], np.histogram(times, edges)[0] / BUCKET_S, label=label)
-    fallback = [s.at - start for s in sent if s.answer and not _direct(s)]
-    ax.plot(edges[:-1], np.histogram(fallback, edges)[0] / BUCKET_S, label="answered via fallback / ejection")
-    errors = [s.at - start for s in sent if s.error]
-    ax.plot(edges[:-1], np.histogram(errors, edges)[0] / BUCKET_S, label="failed requests", color="black",
-            linestyle=":", linewidth=2)
-    ax.axvline(killed - start, color="gray", linestyle="--", label=f"kill -9 {MODEL} stub")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("requests / s")
-    ax.set_title("P4: digits under steady load (critical + standard) while digits_light's stub is killed")
-    ax.legend(fontsize=8, loc="center right")
+    edges = np.arange(start, end, BUCKET_S)  # whole buckets only
+    fig, axes = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
+
+    def rate(rows: list[Sent]) -> np.ndarray:
+        return np.histogram([s.at for s in rows], edges)[0] / BUCKET_S
+
+    x = edges[:-1] - killed
+    instances = sorted({i for _, states in samples for i in states})
+    for ax, tier in zip(axes, TIERS, strict=True):
+        rows = [s for s in sent if s.tier == tier]
+        for route in sorted({s.answer.route for s in rows if s.answer}):
+            mine = [s for s in rows if s.answer and s.answer.route == route and _direct(s)]
+            if len(mine) > 10:
+                ax.plot(x, rate(mine), label=f"answered by {route}")
+        ax.plot(
+            x,
+            rate([s for s in rows if s.answer and not _direct(s)]),
+            label="answered, a hop failed or was ejected on the way",
+        )
+        ax.plot(x, rate([s for s in rows if s.error and "shed" in s.error]), label="shed", color="red")
+        ax.plot(
+            x,
+            rate([s for s in rows if s.error and "shed" not in s.error]),
+            label="failed",
+            color="black",
+            linestyle=":",
+            linewidth=2,
+        )
+        ax.axvline(0, color="gray", linestyle="--", label=f"kill -9 {model}")
+        for instance in instances:
+            opened = [at - killed for at, states in samples if states.get(instance) == 2.0]
+            label = f"{model} breaker open ({len(instances)} router instances, a shade each)"
+            for at in opened:  # one span per sample, as wide as the time between samples
+                ax.axvspan(
+                    at - POLL_S,
+                    at,
+                    color="purple",
+                    alpha=0.12,
+                    linewidth=0,
+                    label=label if instance == instances[0] and at == opened[0] else None,
+                )
+        ax.set_title(f"{tier}: {CONCURRENCY} client threads, one image per request", fontsize=10)
+        ax.set_ylabel("requests / s")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1].set_xlabel(f"seconds since the kill ({BUCKET_S:g} s buckets)")
+    fig.suptitle(f"P4: kill -9 of {model}'s stub under steady load, noisy images (sigma {SIGMA:g})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _direct(sent: Sent) -> bool:
-    return not any(f" {outcome}" in sent.answer.path for outcome in ("error", "timeout", "ejected"))
+    return not any(hop.endswith((" error", " timeout", " ejected")) for hop in _hops(sent))
+
+
+def run(name: str) -> int:
+    """One run against a fresh server: kill `name`'s stub, report, plot; the exit status."""
+    model = KILLED[name]
+    split = load_split()
+    images = noisy(split.test.images, sigma=SIGMA, seed=4)
+    with running_server() as server:
+        (pid,) = server.stub_pids("/".join(model.split(":")))
+        with BreakerWatch(server, model) as watch, ClosedLoop(server.grpc_url, images, server.tier_key) as load:
+            start = time.monotonic()
+            time.sleep(WARM_UP_S)
+            killed = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(AFTER_KILL_S)
+            end = time.monotonic()
+            sent = sorted((s for s in load.sent if s.at <= end), key=lambda s: s.at)
+            problems = operating_point(load, sent, killed)
+    if not any(_touches(s, model) for s in sent if s.at > killed):
+        problems.append(f"no request reached {model} after the kill")
+    if not any(states for _, states in watch.samples):
+        problems.append(f"no breaker state for {model} on the metrics port")
+    if problems:
+        print(f"P4 {model}: operating point not reached, no report:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    report = summarize(model, sent, watch.samples, killed, end)
+    report["goals"] = goals(report)
+    REPORTS.mkdir(exist_ok=True)
+    (REPORTS / f"p4_{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(model, sent, watch.samples, start, killed, end, REPORTS / f"p4_timeline_{name}.png")
+    missed = [goal for goal, met in report["goals"].items() if not met]
+    print(f"P4 {model}: wrote {REPORTS / f'p4_{name}.json'}; " + (f"goals missed: {missed}" if missed else "goals met"))
+    return 2 if missed else 0
+
+
+def table(names: list[str]) -> str:
+    """The README's P4 table, from the report files."""
+    reports = [json.loads((REPORTS / f"p4_{name}.json").read_text()) for name in names]
+
+    def row(measure: str, values: list[str], goal: str = "") -> str:
+        return f"| {measure} | {' | '.join(values)} | {goal} |"
+
+    def verdict(goal: str) -> str:
+        missed = [r["model"] for r in reports if not r["goals"][goal]]
+        return f"{goal}: **met**" if not missed else f"{goal}: **not met** ({', '.join(missed)})"
+
+    windows = ("before_kill", "first_5_s_after_kill")
+
+    def share(decisions: dict[str, int], decision: str) -> float:
+        return decisions.get(decision, 0) / max(sum(decisions.values()), 1)
+
+    def seconds(value: float | None) -> str:
+        return "never" if value is None else f"{value:.2f}"
+
+    lines = [
+        "| measure | " + " | ".join(f"kill -9 `{r['model']}`" for r in reports) + " | goal |",
+        f"|---|{'---:|' * len(reports)}---|",
+        row(
+            "critical requests sent / failed",
+            [f"{r['requests']['critical']:,} / {r['failed']['critical']}" for r in reports],
+            verdict(GOALS[0]),
+        ),
+        row(
+            "standard requests sent / failed / shed",
+            [f"{r['requests']['standard']:,} / {r['failed']['standard']} / {r['shed_standard']}" for r in reports],
+            verdict(GOALS[1]),
+        ),
+        row(
+            "standard rows escalated to `digits_heavy:2` before the kill",
+            [f"{r['standard_escalated_before_kill']:.0%}" for r in reports],
+        ),
+        row(
+            "critical rows that touched the killed model",
+            [str(r["critical_rows_touching_the_killed_model"]) for r in reports],
+        ),
+        row(
+            "critical rows answered after a failed hop: 5 s before the kill / 5 s after / the rest of the run",
+            [" / ".join(str(n) for n in r["rows_with_a_failed_hop"]["critical"].values()) for r in reports],
+        ),
+        row(
+            "critical rows escalated to `digits_heavy_critical:2`: 5 s before / 5 s after / the rest",
+            [" / ".join(f"{share(d, 'escalated'):.0%}" for d in r["decisions"]["critical"].values()) for r in reports],
+        ),
+        row(
+            "rows that hit the dead model, sent before its first ejection",
+            [str(r["rows_failed_on_model_sent_before_ejection"]) for r in reports],
+        ),
+        row(
+            "why the breakers ejected it (rows that read each reason)",
+            ["; ".join(f"{why[:70]} ({n:,})" for why, n in r["ejection_reasons"].items()) for r in reports],
+            verdict(GOALS[2]),
+        ),
+        row(
+            "seconds from the kill to each router instance's ejection",
+            [" / ".join(seconds(v) for v in r["seconds_to_breaker_open"].values()) for r in reports],
+        ),
+        row(
+            "seconds from the kill until traffic is back on the reloaded model",
+            [seconds(r["seconds_until_traffic_back"]) for r in reports],
+            verdict(GOALS[3]),
+        ),
+        *(
+            row(
+                f"{tier} p99 ms: 5 s before the kill / 5 s after",
+                [" / ".join(f"{r['latency_ms'][tier][phase]['p99']:.1f}" for phase in windows) for r in reports],
+            )
+            for tier in TIERS
+        ),
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plot", type=Path, default=Path("perf/reports/p4_timeline.png"))
+    parser.add_argument("--model", choices=[*KILLED, "both"], default="both", help="whose stub is killed")
+    parser.add_argument("--table", action="store_true", help="print the README table from the report files")
     args = parser.parse_args()
-    images = load_split().test.images[:100]
-    with running_server() as server:
-        (pid,) = server.stub_pids("digits_light")
-        with SteadyLoad(server.grpc_url, images) as load:
-            start = time.monotonic()
-            time.sleep(KILL_AT_S)
-            killed = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
-            time.sleep(RUN_S - KILL_AT_S)
-    numbers = summarize(load.sent, start, killed)
-    print("| measure | value |\n|---|---:|")
-    for name, value in numbers.items():
-        print(f"| {name} | {value:.2f} |" if isinstance(value, float) else f"| {name} | {value} |")
-    paths = Counter(s.answer.path for s in load.sent if s.answer and killed < s.at < killed + 3)
-    print("\npaths in the 3 s after the kill:", dict(paths.most_common(4)))
-    plot(load.sent, start, killed, args.plot)
-    print(f"\ntimeline: {args.plot}")
+    names = list(KILLED) if args.model == "both" else [args.model]
+    if args.table:
+        print(table(names))
+        return
+    statuses = [run(name) for name in names]
+    if all(status != 1 for status in statuses):
+        print("\n" + table(names))
+    sys.exit(max(statuses))
 
 
 if __name__ == "__main__":

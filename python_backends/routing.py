@@ -49,6 +49,9 @@ class ModelRefused(ModelCallError):
 # tight deadline says nothing about the model, and must not eject it for everyone.
 FAIR_TIMEOUT_FACTOR = 4.0
 FAIR_TIMEOUT_FLOOR_S = 0.02
+# An escalation skipped because the target's measured latency would not fit the budget is tried again once the
+# measurement is this old, so that a single slow call does not end escalations for good.
+LATENCY_STALE_S = 1.0
 
 
 class Failure(enum.Enum):
@@ -186,6 +189,7 @@ class Router:
         self.breakers = {model: CircuitBreaker(policy.breaker, clock) for model in policy.callable_models}
         self.load = LoadMonitor(policy.shedding, clock)
         self.latency_ewma: dict[str, float] = {}  # seconds per call, per model
+        self.latency_measured: dict[str, float] = {}  # when each model's latency was last measured
         self.stalls = StallLog()
 
     def _can_serve(self, model: str, signature: Signature) -> bool:
@@ -318,8 +322,11 @@ class Router:
                 # nothing to wait for: the row goes on to the safe default, which is never skipped
                 outcomes[row] = HopFailure(Failure.TIMEOUT, f"timeout: deadline passed before {target} was called")
                 continue
-            if left is not None and left <= 0:
-                rows[row].notes.append("deadline passed: the fallback answers late rather than not at all")
+            if model == self.policy.fallback and rows[row].deadline is not None:
+                # the safe default is the last resort: it gets the whole call timeout, however little budget
+                # is left, and a late answer beats none (a few ms left used to fail the row)
+                if left is not None and left <= 0:
+                    rows[row].notes.append("deadline passed: the fallback answers late rather than not at all")
                 rows[row].deadline = None
             groups[target].append(row)
         call_timeout = self.policy.call_timeout_ms / 1000
@@ -352,6 +359,7 @@ class Router:
             self.breakers[model].record(True, elapsed)
             previous = self.latency_ewma.get(model, elapsed)
             self.latency_ewma[model] = 0.8 * previous + 0.2 * elapsed
+            self.latency_measured[model] = self.clock()
             return probs
 
         results = await asyncio.gather(*(call(model, members) for model, members in groups.items()))
@@ -397,7 +405,7 @@ class Router:
         row.notes.append(f"{model} {why}")
         left = self._time_left(row)
         target = self.policy.lane(self.policy.cascade.escalate_to, row.signature.tier)
-        needed = self.latency_ewma.get(target, 0.0)
+        needed = self._expected_latency(target)
         if escalate and row.degraded:
             row.hops.append(f"{model} ok")
             row.notes.append(f"escalation skipped, {row.degraded}")
@@ -416,6 +424,13 @@ class Router:
                 row.notes.append(f"answered with {model}")
         else:
             row.hops.append(f"{model} ok")
+
+    def _expected_latency(self, model: str) -> float:
+        """The model's moving-average latency, or 0 once it is LATENCY_STALE_S old: an estimate that only calls
+        refresh must not stop the calls for good (one slow call would otherwise end escalations forever)."""
+        if self.clock() - self.latency_measured.get(model, float("-inf")) > LATENCY_STALE_S:
+            return 0.0
+        return self.latency_ewma.get(model, 0.0)
 
     def _answer(self, row: _Row) -> Answer | str:
         path = ">".join(row.hops)

@@ -319,13 +319,38 @@ def test_an_escalation_is_skipped_when_the_deadline_has_passed():
 def test_an_escalation_that_would_not_fit_the_budget_is_skipped():
     clock = Clock()
     router = _chained_router(clock)
-    router.latency_ewma["heavy:1"] = 0.040
+    router.latency_ewma["heavy:1"], router.latency_measured["heavy:1"] = 0.040, clock.now
     models = FakeModels(latency_s={"light:1": 0.020}, clock=clock)
     (tight,) = _route(router, _images(0.5), [_signature(deadline_ms=50)], models)
     assert tight.path == "light:1 ok"
     assert "escalation skipped: 30 ms left of the standard budget, heavy:1 takes ~40 ms" in tight.reason
     (roomy,) = _route(router, _images(0.5), [_signature(deadline_ms=100)], models)
     assert roomy.path == "light:1 low_confidence>heavy:1 ok"
+
+
+def test_one_slow_measurement_does_not_end_escalations_for_good():
+    """The estimate is refreshed only by escalations: once stale, an escalation is tried again (seen in P4:
+    one 0.3 s call set the critical lane's estimate above the 50 ms budget for the rest of the run)."""
+    clock = Clock()
+    router = _chained_router(clock)
+    router.latency_ewma["heavy:1"], router.latency_measured["heavy:1"] = 0.300, clock.now
+    models = FakeModels(latency_s={"light:1": 0.001, "heavy:1": 0.002}, clock=clock)
+    (skipped,) = _route(router, _images(0.5), [_signature(deadline_ms=50)], models)
+    assert skipped.path == "light:1 ok"
+    clock.now += 1.5
+    (tried,) = _route(router, _images(0.5), [_signature(deadline_ms=50)], models)
+    assert tried.path == "light:1 low_confidence>heavy:1 ok"
+    assert router.latency_ewma["heavy:1"] < 0.300
+
+
+def test_the_safe_default_gets_the_call_timeout_however_little_budget_is_left():
+    """A row routed to the fallback with 2 ms of budget used to time out on it, with nothing tried after."""
+    clock = Clock()
+    router = _chained_router(clock)
+    models = FakeModels(latency_s={"rules:1": 0.010}, clock=clock)
+    (answer,) = _route(router, _images(0.9), [_signature(ood_score=9.0, deadline_ms=2)], models)
+    assert answer.route == "rules:1" and answer.path == "rules:1 ok"
+    assert models.timeouts == [pytest.approx(0.5)], "the policy's call timeout, not the 2 ms left"
 
 
 def test_under_load_best_effort_is_degraded_then_shed_before_standard_and_critical_never():

@@ -144,7 +144,7 @@ class TritonPythonModel:
             wait_ms = self._wait_ms(float(stamp.min()), started)
             longest_wait_ms = max(longest_wait_ms, wait_ms)
             action, why = self.router.load.action(context.tier, wait_ms)
-            if action == SHED:  # refused before its images are read: shedding must cost little
+            if action == SHED:  # refused before any routing work: shedding must cost little
                 responses[index] = self._response(context.tier, [Shed(why)])
                 outcomes.append((context.tier, [Shed(why)] * len(stamp), 0.0, 0.0))
                 continue

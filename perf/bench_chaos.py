@@ -34,6 +34,7 @@ from harness import running_server
 
 from tierserve.client import Classification, TierserveClient, TierserveError
 from tierserve.tools.dataset import load_split
+from tierserve.tools.load import LoadThreads
 from tierserve.tools.server import TritonServer
 from tierserve.tools.workload import noisy
 
@@ -66,13 +67,15 @@ class Sent:
     error: str | None  # "STATUS: message"
 
 
-class ClosedLoop:
+class ClosedLoop(LoadThreads):
     """CONCURRENCY threads per tier, each with its own client, one image per request, back to back."""
 
+    JOIN_S = 30.0
+
     def __init__(self, url: str, images: np.ndarray, tier_key: str | None) -> None:
+        super().__init__()
         self.sent: list[Sent] = []
         self.crashed: list[str] = []  # threads that ended on something other than a TierserveError
-        self._stop = threading.Event()
         self._tier_key = tier_key  # critical traffic needs the server's tier key
         self._threads = [
             threading.Thread(target=self._run, args=(url, images, tier, worker), daemon=True)
@@ -94,19 +97,6 @@ class ClosedLoop:
                     i += 1
         except Exception as error:  # reported as a missed operating point
             self.crashed.append(f"{tier} thread {worker}: {error!r}")
-
-    def alive(self) -> int:
-        return sum(thread.is_alive() for thread in self._threads)
-
-    def __enter__(self) -> ClosedLoop:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
 
 
 class BreakerWatch:

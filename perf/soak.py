@@ -37,6 +37,7 @@ from harness import running_server
 
 from tierserve.client import TierserveClient, TierserveError
 from tierserve.tools.dataset import load_split
+from tierserve.tools.load import LoadThreads
 from tierserve.tools.server import SHM_DIR, TritonServer
 from tierserve.tools.workload import noisy, pure_noise, shifted, upscaled, with_missing
 
@@ -103,10 +104,13 @@ def images_by_kind() -> dict[str, np.ndarray]:
     }
 
 
-class MixedLoad:
+class MixedLoad(LoadThreads):
     """One thread per tier and protocol, each at RATE_PER_WORKER requests/s; counts what came back by kind."""
 
+    JOIN_S = 30.0
+
     def __init__(self, server: TritonServer) -> None:
+        super().__init__()
         self.server = server
         self.images = images_by_kind()
         self.outcomes: Counter[tuple[str, str, str]] = Counter()  # (tier/protocol, request kind, outcome) -> count
@@ -114,7 +118,6 @@ class MixedLoad:
         self.messages: dict[tuple[str, str, str], list[str]] = {}  # the first few error messages per outcome
         self.sent = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self.crashed: list[str] = []
         self._threads = [
             threading.Thread(target=self._run, args=(tier, protocol, seed), daemon=True)
@@ -199,19 +202,6 @@ class MixedLoad:
             if message and len(seen := self.messages.setdefault((worker, kind, outcome), [])) < 3:
                 seen.append(message[:500])
             self.routes.update(answer.route for answer in answers or [])
-
-    def __enter__(self) -> MixedLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-
-    def alive(self) -> int:
-        return sum(thread.is_alive() for thread in self._threads)
 
 
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE}

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,7 +25,35 @@ class Sent:
     error: str | None
 
 
-class SteadyLoad:
+_Load = TypeVar("_Load", bound="LoadThreads")
+
+
+class LoadThreads:
+    """Client threads that send until stopped; use as a context manager. A subclass fills `_threads`, whose
+    loops end once `_stop` is set; leaving waits up to JOIN_S for each thread (None: as long as it takes)."""
+
+    JOIN_S: float | None = None
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def alive(self) -> int:
+        """How many of the threads are still running."""
+        return sum(thread.is_alive() for thread in self._threads)
+
+    def __enter__(self: _Load) -> _Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.JOIN_S)
+
+
+class SteadyLoad(LoadThreads):
     """Sends until stopped (or LOAD_LIMIT_S); use as a context manager. Loopback addresses only."""
 
     def __init__(
@@ -37,8 +65,8 @@ class SteadyLoad:
         tier_key: str | None = None,
         **parameters: Any,
     ) -> None:
+        super().__init__()
         self.sent: list[Sent] = []
-        self._stop = threading.Event()
         self._tier_key = tier_key  # sent with every request (tiers above standard need one)
         self._threads = [
             threading.Thread(target=self._run, args=(url, images, tier, pause_s, parameters)) for tier in tiers
@@ -56,16 +84,6 @@ class SteadyLoad:
                     self.sent.append(Sent(time.monotonic(), tier, None, str(error)))
                 i += 1
                 time.sleep(pause_s)
-
-    def __enter__(self) -> SteadyLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
 
     def wait_until(self, condition: Callable[[list[Sent]], bool], timeout_s: float) -> bool:
         """Poll `condition` on what was sent so far, until it holds or `timeout_s` passes."""

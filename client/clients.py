@@ -175,7 +175,33 @@ class _HttpCalls:
             connection.hub.destroy(destroy_loop=True)
 
 
-class TierserveClient:
+class _Client:
+    """What the blocking and asyncio clients share: their settings, and the request and bound of a call."""
+
+    def __init__(self, url: str | None, protocol: str, timeout_s: float, tier_key: str | None, asyncio: bool) -> None:
+        self._headers = _tier_key_headers(tier_key)
+        self._module = _module(protocol, asyncio=asyncio)
+        self.url = _url(url, protocol)
+        self.protocol = protocol
+        self.timeout_s = _positive(timeout_s)
+        self._connection_errors = _connection_errors(protocol, asyncio=asyncio)
+        self._closed = False
+
+    def _prepared(
+        self,
+        images: np.ndarray,
+        tier: str | None,
+        user_id: str | None,
+        deadline_ms: int | None,
+        timeout_s: float | None,
+    ) -> tuple[dict[str, Any], float]:
+        """The request `classify` sends, and how long it may take (this call's `timeout_s` or the client's)."""
+        _check_open(self._closed)
+        timeout_s = self.timeout_s if timeout_s is None else _positive(timeout_s)
+        return _request(self._module, images, tier, user_id, deadline_ms, self._headers), timeout_s
+
+
+class TierserveClient(_Client):
     """Blocking client, safe to share between threads: `TierserveClient("localhost:8001").classify(images)`.
 
     Every call is bounded by `timeout_s` seconds, and every failure (a refusal, no answer in time, no server)
@@ -193,18 +219,12 @@ class TierserveClient:
         max_connections: int = 8,
         tier_key: str | None = None,
     ) -> None:
-        self._headers = _tier_key_headers(tier_key)
-        self._module = _module(protocol, asyncio=False)
-        self.url = _url(url, protocol)
-        self.protocol = protocol
-        self.timeout_s = _positive(timeout_s)
-        self._connection_errors = _connection_errors(protocol, asyncio=False)
+        super().__init__(url, protocol, timeout_s, tier_key, asyncio=False)
         self._calls = (
             _GrpcCalls(self._module, self.url)
             if protocol == "grpc"
             else _HttpCalls(self._module, self.url, max_connections)
         )
-        self._closed = False
 
     def classify(
         self,
@@ -216,9 +236,7 @@ class TierserveClient:
         timeout_s: float | None = None,
     ) -> list[Classification]:
         """Classify [N, H, W] images (or one [H, W]); `timeout_s` overrides the client's for this call."""
-        _check_open(self._closed)
-        timeout_s = self.timeout_s if timeout_s is None else _positive(timeout_s)
-        request = _request(self._module, images, tier, user_id, deadline_ms, self._headers)
+        request, timeout_s = self._prepared(images, tier, user_id, deadline_ms, timeout_s)
         with call_errors(self.protocol, self.url, timeout_s, self._connection_errors):
             return decode(self._calls.infer(request, timeout_s))
 
@@ -235,7 +253,7 @@ class TierserveClient:
         self.close()
 
 
-class AsyncTierserveClient:
+class AsyncTierserveClient(_Client):
     """asyncio client: `await AsyncTierserveClient("localhost:8001").classify(images)`; timeouts, errors and
     `tier_key` as TierserveClient's."""
 
@@ -247,16 +265,10 @@ class AsyncTierserveClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         tier_key: str | None = None,
     ) -> None:
-        self._headers = _tier_key_headers(tier_key)
-        self._module = _module(protocol, asyncio=True)
-        self.url = _url(url, protocol)
-        self.protocol = protocol
-        self.timeout_s = _positive(timeout_s)
-        self._connection_errors = _connection_errors(protocol, asyncio=True)
+        super().__init__(url, protocol, timeout_s, tier_key, asyncio=True)
         # HTTP: no session-wide bound (it would cut a longer per-call timeout short); asyncio.wait_for bounds calls
         options = {"conn_timeout": None} if protocol == "http" else {}
         self._client = self._module.InferenceServerClient(self.url, **options)
-        self._closed = False
 
     async def classify(
         self,
@@ -268,9 +280,7 @@ class AsyncTierserveClient:
         timeout_s: float | None = None,
     ) -> list[Classification]:
         """Classify [N, H, W] images (or one [H, W]); `timeout_s` overrides the client's for this call."""
-        _check_open(self._closed)
-        timeout_s = self.timeout_s if timeout_s is None else _positive(timeout_s)
-        request = _request(self._module, images, tier, user_id, deadline_ms, self._headers)
+        request, timeout_s = self._prepared(images, tier, user_id, deadline_ms, timeout_s)
         with call_errors(self.protocol, self.url, timeout_s, self._connection_errors):
             if self.protocol == "grpc":
                 return decode(await self._client.infer(**request, client_timeout=timeout_s))

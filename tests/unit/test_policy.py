@@ -10,8 +10,9 @@ import yaml
 
 from tierserve.policy import Policy, PolicyError, parse_policy
 from tierserve.router_files import POLICY_FILE
-from tierserve.signature import Signature
 from tierserve.tools.paths import DEFAULT_REPOSITORY
+
+from .signatures import signature as _signature
 
 VALID = {
     "models": ["digits_light:1", "digits_heavy:2", "digits_rules:1"],
@@ -31,21 +32,6 @@ VALID = {
     },
     "fallback": "digits_rules:1",
 }
-
-
-def _signature(**changes) -> Signature:
-    fields = dict(
-        height=8,
-        width=8,
-        missing_fraction=0.0,
-        out_of_range_fraction=0.0,
-        sparsity=0.5,
-        ood_score=0.5,
-        tier="standard",
-        user_id="",
-        deadline_ms=None,
-    )
-    return Signature(**{**fields, **changes})
 
 
 def _with(path: str, value) -> dict:

@@ -13,6 +13,8 @@ from tierserve.policy import parse_policy
 from tierserve.routing import ModelCallError, ModelRefused, ModelTimeout, Router, StallLog, merged_parameters
 from tierserve.signature import Signature
 
+from .signatures import signature as _signature
+
 POLICY = {
     "models": ["light:1", "heavy:1", "missing:1", "rules:1"],
     "rules": [
@@ -29,21 +31,6 @@ POLICY = {
     "fallback": "rules:1",
 }
 ACCEPTS_MISSING = {"light:1": False, "heavy:1": False, "missing:1": True, "rules:1": True}
-
-
-def _signature(**changes) -> Signature:
-    fields = dict(
-        height=8,
-        width=8,
-        missing_fraction=0.0,
-        out_of_range_fraction=0.0,
-        sparsity=0.5,
-        ood_score=0.5,
-        tier="standard",
-        user_id="",
-        deadline_ms=None,
-    )
-    return Signature(**{**fields, **changes})
 
 
 class Clock:

@@ -123,7 +123,9 @@ def test_a_batch_mixing_routes_comes_back_in_order(client: TierserveClient, grpc
     assert [a.label for a in answers][1::2] == [split.test.labels[0], split.test.labels[2]]
 
 
-def test_concurrent_requests_batched_together_each_get_their_own_answers(triton: TritonServer, split: DigitsSplit):
+def test_concurrent_requests_batched_together_each_get_their_own_answers(
+    triton: TritonServer, grpc, policy: Policy, split: DigitsSplit
+):
     async def run() -> list[list[Classification]]:
         async with AsyncTierserveClient(triton.grpc_url, tier_key=triton.tier_key) as sdk:
             tiers = ["critical", "standard", "best_effort"]
@@ -132,10 +134,14 @@ def test_concurrent_requests_batched_together_each_get_their_own_answers(triton:
             )
 
     results = asyncio.run(run())
-    labels = np.array([answers[0].label for answers in results])
-    assert (labels == split.test.labels[:60]).mean() >= 0.95
+    # which model answers a row depends on the load this box is under (a loaded CI box sends some rows to
+    # the safe default); whichever it was, the row's probabilities are that model's answer for its own image
+    artifacts = {lane: model for by_model in policy.lanes.values() for model, lane in by_model.items()}
     for i, (answer,) in enumerate(results):
         assert f"tier={['critical', 'standard', 'best_effort'][i % 3]}" in answer.reason
+        model, version = artifacts.get(answer.route, answer.route).split(":")
+        expected = grpc.probs(model, split.test.images[i : i + 1], version)[0]
+        np.testing.assert_allclose(answer.probs, expected, atol=1e-6, err_msg=f"row {i}: {answer.route}")
 
 
 def test_any_size_from_4x4_to_64x64_is_accepted(client: TierserveClient, split: DigitsSplit):

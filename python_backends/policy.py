@@ -5,7 +5,9 @@ confidence cascade: the first model answers, and the row escalates when its conf
 tier's threshold and/or the learned router predicts the first answer is wrong. `fallback` answers rows
 that no listed route can serve (e.g. missing pixels) and ends every fallback chain. The file also holds
 the circuit breaker settings, call timeout, self-healing interval, per-tier SLOs, reserved lanes and
-load-shedding thresholds. Only models listed under `models` (and their lanes) are ever called.
+load-shedding thresholds, the request attributes experiments may test (`attributes`), the models only
+experiments may call (`experiment_models`) and per-user adaptation (`adaptation`). Only models listed
+under `models` and `experiment_models` (and their lanes) are ever called.
 """
 
 from __future__ import annotations
@@ -80,6 +82,27 @@ class Cascade:
 
 
 @dataclass(frozen=True)
+class Attribute:
+    """A request attribute declared in the policy, sent as a request parameter of its name; experiments test it."""
+
+    name: str
+    values: tuple[str, ...] | None  # the allowed values; None: a whole number (e.g. account_age_days)
+
+
+@dataclass(frozen=True)
+class AdaptationSettings:
+    """Per-user adaptation of the cascade, learned from each user's feedback on rows the cascade's first model
+    answered. Off under load: past the degrade threshold the global policy answers."""
+
+    enabled: bool = False
+    min_feedback: int = 5  # fed-back rows of a user before their cascade adapts
+    escalate_all_below: float = 0.7  # first model's accuracy on the user's images below which every row escalates
+    relax_above: float = 0.97  # accuracy above which the user's threshold drops to relaxed_threshold
+    relaxed_threshold: float = 0.5
+    max_users: int = 100_000  # users held; the least recently seen are forgotten beyond this
+
+
+@dataclass(frozen=True)
 class Policy:
     models: tuple[str, ...]
     default_tier: str
@@ -93,6 +116,9 @@ class Policy:
     tiers: Mapping[str, TierSlo] = field(default_factory=lambda: dict(DEFAULT_TIERS))
     shedding: SheddingSettings = field(default_factory=SheddingSettings)
     lanes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # tier -> {model: its lane for the tier}
+    attributes: Mapping[str, Attribute] = field(default_factory=dict)
+    experiment_models: tuple[str, ...] = ()  # models only an experiment's arm or shadow may call
+    adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
 
     def lane(self, model: str, tier: str) -> str:
         """The model:version that serves `model` for `tier`: its reserved lane, or the model itself."""
@@ -100,9 +126,9 @@ class Policy:
 
     @property
     def callable_models(self) -> tuple[str, ...]:
-        """Every model:version the router may call: the listed models and their lanes."""
+        """Every model:version the router may call: the listed models, the experiments' models and their lanes."""
         lanes = [lane for by_model in self.lanes.values() for lane in by_model.values()]
-        return tuple(dict.fromkeys([*self.models, *lanes]))
+        return tuple(dict.fromkeys([*self.models, *self.experiment_models, *lanes]))
 
     def chain(self, model: str) -> tuple[str, ...]:
         """What to try, in order, when `model` fails, times out or is ejected: its fallbacks, then `fallback`."""
@@ -274,6 +300,57 @@ def _lanes(data: Any, models: tuple[str, ...]) -> dict[str, dict[str, str]]:
     return lanes
 
 
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+RESERVED_PARAMETERS = ("tier", "user_id", "deadline_ms")
+
+
+def _attributes(data: Any) -> dict[str, Attribute]:
+    if not isinstance(data, dict):
+        raise PolicyError(f"attributes: expected a mapping of name to a list of values or 'int', got {data!r}")
+    attributes = {}
+    for name, values in data.items():
+        key = f"attributes.{name}"
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or name in RESERVED_PARAMETERS:
+            raise PolicyError(f"{key}: expected a lower-case name other than {', '.join(RESERVED_PARAMETERS)}")
+        if values == "int":
+            attributes[name] = Attribute(name, None)
+            continue
+        if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+            raise PolicyError(f"{key}: expected 'int' or a non-empty list of values, got {values!r}")
+        attributes[name] = Attribute(name, tuple(values))
+    return attributes
+
+
+def _experiment_models(data: Any, models: tuple[str, ...]) -> tuple[str, ...]:
+    if not isinstance(data, list) or not all(isinstance(m, str) for m in data):
+        raise PolicyError("experiment_models: expected a list of 'model:version' names")
+    for index, model in enumerate(data):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+:[0-9]+", model) or model in models:
+            raise PolicyError(f"experiment_models[{index}]: expected a 'model:version' not under models, got {model!r}")
+    return tuple(data)
+
+
+def _adaptation(data: Any) -> AdaptationSettings:
+    data = _mapping(data, "adaptation", {f.name for f in fields(AdaptationSettings)}, set())
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"adaptation.{name}"
+        if name == "enabled":
+            if not isinstance(value, bool):
+                raise PolicyError(f"{key}: expected true or false, got {value!r}")
+            values[name] = value
+        elif name in ("min_feedback", "max_users"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PolicyError(f"{key}: expected a whole number of at least 1, got {value!r}")
+            values[name] = value
+        else:
+            values[name] = _probability(value, key)
+    settings = AdaptationSettings(**values)
+    if settings.escalate_all_below > settings.relax_above:
+        raise PolicyError("adaptation: expected escalate_all_below <= relax_above")
+    return settings
+
+
 def parse_policy(data: Any) -> Policy:
     """Validate a policy document (already parsed from YAML) into a Policy."""
     data = _mapping(
@@ -292,6 +369,9 @@ def parse_policy(data: Any) -> Policy:
             "tiers",
             "load_shedding",
             "lanes",
+            "attributes",
+            "experiment_models",
+            "adaptation",
         },
         {"models", "cascade", "fallback"},
     )
@@ -312,6 +392,7 @@ def parse_policy(data: Any) -> Policy:
     names = [rule.name for rule in parsed_rules]
     if duplicates := sorted({n for n in names if names.count(n) > 1}):
         raise PolicyError(f"rules: rule name {duplicates[0]!r} is used twice")
+    experiment_models = _experiment_models(data.get("experiment_models", []), models)
     healing = _mapping(data.get("self_healing", {}), "self_healing", {"reload_min_interval_s"}, set())
     return Policy(
         models,
@@ -325,5 +406,8 @@ def parse_policy(data: Any) -> Policy:
         reload_min_interval_s=_positive(healing.get("reload_min_interval_s", 10), "self_healing.reload_min_interval_s"),
         tiers=_tiers(data.get("tiers", {})),
         shedding=_shedding(data.get("load_shedding", {})),
-        lanes=_lanes(data.get("lanes", {}), models),
+        lanes=_lanes(data.get("lanes", {}), models + experiment_models),
+        attributes=_attributes(data.get("attributes", {})),
+        experiment_models=experiment_models,
+        adaptation=_adaptation(data.get("adaptation", {})),
     )

@@ -21,7 +21,8 @@ def load_router(router_dir: Path, version: str) -> tuple[Router, TrainingStats]:
     Which models take missing pixels comes from their manifests, in the same model repository."""
     policy = Policy.load(router_dir / POLICY_FILE)
     accepts_missing = {
-        model: Manifest.read(version_dir(router_dir.parent, model)).accepts_missing for model in policy.models
+        model: Manifest.read(version_dir(router_dir.parent, model)).accepts_missing
+        for model in (*policy.models, *policy.experiment_models)
     }
     learned = LearnedRouter.load(router_dir / version / LEARNED_ROUTER_FILE)
     return Router(policy, accepts_missing, learned), TrainingStats.load(router_dir / version / STATS_FILE)

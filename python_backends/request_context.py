@@ -1,4 +1,5 @@
-"""Read a request's KServe parameters (tier, user_id, deadline_ms) into a RequestContext, or say what is wrong."""
+"""Read a request's KServe parameters (tier, user_id, deadline_ms and the attributes the policy declares) into a
+RequestContext, or say what is wrong."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from tierserve.policy import Attribute
 from tierserve.signature import TIERS, RequestContext
 from tierserve.tier_keys import TIER_KEY_HEADER
 
@@ -14,6 +16,7 @@ MAX_DEADLINE_MS = 3_600_000  # an hour: anything longer is a mistake, not a dead
 MAX_USER_ID_CHARS = 256
 ECHO_CHARS = 40  # a refused value is echoed at most this long: a client's payload never fills a log line
 _DECIMAL = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
+_WHOLE = re.compile(r"-?[0-9]{1,10}")
 
 
 class ParameterError(ValueError):
@@ -40,12 +43,31 @@ def _deadline_ms(value: Any) -> int:
     return value
 
 
-def parse_context(parameters: Mapping[str, Any], default_tier: str) -> RequestContext:
+def _attribute(attribute: Attribute, value: Any) -> str | int:
+    if attribute.values is not None:
+        if not isinstance(value, str) or value not in attribute.values:
+            raise ParameterError(
+                f"parameter {attribute.name!r} must be one of {', '.join(attribute.values)}, got {echo(value)}"
+            )
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**10:
+        return value
+    if isinstance(value, str) and _WHOLE.fullmatch(value.strip()):
+        return int(value.strip())
+    raise ParameterError(f"parameter {attribute.name!r} must be a whole number, got {echo(value)}")
+
+
+def parse_context(
+    parameters: Mapping[str, Any], default_tier: str, attributes: Mapping[str, Attribute] | None = None
+) -> RequestContext:
     """The request's context. Parameters may arrive as strings (HTTP JSON, gRPC string_param) or typed. The tier
-    key (forwarded from the tierserve-tier-key header, in any case) is not part of it: tier_keys judges it."""
+    key (forwarded from the tierserve-tier-key header, in any case) is not part of it: tier_keys judges it.
+    `attributes` are the policy's declared request attributes; any other parameter is refused."""
+    attributes = attributes or {}
     names = {str(name) for name in parameters if str(name).lower() != TIER_KEY_HEADER}
-    if unknown := sorted(names - set(KNOWN_PARAMETERS)):
-        raise ParameterError(f"unknown parameter {echo(unknown[0])}; digits accepts {', '.join(KNOWN_PARAMETERS)}")
+    if unknown := sorted(names - set(KNOWN_PARAMETERS) - set(attributes)):
+        accepted = ", ".join([*KNOWN_PARAMETERS, *attributes])
+        raise ParameterError(f"unknown parameter {echo(unknown[0])}; digits accepts {accepted}")
     tier = parameters.get("tier", default_tier)
     if not isinstance(tier, str) or tier not in TIERS:
         raise ParameterError(f"parameter 'tier' must be one of {', '.join(TIERS)}, got {echo(tier)}")
@@ -55,4 +77,5 @@ def parse_context(parameters: Mapping[str, Any], default_tier: str) -> RequestCo
     if len(user_id) > MAX_USER_ID_CHARS:
         raise ParameterError(f"parameter 'user_id' must be at most {MAX_USER_ID_CHARS} characters, got {len(user_id)}")
     deadline = parameters.get("deadline_ms")
-    return RequestContext(tier, user_id, None if deadline is None else _deadline_ms(deadline))
+    sent = {name: _attribute(spec, parameters[name]) for name, spec in attributes.items() if name in parameters}
+    return RequestContext(tier, user_id, None if deadline is None else _deadline_ms(deadline), sent)

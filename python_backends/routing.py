@@ -106,6 +106,22 @@ class InferFn(Protocol):
 
 
 @dataclass(frozen=True)
+class Variant:
+    """How one row's routing differs from the policy: its experiment arms' changes and per-user adaptation.
+
+    Only what the policy allows reaches here (experiment_spec checks arms against the allowlist); lanes,
+    breakers, fallback chains and deadlines apply to a variant's models exactly as to the policy's."""
+
+    models: Mapping[str, str] = field(default_factory=dict)  # policy model -> the model:version called instead
+    threshold: float | None = None  # the cascade's confidence threshold for this row (its tier's when None)
+    escalate_when: str | None = None  # the cascade's escalate_when for this row (the policy's when None)
+    reasons: tuple[str, ...] = ()  # why this row differs, for REASON
+
+
+BASE = Variant()
+
+
+@dataclass(frozen=True)
 class Decision:
     """Where a row goes first, and why."""
 
@@ -125,6 +141,7 @@ class Answer:
     reason: str
     path: str  # every model tried, in order, with its outcome
     outcome: str = "direct"  # "direct", "fallback" (a model failed on the way) or "degraded" (by load)
+    first_label: int | None = None  # the cascade's first model's label, when it answered the row
 
 
 @dataclass(frozen=True)
@@ -145,6 +162,8 @@ class _Row:
     notes: list[str] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)
     best: tuple[str, np.ndarray] | None = None  # the last answer in hand, from which model
+    variant: Variant = BASE
+    first_label: int | None = None  # the cascade's first model's label, once it answered
 
 
 Outcome = np.ndarray | HopFailure  # one row's result of one hop: probabilities or why there are none
@@ -192,22 +211,29 @@ class Router:
         self.latency_measured: dict[str, float] = {}  # when each model's latency was last measured
         self.stalls = StallLog()
 
-    def _can_serve(self, model: str, signature: Signature) -> bool:
-        return self.accepts_missing[model] or signature.missing_fraction == 0.0
+    def _can_serve(self, model: str, signature: Signature, variant: Variant = BASE) -> bool:
+        return self.accepts_missing[variant.models.get(model, model)] or signature.missing_fraction == 0.0
 
-    def decide(self, signature: Signature) -> Decision:
+    def target(self, model: str, tier: str, variant: Variant = BASE) -> str:
+        """The model:version called for `model`: the variant's replacement, through the tier's lane if any."""
+        return self.policy.lane(variant.models.get(model, model), tier)
+
+    def decide(self, signature: Signature, variant: Variant = BASE) -> Decision:
         for rule in self.policy.rules:
-            if rule.matches(signature) and self._can_serve(rule.route, signature):
+            if rule.matches(signature) and self._can_serve(rule.route, signature, variant):
                 because = ", ".join(condition.explain(signature) for condition in rule.when)
                 return Decision(rule.route, f"rule {rule.name} ({because})", confidence_cap=rule.confidence_cap)
         first = self.policy.cascade.first
-        if self._can_serve(first, signature):
+        if self._can_serve(first, signature, variant):
             return Decision(first, "cascade", cascade=True)
         return Decision(self.policy.fallback, "fallback: no listed route takes images with missing pixels")
 
-    def escalations(self, signatures: list[Signature], probs: np.ndarray) -> list[tuple[bool, str]]:
+    def escalations(
+        self, signatures: list[Signature], probs: np.ndarray, variants: Sequence[Variant] = ()
+    ) -> list[tuple[bool, str]]:
         """For rows answered by the cascade's first model: escalate or not, and why."""
         cascade = self.policy.cascade
+        variants = list(variants) or [BASE] * len(signatures)
         confidence = probs.max(axis=1)
         wrong = (
             self.learned.wrong_probability(escalation_features(signatures, probs))
@@ -216,10 +242,13 @@ class Router:
         )
         verdicts = []
         for i, signature in enumerate(signatures):
-            threshold = cascade.thresholds[signature.tier]
+            variant = variants[i]
+            threshold = cascade.thresholds[signature.tier] if variant.threshold is None else variant.threshold
+            whose = f"{signature.tier} threshold" if variant.threshold is None else "this row's threshold"
             low = bool(confidence[i] < threshold)
-            why = f"confidence {confidence[i]:.2f} {'<' if low else '>='} {threshold:.2f} ({signature.tier} threshold)"
-            if wrong is None:
+            why = f"confidence {confidence[i]:.2f} {'<' if low else '>='} {threshold:.2f} ({whose})"
+            escalate_when = variant.escalate_when or cascade.escalate_when
+            if wrong is None or escalate_when == "threshold":
                 verdicts.append((low, why))
                 continue
             doubt = bool(wrong[i] > cascade.learned_escalate_above)
@@ -228,7 +257,7 @@ class Router:
                 f"{cascade.learned_escalate_above:.2f}"
             )
             escalate = {"threshold": low, "learned": doubt, "either": low or doubt, "both": low and doubt}
-            verdicts.append((escalate[cascade.escalate_when], why))
+            verdicts.append((escalate[escalate_when], why))
         return verdicts
 
     async def route(
@@ -238,27 +267,32 @@ class Router:
         infer: InferFn,
         waits_ms: Sequence[float] = (),
         spent_ms: Sequence[float] = (),
+        variants: Sequence[Variant] = (),
     ) -> list[Answer | Shed | str]:
         """An Answer per row, Shed for a row refused under load, or the error that left a row unanswered.
 
         Each row must be answered within its deadline_ms, or its tier's SLO when it sent none, counted from
         when the server started on its request: `spent_ms[i]` of row i's budget went before the router (none
         given: nothing). `waits_ms[i]` is how long row i's request queued for the router because of load
-        (none given: no wait); the caller feeds the load gauge (`self.load.observe`)."""
+        (none given: no wait); the caller feeds the load gauge (`self.load.observe`). `variants[i]` is how row i's
+        routing differs from the policy (none given: not at all)."""
         start = self.clock()
         waits = list(waits_ms) or [0.0] * len(signatures)
         spent = list(spent_ms) or [0.0] * len(signatures)
+        row_variants = list(variants) or [BASE] * len(signatures)
         results: list[Answer | Shed | str] = [""] * len(signatures)
         rows, kept = [], []
-        for index, (signature, wait_ms, spent_before_ms) in enumerate(zip(signatures, waits, spent, strict=True)):
+        for index, (signature, wait_ms, spent_before_ms, variant) in enumerate(
+            zip(signatures, waits, spent, row_variants, strict=True)
+        ):
             action, why = self.load.action(signature.tier, wait_ms)
             if action == SHED:
                 results[index] = Shed(why)
                 continue
-            decision = self.decide(signature)
+            decision = self.decide(signature, variant)
             budget_ms = signature.deadline_ms or self.policy.tiers[signature.tier].slo_ms
             deadline = start + (budget_ms - spent_before_ms) / 1000
-            row = _Row(decision, signature, deadline, degraded=why if action == DEGRADE else "")
+            row = _Row(decision, signature, deadline, degraded=why if action == DEGRADE else "", variant=variant)
             self._send(row, [decision.route, *self.policy.chain(decision.route)])
             rows.append(row)
             kept.append(index)
@@ -282,7 +316,11 @@ class Router:
             verdicts = dict(
                 zip(
                     cascading,
-                    self.escalations([signatures[i] for i in cascading], np.stack([outcomes[i] for i in cascading]))
+                    self.escalations(
+                        [signatures[i] for i in cascading],
+                        np.stack([outcomes[i] for i in cascading]),
+                        [rows[i].variant for i in cascading],
+                    )
                     if cascading
                     else [],
                     strict=True,
@@ -299,10 +337,10 @@ class Router:
         """Point the row at the first candidate it has not tried, can use, and whose breaker lets it through."""
         row.next_model = None
         for model in candidates:
-            if model in row.tried or not self._can_serve(model, row.signature):
+            if model in row.tried or not self._can_serve(model, row.signature, row.variant):
                 continue
             row.tried.add(model)
-            target = self.policy.lane(model, row.signature.tier)
+            target = self.target(model, row.signature.tier, row.variant)
             breaker = self.breakers[target]
             if breaker.allow():
                 row.next_model = model
@@ -316,7 +354,7 @@ class Router:
         groups: dict[str, list[int]] = defaultdict(list)  # by the model:version actually called (lanes apart)
         outcomes: dict[int, Outcome] = {}
         for row, model in pending.items():
-            target = self.policy.lane(model, rows[row].signature.tier)
+            target = self.target(model, rows[row].signature.tier, rows[row].variant)
             left = self._time_left(rows[row])
             if left is not None and left <= 0 and model != self.policy.fallback:
                 # nothing to wait for: the row goes on to the safe default, which is never skipped
@@ -377,8 +415,8 @@ class Router:
         return outcomes
 
     def _advance(self, row: _Row, logical: str, outcome: Outcome, verdict: tuple[bool, str] | None) -> None:
-        """Record the call to `logical` (through the row's lane, if any) and choose the row's next hop."""
-        model = self.policy.lane(logical, row.signature.tier)
+        """Record the call to `logical` (through the row's variant and lane, if any) and choose the row's next hop."""
+        model = self.target(logical, row.signature.tier, row.variant)
         row.next_model = None
         if isinstance(outcome, HopFailure):
             row.hops.append(f"{model} {'timeout' if outcome.kind is Failure.TIMEOUT else 'error'}")
@@ -395,16 +433,17 @@ class Router:
             else:
                 self._send(row, self.policy.chain(logical))
             if row.next_model:
-                row.notes.append(f"fell back to {self.policy.lane(row.next_model, row.signature.tier)}")
+                row.notes.append(f"fell back to {self.target(row.next_model, row.signature.tier, row.variant)}")
             return
         row.best = (model, outcome)
         if verdict is None:
             row.hops.append(f"{model} ok")
             return
         escalate, why = verdict
+        row.first_label = int(np.argmax(outcome))
         row.notes.append(f"{model} {why}")
         left = self._time_left(row)
-        target = self.policy.lane(self.policy.cascade.escalate_to, row.signature.tier)
+        target = self.target(self.policy.cascade.escalate_to, row.signature.tier, row.variant)
         needed = self._expected_latency(target)
         if escalate and row.degraded:
             row.hops.append(f"{model} ok")
@@ -438,11 +477,11 @@ class Router:
             return f"no model could answer ({path}): {'; '.join(row.notes)}"
         model, probs = row.best
         confidence = float(probs.max())
-        if row.decision.confidence_cap is not None and model == self.policy.lane(
-            row.decision.route, row.signature.tier
+        if row.decision.confidence_cap is not None and model == self.target(
+            row.decision.route, row.signature.tier, row.variant
         ):
             confidence = min(confidence, row.decision.confidence_cap)
-        reason = "; ".join([row.decision.reason, *row.notes, f"cues: {row.signature.cues()}"])
+        reason = "; ".join([row.decision.reason, *row.variant.reasons, *row.notes, f"cues: {row.signature.cues()}"])
         failed_on_the_way = any(hop.endswith((" error", " timeout", " ejected")) for hop in row.hops)
         outcome = "fallback" if failed_on_the_way else "degraded" if row.degraded else "direct"
-        return Answer(probs, confidence, model, reason, path, outcome)
+        return Answer(probs, confidence, model, reason, path, outcome, row.first_label)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ class RequestContext:
     tier: str = "standard"
     user_id: str = ""
     deadline_ms: int | None = None
+    attributes: Mapping[str, str | int] = field(default_factory=dict)  # the policy's declared attributes it sent
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""TierserveClient and AsyncTierserveClient: `classify` over gRPC or HTTP with the official tritonclient."""
+"""TierserveClient and AsyncTierserveClient: `classify` and `feedback` over gRPC or HTTP with the official
+tritonclient."""
 
 from __future__ import annotations
 
@@ -8,15 +9,28 @@ import importlib
 import math
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
+from tritonclient.utils import np_to_triton_dtype
 
-from tierserve.client.classification import MODEL, OUTPUTS, Classification, as_pixels, decode, request_parameters
-from tierserve.client.errors import call_errors
+from tierserve.client.classification import (
+    FEEDBACK_MODEL,
+    FEEDBACK_OUTPUTS,
+    MODEL,
+    OUTPUTS,
+    Classification,
+    as_pixels,
+    decode,
+    feedback_tensors,
+    request_parameters,
+    unaccepted,
+)
+from tierserve.client.errors import TierserveError, call_errors
 from tierserve.signature import TIERS, triton_priority
 from tierserve.tier_keys import TIER_KEY_HEADER
 
@@ -68,31 +82,35 @@ def _tier_key_headers(tier_key: str | None) -> dict[str, str] | None:
     return {TIER_KEY_HEADER: tier_key}
 
 
-def _check_open(closed: bool) -> None:
-    if closed:
-        raise ValueError("classify on a closed client")
-
-
 def _request(
     module: ModuleType,
-    images: Any,
-    tier: str | None,
-    user_id: str | None,
-    deadline_ms: int | None,
+    model: str,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Sequence[str],
     headers: dict[str, str] | None,
+    parameters: dict[str, Any] | None = None,
+    priority: int = 0,
 ) -> dict[str, Any]:
-    pixels = as_pixels(images)
-    tensor = module.InferInput("PIXELS", list(pixels.shape), "FP32")
-    tensor.set_data_from_numpy(pixels)
+    """tritonclient's infer() arguments for one call of `model`: each input's Triton type from its numpy dtype."""
+    tensors = []
+    for name, array in inputs.items():
+        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
     return {
-        "model_name": MODEL,
-        "inputs": [tensor],
-        "outputs": [module.InferRequestedOutput(name) for name in OUTPUTS],
-        "parameters": request_parameters(tier, user_id, deadline_ms) or None,
-        # the tier's Triton priority orders the queues of `digits`' steps; no tier: the default level
-        "priority": triton_priority(tier) if tier in TIERS else 0,
+        "model_name": model,
+        "inputs": tensors,
+        "outputs": [module.InferRequestedOutput(name) for name in outputs],
+        "parameters": parameters or None,
+        "priority": priority,
         "headers": headers,
     }
+
+
+def _accepted(result: Any) -> None:
+    """A `feedback` answer; the server refuses bad feedback with an error, so a row it did not accept is a bug."""
+    if rows := unaccepted(result):
+        raise TierserveError(None, f"feedback for rows {rows} was answered but not accepted")
 
 
 class _GrpcCalls:
@@ -187,18 +205,36 @@ class _Client:
         self._connection_errors = _connection_errors(protocol, asyncio=asyncio)
         self._closed = False
 
-    def _prepared(
+    def _timeout(self, call: str, timeout_s: float | None) -> float:
+        """How long a call may take (its own `timeout_s` or the client's); a closed client refuses the call."""
+        if self._closed:
+            raise ValueError(f"{call} on a closed client")
+        return self.timeout_s if timeout_s is None else _positive(timeout_s)
+
+    def _classify_request(
         self,
         images: np.ndarray,
         tier: str | None,
         user_id: str | None,
         deadline_ms: int | None,
+        attributes: Mapping[str, str | int] | None,
         timeout_s: float | None,
     ) -> tuple[dict[str, Any], float]:
-        """The request `classify` sends, and how long it may take (this call's `timeout_s` or the client's)."""
-        _check_open(self._closed)
-        timeout_s = self.timeout_s if timeout_s is None else _positive(timeout_s)
-        return _request(self._module, images, tier, user_id, deadline_ms, self._headers), timeout_s
+        """The request `classify` sends, and how long it may take."""
+        timeout_s = self._timeout("classify", timeout_s)
+        parameters = request_parameters(tier, user_id, deadline_ms, attributes)
+        # the tier's Triton priority orders the queues of `digits`' steps; no tier: the default level
+        priority = triton_priority(tier) if tier in TIERS else 0
+        inputs = {"PIXELS": as_pixels(images)}
+        return _request(self._module, MODEL, inputs, OUTPUTS, self._headers, parameters, priority), timeout_s
+
+    def _feedback_request(
+        self, request_ids: str | Sequence[str], labels: int | Sequence[int], timeout_s: float | None
+    ) -> tuple[dict[str, Any], float]:
+        """The request `feedback` sends, and how long it may take."""
+        timeout_s = self._timeout("feedback", timeout_s)
+        inputs = feedback_tensors(request_ids, labels)
+        return _request(self._module, FEEDBACK_MODEL, inputs, FEEDBACK_OUTPUTS, self._headers), timeout_s
 
 
 class TierserveClient(_Client):
@@ -233,12 +269,24 @@ class TierserveClient(_Client):
         tier: str | None = None,
         user_id: str | None = None,
         deadline_ms: int | None = None,
+        attributes: Mapping[str, str | int] | None = None,
         timeout_s: float | None = None,
     ) -> list[Classification]:
-        """Classify [N, H, W] images (or one [H, W]); `timeout_s` overrides the client's for this call."""
-        request, timeout_s = self._prepared(images, tier, user_id, deadline_ms, timeout_s)
+        """Classify [N, H, W] images (or one [H, W]). `attributes` are request attributes policy.yaml declares
+        (region, device, ...), for experiments; `timeout_s` overrides the client's for this call."""
+        return decode(self._infer(*self._classify_request(images, tier, user_id, deadline_ms, attributes, timeout_s)))
+
+    def feedback(
+        self, request_ids: str | Sequence[str], labels: int | Sequence[int], *, timeout_s: float | None = None
+    ) -> None:
+        """Say which label each answered image really had, by its Classification.request_id: one call for all.
+        The server refuses an unknown or expired id, a second feedback for an id, or a label outside 0-9 with
+        INVALID_ARGUMENT (400 over HTTP), which comes out as a TierserveError that is not retryable."""
+        _accepted(self._infer(*self._feedback_request(request_ids, labels, timeout_s)))
+
+    def _infer(self, request: dict[str, Any], timeout_s: float) -> Any:
         with call_errors(self.protocol, self.url, timeout_s, self._connection_errors):
-            return decode(self._calls.infer(request, timeout_s))
+            return self._calls.infer(request, timeout_s)
 
     def close(self) -> None:
         """Close every connection, whichever thread used it; closing again does nothing."""
@@ -277,14 +325,24 @@ class AsyncTierserveClient(_Client):
         tier: str | None = None,
         user_id: str | None = None,
         deadline_ms: int | None = None,
+        attributes: Mapping[str, str | int] | None = None,
         timeout_s: float | None = None,
     ) -> list[Classification]:
-        """Classify [N, H, W] images (or one [H, W]); `timeout_s` overrides the client's for this call."""
-        request, timeout_s = self._prepared(images, tier, user_id, deadline_ms, timeout_s)
+        """Classify [N, H, W] images (or one [H, W]); `attributes` and `timeout_s` as TierserveClient's."""
+        request = self._classify_request(images, tier, user_id, deadline_ms, attributes, timeout_s)
+        return decode(await self._infer(*request))
+
+    async def feedback(
+        self, request_ids: str | Sequence[str], labels: int | Sequence[int], *, timeout_s: float | None = None
+    ) -> None:
+        """Say which label each answered image really had, as TierserveClient.feedback."""
+        _accepted(await self._infer(*self._feedback_request(request_ids, labels, timeout_s)))
+
+    async def _infer(self, request: dict[str, Any], timeout_s: float) -> Any:
         with call_errors(self.protocol, self.url, timeout_s, self._connection_errors):
             if self.protocol == "grpc":
-                return decode(await self._client.infer(**request, client_timeout=timeout_s))
-            return decode(await asyncio.wait_for(self._client.infer(**request), timeout_s))
+                return await self._client.infer(**request, client_timeout=timeout_s)
+            return await asyncio.wait_for(self._client.infer(**request), timeout_s)
 
     async def close(self) -> None:
         if not self._closed:

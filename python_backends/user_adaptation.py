@@ -1,0 +1,89 @@
+"""Per-user adaptation of the cascade: how often the cascade's first model was right on a user's fed-back images,
+and the escalation threshold that follows for that user's rows.
+
+Users are known only by their keyed hash (request_ids.user_key). Each has a hash `user:{hash}` (right, wrong) in the
+state store, and a score in the sorted set `users:seen` (when last seen); beyond `max_users` the least recently seen
+are forgotten. In SQLite a user takes about BYTES_PER_USER bytes, so the default 100,000 users take about 16 MB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tierserve.policy import AdaptationSettings
+from tierserve.state_store import StateStore
+
+SEEN_KEY = "users:seen"
+ESCALATE_ALL = 1.01  # a threshold above any confidence: every row escalates
+# Store bytes per user in SQLite with both right and wrong counted, measured over 10,000 users by
+# tests/unit/test_user_adaptation.py, which fails when the measurement drifts more than 25% from this
+BYTES_PER_USER = 160
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """The cascade's first model on this user's fed-back images."""
+
+    right: int
+    wrong: int
+
+    @property
+    def feedback(self) -> int:
+        return self.right + self.wrong
+
+    @property
+    def accuracy(self) -> float:
+        """Beta(1, 1)-smoothed: a user with little feedback sits near 0.5, not at 0 or 1."""
+        return (self.right + 1) / (self.feedback + 2)
+
+
+def _user_key(user: str) -> str:
+    return f"user:{user}"
+
+
+class UserStates:
+    """Per-user records in `store`, at most `max_users` of them."""
+
+    def __init__(self, store: StateStore, max_users: int) -> None:
+        if max_users < 1:
+            raise ValueError(f"max_users must be at least 1, got {max_users}")
+        self.store = store
+        self.max_users = max_users
+
+    def record(self, user: str, first_right: bool, now: float) -> None:
+        """Count one fed-back row of `user` and mark them seen; forget the least recently seen beyond max_users."""
+        if not user:
+            raise ValueError("a user record needs a user (the keyed hash of a user id)")
+        self.store.add({_user_key(user): {"right" if first_right else "wrong": 1.0}})
+        self.store.mark(SEEN_KEY, {user: now})
+        if (excess := self.store.size(SEEN_KEY) - self.max_users) > 0:
+            forgotten = [member for member, _ in self.store.members(SEEN_KEY, limit=excess)]
+            self.store.unmark(SEEN_KEY, forgotten)
+            self.store.delete(*map(_user_key, forgotten))
+
+    def get(self, users: Iterable[str]) -> dict[str, UserRecord]:
+        """The records of those `users` that have one."""
+        wanted = [user for user in dict.fromkeys(users) if user]
+        found = self.store.counts_many([_user_key(user) for user in wanted])
+        return {
+            user: UserRecord(round(counts.get("right", 0)), round(counts.get("wrong", 0)))
+            for user in wanted
+            if (counts := found[_user_key(user)])
+        }
+
+
+def adapted_threshold(
+    settings: AdaptationSettings, threshold: float, record: UserRecord | None
+) -> tuple[float, str] | None:
+    """The escalation threshold for a user's row and the REASON clause that says why, or None when the global
+    policy's `threshold` holds (adaptation off, no record, too little feedback, or an ordinary accuracy)."""
+    if not settings.enabled or record is None or record.feedback < settings.min_feedback:
+        return None
+    seen = f"per-user: first model right on {record.right}/{record.feedback} of this user's images"
+    if record.accuracy < settings.escalate_all_below:
+        return ESCALATE_ALL, f"{seen}, every row escalates"
+    if record.accuracy > settings.relax_above:
+        relaxed = min(threshold, settings.relaxed_threshold)
+        return relaxed, f"{seen}, escalates below {relaxed:.2f} only"
+    return None

@@ -1,0 +1,96 @@
+"""Triton glue for `feedback`: REQUEST_ID and LABEL per row in, ACCEPTED out; the logic is tierserve.feedback's."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from tierserve.experiment_stats import ExperimentStats
+from tierserve.feedback import FeedbackBook, FeedbackRefused, Learned
+from tierserve.policy import Policy
+from tierserve.request_ids import RequestIds
+from tierserve.state_store import STATE_ENV, StateStoreError, default_location, open_store, shared_secret
+from tierserve.triton_router_metrics import _Family
+from tierserve.user_adaptation import UserStates
+from tierserve.warmup import WarmUp
+
+
+def _error(message: str, code: int) -> pb_utils.InferenceResponse:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+class TritonPythonModel:
+    """Takes feedback request by request: a refused request is answered alone, never its batch."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        # for the Python backend, model_repository is this model's own folder: the router's policy is beside it
+        policy = Policy.load(Path(args["model_repository"]).parent / "router" / "policy.yaml")
+        self.store = open_store(os.environ.get(STATE_ENV) or default_location())
+        self.book = FeedbackBook(
+            self.store,
+            RequestIds(shared_secret(self.store)),
+            ExperimentStats(self.store),
+            UserStates(self.store, policy.adaptation.max_users),
+        )
+        config = json.loads(args["model_config"])
+        self.warm_up = WarmUp(config)
+        accepted = pb_utils.get_output_config_by_name(config, "ACCEPTED")
+        self.accepted_dtype = pb_utils.triton_string_to_numpy(accepted["data_type"])
+        instance, counter = args["model_instance_name"], pb_utils.MetricFamily.COUNTER
+        self.learned = _Family(
+            "tierserve_feedback_total",
+            "Fed-back rows per experiment arm, by whether its answer was correct",
+            counter,
+            instance,
+        )
+        self.refused = _Family(
+            "tierserve_feedback_refused_total",
+            "Feedback requests refused, by why: unknown or expired REQUEST_ID, duplicate feedback, LABEL not 0-9",
+            counter,
+            instance,
+        )
+
+    def finalize(self) -> None:
+        self.store.close()
+
+    def execute(self, requests: list) -> list:
+        if self.warm_up.take():  # Triton's samples: answered without reading them or touching the store
+            return [self._accepted(request) for request in requests]
+        responses = []
+        learned: Counter[Learned] = Counter()
+        for index, request in enumerate(requests):
+            try:  # one request's problem is answered for that request alone, never for its batch
+                ids = pb_utils.get_input_tensor_by_name(request, "REQUEST_ID").as_numpy().ravel()
+                labels = pb_utils.get_input_tensor_by_name(request, "LABEL").as_numpy().ravel()
+                texts = [i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i) for i in ids]
+                learned.update(self.book.accept(texts, [int(label) for label in labels], time.time()))
+                responses.append(self._accepted(request))
+            except FeedbackRefused as error:
+                learned.update(error.learned)
+                self.refused(why=error.why.value).increment(1)
+                responses.append(_error(f"feedback: {error}", pb_utils.TritonError.INVALID_ARG))
+            except StateStoreError as error:  # not the client's fault: the store is busy or gone
+                pb_utils.Logger.log_error(f"feedback: request {index}: {error}")
+                responses.append(
+                    _error(
+                        "feedback: the state store is unavailable; send it again later",
+                        pb_utils.TritonError.UNAVAILABLE,
+                    )
+                )
+            except Exception as error:  # logged here, never sent to the client with a traceback
+                pb_utils.Logger.log_error(f"feedback: request {index} could not be read: {error!r}")
+                responses.append(_error("feedback: the request could not be read", pb_utils.TritonError.INVALID_ARG))
+        for arm, count in learned.items():  # one metric update per series: each is a message to tritonserver
+            self.learned(experiment=arm.experiment, arm=arm.arm, correct=str(arm.correct).lower()).increment(count)
+        return responses
+
+    def _accepted(self, request) -> pb_utils.InferenceResponse:
+        rows = len(pb_utils.get_input_tensor_by_name(request, "LABEL").as_numpy())
+        accepted = np.ones((rows, 1), self.accepted_dtype)
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("ACCEPTED", accepted)])

@@ -53,6 +53,8 @@ def int_test(text: str) -> tuple[str, int] | None:
 
 
 class _Settings(BaseModel):
+    """A part of the experiments file: unknown keys are refused, and nothing changes once loaded."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -269,6 +271,11 @@ class ExperimentsFile(_Settings):
     """Every running experiment, in file order (later experiments win where two change the same setting)."""
 
     experiments: tuple[ExperimentSpec, ...] = Field((), description="the experiments; [] when none runs")
+
+    @field_validator("experiments", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return () if value is None else value  # `experiments:` left with every example commented out
 
     @model_validator(mode="after")
     def _unique_and_disjoint(self) -> ExperimentsFile:

@@ -70,6 +70,7 @@ def test_defaults_are_filled_in():
 def test_an_empty_document_has_no_experiments():
     assert parse_experiments(None, POLICY) == ExperimentsFile()
     assert parse_experiments({"experiments": []}, POLICY) == ExperimentsFile()
+    assert parse_experiments(yaml.safe_load("experiments:\n# - name: commented_out\n"), POLICY) == ExperimentsFile()
 
 
 def test_canonical_json_round_trips():

@@ -156,10 +156,17 @@ class ExperimentStats:
 
     def record_shadow(self, experiment: str, outcome: ShadowOutcome | str, latency_s: float | None, at: float) -> None:
         """Count one shadow call (`at` is accepted for symmetry; shadow counts have no timeline)."""
-        fields = {ShadowOutcome(outcome).value: 1.0}
-        if latency_s is not None:
-            fields[f"lat{latency_bucket(latency_s)}"] = 1.0
-        self.store.add({self._shadow_key(experiment): fields})
+        self.record_shadows(experiment, [(outcome, latency_s)])
+
+    def record_shadows(self, experiment: str, rows: Iterable[tuple[ShadowOutcome | str, float | None]]) -> None:
+        """Count mirrored rows of one experiment, each (outcome, latency of its call or None), in one write."""
+        fields: Counter[str] = Counter()
+        for outcome, latency_s in rows:
+            fields[ShadowOutcome(outcome).value] += 1
+            if latency_s is not None:
+                fields[f"lat{latency_bucket(latency_s)}"] += 1
+        if fields:
+            self.store.add({self._shadow_key(experiment): {k: float(v) for k, v in fields.items()}})
 
     def record_feedback(self, experiment: str, arm: str, correct: bool, at: float) -> None:
         """Count one fed-back row of an arm: for the report (total and the bucket of `at`) and the posterior."""

@@ -16,7 +16,7 @@ from tierserve.feedback import FeedbackBook, FeedbackRefused, Learned
 from tierserve.policy import Policy
 from tierserve.request_ids import RequestIds
 from tierserve.state_store import STATE_ENV, StateStoreError, default_location, open_store, shared_secret
-from tierserve.triton_router_metrics import _Family
+from tierserve.triton_router_metrics import LabelledFamily
 from tierserve.user_adaptation import UserStates
 from tierserve.warmup import WarmUp
 
@@ -43,13 +43,13 @@ class TritonPythonModel:
         accepted = pb_utils.get_output_config_by_name(config, "ACCEPTED")
         self.accepted_dtype = pb_utils.triton_string_to_numpy(accepted["data_type"])
         instance, counter = args["model_instance_name"], pb_utils.MetricFamily.COUNTER
-        self.learned = _Family(
+        self.learned = LabelledFamily(
             "tierserve_feedback_total",
             "Fed-back rows per experiment arm, by whether its answer was correct",
             counter,
             instance,
         )
-        self.refused = _Family(
+        self.refused = LabelledFamily(
             "tierserve_feedback_refused_total",
             "Feedback requests refused, by why: unknown or expired REQUEST_ID, duplicate feedback, LABEL not 0-9",
             counter,

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping
 import triton_python_backend_utils as pb_utils
 
 from tierserve.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from tierserve.experiment_stats import ShadowOutcome
+from tierserve.experimenter import RowPlan
 from tierserve.routing import Answer, Shed
 from tierserve.slo import BudgetBurn, TierSlo
 
@@ -15,7 +17,7 @@ BREAKER_VALUES = {CLOSED: 0.0, HALF_OPEN: 1.0, OPEN: 2.0}
 LATENCY_BUCKETS_S = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 
 
-class _Family:
+class LabelledFamily:
     """A metric family whose labelled metrics are created on first use."""
 
     def __init__(
@@ -38,17 +40,20 @@ class RouterMetrics:
     """tierserve_rows_total{tier,route,outcome}, tierserve_request_latency_seconds{tier,route},
     tierserve_slo_misses_total{tier}, tierserve_error_budget_burn{tier}, tierserve_router_queue_wait_ms,
     tierserve_breaker_state{model} (0 closed, 1 half-open, 2 open), tierserve_model_reloads_total{model};
-    every series also carries `instance`, the router instance (each keeps its own breakers and signals)."""
+    per experiment: tierserve_experiment_rows_total{experiment,arm}, tierserve_experiment_latency_seconds{experiment,
+    arm}, tierserve_shadow_rows_total{experiment,outcome} (agree, disagree, error, dropped),
+    tierserve_shadow_latency_seconds{experiment}; every series also carries `instance`, the router instance (each
+    keeps its own breakers and signals). Feedback counts come from the `feedback` model."""
 
     def __init__(self, models: Iterable[str], tiers: Mapping[str, TierSlo], instance: str) -> None:
         kind = pb_utils.MetricFamily
-        self.rows = _Family(
+        self.rows = LabelledFamily(
             "tierserve_rows_total",
             "Rows by tier, the model that answered, and outcome (direct, fallback, degraded, shed, failed)",
             kind.COUNTER,
             instance,
         )
-        self.latency = _Family(
+        self.latency = LabelledFamily(
             "tierserve_request_latency_seconds",
             "Time per request from preprocess to the "
             "router's answer, by tier and the model that answered its first row",
@@ -56,33 +61,56 @@ class RouterMetrics:
             instance,
             LATENCY_BUCKETS_S,
         )
-        self.misses = _Family(
+        self.misses = LabelledFamily(
             "tierserve_slo_misses_total", "Requests answered after their deadline or tier SLO", kind.COUNTER, instance
         )
-        self.burn = _Family(
+        self.burn = LabelledFamily(
             "tierserve_error_budget_burn",
             "SLO misses over the budgeted share in the last 60 s (1 = on budget)",
             kind.GAUGE,
             instance,
         )
-        self.load = _Family(
+        self.load = LabelledFamily(
             "tierserve_router_queue_wait_ms",
             "Moving average of the longest wait for the router "
             "per execute (the load gauge; shedding judges each request by its own wait)",
             kind.GAUGE,
             instance,
         )
-        self.breaker = _Family(
+        self.breaker = LabelledFamily(
             "tierserve_breaker_state",
             "Circuit breaker per downstream model: 0 closed, 1 half-open, 2 open",
             kind.GAUGE,
             instance,
         )
-        self.reloads = _Family(
+        self.reloads = LabelledFamily(
             "tierserve_model_reloads_total",
             "Models reloaded by the router after their stub died",
             kind.COUNTER,
             instance,
+        )
+        self.arm_rows = LabelledFamily(
+            "tierserve_experiment_rows_total", "Rows answered in each experiment arm", kind.COUNTER, instance
+        )
+        self.arm_latency = LabelledFamily(
+            "tierserve_experiment_latency_seconds",
+            "Time per request from preprocess to the router's answer, per experiment arm of its rows",
+            kind.HISTOGRAM,
+            instance,
+            LATENCY_BUCKETS_S,
+        )
+        self.shadow_rows = LabelledFamily(
+            "tierserve_shadow_rows_total",
+            "Rows mirrored to a shadow candidate, by outcome: agree or disagree with the answer sent, error, dropped",
+            kind.COUNTER,
+            instance,
+        )
+        self.shadow_latency = LabelledFamily(
+            "tierserve_shadow_latency_seconds",
+            "Time per shadow call (one call carries the rows queued for a candidate)",
+            kind.HISTOGRAM,
+            instance,
+            LATENCY_BUCKETS_S,
         )
         self._burns = {tier: BudgetBurn(slo) for tier, slo in tiers.items()}
         self._breaker_states = {model: CLOSED for model in models}
@@ -121,6 +149,20 @@ class RouterMetrics:
                 self._breaker_states[model] = breaker.state
                 self.breaker(model=model).set(BREAKER_VALUES[breaker.state])
         self.load().set(queue_wait_ms)
+
+    def experiments(self, plans: Iterable[RowPlan], latency_s: float) -> None:
+        """One request's rows in experiment arms (shadow experiments are counted by `shadowed`)."""
+        arms = Counter((a.experiment, a.arm) for plan in plans for a in plan.assignments if not a.shadow_to)
+        for (experiment, arm), count in arms.items():
+            self.arm_rows(experiment=experiment, arm=arm).increment(count)
+            self.arm_latency(experiment=experiment, arm=arm).observe(latency_s)
+
+    def shadowed(self, experiment: str, outcomes: Iterable[ShadowOutcome], latency_s: float | None) -> None:
+        """Mirrored rows of one experiment by outcome, and the latency of the call that carried them (None: none)."""
+        for outcome, count in Counter(outcomes).items():
+            self.shadow_rows(experiment=experiment, outcome=outcome.value).increment(count)
+        if latency_s is not None:
+            self.shadow_latency(experiment=experiment).observe(latency_s)
 
     def reloaded(self, name: str) -> None:
         self.reloads(model=name).increment(1)

@@ -1,4 +1,5 @@
-"""Triton glue for `router`: BLS calls to the policy's models, answers with route, reason and path."""
+"""Triton glue for `router`: BLS calls to the policy's models, answers with route, reason, path, REQUEST_ID and
+ARMS; experiments' shadow calls after the answers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tierserve.experiment_stats import ShadowOutcome
+from tierserve.experimenter import EXPERIMENTS_FILE, EXPERIMENTS_PARAMETER, Experimenter, RowPlan, served_experiments
 from tierserve.healing import Healer, ReloadLog
 from tierserve.load_board import SHED_LEVELS, LoadBoard, server_scratch
 from tierserve.load_shedding import SHED, shed_message
@@ -23,12 +26,15 @@ from tierserve.resize import source_problem
 from tierserve.router_files import load_router
 from tierserve.routing import Answer, ModelCallError, ModelDown, ModelRefused, ModelTimeout, Router, Shed
 from tierserve.seal import LANE_TOKEN_PARAMETER, lane_token, rows_sealed, server_secret
+from tierserve.shadow import Mirror, ShadowQueue, outcomes
 from tierserve.signature import RequestContext, signatures
+from tierserve.state_store import STATE_ENV, default_location, open_store
 from tierserve.tier_keys import TIER_KEYS_ENV, TierKeyError, TierKeys, presented_key
 from tierserve.triton_router_metrics import RouterMetrics
 from tierserve.warmup import WarmUp
 
 IDLE_S = 0.25  # an instance without an execute for this long reports no queue wait
+FLUSH_S = 0.5  # how often experiment counts are written to the state store (off the hot path)
 
 
 def _error(message: str, code: int) -> pb_utils.InferenceResponse:
@@ -65,7 +71,21 @@ class TritonPythonModel:
             reload=self._reload,
         )
         self.metrics = RouterMetrics(self.policy.callable_models, self.policy.tiers, args["model_instance_name"])
-        self.warm_up = WarmUp(json.loads(args["model_config"]))
+        config = json.loads(args["model_config"])
+        self.warm_up = WarmUp(config)
+        # experiments: applied with the config (tierserve experiment apply), else as the state store or the file says
+        self.store = open_store(os.environ.get(STATE_ENV) or default_location())
+        applied = config.get("parameters", {}).get(EXPERIMENTS_PARAMETER, {}).get("string_value")
+        spec, source = served_experiments(
+            self.store, self.policy, Path(args["model_repository"]) / EXPERIMENTS_FILE, applied
+        )
+        self.experimenter = Experimenter(spec, self.policy, self.store)
+        self.shadow = ShadowQueue()
+        self._mirroring: asyncio.Future | None = None  # the shadow sender task, while one runs
+        pb_utils.Logger.log_info(
+            f"router: {len(spec.experiments)} experiment(s) from {source}: "
+            f"{', '.join(e.name for e in spec.experiments) or 'none'}"
+        )
         # tiers above standard need a tier key; without a keys file (tritonserver run by hand) none is granted
         self._keys_path = Path(path) if (path := os.environ.get(TIER_KEYS_ENV)) else None
         self._keys, self._keys_mtime, self._keys_checked = TierKeys(), None, float("-inf")
@@ -73,6 +93,16 @@ class TritonPythonModel:
         self._last_execute: float | None = time.monotonic()  # when the latest execute ended; None during one
         self._stopping = threading.Event()
         threading.Thread(target=self._report_idle, name="router-idle-gauge", daemon=True).start()
+        self._flusher = threading.Thread(target=self._flush, name="router-experiment-counts", daemon=True)
+        self._flusher.start()
+
+    def _flush(self) -> None:
+        """Experiment counts go to the state store from here, never from an execute."""
+        while not self._stopping.wait(FLUSH_S):
+            try:
+                self.experimenter.flush()
+            except Exception as error:  # a store that fails costs counts, never answers
+                pb_utils.Logger.log_error(f"router: experiment counts not written: {error!r}")
 
     def _report_idle(self) -> None:
         """An instance Triton sends nothing has nobody waiting for it: its load gauge falls to zero (and its
@@ -83,6 +113,9 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self._stopping.set()
+        self._flusher.join(timeout=5)
+        self.experimenter.flush()
+        self.store.close()
 
     async def _warm(self, requests: list) -> list:
         """A warm-up execute: the whole decision path on the samples, answered as the safe default would be
@@ -98,7 +131,8 @@ class TritonPythonModel:
             native = np.tile(np.array([*IMAGE_SHAPE, 0.0, 0.0], np.float32), (len(image), 1))  # as if sent 8x8
             rows = signatures(image, native, [RequestContext(self.policy.default_tier)] * len(image), self.stats)
             answers = await scratch_router.route(image, rows, uniform)
-            responses.append(self._response(self.policy.default_tier, answers))
+            blank = [""] * len(answers)
+            responses.append(self._response(self.policy.default_tier, answers, blank, blank))
         return responses
 
     async def execute(self, requests: list) -> list:
@@ -116,7 +150,7 @@ class TritonPythonModel:
         for index, request in enumerate(requests):
             try:  # one request's problem is answered for that request alone, never for its batch
                 parameters = json.loads(request.parameters())
-                context = parse_context(parameters, self.policy.default_tier)
+                context = parse_context(parameters, self.policy.default_tier, self.policy.attributes)
                 stamp = pb_utils.get_input_tensor_by_name(request, "STAMP").as_numpy()
                 source = pb_utils.get_input_tensor_by_name(request, "SOURCE").as_numpy()
                 image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
@@ -140,7 +174,7 @@ class TritonPythonModel:
             longest_wait_ms = max(longest_wait_ms, wait_ms)
             action, why = self.router.load.action(context.tier, wait_ms)
             if action == SHED:  # refused before any routing work: shedding must cost little
-                responses[index] = self._response(context.tier, [Shed(why)])
+                responses[index] = self._response(context.tier, [Shed(why)], [], [])
                 outcomes.append((context.tier, [Shed(why)] * len(stamp), 0.0, 0.0))
                 continue
             received[index] = min(float(stamp.min()), started)
@@ -159,21 +193,35 @@ class TritonPythonModel:
             started,
         )
         if images:
+            adapt = gauge < self.policy.shedding.degrade_best_effort_at_ms  # under load the global policy answers
             try:
-                answers = await self._route(images, sources, row_contexts, waits, spent)
+                plans = self.experimenter.plan(row_contexts, adapt)
+                answers = await self._route(images, sources, row_contexts, waits, spent, plans)
             except Exception as error:  # a bug must not show a traceback to clients
                 pb_utils.Logger.log_error(f"router: routing failed: {error!r}")
-                answers = ["the router failed on this batch (see the server log)"] * len(owners)
+                plans, answers = [], ["the router failed on this batch (see the server log)"] * len(owners)
             owners_arr = np.asarray(owners)
             finished = time.monotonic()
+            batch = np.concatenate(images)
+            mirrors: list[Mirror] = []
             for index, context in contexts.items():
-                mine = [answers[i] for i in np.flatnonzero(owners_arr == index)]
+                rows = np.flatnonzero(owners_arr == index)
+                mine = [answers[i] for i in rows]
                 if downgrades.get(index):
                     mine = [
                         replace(a, reason=f"{downgrades[index]}; {a.reason}") if isinstance(a, Answer) else a
                         for a in mine
                     ]
-                responses[index] = self._response(context.tier, mine)
+                ids, arms = self._identify(
+                    [plans[i] for i in rows] if plans else [], mine, context, finished - received[index]
+                )
+                responses[index] = self._response(context.tier, mine, ids, arms)
+                if ids:
+                    mirrors += [
+                        Mirror(experiment, candidate, batch[i], int(answers[i].probs.argmax()))
+                        for i in rows
+                        for experiment, candidate in plans[i].shadow_to
+                    ]
                 outcomes.append(
                     (
                         context.tier,
@@ -185,8 +233,56 @@ class TritonPythonModel:
         if outcomes:
             self.metrics.requests(outcomes)
             self.metrics.state(self.router.breakers, self.router.load.wait_ms)
+        if images and mirrors:
+            self._mirror(mirrors, under_load=gauge >= self.policy.shedding.degrade_best_effort_at_ms)
         self._last_execute = time.monotonic()
         return responses
+
+    def _identify(
+        self, plans: list[RowPlan], answers: list, context: RequestContext, latency_s: float
+    ) -> tuple[list[str], list[str]]:
+        """REQUEST_ID and ARMS of a request whose rows were all answered ([] and [] otherwise: it gets an error)."""
+        if not plans or not all(isinstance(a, Answer) for a in answers):
+            return [], []
+        ids = self.experimenter.finish(plans, answers, [context] * len(plans), [latency_s] * len(plans))
+        self.metrics.experiments(plans, latency_s)
+        return ids, [plan.arms for plan in plans]
+
+    def _mirror(self, mirrors: list[Mirror], under_load: bool) -> None:
+        """Queue rows for their shadow candidates (after their answers were built); one sender per instance."""
+        dropped: dict[str, list[ShadowOutcome]] = {}
+        for mirror in self.shadow.offer(mirrors, under_load):
+            dropped.setdefault(mirror.experiment, []).append(ShadowOutcome.DROPPED)
+        for experiment, results in dropped.items():
+            self.experimenter.shadowed(experiment, results, None)
+            self.metrics.shadowed(experiment, results, None)
+        if len(self.shadow) and self._mirroring is None:
+            self._mirroring = asyncio.ensure_future(self._send_mirrors())
+
+    async def _send_mirrors(self) -> None:
+        """Send what the shadow queue holds, one call per candidate, until it is empty."""
+        try:
+            while queued := self.shadow.take():
+                for candidate, mirrors in queued.items():
+                    probs, started = None, time.monotonic()
+                    try:
+                        probs = await self._infer(
+                            candidate,
+                            np.stack([m.image for m in mirrors]),
+                            {},
+                            timeout_s=self.policy.call_timeout_ms / 1000,
+                        )
+                    except Exception as error:  # a shadow failure is counted, never seen by a client
+                        pb_utils.Logger.log_verbose(f"router: shadow call to {candidate} failed: {error!r}")
+                    latency = time.monotonic() - started if probs is not None else None
+                    by_experiment: dict[str, list[ShadowOutcome]] = {}
+                    for mirror, outcome in zip(mirrors, outcomes(mirrors, probs), strict=True):
+                        by_experiment.setdefault(mirror.experiment, []).append(outcome)
+                    for experiment, results in by_experiment.items():
+                        self.experimenter.shadowed(experiment, results, latency)
+                        self.metrics.shadowed(experiment, results, latency)
+        finally:
+            self._mirroring = None
 
     def _verified(self, context: RequestContext, parameters: dict) -> tuple[RequestContext, str]:
         """The context with the tier its tier key allows, and why it was downgraded ("" when it was not);
@@ -221,10 +317,12 @@ class TritonPythonModel:
         contexts: list,
         waits: list[float],
         spent: list[float],
+        plans: list[RowPlan],
     ):
         batch = np.concatenate(images)
         rows = signatures(batch, np.concatenate(sources), contexts, self.stats)
-        return await self.router.route(batch, rows, self._infer, waits_ms=waits, spent_ms=spent)
+        variants = [plan.variant for plan in plans]
+        return await self.router.route(batch, rows, self._infer, waits_ms=waits, spent_ms=spent, variants=variants)
 
     def _wait_ms(self, stamp: float, started: float) -> float:
         """How long a request queued for the router because of load: its wait since `preprocess` stamped it,
@@ -282,7 +380,9 @@ class TritonPythonModel:
         self.metrics.reloaded(name)
         pb_utils.Logger.log_info(f"router: reloaded {name}; ready={pb_utils.is_model_ready(name)}")
 
-    def _response(self, tier: str, answers: list[Answer | Shed | str]) -> pb_utils.InferenceResponse:
+    def _response(
+        self, tier: str, answers: list[Answer | Shed | str], ids: list[str], arms: list[str]
+    ) -> pb_utils.InferenceResponse:
         if shed := [a for a in answers if isinstance(a, Shed)]:
             return _error(shed_message(tier, shed[0].reason), pb_utils.TritonError.UNAVAILABLE)
         if failures := [a for a in answers if isinstance(a, str)]:
@@ -296,5 +396,7 @@ class TritonPythonModel:
                 pb_utils.Tensor("ROUTE", _text([a.route for a in answers])),
                 pb_utils.Tensor("REASON", _text([a.reason for a in answers])),
                 pb_utils.Tensor("PATH", _text([a.path for a in answers])),
+                pb_utils.Tensor("REQUEST_ID", _text(ids)),
+                pb_utils.Tensor("ARMS", _text(arms)),
             ]
         )

@@ -1,4 +1,5 @@
-"""The `tierserve` command: build the reference models, serve them with tritonserver, manage tier keys."""
+"""The `tierserve` command: build the reference models, serve them with tritonserver, manage tier keys and
+experiments."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import os
 import sys
 from pathlib import Path
 
+from tierserve.experiment_spec import ExperimentSpecError
 from tierserve.signature import TIERS
+from tierserve.state_store import STATE_ENV
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key
 from tierserve.tools.build_models import build_all
-from tierserve.tools.paths import DEFAULT_REPOSITORY, TIER_KEY_FILE, TIER_KEYS_FILE
+from tierserve.tools.paths import DEFAULT_REPOSITORY, STATE_FILE, TIER_KEY_FILE, TIER_KEYS_FILE
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -35,9 +38,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fault(args: argparse.Namespace) -> int:
-    from tierserve.faults import FaultSpec
-    from tierserve.tools.model_control import AdminKeyRefused, ModelControl
+def _admin_key() -> str:
+    """The operator's admin key: $TIERSERVE_ADMIN_KEY, or the one `tierserve serve` wrote; "" (and says so) if none."""
     from tierserve.tools.paths import ADMIN_KEY_ENV, ADMIN_KEY_FILE
 
     key = os.environ.get(ADMIN_KEY_ENV) or (ADMIN_KEY_FILE.read_text().strip() if ADMIN_KEY_FILE.exists() else "")
@@ -46,6 +48,14 @@ def _fault(args: argparse.Namespace) -> int:
             f"tierserve: no admin key: set ${ADMIN_KEY_ENV}, or run `tierserve serve`, which writes {ADMIN_KEY_FILE}",
             file=sys.stderr,
         )
+    return key
+
+
+def _fault(args: argparse.Namespace) -> int:
+    from tierserve.faults import FaultSpec
+    from tierserve.tools.model_control import AdminKeyRefused, ModelControl
+
+    if not (key := _admin_key()):
         return 1
     spec = FaultSpec() if args.off else FaultSpec(args.latency_ms, args.error_rate, args.hard_failure)
     control = ModelControl(args.url, key)
@@ -57,6 +67,81 @@ def _fault(args: argparse.Namespace) -> int:
     finally:
         control.close()
     print(f"{args.model}: reloaded with {'no faults' if not spec.active else spec}")
+    return 0
+
+
+def _experiment_apply(args: argparse.Namespace) -> int:
+    from tritonclient.utils import InferenceServerException
+
+    from tierserve.tools.experiment_admin import apply, describe, read_spec
+    from tierserve.tools.model_control import AdminKeyRefused, ModelControl
+
+    spec = read_spec(args.file, args.model_repository)  # a malformed file goes no further than here
+    if not (key := _admin_key()):
+        return 1
+    control = ModelControl(args.url, key)
+    try:
+        apply(control, spec)
+    except (AdminKeyRefused, InferenceServerException) as error:
+        print(f"tierserve: experiments not applied, the running ones keep serving: {error}", file=sys.stderr)
+        return 1
+    finally:
+        control.close()
+    print(f"applied:\n{describe(spec)}")
+    return 0
+
+
+def _experiment_list(args: argparse.Namespace) -> int:
+    from tierserve.state_store import open_store
+    from tierserve.tools.experiment_admin import describe, served
+
+    store = open_store(args.state)
+    try:
+        print(describe(served(store, args.model_repository)))
+    finally:
+        store.close()
+    return 0
+
+
+def _experiment_stop(args: argparse.Namespace) -> int:
+    from tritonclient.utils import InferenceServerException
+
+    from tierserve.state_store import open_store
+    from tierserve.tools.experiment_admin import apply, describe, served, without
+    from tierserve.tools.model_control import AdminKeyRefused, ModelControl
+
+    store = open_store(args.state)
+    try:
+        spec = without(served(store, args.model_repository), args.name)
+    except KeyError as error:
+        print(f"tierserve: {error.args[0]}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    if not (key := _admin_key()):
+        return 1
+    control = ModelControl(args.url, key)
+    try:
+        apply(control, spec)
+    except (AdminKeyRefused, InferenceServerException) as error:
+        print(f"tierserve: {args.name} not stopped: {error}", file=sys.stderr)
+        return 1
+    finally:
+        control.close()
+    print(f"stopped {args.name}; its counts stay for `tierserve experiment report {args.name}`; running:")
+    print(describe(spec))
+    return 0
+
+
+def _experiment_report(args: argparse.Namespace) -> int:
+    from tierserve.state_store import open_store
+    from tierserve.tools.experiment_report import report
+
+    store = open_store(args.state)
+    try:
+        print(report(store, args.name, args.png))
+    finally:
+        store.close()
     return 0
 
 
@@ -183,9 +268,39 @@ def main(argv: list[str] | None = None) -> int:
     remove.add_argument("name")
     remove.set_defaults(run=_tier_key_remove)
 
+    experiment = commands.add_parser("experiment", help="apply, list, stop and report experiments on a running server")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="for the policy")
+    where.add_argument(
+        "--state",
+        default=os.environ.get(STATE_ENV) or str(STATE_FILE),
+        help=f"default: ${STATE_ENV}, else {STATE_FILE}",
+    )
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--url", default="localhost:8000", help="the server's HTTP address (admin key needed)")
+    steps = experiment.add_subparsers(dest="action", required=True)
+    apply = steps.add_parser(
+        "apply", parents=[where, server], help="validate FILE and serve its experiments (replaces the running ones)"
+    )
+    apply.add_argument("file", type=Path)
+    apply.set_defaults(run=_experiment_apply)
+    steps.add_parser("list", parents=[where], help="the experiments the routers serve").set_defaults(
+        run=_experiment_list
+    )
+    stop = steps.add_parser("stop", parents=[where, server], help="stop one experiment; the others keep running")
+    stop.add_argument("name")
+    stop.set_defaults(run=_experiment_stop)
+    report = steps.add_parser("report", parents=[where], help="per arm: users, rows, accuracy, latency, significance")
+    report.add_argument("name")
+    report.add_argument("--png", type=Path, default=None, help="plot accuracy and latency per arm over time here")
+    report.set_defaults(run=_experiment_report)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
+    except ExperimentSpecError as error:
+        print(f"tierserve: {error}", file=sys.stderr)
+        return 1
     except TierKeyError as error:
         print(f"tierserve: {error}", file=sys.stderr)
         return 1

@@ -11,3 +11,6 @@ ADMIN_KEY_FILE = RUNTIME_DIR / "admin_key"  # where `tierserve serve` writes the
 # key for `critical`, whose plain text it writes to TIER_KEY_FILE (both mode 600).
 TIER_KEYS_FILE = RUNTIME_DIR / "tier_keys.json"
 TIER_KEY_FILE = RUNTIME_DIR / "tier_key"
+# State that outlives a request (experiments, bandit posteriors, feedback, per-user records) when $TIERSERVE_STATE
+# names no other: `tierserve serve` gives it to the server, `tierserve experiment` reads it.
+STATE_FILE = RUNTIME_DIR / "state.db"

@@ -13,9 +13,17 @@ from pathlib import Path
 from types import FrameType
 
 from tierserve.private_file import write_private
+from tierserve.state_store import STATE_ENV
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key
 from tierserve.tools.build_models import build_all
-from tierserve.tools.paths import ADMIN_KEY_ENV, ADMIN_KEY_FILE, RUNTIME_DIR, TIER_KEY_FILE, TIER_KEYS_FILE
+from tierserve.tools.paths import (
+    ADMIN_KEY_ENV,
+    ADMIN_KEY_FILE,
+    RUNTIME_DIR,
+    STATE_FILE,
+    TIER_KEY_FILE,
+    TIER_KEYS_FILE,
+)
 from tierserve.tools.server import (
     ADMIN_APIS,
     ADMIN_HEADER,
@@ -111,6 +119,7 @@ def serve(args: argparse.Namespace) -> int:
         admin_key=_admin_key(),
         address=args.address,
         tier_keys=tier_keys,
+        state=os.environ.get(STATE_ENV) or str(STATE_FILE),
     )
     supervisor = Supervisor(server, report=_print_event)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)

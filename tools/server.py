@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tierserve.load_board import server_scratch
+from tierserve.state_store import STATE_ENV
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeys, new_key
 from tierserve.tools.paths import ADMIN_KEY_ENV
 from tierserve.tools.triton_install import assemble_backend_directory, embedded_install, server_environment
@@ -147,6 +148,7 @@ class TritonServer:
         admin_key: str | None = None,
         address: str = DEFAULT_ADDRESS,
         tier_keys: Path | None = None,
+        state: str | None = None,
     ) -> None:
         self.repository = repository.resolve()
         self.ports = ports
@@ -160,6 +162,8 @@ class TritonServer:
         self.address = address
         self.tier_keys = tier_keys or workdir / "tier_keys.json"
         self.tier_key = None if tier_keys else new_key()
+        # state that outlives a request (experiments, posteriors, feedback, per-user records): kept across restarts
+        self.state = state or str(workdir.resolve() / "state.db")
         # Python backend shared-memory regions get a prefix of their own so stop() can sweep leftovers.
         self.shm_prefix = f"tierserve_{os.getpid()}_{ports.http}_"
         self._process: subprocess.Popen[bytes] | None = None
@@ -226,6 +230,7 @@ class TritonServer:
         environment = server_environment()
         environment.pop(ADMIN_KEY_ENV, None)  # the server has it as a flag; its stubs need not see it
         environment[TIER_KEYS_ENV] = str(self.tier_keys.resolve())
+        environment[STATE_ENV] = self.state
         self._process = subprocess.Popen(
             self.command(),
             env=environment,

@@ -1,0 +1,194 @@
+"""Experiments and per-user adaptation for one router instance: who is in which arm, what that changes for the
+row, the REQUEST_ID and ARMS of each answer, and the per-arm counts the report and the bandits read.
+
+Pure Python (no Triton): the router glue calls `plan` before routing a batch and `finish` after it. Nothing here
+writes to the state store on the hot path: per-arm rows are queued and written by `flush`, which the glue calls
+from a background thread; posteriors and user records are read at most once per REFRESH_S.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tierserve.assignment import Assigner, Assignment, Unit
+from tierserve.experiment_spec import ExperimentsFile, experiments_json, load_experiments, parse_experiments
+from tierserve.experiment_stats import ArmRow, ExperimentStats, ShadowOutcome
+from tierserve.policy import Policy
+from tierserve.request_ids import MIRRORED, IssuedRow, RequestIds, new_seeds, user_key
+from tierserve.routing import BASE, Answer, Variant
+from tierserve.signature import RequestContext
+from tierserve.state_store import StateStore, shared_secret
+from tierserve.user_adaptation import UserRecord, UserStates, adapted_threshold
+
+REFRESH_S = 1.0  # posteriors and user records are at most this old
+EXPERIMENTS_PARAMETER = "experiments"  # the router config parameter `tierserve experiment apply` loads it with
+EXPERIMENTS_FILE = "experiments.yaml"  # beside policy.yaml in the router's folder
+EXPERIMENTS_KEY = "experiments"  # the experiments the routers serve (JSON), as last applied or read from the file
+EXPERIMENTS_FILE_KEY = "experiments:file_sha256"  # the repository file's digest when it was last taken
+MAX_PENDING_ROWS = 100_000  # per-arm rows waiting for `flush`; beyond this they are dropped (and counted)
+USER_CACHE = 10_000  # user records an instance keeps between reads
+
+
+def served_experiments(
+    store: StateStore, policy: Policy, repository_file: Path, applied: str | None
+) -> tuple[ExperimentsFile, str]:
+    """The experiments to serve and where they came from: `applied` (a config parameter set by `tierserve experiment
+    apply`), else the repository file when it changed since it was last taken, else what the store holds (applied
+    earlier: it outlives a restart), else the file. Whatever is served is written to the store for `list`.
+    ExperimentSpecError names the bad key; nothing is written then."""
+    file_digest = hashlib.sha256(repository_file.read_bytes()).hexdigest() if repository_file.exists() else ""
+    stored = store.get(EXPERIMENTS_KEY)
+    file_changed = (store.get(EXPERIMENTS_FILE_KEY) or b"").decode() != file_digest
+    if applied is not None:
+        spec, source = parse_experiments(json.loads(applied), policy), "applied"
+    elif stored is not None and not file_changed:
+        spec, source = parse_experiments(json.loads(stored), policy), "state store"
+    elif repository_file.exists():
+        spec, source = load_experiments(repository_file, policy), str(repository_file.name)
+    else:
+        spec, source = ExperimentsFile(), "none"
+    store.set(EXPERIMENTS_KEY, experiments_json(spec).encode())
+    store.set(EXPERIMENTS_FILE_KEY, file_digest.encode())
+    return spec, source
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What experiments and adaptation decided for one row before it was routed."""
+
+    seed: int
+    user: str  # keyed hash of the user id, "" without one
+    assignments: tuple[Assignment, ...]
+    variant: Variant
+    adapted: bool  # per-user adaptation changed this row's cascade
+
+    @property
+    def arms(self) -> str:
+        """The ARMS output: experiment=arm pairs joined by ',' ("" when in none)."""
+        return ",".join(f"{a.experiment}={a.arm}" for a in self.assignments)
+
+    @property
+    def shadow_to(self) -> list[tuple[str, str]]:
+        """(experiment, candidate) for each shadow experiment mirroring this row."""
+        return [(a.experiment, a.shadow_to) for a in self.assignments if a.shadow_to]
+
+
+class Experimenter:
+    """One router instance's experiments, bandit posteriors and per-user records, all kept in `store`."""
+
+    def __init__(
+        self,
+        spec: ExperimentsFile,
+        policy: Policy,
+        store: StateStore,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spec = spec
+        self.policy = policy
+        self.assigner = Assigner(spec)
+        self.stats = ExperimentStats(store)
+        self.users = UserStates(store, policy.adaptation.max_users)
+        self.secret = shared_secret(store)
+        self.ids = RequestIds(self.secret)
+        self.clock = clock
+        self._bandits = [e.name for e in spec.experiments if e.kind == "bandit"]
+        self._posteriors: dict[str, dict[str, tuple[float, float]]] = {}
+        self._posteriors_at = float("-inf")
+        self._records: dict[str, tuple[UserRecord | None, float]] = {}
+        self._pending: list[ArmRow] = []
+        self._shadowed: dict[str, list[tuple[ShadowOutcome, float | None]]] = {}
+        self._lock = threading.Lock()
+        self.dropped_rows = 0  # per-arm rows not counted because `flush` fell behind
+
+    def plan(self, contexts: Sequence[RequestContext], adapt: bool) -> list[RowPlan]:
+        """Each row's seed, arms and variant. `adapt` is False under load: the global policy answers then."""
+        seeds = new_seeds(len(contexts))
+        users = {c.user_id: user_key(self.secret, c.user_id) for c in contexts}
+        posteriors = self._current_posteriors()
+        adapting = adapt and self.policy.adaptation.enabled
+        records = self._user_records([u for u in users.values() if u]) if adapting else {}
+        plans = []
+        for context, seed in zip(contexts, seeds, strict=True):
+            unit = Unit(context.tier, context.user_id, context.attributes, seed)
+            assignments = tuple(self.assigner.assign(unit, posteriors))
+            changes = Assigner.changes(assignments)
+            reasons = [a.reason for a in assignments]
+            threshold = changes.thresholds.get(context.tier)
+            user = users[context.user_id]
+            adapted = False
+            if adapting and user:
+                base = self.policy.cascade.thresholds[context.tier] if threshold is None else threshold
+                if (verdict := adapted_threshold(self.policy.adaptation, base, records.get(user))) is not None:
+                    threshold, why = verdict
+                    reasons.append(why)
+                    adapted = True
+            variant = (
+                Variant(dict(changes.models), threshold, changes.escalate_when, tuple(reasons))
+                if assignments or adapted
+                else BASE
+            )
+            plans.append(RowPlan(seed, user, assignments, variant, adapted))
+        return plans
+
+    def finish(
+        self,
+        plans: Sequence[RowPlan],
+        answers: Sequence[Answer],
+        contexts: Sequence[RequestContext],
+        latencies_s: Sequence[float],
+    ) -> list[str]:
+        """The REQUEST_ID of each answered row; the rows of experiment arms are queued for `flush`."""
+        now = self.clock()
+        issued, arm_rows = [], []
+        for plan, answer, context, latency in zip(plans, answers, contexts, latencies_s, strict=True):
+            arms = tuple((a.experiment, a.arm) for a in plan.assignments)
+            issued.append(
+                IssuedRow(plan.seed, now, plan.user, context.tier, int(answer.probs.argmax()), answer.first_label, arms)
+            )
+            arm_rows.extend(ArmRow(e, arm, plan.user, latency, now) for e, arm in arms if arm != MIRRORED)
+        if arm_rows:
+            with self._lock:
+                room = MAX_PENDING_ROWS - len(self._pending)
+                self._pending.extend(arm_rows[: max(room, 0)])
+                self.dropped_rows += max(len(arm_rows) - max(room, 0), 0)
+        return self.ids.issue(issued)
+
+    def shadowed(self, experiment: str, outcomes: Sequence[ShadowOutcome], latency_s: float | None) -> None:
+        """Queue mirrored rows' outcomes for `flush` (latency None: the call was not made or failed)."""
+        with self._lock:
+            queued = self._shadowed.setdefault(experiment, [])
+            if len(queued) < MAX_PENDING_ROWS:
+                queued.extend((outcome, latency_s) for outcome in outcomes)
+
+    def flush(self) -> None:
+        """Write the queued per-arm rows and shadow outcomes to the store; called off the hot path."""
+        with self._lock:
+            rows, self._pending = self._pending, []
+            shadowed, self._shadowed = self._shadowed, {}
+        if rows:
+            self.stats.record_rows(rows)
+        for experiment, outcomes in shadowed.items():
+            self.stats.record_shadows(experiment, outcomes)
+
+    def _current_posteriors(self) -> dict[str, dict[str, tuple[float, float]]]:
+        if self._bandits and time.monotonic() - self._posteriors_at >= REFRESH_S:
+            self._posteriors = self.stats.posteriors(self._bandits)
+            self._posteriors_at = time.monotonic()
+        return self._posteriors
+
+    def _user_records(self, users: list[str]) -> dict[str, UserRecord]:
+        now = time.monotonic()
+        stale = [u for u in users if now - self._records.get(u, (None, float("-inf")))[1] >= REFRESH_S]
+        if stale:
+            fresh = self.users.get(stale)
+            for user in stale:
+                self._records[user] = (fresh.get(user), now)
+            if len(self._records) > USER_CACHE:  # a bound on this cache, not on the users the store holds
+                self._records = {u: self._records[u] for u in users}
+        return {u: record for u in users if (record := self._records[u][0]) is not None}

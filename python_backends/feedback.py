@@ -95,7 +95,7 @@ class FeedbackBook:
 
     def _checked(self, index: int, request_id: str, label: int, now: float) -> IssuedRow:
         if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < NUM_CLASSES:
-            raise FeedbackRefused(Refusal.LABEL, index, f"LABEL must be a digit from 0 to 9, got {label!r}")
+            raise FeedbackRefused(Refusal.LABEL, index, f"LABEL outside 0-9: expected a digit, got {label!r}")
         try:
             return self.ids.read(request_id, now)
         except UnknownRequestId as error:

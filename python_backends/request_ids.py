@@ -84,7 +84,7 @@ def shown_id(request_id: str) -> str:
 def _unknown(request_id: object) -> UnknownRequestId:
     shown = shown_id(request_id) if isinstance(request_id, str) else f"of type {type(request_id).__name__}"
     return UnknownRequestId(
-        f"REQUEST_ID {shown} was not issued by this server (wrong format or signature); "
+        f"unknown REQUEST_ID {shown}: not issued by this server (wrong format or signature); "
         "send the REQUEST_ID of a digits answer unchanged"
     )
 
@@ -165,7 +165,7 @@ class RequestIds:
         issued_at = int.from_bytes(millis, "big") / 1000
         if (age := now - issued_at) > self.retention_s:
             raise ExpiredRequestId(
-                f"REQUEST_ID {shown_id(request_id)} was issued {age / 86400:.1f} days ago; feedback is taken "
+                f"expired REQUEST_ID {shown_id(request_id)}: issued {age / 86400:.1f} days ago; feedback is taken "
                 f"for {self.retention_s / 86400:g} days after an answer"
             )
         return IssuedRow(

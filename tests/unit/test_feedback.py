@@ -108,12 +108,12 @@ def test_the_same_id_twice_in_one_request_is_refused_before_anything_is_learned(
         (
             lambda b: (_altered(b.issue()), 3),
             Refusal.UNKNOWN,
-            "row 1: REQUEST_ID '.*' was not issued by this server",
+            "row 1: unknown REQUEST_ID '.*': not issued by this server",
         ),
-        (lambda b: ("garbage", 3), Refusal.UNKNOWN, "row 1: REQUEST_ID 'garbage' was not issued"),
-        (lambda b: (b.issue(), 12), Refusal.LABEL, "row 1: LABEL must be a digit from 0 to 9, got 12"),
-        (lambda b: (b.issue(), -1), Refusal.LABEL, "row 1: LABEL must be a digit"),
-        (lambda b: (b.issue(), True), Refusal.LABEL, "row 1: LABEL must be a digit"),
+        (lambda b: ("garbage", 3), Refusal.UNKNOWN, "row 1: unknown REQUEST_ID 'garbage'"),
+        (lambda b: (b.issue(), 12), Refusal.LABEL, "row 1: LABEL outside 0-9: expected a digit, got 12"),
+        (lambda b: (b.issue(), -1), Refusal.LABEL, "row 1: LABEL outside 0-9"),
+        (lambda b: (b.issue(), True), Refusal.LABEL, "row 1: LABEL outside 0-9"),
     ],
 )
 def test_a_refused_row_refuses_the_request_and_nothing_is_learned(book: Book, bad_row, why: Refusal, message: str):
@@ -128,7 +128,7 @@ def test_a_refused_row_refuses_the_request_and_nothing_is_learned(book: Book, ba
 
 def test_an_expired_id_is_refused(book: Book):
     request_id = book.issue()
-    with pytest.raises(FeedbackRefused, match=r"row 0: REQUEST_ID .* was issued 8\.0 days ago") as refused:
+    with pytest.raises(FeedbackRefused, match=r"row 0: expired REQUEST_ID .*: issued 8\.0 days ago") as refused:
         book.book.accept([request_id], [3], NOW + 8 * 86400)
     assert refused.value.why is Refusal.EXPIRED
 

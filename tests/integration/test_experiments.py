@@ -1,0 +1,324 @@
+"""Experiments inside the router, against a real server of their own: sticky assignment, layers, eligibility,
+canary growth, shadow traffic, bandits, feedback, per-user adaptation and live changes under load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from grpc import StatusCode
+
+from tierserve.assignment import Assigner, Unit
+from tierserve.client import TierserveClient, TierserveError
+from tierserve.experiment_spec import parse_experiments
+from tierserve.policy import Policy
+from tierserve.request_ids import IssuedRow, RequestIds, new_seeds
+from tierserve.router_files import POLICY_FILE
+from tierserve.state_store import open_store, shared_secret
+from tierserve.tools.cli import main
+from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.experiment_admin import apply, served
+from tierserve.tools.load import SteadyLoad
+from tierserve.tools.model_control import ModelControl
+from tierserve.tools.server import Ports, TritonServer
+from tierserve.tools.supervisor import Supervisor
+from tierserve.tools.workload import pure_noise
+
+SPLIT = {
+    "name": "heavy_versions",
+    "kind": "split",
+    "layer": "models",
+    "arms": [
+        {"name": "control", "weight": 50},
+        {"name": "v1", "weight": 50, "models": {"digits_heavy:2": "digits_heavy:1"}},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
+    """A server of this module's own: experiments applied here never reach the session server's tests."""
+    workdir = tmp_path_factory.mktemp("experiments")
+    with (
+        (workdir / "tritonserver.log").open("wb") as log,
+        Supervisor(TritonServer(model_repository, Ports.free(), workdir, output=log)) as supervisor,
+    ):
+        yield supervisor
+
+
+@pytest.fixture(scope="module")
+def policy(model_repository: Path) -> Policy:
+    return Policy.load(model_repository / "router" / POLICY_FILE)
+
+
+@pytest.fixture
+def sdk(server: Supervisor) -> Iterator[TierserveClient]:
+    with TierserveClient(server.server.grpc_url, tier_key=server.server.tier_key) as client:
+        yield client
+
+
+def _apply(server: TritonServer, policy: Policy, *experiments: dict) -> None:
+    control = ModelControl(server.http_url, server.admin_key)
+    try:
+        apply(control, parse_experiments({"experiments": list(experiments)}, policy))
+    finally:
+        control.close()
+
+
+@pytest.fixture
+def experiments(server: Supervisor, policy: Policy) -> Iterator:
+    """Apply experiments for one test; none run once it ends."""
+    yield lambda *specs: _apply(server.server, policy, *specs)
+    _apply(server.server, policy)
+
+
+def _arms(sdk: TierserveClient, image: np.ndarray, user: str, **parameters) -> dict[str, str]:
+    (answer,) = sdk.classify(image, user_id=user, **parameters)
+    return dict(answer.arms)
+
+
+def test_every_answer_has_a_unique_request_id_and_no_arms_without_experiments(sdk, split: DigitsSplit):
+    answers = sdk.classify(split.test.images[:20], user_id="alice")
+    assert len({a.request_id for a in answers}) == 20 and all(a.request_id for a in answers)
+    assert all(a.arms == {} for a in answers)
+
+
+def test_assignment_is_sticky_across_instances_and_restarts_and_as_hashing_predicts(
+    server: Supervisor, sdk, experiments, policy: Policy, split: DigitsSplit
+):
+    experiments(SPLIT)
+    assigner = Assigner(parse_experiments({"experiments": [SPLIT]}, policy))
+    users = [f"user-{i}" for i in range(300)]
+    image = split.test.images[0]
+    first = {user: _arms(sdk, image, user)["heavy_versions"] for user in users}
+    expected = {
+        user: assigner.assign(Unit("standard", user, {}, 0))[0].arm for user in users
+    }  # unit user: the seed plays no part
+    assert first == expected
+    assert 0.35 < Counter(first.values())["v1"] / len(users) < 0.65
+    # the router has two instances: many requests per user land on both
+    for user in users[:20]:
+        assert {_arms(sdk, image, user)["heavy_versions"] for _ in range(6)} == {first[user]}
+    # a restarted server serves the experiment it had (from the state store) and the same arms
+    restarts = server.restarts
+    os.kill(server.server.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not (server.restarts > restarts and server.server.is_ready()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with TierserveClient(server.server.grpc_url) as fresh:
+        assert {user: _arms(fresh, image, user)["heavy_versions"] for user in users[:50]} == {
+            user: first[user] for user in users[:50]
+        }
+
+
+def test_an_arm_changes_the_model_version_and_says_so(sdk, experiments, policy: Policy, split: DigitsSplit):
+    experiments(SPLIT)
+    assigner = Assigner(parse_experiments({"experiments": [SPLIT]}, policy))
+    v1_user = next(
+        u for u in (f"u{i}" for i in range(100)) if assigner.assign(Unit("standard", u, {}, 0))[0].arm == "v1"
+    )
+    # a hard image escalates to the heavy model: v1 gets version 1 of it
+    hard = next(
+        image
+        for image in split.test.images[:300]
+        if sdk.classify(image, user_id="nobody-in-particular")[0].route.startswith("digits_heavy")
+    )
+    (answer,) = sdk.classify(hard, user_id=v1_user)
+    assert answer.route == "digits_heavy:1" and answer.arms == {"heavy_versions": "v1"}
+    assert "heavy_versions" in answer.reason
+
+
+def test_layers_exclude_and_eligibility_decides(sdk, experiments, split: DigitsSplit, server: Supervisor):
+    left = {**SPLIT, "name": "left", "layer_range": [0, 50]}
+    right = {**SPLIT, "name": "right", "layer_range": [50, 100]}
+    eu_only = {
+        "name": "eu_only",
+        "kind": "split",
+        "layer": "thresholds",
+        "eligible": {"tiers": ["standard"], "attributes": {"region": ["eu"], "account_age_days": ">= 30"}},
+        "arms": [
+            {"name": "control", "weight": 50},
+            {"name": "strict", "weight": 50, "cascade": {"thresholds": {"standard": 0.99}}},
+        ],
+    }
+    experiments(left, right, eu_only)
+    image = split.test.images[1]
+    seen = [_arms(sdk, image, f"layer-{i}") for i in range(200)]
+    assert all(not ("left" in arms and "right" in arms) for arms in seen)
+    assert all(("left" in arms) != ("right" in arms) for arms in seen)  # together they take the whole layer
+    assert all("eu_only" not in arms for arms in seen)  # no region sent: not eligible
+    eligible = _arms(sdk, image, "eve", attributes={"region": "eu", "account_age_days": 45})
+    assert "eu_only" in eligible
+    assert "eu_only" not in _arms(sdk, image, "eve", attributes={"region": "us", "account_age_days": 45})
+    assert "eu_only" not in _arms(sdk, image, "eve", attributes={"region": "eu", "account_age_days": 3})
+    assert _arms(sdk, image, "eve", tier="critical") == {}  # critical is never in an experiment by default
+    assert _arms(sdk, image, "") == {}  # no user: the control, in no experiment
+    for bad, named in (({"region": "mars"}, "region"), ({"account_age_days": "old"}, "account_age_days")):
+        with pytest.raises(TierserveError) as refused:
+            sdk.classify(image, user_id="eve", attributes=bad)
+        assert refused.value.status == StatusCode.INVALID_ARGUMENT and named in str(refused.value)
+
+
+def test_a_growing_canary_only_moves_users_into_the_treatment(sdk, experiments, split: DigitsSplit):
+    def canary(weight: int) -> dict:
+        return {
+            "name": "canary_v1",
+            "kind": "canary",
+            "arms": [
+                {"name": "canary", "weight": weight, "models": {"digits_heavy:2": "digits_heavy:1"}},
+                {"name": "baseline", "weight": 100 - weight},
+            ],
+        }
+
+    image, users = split.test.images[2], [f"c{i}" for i in range(300)]
+    treated: set[str] = set()
+    for weight in (10, 30, 60):
+        experiments(canary(weight))
+        now = {u for u in users if _arms(sdk, image, u)["canary_v1"] == "canary"}
+        assert treated <= now
+        assert abs(len(now) / len(users) - weight / 100) < 0.1
+        treated = now
+
+
+def test_shadow_traffic_never_changes_answers_and_is_counted(server: Supervisor, sdk, experiments, split: DigitsSplit):
+    images = split.test.images[:40]
+    before = [sdk.classify(image, user_id=f"s{i}")[0] for i, image in enumerate(images)]
+    experiments({"name": "shadow_v1", "kind": "shadow", "shadow": {"candidate": "digits_heavy:1", "fraction": 1.0}})
+    after = [sdk.classify(image, user_id=f"s{i}")[0] for i, image in enumerate(images)]
+    for old, new in zip(before, after, strict=True):
+        assert (new.label, new.route) == (old.label, old.route)
+        np.testing.assert_allclose(new.probs, old.probs, atol=1e-6)
+        assert new.arms == {"shadow_v1": "mirrored"}
+    store = open_store(server.server.state)
+    try:
+        from tierserve.experiment_stats import ExperimentStats
+
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            shadow = ExperimentStats(store).report("shadow_v1").shadow
+            if sum(shadow.values()) >= len(images):
+                break
+            time.sleep(0.2)
+        assert shadow.get("agree", 0) + shadow.get("disagree", 0) + shadow.get("dropped", 0) >= len(images)
+        assert shadow.get("agree", 0) > len(images) / 2  # two versions of one model mostly agree
+    finally:
+        store.close()
+
+
+def test_feedback_is_refused_for_unknown_expired_duplicate_ids_and_bad_labels(
+    server: Supervisor, sdk, split: DigitsSplit
+):
+    (answer,) = sdk.classify(split.test.images[3], user_id="fb")
+    sdk.feedback(answer.request_id, int(split.test.labels[3]))
+    refusals = {
+        "duplicate": (answer.request_id, 3),
+        "unknown": ("not-an-id", 3),
+        "outside 0-9": (sdk.classify(split.test.images[4], user_id="fb")[0].request_id, 12),
+    }
+    store = open_store(server.server.state)
+    try:
+        old = time.time() - 30 * 24 * 3600
+        (expired,) = RequestIds(shared_secret(store)).issue(
+            [IssuedRow(new_seeds(1)[0], old, "", "standard", 1, None, ())]
+        )
+    finally:
+        store.close()
+    refusals["expired"] = (expired, 1)
+    for why, (request_id, label) in refusals.items():
+        with pytest.raises(TierserveError) as refused:
+            sdk.feedback(request_id, label)
+        assert refused.value.status == StatusCode.INVALID_ARGUMENT, why
+        assert why in str(refused.value), (why, str(refused.value))
+        assert not refused.value.retryable
+
+
+def test_a_bandit_moves_traffic_to_the_more_accurate_arm_and_explains_it(sdk, experiments, split: DigitsSplit):
+    experiments(
+        {
+            "name": "bandit_rules",
+            "kind": "bandit",
+            "unit": "request",
+            "bandit": {"strategy": "thompson"},
+            "arms": [
+                {"name": "policy"},
+                {
+                    "name": "rules_only",
+                    "models": {"digits_light:1": "digits_rules:1", "digits_heavy:2": "digits_rules:1"},
+                },
+            ],
+        }
+    )
+    images, labels = split.test.images, split.test.labels
+    for i in range(400):
+        (answer,) = sdk.classify(images[i % len(images)], user_id=f"b{i % 50}")
+        assert "bandit bandit_rules" in answer.reason
+        sdk.feedback(answer.request_id, int(labels[i % len(labels)]))
+    time.sleep(1.2)  # posteriors are read once a second
+    arms = Counter(
+        sdk.classify(images[i % len(images)], user_id="late")[0].arms["bandit_rules"] for i in range(400, 600)
+    )
+    assert arms["policy"] / sum(arms.values()) >= 0.8, arms
+
+
+def test_a_users_feedback_adapts_their_cascade(sdk, split: DigitsSplit):
+    images = split.test.images
+    # a user whose every label disagrees with the first model: the light model is always wrong for them
+    for i in range(12):
+        (answer,) = sdk.classify(images[i], user_id="contrarian", tier="best_effort")
+        if "cascade" in answer.reason:
+            sdk.feedback(answer.request_id, (answer.label + 1) % 10)
+    time.sleep(1.2)
+    (answer,) = sdk.classify(images[20], user_id="contrarian", tier="best_effort")
+    assert "per-user" in answer.reason and answer.route.startswith("digits_heavy"), answer.reason
+    (other,) = sdk.classify(images[20], user_id="someone-else", tier="best_effort")
+    assert "per-user" not in other.reason
+
+
+def test_changing_experiments_under_load_fails_no_request(
+    server: Supervisor, experiments, model_repository: Path, split: DigitsSplit, tmp_path: Path
+):
+    url = server.server.grpc_url
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"experiments": [{**SPLIT, "arms": [{"name": "control", "weight": 101}]}]}))
+    with SteadyLoad(url, split.test.images[:50], tiers=("standard",) * 8, user_id="load") as load:
+        time.sleep(0.5)
+        experiments(SPLIT)
+        time.sleep(0.5)
+        experiments({**SPLIT, "arms": [{**SPLIT["arms"][0], "weight": 20}, {**SPLIT["arms"][1], "weight": 80}]})
+        time.sleep(0.5)
+        assert main(["experiment", "apply", str(bad), "--url", server.server.http_url]) == 1
+        experiments()
+        time.sleep(0.5)
+    errors = [s.error for s in load.sent if s.error]
+    assert len(load.sent) > 100 and errors == []
+    store = open_store(server.server.state)
+    try:
+        assert served(store, model_repository).experiments == ()
+    finally:
+        store.close()
+
+
+def test_a_malformed_file_is_refused_naming_the_key_and_the_running_experiments_keep_serving(
+    server: Supervisor, experiments, tmp_path: Path, capsys, sdk, split: DigitsSplit
+):
+    experiments(SPLIT)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"experiments": [{**SPLIT, "arms": [{"name": "control", "wieght": 50}]}]}))
+    assert main(["experiment", "apply", str(bad), "--url", server.server.http_url]) == 1
+    assert "experiments[0].arms[0].wieght" in capsys.readouterr().err
+    assert "heavy_versions" in _arms(sdk, split.test.images[0], "still-here")
+    assert main(["experiment", "list", "--state", server.server.state]) == 0
+    assert "heavy_versions" in capsys.readouterr().out
+
+
+def test_rules_still_decide_for_rows_in_an_arm(sdk, experiments):
+    experiments(SPLIT)
+    (answer,) = sdk.classify(pure_noise(1, seed=7)[0], user_id="noisy")
+    assert answer.route == "digits_rules:1" and "heavy_versions" in answer.arms

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from tierserve.experiment_spec import ExperimentSpecError
+from tierserve.experiment_spec import ExperimentsFile, ExperimentSpecError
 from tierserve.signature import TIERS
 from tierserve.state_store import STATE_ENV
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key
@@ -70,23 +70,32 @@ def _fault(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experiment_apply(args: argparse.Namespace) -> int:
+def _serve_experiments(args: argparse.Namespace, spec: ExperimentsFile, refused: str) -> bool:
+    """Reload the router of the server at --url with `spec`; False (and why, after `refused`) when not done."""
     from tritonclient.utils import InferenceServerException
 
-    from tierserve.tools.experiment_admin import apply, describe, read_spec
+    from tierserve.tools.experiment_admin import apply
     from tierserve.tools.model_control import AdminKeyRefused, ModelControl
 
-    spec = read_spec(args.file, args.model_repository)  # a malformed file goes no further than here
     if not (key := _admin_key()):
-        return 1
+        return False
     control = ModelControl(args.url, key)
     try:
         apply(control, spec)
     except (AdminKeyRefused, InferenceServerException) as error:
-        print(f"tierserve: experiments not applied, the running ones keep serving: {error}", file=sys.stderr)
-        return 1
+        print(f"tierserve: {refused}: {error}", file=sys.stderr)
+        return False
     finally:
         control.close()
+    return True
+
+
+def _experiment_apply(args: argparse.Namespace) -> int:
+    from tierserve.tools.experiment_admin import describe, read_spec
+
+    spec = read_spec(args.file, args.model_repository)  # a malformed file goes no further than here
+    if not _serve_experiments(args, spec, "experiments not applied, the running ones keep serving"):
+        return 1
     print(f"applied:\n{describe(spec)}")
     return 0
 
@@ -104,11 +113,8 @@ def _experiment_list(args: argparse.Namespace) -> int:
 
 
 def _experiment_stop(args: argparse.Namespace) -> int:
-    from tritonclient.utils import InferenceServerException
-
     from tierserve.state_store import open_store
-    from tierserve.tools.experiment_admin import apply, describe, served, without
-    from tierserve.tools.model_control import AdminKeyRefused, ModelControl
+    from tierserve.tools.experiment_admin import describe, served, without
 
     store = open_store(args.state)
     try:
@@ -118,16 +124,8 @@ def _experiment_stop(args: argparse.Namespace) -> int:
         return 1
     finally:
         store.close()
-    if not (key := _admin_key()):
+    if not _serve_experiments(args, spec, f"{args.name} not stopped"):
         return 1
-    control = ModelControl(args.url, key)
-    try:
-        apply(control, spec)
-    except (AdminKeyRefused, InferenceServerException) as error:
-        print(f"tierserve: {args.name} not stopped: {error}", file=sys.stderr)
-        return 1
-    finally:
-        control.close()
     print(f"stopped {args.name}; its counts stay for `tierserve experiment report {args.name}`; running:")
     print(describe(spec))
     return 0

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
-from tierserve.experiment_spec import ExperimentsFile, ExperimentSpecError, experiments_json, parse_experiments
+from tierserve.experiment_spec import ExperimentsFile, experiments_json, load_experiments, parse_experiments
 from tierserve.experimenter import EXPERIMENTS_KEY, EXPERIMENTS_PARAMETER
 from tierserve.policy import Policy
 from tierserve.router_files import POLICY_FILE
@@ -25,15 +23,7 @@ ROUTER = "router"
 
 def read_spec(path: Path, repository: Path) -> ExperimentsFile:
     """The experiments file, validated against the repository's policy; ExperimentSpecError names the bad key."""
-    policy = Policy.load(repository / ROUTER / POLICY_FILE)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ExperimentSpecError(f"{path}: cannot read the experiments: {error}") from None
-    try:
-        return parse_experiments(data, policy)
-    except ExperimentSpecError as error:
-        raise ExperimentSpecError(f"{path}: {error}") from None
+    return load_experiments(path, Policy.load(repository / ROUTER / POLICY_FILE))
 
 
 def apply(control: ModelControl, spec: ExperimentsFile) -> None:

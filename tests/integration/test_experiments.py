@@ -31,6 +31,8 @@ from tierserve.tools.server import Ports, TritonServer
 from tierserve.tools.supervisor import Supervisor
 from tierserve.tools.workload import pure_noise
 
+from .prometheus import metric_values
+
 SPLIT = {
     "name": "heavy_versions",
     "kind": "split",
@@ -322,3 +324,31 @@ def test_rules_still_decide_for_rows_in_an_arm(sdk, experiments):
     experiments(SPLIT)
     (answer,) = sdk.classify(pure_noise(1, seed=7)[0], user_id="noisy")
     assert answer.route == "digits_rules:1" and "heavy_versions" in answer.arms
+
+
+def test_metrics_and_the_report_count_rows_feedback_and_accuracy_per_arm(
+    server: Supervisor, sdk, experiments, split: DigitsSplit, tmp_path: Path, capsys
+):
+    experiments({**SPLIT, "name": "reported"})
+    images, labels = split.test.images, split.test.labels
+    arms: Counter[str] = Counter()
+    for i in range(80):
+        (answer,) = sdk.classify(images[i], user_id=f"r{i}")
+        arms[answer.arms["reported"]] += 1
+        sdk.feedback(answer.request_id, int(labels[i]))
+    rows = {
+        arm: sum(metric_values(server.server, "tierserve_experiment_rows_total", experiment="reported", arm=arm))
+        for arm in arms
+    }
+    assert rows == {arm: float(count) for arm, count in arms.items()}
+    fed_back = sum(metric_values(server.server, "tierserve_feedback_total", experiment="reported"))
+    assert fed_back == 80
+    time.sleep(1.0)  # the routers write per-arm rows to the state store every 0.5 s
+    png = tmp_path / "reported.png"
+    assert main(["experiment", "report", "reported", "--state", server.server.state, "--png", str(png)]) == 0
+    text = capsys.readouterr().out
+    for arm, count in arms.items():
+        line = next(words for words in map(str.split, text.splitlines()) if words[:1] == [arm])  # its table row
+        assert int(line[2]) == count and int(line[3]) == count, line  # rows and feedback of that arm
+    assert "two-proportion z-test" in text and "probability of being the best arm" in text
+    assert png.stat().st_size > 10_000

@@ -29,7 +29,9 @@ output [
   { name: "CONFIDENCE" data_type: TYPE_FP32 dims: [ 1 ] },
   { name: "ROUTE" data_type: TYPE_STRING dims: [ 1 ] },
   { name: "REASON" data_type: TYPE_STRING dims: [ 1 ] },
-  { name: "PATH" data_type: TYPE_STRING dims: [ 1 ] }
+  { name: "PATH" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "REQUEST_ID" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "ARMS" data_type: TYPE_STRING dims: [ 1 ] }
 ]
 """
 
@@ -53,6 +55,8 @@ class TritonPythonModel:
                 pb_utils.Tensor("ROUTE", text("echo:1")),
                 pb_utils.Tensor("REASON", text(request.parameters())),
                 pb_utils.Tensor("PATH", text(os.environ.get("{TIER_KEYS_ENV}", "unset"))),
+                pb_utils.Tensor("REQUEST_ID", text("")),
+                pb_utils.Tensor("ARMS", text("")),
             ]))
         return responses
 """

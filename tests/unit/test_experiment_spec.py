@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -259,3 +260,11 @@ def test_the_models_are_frozen():
     spec = parse_experiments(EXAMPLES, POLICY)
     with pytest.raises(ValueError, match="frozen"):
         spec.experiments[0].name = "other"  # type: ignore[misc]
+
+
+def test_the_readme_example_has_one_experiment_of_each_kind_and_validates():
+    readme = (DEFAULT_REPOSITORY.parent / "README.md").read_text()
+    block = re.search(r"```yaml\n(experiments:.*?)```", readme, re.S)
+    assert block, "README.md has no experiments example"
+    spec = parse_experiments(yaml.safe_load(block.group(1)), POLICY)
+    assert sorted(e.kind for e in spec.experiments) == ["bandit", "canary", "shadow", "split"]

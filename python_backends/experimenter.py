@@ -119,7 +119,7 @@ class Experimenter:
             assignments = tuple(self.assigner.assign(unit, posteriors))
             changes = Assigner.changes(assignments)
             reasons = [a.reason for a in assignments]
-            threshold = changes.thresholds.get(context.tier)
+            threshold, escalate_when = changes.thresholds.get(context.tier), changes.escalate_when
             user = users[context.user_id]
             adapted = False
             if adapting and user:
@@ -128,8 +128,10 @@ class Experimenter:
                     threshold, why = verdict
                     reasons.append(why)
                     adapted = True
+                    if threshold < base:  # relaxed: no escalation on the learned router's doubt
+                        escalate_when = "threshold"
             variant = (
-                Variant(dict(changes.models), threshold, changes.escalate_when, tuple(reasons))
+                Variant(dict(changes.models), threshold, escalate_when, tuple(reasons))
                 if assignments or adapted
                 else BASE
             )

@@ -97,7 +97,7 @@ class AdaptationSettings:
     enabled: bool = False
     min_feedback: int = 5  # fed-back rows of a user before their cascade adapts
     escalate_all_below: float = 0.7  # first model's accuracy on the user's images below which every row escalates
-    relax_above: float = 0.97  # accuracy above which the user's threshold drops to relaxed_threshold
+    relax_above: float = 0.9  # accuracy above which the user's threshold drops to relaxed_threshold
     relaxed_threshold: float = 0.5
     max_users: int = 100_000  # users held; the least recently seen are forgotten beyond this
 

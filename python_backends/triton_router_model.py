@@ -26,7 +26,7 @@ from tierserve.resize import source_problem
 from tierserve.router_files import load_router
 from tierserve.routing import Answer, ModelCallError, ModelDown, ModelRefused, ModelTimeout, Router, Shed
 from tierserve.seal import LANE_TOKEN_PARAMETER, lane_token, rows_sealed, server_secret
-from tierserve.shadow import Mirror, ShadowQueue, outcomes
+from tierserve.shadow import BATCH_ROWS, GATHER_S, Mirror, ShadowQueue, outcomes
 from tierserve.signature import RequestContext, signatures
 from tierserve.state_store import STATE_ENV, default_location, open_store
 from tierserve.tier_keys import TIER_KEYS_ENV, TierKeyError, TierKeys, presented_key
@@ -260,9 +260,13 @@ class TritonPythonModel:
             self._mirroring = asyncio.ensure_future(self._send_mirrors())
 
     async def _send_mirrors(self) -> None:
-        """Send what the shadow queue holds, one call per candidate, until it is empty."""
+        """Send what the shadow queue holds, a call's worth per candidate at a time, gathering rows for GATHER_S
+        before each call, until it is empty."""
         try:
-            while queued := self.shadow.take():
+            while len(self.shadow):
+                if len(self.shadow) < BATCH_ROWS:
+                    await asyncio.sleep(GATHER_S)
+                queued = self.shadow.take()
                 for candidate, mirrors in queued.items():
                     probs, started = None, time.monotonic()
                     try:

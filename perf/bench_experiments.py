@@ -59,9 +59,8 @@ from tierserve.request_ids import user_key
 from tierserve.router_files import POLICY_FILE
 from tierserve.state_store import open_store, shared_secret
 from tierserve.tools.dataset import load_split, shifted_copies
-from tierserve.tools.experiment_admin import apply
+from tierserve.tools.experiment_admin import serve_experiments
 from tierserve.tools.experiment_report import wilson
-from tierserve.tools.model_control import ModelControl
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 from tierserve.tools.server import TritonServer
 from tierserve.tools.workload import noisy
@@ -132,11 +131,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def _apply(server: TritonServer, policy: Policy, *experiments: dict) -> None:
-    control = ModelControl(server.http_url, server.admin_key)
-    try:
-        apply(control, parse_experiments({"experiments": list(experiments)}, policy))
-    finally:
-        control.close()
+    serve_experiments(server.http_url, server.admin_key, parse_experiments({"experiments": list(experiments)}, policy))
 
 
 def _model_counts(server: TritonServer) -> dict[str, int]:

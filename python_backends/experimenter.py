@@ -17,10 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tierserve.assignment import Assigner, Assignment, Unit
-from tierserve.experiment_spec import ExperimentsFile, experiments_json, load_experiments, parse_experiments
+from tierserve.experiment_spec import (
+    MIRRORED,
+    ExperimentsFile,
+    experiments_json,
+    load_experiments,
+    parse_experiments,
+)
 from tierserve.experiment_stats import ArmRow, ExperimentStats, ShadowOutcome
 from tierserve.policy import Policy
-from tierserve.request_ids import MIRRORED, IssuedRow, RequestIds, new_seeds, user_key
+from tierserve.request_ids import IssuedRow, RequestIds, new_seeds, user_key
 from tierserve.routing import BASE, Answer, Variant
 from tierserve.signature import RequestContext
 from tierserve.state_store import StateStore, shared_secret
@@ -28,7 +34,6 @@ from tierserve.user_adaptation import UserRecord, UserStates, adapted_threshold
 
 REFRESH_S = 1.0  # posteriors and user records are at most this old
 EXPERIMENTS_PARAMETER = "experiments"  # the router config parameter `tierserve experiment apply` loads it with
-EXPERIMENTS_FILE = "experiments.yaml"  # beside policy.yaml in the router's folder
 EXPERIMENTS_KEY = "experiments"  # the experiments the routers serve (JSON), as last applied or read from the file
 EXPERIMENTS_FILE_KEY = "experiments:file_sha256"  # the repository file's digest when it was last taken
 MAX_PENDING_ROWS = 100_000  # per-arm rows waiting for `flush`; beyond this they are dropped (and counted)
@@ -66,7 +71,6 @@ class RowPlan:
     user: str  # keyed hash of the user id, "" without one
     assignments: tuple[Assignment, ...]
     variant: Variant
-    adapted: bool  # per-user adaptation changed this row's cascade
 
     @property
     def arms(self) -> str:
@@ -89,7 +93,6 @@ class Experimenter:
         store: StateStore,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.spec = spec
         self.policy = policy
         self.assigner = Assigner(spec)
         self.stats = ExperimentStats(store)
@@ -121,21 +124,19 @@ class Experimenter:
             reasons = [a.reason for a in assignments]
             threshold, escalate_when = changes.thresholds.get(context.tier), changes.escalate_when
             user = users[context.user_id]
-            adapted = False
             if adapting and user:
                 base = self.policy.cascade.thresholds[context.tier] if threshold is None else threshold
                 if (verdict := adapted_threshold(self.policy.adaptation, base, records.get(user))) is not None:
                     threshold, why = verdict
                     reasons.append(why)
-                    adapted = True
                     if threshold < base:  # relaxed: no escalation on the learned router's doubt
                         escalate_when = "threshold"
             variant = (
                 Variant(dict(changes.models), threshold, escalate_when, tuple(reasons))
-                if assignments or adapted
+                if reasons  # an arm or per-user adaptation
                 else BASE
             )
-            plans.append(RowPlan(seed, user, assignments, variant, adapted))
+            plans.append(RowPlan(seed, user, assignments, variant))
         return plans
 
     def finish(

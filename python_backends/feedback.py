@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from tierserve.experiment_spec import MIRRORED
 from tierserve.experiment_stats import ExperimentStats
 from tierserve.pixels import NUM_CLASSES
-from tierserve.request_ids import MIRRORED, ExpiredRequestId, IssuedRow, RequestIds, UnknownRequestId, shown_id
+from tierserve.request_ids import ExpiredRequestId, IssuedRow, RequestIds, UnknownRequestId, shown_id
 from tierserve.state_store import StateStore
 from tierserve.user_adaptation import UserStates
 

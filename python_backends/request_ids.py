@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from tierserve.signature import TIERS
 
 RETENTION_S = 7 * 24 * 3600  # feedback is taken for this long after an answer
-MIRRORED = "mirrored"  # the arm of a shadow experiment's rows: the client got the base route's answer
 VERSION = 1
 TAG_BYTES = 16
 NO_LABEL = 255
@@ -60,7 +59,7 @@ class IssuedRow:
     tier: str
     label: int  # the label answered
     first_label: int | None  # the cascade's first model's label when it answered the row, else None
-    arms: tuple[tuple[str, str], ...]  # (experiment, arm); shadow experiments as (name, MIRRORED)
+    arms: tuple[tuple[str, str], ...]  # (experiment, arm); shadow experiments as (name, experiment_spec.MIRRORED)
 
 
 def new_seeds(n: int) -> list[int]:

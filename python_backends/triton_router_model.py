@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tierserve.experiment_spec import EXPERIMENTS_FILE
 from tierserve.experiment_stats import ShadowOutcome
-from tierserve.experimenter import EXPERIMENTS_FILE, EXPERIMENTS_PARAMETER, Experimenter, RowPlan, served_experiments
+from tierserve.experimenter import EXPERIMENTS_PARAMETER, Experimenter, RowPlan, served_experiments
 from tierserve.healing import Healer, ReloadLog
 from tierserve.load_board import SHED_LEVELS, LoadBoard, server_scratch
 from tierserve.load_shedding import SHED, shed_message
@@ -98,11 +99,15 @@ class TritonPythonModel:
 
     def _flush(self) -> None:
         """Experiment counts go to the state store from here, never from an execute."""
+        reported = 0
         while not self._stopping.wait(FLUSH_S):
             try:
                 self.experimenter.flush()
             except Exception as error:  # a store that fails costs counts, never answers
                 pb_utils.Logger.log_error(f"router: experiment counts not written: {error!r}")
+            if (dropped := self.experimenter.dropped_rows) > reported:
+                pb_utils.Logger.log_warn(f"router: {dropped} experiment rows not counted (the state store fell behind)")
+                reported = dropped
 
     def _report_idle(self) -> None:
         """An instance Triton sends nothing has nobody waiting for it: its load gauge falls to zero (and its

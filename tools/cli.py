@@ -74,19 +74,16 @@ def _serve_experiments(args: argparse.Namespace, spec: ExperimentsFile, refused:
     """Reload the router of the server at --url with `spec`; False (and why, after `refused`) when not done."""
     from tritonclient.utils import InferenceServerException
 
-    from tierserve.tools.experiment_admin import apply
-    from tierserve.tools.model_control import AdminKeyRefused, ModelControl
+    from tierserve.tools.experiment_admin import serve_experiments
+    from tierserve.tools.model_control import AdminKeyRefused
 
     if not (key := _admin_key()):
         return False
-    control = ModelControl(args.url, key)
     try:
-        apply(control, spec)
+        serve_experiments(args.url, key, spec)
     except (AdminKeyRefused, InferenceServerException) as error:
         print(f"tierserve: {refused}: {error}", file=sys.stderr)
         return False
-    finally:
-        control.close()
     return True
 
 

@@ -35,6 +35,16 @@ def apply(control: ModelControl, spec: ExperimentsFile) -> None:
     control.load_with(ROUTER, config)
 
 
+def serve_experiments(http_url: str, admin_key: str, spec: ExperimentsFile) -> None:
+    """`apply` on the server at `http_url`, over a connection of its own; AdminKeyRefused or
+    InferenceServerException when the server does not take it."""
+    control = ModelControl(http_url, admin_key)
+    try:
+        apply(control, spec)
+    finally:
+        control.close()
+
+
 def served(store: StateStore, repository: Path) -> ExperimentsFile:
     """What the routers serve, as they last wrote it to the state store (nothing before a server first ran)."""
     stored = store.get(EXPERIMENTS_KEY)

@@ -1,9 +1,12 @@
-"""Clients for the session's tritonserver, over both protocols, and a helper to send images."""
+"""Clients for the session's tritonserver, over both protocols, a helper to send images, and servers of a
+module's own."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -12,7 +15,19 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from tierserve.client import TierserveClient
-from tierserve.tools.server import TritonServer
+from tierserve.tools.server import Ports, TritonServer
+from tierserve.tools.supervisor import Supervisor
+
+
+@contextlib.contextmanager
+def supervised_server(model_repository: Path, workdir: Path) -> Iterator[Supervisor]:
+    """A supervised tritonserver of its own on free ports, logging to `workdir`/tritonserver.log: for tests that
+    kill, restart or reconfigure it, away from the session's server."""
+    with (
+        (workdir / "tritonserver.log").open("wb") as log,
+        Supervisor(TritonServer(model_repository, Ports.free(), workdir, output=log)) as supervisor,
+    ):
+        yield supervisor
 
 
 @dataclass

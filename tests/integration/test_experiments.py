@@ -24,13 +24,13 @@ from tierserve.router_files import POLICY_FILE
 from tierserve.state_store import open_store, shared_secret
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
-from tierserve.tools.experiment_admin import apply, served
+from tierserve.tools.experiment_admin import serve_experiments, served
 from tierserve.tools.load import SteadyLoad
-from tierserve.tools.model_control import ModelControl
-from tierserve.tools.server import Ports, TritonServer
+from tierserve.tools.server import TritonServer
 from tierserve.tools.supervisor import Supervisor
 from tierserve.tools.workload import pure_noise
 
+from .conftest import supervised_server
 from .prometheus import metric_values
 
 SPLIT = {
@@ -47,11 +47,7 @@ SPLIT = {
 @pytest.fixture(scope="module")
 def server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
     """A server of this module's own: experiments applied here never reach the session server's tests."""
-    workdir = tmp_path_factory.mktemp("experiments")
-    with (
-        (workdir / "tritonserver.log").open("wb") as log,
-        Supervisor(TritonServer(model_repository, Ports.free(), workdir, output=log)) as supervisor,
-    ):
+    with supervised_server(model_repository, tmp_path_factory.mktemp("experiments")) as supervisor:
         yield supervisor
 
 
@@ -67,11 +63,7 @@ def sdk(server: Supervisor) -> Iterator[TierserveClient]:
 
 
 def _apply(server: TritonServer, policy: Policy, *experiments: dict) -> None:
-    control = ModelControl(server.http_url, server.admin_key)
-    try:
-        apply(control, parse_experiments({"experiments": list(experiments)}, policy))
-    finally:
-        control.close()
+    serve_experiments(server.http_url, server.admin_key, parse_experiments({"experiments": list(experiments)}, policy))
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from tierserve.tools.server import SHM_DIR, Ports, TritonServer
 from tierserve.tools.supervisor import RELOAD_MARK, EventKind, InstanceKey, Supervisor
 from tierserve.tools.workload import noisy
 
+from .conftest import supervised_server
 from .test_lifecycle import _processes_with, launch_serve
 
 RECOVERY_BOUND_S = 10.0  # the bound: serving again within 10 s of a death
@@ -49,11 +50,7 @@ RUNNERS = [
 
 @pytest.fixture(scope="module")
 def supervised(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
-    workdir = tmp_path_factory.mktemp("supervised")
-    with (
-        (workdir / "tritonserver.log").open("wb") as log,
-        Supervisor(TritonServer(model_repository, Ports.free(), workdir, output=log)) as supervisor,
-    ):
+    with supervised_server(model_repository, tmp_path_factory.mktemp("supervised")) as supervisor:
         yield supervisor
 
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from tierserve.experiment_spec import MIRRORED
 from tierserve.experiment_stats import ExperimentStats
 from tierserve.feedback import FeedbackBook, FeedbackRefused, Learned, Refusal
-from tierserve.request_ids import MIRRORED, RETENTION_S, IssuedRow, RequestIds, new_seeds, user_key
+from tierserve.request_ids import RETENTION_S, IssuedRow, RequestIds, new_seeds, user_key
 from tierserve.state_store import MemoryStore, shared_secret
 from tierserve.user_adaptation import UserRecord, UserStates
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from tierserve.experiment_spec import MIRRORED
 from tierserve.request_ids import (
-    MIRRORED,
     RETENTION_S,
     ExpiredRequestId,
     IssuedRow,

@@ -8,12 +8,15 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import yaml
 from grpc import StatusCode
+from tritonclient.utils import InferenceServerException
 
 from tierserve.assignment import Assigner, Unit
 from tierserve.client import TierserveClient, TierserveError
@@ -344,3 +347,90 @@ def test_metrics_and_the_report_count_rows_feedback_and_accuracy_per_arm(
         assert int(line[2]) == count and int(line[3]) == count, line  # rows and feedback of that arm
     assert "two-proportion z-test" in text and "probability of being the best arm" in text
     assert png.stat().st_size > 10_000
+
+
+def _raw_feedback(server: TritonServer, ids: np.ndarray, labels: np.ndarray, label_type: str = "INT64"):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        request_id = grpcclient.InferInput("REQUEST_ID", list(ids.shape), "BYTES")
+        request_id.set_data_from_numpy(ids)
+        label = grpcclient.InferInput("LABEL", list(labels.shape), label_type)
+        label.set_data_from_numpy(labels)
+        return client.infer("feedback", [request_id, label], client_timeout=10).as_numpy("ACCEPTED")
+    finally:
+        client.close()
+
+
+def test_what_an_outsider_sends_to_feedback_is_refused_for_that_request_alone(
+    server: Supervisor, sdk, split: DigitsSplit
+):
+    triton = server.server
+    (answer,) = sdk.classify(split.test.images[5], user_id="outsider")
+    real = answer.request_id
+    tampered = real[:-2] + ("A" if real[-2] != "A" else "B") + real[-1]
+    one = np.array([[3]], np.int64)
+    cases = {
+        "a tampered id": (np.array([[tampered.encode()]], object), one, "INT64", "unknown REQUEST_ID"),
+        "a megabyte id": (np.array([[b"x" * 1_000_000]], object), one, "INT64", "unknown REQUEST_ID"),
+        "bytes that are not UTF-8": (np.array([[b"\xff\xfe\x00"]], object), one, "INT64", "unknown REQUEST_ID"),
+        "an empty id": (np.array([[b""]], object), one, "INT64", "unknown REQUEST_ID"),
+        "a negative label": (np.array([[real.encode()]], object), np.array([[-1]], np.int64), "INT64", "LABEL"),
+        "a huge label": (np.array([[real.encode()]], object), np.array([[2**62]], np.int64), "INT64", "LABEL"),
+        "a float label": (np.array([[real.encode()]], object), np.array([[3.0]], np.float32), "FP32", "LABEL"),
+        "rows that do not pair up": (
+            np.array([[real.encode()], [real.encode()]], object),
+            one,
+            "INT64",
+            "",
+        ),
+    }
+    for what, (ids, labels, label_type, says) in cases.items():
+        with pytest.raises(InferenceServerException) as refused:
+            _raw_feedback(triton, ids, labels, label_type)
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT", (what, refused.value)
+        assert says in refused.value.message(), (what, refused.value.message()[:200])
+        assert "Traceback" not in refused.value.message() and "/work/" not in refused.value.message()
+    # none of that touched the real id: its one feedback is still to be given, and a second is refused
+    assert _raw_feedback(triton, np.array([[real.encode()]], object), one).tolist() == [[True]]
+    with pytest.raises(InferenceServerException, match="duplicate"):
+        _raw_feedback(triton, np.array([[real.encode()]], object), one)
+
+
+def test_concurrent_feedback_for_one_answer_is_taken_exactly_once(server: Supervisor, sdk, split: DigitsSplit):
+    (answer,) = sdk.classify(split.test.images[6], user_id="racer")
+
+    def send(_: int) -> str:
+        with TierserveClient(server.server.grpc_url) as client:
+            try:
+                client.feedback(answer.request_id, int(split.test.labels[6]))
+                return "accepted"
+            except TierserveError as error:
+                return "duplicate" if "duplicate" in str(error) else str(error)
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = Counter(pool.map(send, range(16)))
+    assert outcomes == {"accepted": 1, "duplicate": 15}
+
+
+@pytest.mark.parametrize(
+    ("attributes", "named"),
+    [
+        ({"account_age_days": True}, "account_age_days"),
+        ({"account_age_days": "99999999999"}, "account_age_days"),
+        ({"account_age_days": "-"}, "account_age_days"),
+        ({"region": "x" * 100_000}, "region"),
+        ({"device": ""}, "device"),
+    ],
+)
+def test_malformed_attributes_are_refused_naming_them(server: Supervisor, split: DigitsSplit, attributes, named):
+    client = grpcclient.InferenceServerClient(server.server.grpc_url)
+    try:
+        pixels = grpcclient.InferInput("PIXELS", [1, 8, 8], "FP32")
+        pixels.set_data_from_numpy(split.test.images[:1].astype(np.float32))
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("digits", [pixels], parameters={"user_id": "u", **attributes}, client_timeout=10)
+    finally:
+        client.close()
+    message = refused.value.message()
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and named in message
+    assert len(message) < 400  # the value is echoed cut short

@@ -100,7 +100,7 @@ def _wait_until(condition, timeout_s: float) -> float:
     return float("inf")
 
 
-@pytest.mark.parametrize("model", ["preprocess", "router", *RUNNERS])
+@pytest.mark.parametrize("model", ["preprocess", "router", "feedback", *RUNNERS])
 def test_a_killed_stub_is_replaced_without_any_traffic(supervised: Supervisor, split: DigitsSplit, model: str):
     server = supervised.server
     victim = next(stub for stub in server.stubs() if stub.model == model)
@@ -125,6 +125,10 @@ def test_a_killed_stub_is_replaced_without_any_traffic(supervised: Supervisor, s
         assert any(f"{model}:" in path and "error" not in path and "timeout" not in path for path in paths)
     elif model in RUNNERS:
         assert (_infer(server.grpc_url, model, images).as_numpy("PROBS").argmax(axis=1) == labels).mean() >= 0.75
+    elif model == "feedback":  # the reloaded stub takes feedback for an answer of the server's
+        with TierserveClient(server.grpc_url) as client:
+            (answer,) = client.classify(images[0], user_id="after-the-kill")
+            client.feedback(answer.request_id, int(labels[0]))
     died = [e for e in supervised.events if e.kind is EventKind.STUB_DIED and e.model == model]
     assert died and victim.instance in died[-1].detail
 

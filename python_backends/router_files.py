@@ -10,6 +10,7 @@ from tierserve.policy import Policy
 from tierserve.routing import Router
 from tierserve.signature import TrainingStats
 
+ROUTER_MODEL = "router"  # the Triton model that runs the router (its folder holds the policy and experiments)
 POLICY_FILE = "policy.yaml"
 STATS_FILE = "stats.json"
 LEARNED_ROUTER_FILE = "learned_router.json"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -62,7 +63,7 @@ SWEEP_EVERY_S = 30.0  # retention runs this often per writer
 STALE_TMP_S = 3600.0  # a .tmp file this old was left by a crash: retention deletes it
 RECORD_KINDS = ("inference", "feedback")  # the `kind` of an encoded record
 ROW_GROUP_BYTES = 32 * 2**20  # a rolled-up file is written a row group of about this much (in memory) at a time
-ROW_GROUP_ROWS = 1 << 20
+ROW_GROUP_ROWS = 1 << 20  # and at most this many rows (pyarrow's default)
 
 _NAME = re.compile(
     r"^(?P<stamp>\d{8}T\d{6}Z)-(?P<writer>[A-Za-z0-9_.]+)-(?:p(?P<seq>\d+)|c(?P<first>\d+)-(?P<last>\d+))\.parquet$"
@@ -80,6 +81,7 @@ class Hop:
     outcome: str  # as in PATH: ok, low_confidence, error, timeout or ejected
 
 
+@functools.lru_cache(maxsize=4096)  # few distinct paths (models x outcomes): parsed once each, off the row's cost
 def hops(path: str) -> tuple[Hop, ...]:
     """The hops of an answer's PATH (`model:version outcome` joined by '>')."""
     return tuple(Hop(*hop.rsplit(" ", 1)) for hop in path.split(">")) if path else ()
@@ -186,14 +188,14 @@ def inference_record(
         out_of_range_fraction=signature.out_of_range_fraction,
         sparsity=signature.sparsity,
         ood_score=signature.ood_score,
-        pixels=np.array(pixels, dtype=np.float32, copy=True),
+        pixels=np.asarray(pixels, np.float32).copy(),
         route=answer.route,
         path=hops(answer.path),
         outcome=answer.outcome,
         reason=answer.reason,
         label=int(answer.probs.argmax()),
         confidence=answer.confidence,
-        probs=tuple(float(p) for p in answer.probs),
+        probs=tuple(answer.probs.tolist()),
         first_label=answer.first_label,
         latency_ms=latency_s * 1000,
     )
@@ -475,7 +477,7 @@ class InferenceLogSettings(_Settings):
     queue_capacity: int = Field(
         8192,
         ge=1,
-        le=1_000_000,
+        le=100_000,  # 100,000 64x64 images are 1.6 GiB, and the most one flush's 32-bit list offsets address
         description="records held between flushes per process; more are dropped and counted. A 64x64 image is "
         "16 KiB, so the default holds at most 128 MiB",
     )

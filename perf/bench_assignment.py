@@ -26,7 +26,7 @@ from pathlib import Path
 from tierserve.assignment import Assigner, Unit
 from tierserve.experiment_spec import parse_experiments
 from tierserve.policy import Policy
-from tierserve.router_files import POLICY_FILE
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 
 REPORT = Path(__file__).parent / "reports" / "assignment.json"
@@ -77,7 +77,7 @@ def microseconds_per_row(work: Callable[[], None]) -> dict[str, float]:
 
 
 def measure() -> dict:
-    policy = Policy.load(DEFAULT_REPOSITORY / "router" / POLICY_FILE)
+    policy = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
     units = rows()
     results = []
     for count in (0, 1, 3):

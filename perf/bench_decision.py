@@ -13,7 +13,7 @@ import timeit
 import numpy as np
 
 from tierserve.resize import source_stats
-from tierserve.router_files import load_router
+from tierserve.router_files import ROUTER_MODEL, load_router
 from tierserve.signature import RequestContext, signatures
 from tierserve.tools.build_models import build_all
 from tierserve.tools.dataset import load_split
@@ -22,7 +22,7 @@ from tierserve.tools.paths import DEFAULT_REPOSITORY
 
 def main() -> None:
     build_all(DEFAULT_REPOSITORY, log=lambda line: None)
-    router, stats = load_router(DEFAULT_REPOSITORY / "router", "1")
+    router, stats = load_router(DEFAULT_REPOSITORY / ROUTER_MODEL, "1")
     images = load_split().test.images[:64]
     probs = np.full((64, 10), 0.1, np.float32)
     context = RequestContext("standard", "user-1", 50)
@@ -36,7 +36,7 @@ def main() -> None:
 
     for count in (1, 64):
         batch = images[:count]
-        # the source facts are computed by the preprocess model, not the router
+        # the source facts are computed with the resize, before the decision
         work = functools.partial(decide, batch, source_stats(batch), probs[:count])
         runs = 2000 if count == 1 else 200
         seconds = min(timeit.repeat(work, number=runs, repeat=5)) / runs

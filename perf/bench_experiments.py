@@ -56,7 +56,7 @@ from tierserve.experiment_spec import parse_experiments
 from tierserve.experiment_stats import ExperimentStats, ShadowOutcome
 from tierserve.policy import Policy
 from tierserve.request_ids import user_key
-from tierserve.router_files import POLICY_FILE
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.state_store import open_store, shared_secret
 from tierserve.tools.dataset import load_split, shifted_copies
 from tierserve.tools.experiment_admin import serve_experiments
@@ -135,10 +135,10 @@ def _apply(server: TritonServer, policy: Policy, *experiments: dict) -> None:
 
 
 def _model_counts(server: TritonServer) -> dict[str, int]:
-    """Triton's own counters since the server started: rows `digits` answered, the router's executions, and the
-    calls and rows digits_heavy:1 (the shadow candidate) took."""
+    """Triton's own counters since the server started: rows `digits` (the router) answered, its executions, and
+    the calls and rows digits_heavy:1 (the shadow candidate) took."""
     counts = {}
-    for key, path in (("digits", "digits"), ("router", "router"), ("candidate", "digits_heavy/versions/1")):
+    for key, path in (("digits", ROUTER_MODEL), ("candidate", "digits_heavy/versions/1")):
         with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{path}/stats", timeout=5) as response:
             for stats in json.load(response)["model_stats"]:
                 counts[f"{key}_rows"] = counts.get(f"{key}_rows", 0) + int(stats["inference_count"])
@@ -158,7 +158,7 @@ def _shadow_counts(server: TritonServer) -> dict[str, int]:
 
 def measure_shadow() -> dict:
     """PAIRS alternations of none and a 100% shadow on one server; each run's throughput, latency and rows."""
-    policy = Policy.load(DEFAULT_REPOSITORY / "router" / POLICY_FILE)
+    policy = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
     images = load_split().test.images[:64]
     extra = ("--request-parameter", f"tier:{TIER}:string", "--request-parameter", f"user_id:{SHADOW_USER}:string")
     runs, pairs, problems = [], [], []  # pairs: shadow / none throughput of each pair where both settled
@@ -188,7 +188,7 @@ def measure_shadow() -> dict:
                 "p50_ms": m.p50_us / 1000,
                 "p99_ms": m.p99_us / 1000,
                 "rows_served": calls["digits_rows"],
-                "router_executions": calls["router_executions"],
+                "router_executions": calls["digits_executions"],
                 "candidate_calls": calls["candidate_calls"],
                 "candidate_rows": calls["candidate_rows"],
                 "shadow_outcomes": outcomes,
@@ -467,7 +467,7 @@ def _group_results(rows: list[Row]) -> dict:
 
 def measure_adaptation() -> dict:
     """Pick the hard transform, teach the population, evaluate adapted vs global on the same images."""
-    policy = Policy.load(DEFAULT_REPOSITORY / "router" / POLICY_FILE)
+    policy = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
     split = load_split()
     images, labels = split.test.images, split.test.labels
     problems = [] if policy.adaptation.enabled else ["adaptation is disabled in the shipped policy.yaml"]

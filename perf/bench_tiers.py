@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 from harness import running_server
 
-from tierserve.load_board import server_scratch
-from tierserve.seal import LANE_TOKEN_PARAMETER, lane_token, server_secret
+from tierserve.server_scratch import LANE_TOKEN_PARAMETER, lane_token, server_scratch, server_secret
 from tierserve.tier_keys import TIER_KEY_HEADER
 from tierserve.tools.dataset import load_split
 from tierserve.tools.open_loop import OpenLoopResult, kserve_request, run_open_loop
@@ -121,7 +120,7 @@ def main() -> None:
     )
     print(
         "| policy | best_effort offered/s | answered/s | answered p99 ms | unanswered 10 s after the run/s "
-        "| not sent, every connection waiting/s | shed, by preprocess or the router/s "
+        "| not sent, every connection waiting/s | shed by the router/s "
         "| critical sent | critical errors | critical p50 ms | critical p99 ms | critical max ms "
         "| p99 / unloaded p99 |"
     )

@@ -1,13 +1,12 @@
-"""Load shedding and degradation by tier, from a load signal the router measures itself.
+"""Load shedding and degradation by tier, from a load signal Triton measures.
 
-The signal is how long requests waited for the router: `preprocess` stamps each request with the
-system-wide monotonic clock. Batching absorbs concurrency; a wait that grows means requests arrive
-faster than the router serves them. The longest wait of each execute feeds a moving average (the load
-gauge), and a request is judged by the lower of the gauge and its own wait, once the gauge has stayed
-past a threshold for `sustain_s`: only sustained load counts, and only requests that did wait are
-affected. Past the thresholds, best_effort is first degraded (the first model only, no escalation),
-then shed, then standard is shed; critical is never shed by the router.
-"""
+The signal is how long requests queued for the router, as Triton counts it (tierserve.queue_wait: the mean
+queue wait of the requests dispatched since the last reading, read every 50 ms). Batching absorbs
+concurrency; a wait that grows means requests arrive faster than the router serves them. The readings feed
+a moving average (the load gauge), and a request is judged by the gauge once it has stayed past a
+threshold for `sustain_s`: only sustained load counts. Past the thresholds, best_effort is first
+degraded (the first model only, no escalation), then shed, then standard is shed; critical is never shed
+by the router."""
 
 from __future__ import annotations
 
@@ -45,7 +44,7 @@ class LoadMonitor:
         self._past_since: dict[float, float] = {}  # threshold -> since when the average is at or past it
 
     def observe(self, longest_wait_ms: float) -> float:
-        """Fold one execute's longest queue wait into the average and return it."""
+        """Fold one reading of the queue wait (the mean since the last reading) into the average; return it."""
         now = self._clock()
         alpha = max(self.settings.smoothing, 1.0 - math.exp(-(now - self._last) / self.settings.memory_s))
         self._last = now

@@ -7,7 +7,7 @@ import numpy as np
 from tierserve.pixels import IMAGE_SHAPE
 
 MIN_SIDE, MAX_SIDE = 4, 64
-MAX_IMAGES = 64  # max_batch_size of digits and preprocess
+MAX_IMAGES = 64  # max_batch_size of digits, the router and preprocess
 
 
 def size_problem(shape: tuple[int, ...]) -> str | None:
@@ -58,15 +58,3 @@ def source_stats(images: np.ndarray) -> np.ndarray:
     stats[:, 2] = 1.0 - observed.mean(axis=1)
     stats[:, 3] = out_of_range
     return stats
-
-
-def source_problem(stats: np.ndarray) -> str | None:
-    """Say why [N, 4] SOURCE facts cannot have come from `source_stats`, or None when they can."""
-    if stats.ndim != 2 or stats.shape[1] != 4 or not np.isfinite(stats).all():
-        return "SOURCE must be finite [N, 4] facts from preprocess"
-    sides, fractions = stats[:, :2], stats[:, 2:]
-    if ((sides < MIN_SIDE) | (sides > MAX_SIDE) | (sides != np.round(sides))).any() or (
-        (fractions < 0) | (fractions > 1)
-    ).any():
-        return "SOURCE must hold sizes of 4 to 64 and fractions of 0 to 1, as preprocess writes them"
-    return None

@@ -15,6 +15,7 @@ from tierserve.experiment_stats import ExperimentStats
 from tierserve.feedback import FeedbackBook, FeedbackRefused, Learned
 from tierserve.policy import Policy
 from tierserve.request_ids import RequestIds
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.state_store import STATE_ENV, StateStoreError, default_location, open_store, shared_secret
 from tierserve.triton_router_metrics import LabelledFamily
 from tierserve.user_adaptation import UserStates
@@ -30,7 +31,7 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         # for the Python backend, model_repository is this model's own folder: the router's policy is beside it
-        policy = Policy.load(Path(args["model_repository"]).parent / "router" / "policy.yaml")
+        policy = Policy.load(Path(args["model_repository"]).parent / ROUTER_MODEL / POLICY_FILE)
         self.store = open_store(os.environ.get(STATE_ENV) or default_location())
         self.book = FeedbackBook(
             self.store,

@@ -55,8 +55,8 @@ class RouterMetrics:
         )
         self.latency = LabelledFamily(
             "tierserve_request_latency_seconds",
-            "Time per request from preprocess to the "
-            "router's answer, by tier and the model that answered its first row",
+            "Time per request from the router taking it to its answer, by tier and the model that answered its "
+            "first row (the queue before the router is Triton's nv_inference_queue_duration_us)",
             kind.HISTOGRAM,
             instance,
             LATENCY_BUCKETS_S,
@@ -94,7 +94,7 @@ class RouterMetrics:
         )
         self.arm_latency = LabelledFamily(
             "tierserve_experiment_latency_seconds",
-            "Time per request from preprocess to the router's answer, per experiment arm of its rows",
+            "Time per request from the router taking it to its answer, per experiment arm of its rows",
             kind.HISTOGRAM,
             instance,
             LATENCY_BUCKETS_S,

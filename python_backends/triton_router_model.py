@@ -1,5 +1,5 @@
-"""Triton glue for `router`: BLS calls to the policy's models, answers with route, reason, path, REQUEST_ID and
-ARMS; experiments' shadow calls after the answers."""
+"""Triton glue for `digits`, the router: each request's PIXELS resized to 8x8, BLS calls to the policy's models,
+answers with route, reason, path, REQUEST_ID and ARMS; experiments' shadow calls after the answers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import os
 import threading
 import time
-import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,14 +18,14 @@ from tierserve.experiment_spec import EXPERIMENTS_FILE
 from tierserve.experiment_stats import ShadowOutcome
 from tierserve.experimenter import EXPERIMENTS_PARAMETER, Experimenter, RowPlan, served_experiments
 from tierserve.healing import Healer, ReloadLog
-from tierserve.load_board import SHED_LEVELS, LoadBoard, server_scratch
 from tierserve.load_shedding import SHED, shed_message
-from tierserve.pixels import IMAGE_SHAPE, NUM_CLASSES
+from tierserve.pixels import NUM_CLASSES, infinity_problem
+from tierserve.queue_wait import QueueProbe, QueueWaitMeter
 from tierserve.request_context import ParameterError, parse_context
-from tierserve.resize import source_problem
+from tierserve.resize import resize_to_native, size_problem, source_stats
 from tierserve.router_files import load_router
 from tierserve.routing import Answer, ModelCallError, ModelDown, ModelRefused, ModelTimeout, Router, Shed
-from tierserve.seal import LANE_TOKEN_PARAMETER, lane_token, rows_sealed, server_secret
+from tierserve.server_scratch import LANE_TOKEN_PARAMETER, lane_token, server_scratch, server_secret
 from tierserve.shadow import BATCH_ROWS, GATHER_S, Mirror, ShadowQueue, outcomes
 from tierserve.signature import RequestContext, signatures
 from tierserve.state_store import STATE_ENV, default_location, open_store
@@ -34,18 +33,14 @@ from tierserve.tier_keys import TIER_KEYS_ENV, TierKeyError, TierKeys, presented
 from tierserve.triton_router_metrics import RouterMetrics
 from tierserve.warmup import WarmUp
 
-IDLE_S = 0.25  # an instance without an execute for this long reports no queue wait
+IDLE_S = 0.25  # an instance without an execute for this long, and nothing dispatched, reports no queue wait
+QUEUE_POLL_S = 0.05  # how often an instance reads Triton's queue statistics of this model (its load signal)
+STATS_GRACE_S = 10.0  # unreadable statistics are an error after this long (the HTTP endpoint starts last)
 FLUSH_S = 0.5  # how often experiment counts are written to the state store (off the hot path)
 
 
 def _error(message: str, code: int) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
-
-
-def _instance_index(name: str) -> int:
-    """The index Triton gives a model instance ("router_0_1" -> 1), or a stable hash of an odd name."""
-    suffix = name.rsplit("_", 1)[-1]
-    return int(suffix) if suffix.isdigit() else zlib.crc32(name.encode())
 
 
 def _text(values: list[str]) -> np.ndarray:
@@ -61,10 +56,10 @@ class TritonPythonModel:
         # shared by this server's router instances (their parent process is tritonserver)
         scratch = server_scratch(os.getppid())
         reload_log = ReloadLog(scratch)
-        self.secret = server_secret(scratch)
-        self.lane_token = lane_token(self.secret)
+        self.lane_token = lane_token(server_secret(scratch))
         self.lanes = set(self.policy.callable_models) - set(self.policy.models)
-        self.board, self.board_slot = LoadBoard(scratch), _instance_index(args["model_instance_name"])
+        # the load signal: Triton's own count of how long requests queued for this model (tierserve.queue_wait)
+        self.queue = QueueProbe(args["model_name"], args["model_version"])
         self.healer = Healer(
             self.policy.reload_min_interval_s,
             reload_log,
@@ -93,7 +88,7 @@ class TritonPythonModel:
         self._tier_keys()
         self._last_execute: float | None = time.monotonic()  # when the latest execute ended; None during one
         self._stopping = threading.Event()
-        threading.Thread(target=self._report_idle, name="router-idle-gauge", daemon=True).start()
+        threading.Thread(target=self._watch_queue, name="router-queue-wait", daemon=True).start()
         self._flusher = threading.Thread(target=self._flush, name="router-experiment-counts", daemon=True)
         self._flusher.start()
 
@@ -109,18 +104,38 @@ class TritonPythonModel:
                 pb_utils.Logger.log_warn(f"router: {dropped} experiment rows not counted (the state store fell behind)")
                 reported = dropped
 
-    def _report_idle(self) -> None:
-        """An instance Triton sends nothing has nobody waiting for it: its load gauge falls to zero (and its
-        metric with it) instead of showing the last flood's wait for as long as it stays idle."""
-        while not self._stopping.wait(IDLE_S):
-            if self._last_execute is not None and time.monotonic() - self._last_execute >= IDLE_S:
-                self.metrics.state(self.router.breakers, self.router.load.observe(0.0))
+    def _watch_queue(self) -> None:
+        """Feed the load gauge from Triton's queue statistics: the mean wait of the requests dispatched since the
+        last reading, less the time this instance was stuck on failing downstream calls (a fault is not
+        overload). An instance that has had nothing for IDLE_S while nothing was dispatched has nobody waiting
+        for it: its gauge falls to zero instead of showing the last flood's wait for as long as it stays idle."""
+        meter, said, unreadable_since = QueueWaitMeter(), False, time.monotonic()  # HTTP starts after the models
+        while not self._stopping.wait(QUEUE_POLL_S):
+            now = time.monotonic()
+            try:
+                wait_ms = meter.mean_wait_ms(self.queue.read())
+            except (OSError, ValueError) as error:  # no statistics: no load signal; said once until it returns
+                if not said and now - unreadable_since >= STATS_GRACE_S:
+                    pb_utils.Logger.log_error(f"router: no load signal, so no shedding: {error}")
+                    said = True
+                wait_ms = None
+            else:
+                if said:
+                    pb_utils.Logger.log_info("router: Triton's queue statistics are readable again")
+                said, unreadable_since = False, now
+            if wait_ms is None:
+                if self._last_execute is None or now - self._last_execute < IDLE_S:
+                    continue  # busy, and nothing new was dispatched: the gauge stays as it is
+                wait_ms = 0.0
+            stalled_ms = self.router.stalls.overlap(now - wait_ms / 1000, now) * 1000
+            self.metrics.state(self.router.breakers, self.router.load.observe(max(wait_ms - stalled_ms, 0.0)))
 
     def finalize(self) -> None:
         self._stopping.set()
         self._flusher.join(timeout=5)
         self.experimenter.flush()
         self.store.close()
+        self.queue.close()
 
     async def _warm(self, requests: list) -> list:
         """A warm-up execute: the whole decision path on the samples, answered as the safe default would be
@@ -132,9 +147,9 @@ class TritonPythonModel:
         scratch_router = Router(self.policy, self.router.accepts_missing, self.router.learned)  # not self.router
         responses = []
         for request in requests:
-            image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
-            native = np.tile(np.array([*IMAGE_SHAPE, 0.0, 0.0], np.float32), (len(image), 1))  # as if sent 8x8
-            rows = signatures(image, native, [RequestContext(self.policy.default_tier)] * len(image), self.stats)
+            pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS").as_numpy()
+            image, source = resize_to_native(pixels), source_stats(pixels)
+            rows = signatures(image, source, [RequestContext(self.policy.default_tier)] * len(image), self.stats)
             answers = await scratch_router.route(image, rows, uniform)
             blank = [""] * len(answers)
             responses.append(self._response(self.policy.default_tier, answers, blank, blank))
@@ -144,30 +159,28 @@ class TritonPythonModel:
         if self.warm_up.take():
             return await self._warm(requests)
         self._last_execute = None  # busy: not idle, however long this execute takes
-        started = time.monotonic()
+        started = time.monotonic()  # deadlines and SLO latencies count from here; Triton bounds the queue before
+        gauge = self.router.load.wait_ms  # the load signal (Triton's queue wait, see _watch_queue), for this execute
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
-        images, sources, waits, spent, row_contexts, owners, contexts = [], [], [], [], [], [], {}
-        received: dict[int, float] = {}  # per request: when preprocess started on it (monotonic clock)
+        images, sources, row_contexts, owners, contexts = [], [], [], [], {}
         downgrades: dict[int, str] = {}  # per request: why it is served below the tier it asked for, or ""
         # per request: (tier, answers, budget_ms, seconds since it was received)
         outcomes: list[tuple[str, list[Answer | Shed | str], float, float]] = []
-        longest_wait_ms = 0.0
         for index, request in enumerate(requests):
             try:  # one request's problem is answered for that request alone, never for its batch
                 parameters = json.loads(request.parameters())
                 context = parse_context(parameters, self.policy.default_tier, self.policy.attributes)
-                stamp = pb_utils.get_input_tensor_by_name(request, "STAMP").as_numpy()
-                source = pb_utils.get_input_tensor_by_name(request, "SOURCE").as_numpy()
-                image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
-                seals = pb_utils.get_input_tensor_by_name(request, "SEAL").as_numpy()
-                if not rows_sealed(self.secret, stamp, source, image, seals):
-                    raise ParameterError(
-                        "router is an internal step of digits and takes only rows that "
-                        "preprocess sealed; send the request to digits"
-                    )
-                if problem := ("STAMP must be finite" if not np.isfinite(stamp).all() else source_problem(source)):
-                    raise ParameterError(problem)
                 context, downgrades[index] = self._verified(context, parameters)
+                pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS").as_numpy()
+                action, why = self.router.load.action(context.tier, gauge)
+                if action == SHED:  # refused before any work on its images: shedding must cost little
+                    responses[index] = self._response(context.tier, [Shed(why)], [], [])
+                    outcomes.append((context.tier, [Shed(why)] * len(pixels), 0.0, 0.0))
+                    continue
+                if problem := size_problem(pixels.shape) or infinity_problem(pixels):
+                    raise ParameterError(problem)
+                images.append(resize_to_native(pixels))
+                sources.append(source_stats(pixels))
             except ParameterError as error:
                 responses[index] = _error(f"digits: {error}", pb_utils.TritonError.INVALID_ARG)
                 continue
@@ -175,33 +188,14 @@ class TritonPythonModel:
                 pb_utils.Logger.log_error(f"router: request {index} could not be read: {error!r}")
                 responses[index] = _error("digits: the request could not be read", pb_utils.TritonError.INVALID_ARG)
                 continue
-            wait_ms = self._wait_ms(float(stamp.min()), started)
-            longest_wait_ms = max(longest_wait_ms, wait_ms)
-            action, why = self.router.load.action(context.tier, wait_ms)
-            if action == SHED:  # refused before any routing work: shedding must cost little
-                responses[index] = self._response(context.tier, [Shed(why)], [], [])
-                outcomes.append((context.tier, [Shed(why)] * len(stamp), 0.0, 0.0))
-                continue
-            received[index] = min(float(stamp.min()), started)
-            images.append(image)
-            sources.append(source)
-            waits.extend([wait_ms] * len(image))  # preprocess stamps every row of a request alike (sealed)
-            spent.extend([(started - received[index]) * 1000] * len(image))
-            row_contexts.extend([context] * len(image))
-            owners.extend([index] * len(image))
+            row_contexts.extend([context] * len(pixels))
+            owners.extend([index] * len(pixels))
             contexts[index] = context
-        gauge = self.router.load.observe(longest_wait_ms)
-        self.board.post(
-            self.board_slot,
-            gauge,
-            [tier for tier in SHED_LEVELS if self.router.load.action(tier, gauge)[0] == SHED],
-            started,
-        )
         if images:
             adapt = gauge < self.policy.shedding.degrade_best_effort_at_ms  # under load the global policy answers
             try:
                 plans = self.experimenter.plan(row_contexts, adapt)
-                answers = await self._route(images, sources, row_contexts, waits, spent, plans)
+                answers = await self._route(images, sources, row_contexts, [gauge] * len(owners), plans)
             except Exception as error:  # a bug must not show a traceback to clients
                 pb_utils.Logger.log_error(f"router: routing failed: {error!r}")
                 plans, answers = [], ["the router failed on this batch (see the server log)"] * len(owners)
@@ -217,9 +211,7 @@ class TritonPythonModel:
                         replace(a, reason=f"{downgrades[index]}; {a.reason}") if isinstance(a, Answer) else a
                         for a in mine
                     ]
-                ids, arms = self._identify(
-                    [plans[i] for i in rows] if plans else [], mine, context, finished - received[index]
-                )
+                ids, arms = self._identify([plans[i] for i in rows] if plans else [], mine, context, finished - started)
                 responses[index] = self._response(context.tier, mine, ids, arms)
                 if ids:
                     mirrors += [
@@ -232,7 +224,7 @@ class TritonPythonModel:
                         context.tier,
                         mine,
                         context.deadline_ms or self.policy.tiers[context.tier].slo_ms,
-                        finished - received[index],
+                        finished - started,
                     )
                 )
         if outcomes:
@@ -325,19 +317,12 @@ class TritonPythonModel:
         sources: list[np.ndarray],
         contexts: list,
         waits: list[float],
-        spent: list[float],
         plans: list[RowPlan],
     ):
         batch = np.concatenate(images)
         rows = signatures(batch, np.concatenate(sources), contexts, self.stats)
         variants = [plan.variant for plan in plans]
-        return await self.router.route(batch, rows, self._infer, waits_ms=waits, spent_ms=spent, variants=variants)
-
-    def _wait_ms(self, stamp: float, started: float) -> float:
-        """How long a request queued for the router because of load: its wait since `preprocess` stamped it,
-        less the time this router was stuck on failing downstream calls (a fault is not overload)."""
-        stamp = min(stamp, started)
-        return max(started - stamp - self.router.stalls.overlap(stamp, started), 0.0) * 1000
+        return await self.router.route(batch, rows, self._infer, waits_ms=waits, variants=variants)
 
     async def _infer(
         self, model: str, images: np.ndarray, parameters: dict[str, str], *, timeout_s: float

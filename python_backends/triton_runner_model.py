@@ -13,9 +13,8 @@ import triton_python_backend_utils as pb_utils
 
 from tierserve.batching import Rejected, infer_batched
 from tierserve.faults import FaultInjector, FaultSpec
-from tierserve.load_board import server_scratch
 from tierserve.runners import load_runner
-from tierserve.seal import LANE_TOKEN_PARAMETER, lane_token, server_secret
+from tierserve.server_scratch import LANE_TOKEN_PARAMETER, lane_token, server_scratch, server_secret
 from tierserve.warmup import WarmUp
 
 

@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from tierserve.learned_router import LearnedRouter, escalation_features
 from tierserve.manifest import version_dir
 from tierserve.resize import source_stats
-from tierserve.router_files import LEARNED_ROUTER_FILE, STATS_FILE
+from tierserve.router_files import LEARNED_ROUTER_FILE, ROUTER_MODEL, STATS_FILE
 from tierserve.runners import load_runner
 from tierserve.signature import RequestContext, TrainingStats, signatures
 from tierserve.tools.dataset import DigitsSplit, shifted_copies
@@ -22,7 +22,7 @@ LEARNED_ROUTER_SEED = 11
 
 
 def router_artifacts_missing(repository: Path) -> bool:
-    router_version = repository / "router" / "1"
+    router_version = repository / ROUTER_MODEL / "1"
     return not ((router_version / STATS_FILE).is_file() and (router_version / LEARNED_ROUTER_FILE).is_file())
 
 
@@ -31,7 +31,7 @@ def build_router_artifacts(
 ) -> None:
     """Fit the OOD statistics on the training images, then teach the learned router when `first_model`
     is wrong, on validation images it never saw in training: clean, noisy and shifted."""
-    router_version = repository / "router" / "1"
+    router_version = repository / ROUTER_MODEL / "1"
     router_version.mkdir(parents=True, exist_ok=True)
     # the heavy model learned one-pixel shifts as normal variation, so the OOD statistics do too
     stats = TrainingStats.fit(shifted_copies(split.train.images), split.validation.images)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tierserve.load_board import server_scratch
+from tierserve.queue_wait import STATS_URL_ENV
+from tierserve.server_scratch import server_scratch
 from tierserve.state_store import STATE_ENV
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeys, new_key
 from tierserve.tools.paths import ADMIN_KEY_ENV
@@ -101,7 +102,7 @@ class Stub:
     pid: int
     model: str
     version: str
-    instance: str  # Triton's instance name, e.g. "preprocess_0_1"
+    instance: str  # Triton's instance name, e.g. "router_0_1"
 
     @classmethod
     def from_argv(cls, pid: int, argv: list[str]) -> Stub | None:
@@ -231,6 +232,7 @@ class TritonServer:
         environment.pop(ADMIN_KEY_ENV, None)  # the server has it as a flag; its stubs need not see it
         environment[TIER_KEYS_ENV] = str(self.tier_keys.resolve())
         environment[STATE_ENV] = self.state
+        environment[STATS_URL_ENV] = self.http_url  # the routers read their own queue statistics there
         self._process = subprocess.Popen(
             self.command(),
             env=environment,

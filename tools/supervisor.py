@@ -4,7 +4,7 @@ Triton 2.51 does neither. A crashed server stays down. A dead stub leaves its mo
 `/v2/health/ready` at 200) while every request that lands on that instance fails after about a second
 with "Stub process '...' is not healthy", until the model is reloaded. The router reloads the models it
 calls once a call to them has failed; the supervisor watches /proc instead, so a death is healed without
-waiting for traffic, whichever model it hits (preprocess and the router included).
+waiting for traffic, whichever model it hits (the router included).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from tierserve.healing import ReloadLog
-from tierserve.load_board import server_scratch
+from tierserve.server_scratch import server_scratch
 from tierserve.tools.server import ServerError, Stub, TritonServer
 
 POLL_S = 0.25  # how often /proc and the server process are looked at

@@ -23,7 +23,7 @@ from tierserve.client import TierserveClient, TierserveError
 from tierserve.experiment_spec import parse_experiments
 from tierserve.policy import Policy
 from tierserve.request_ids import IssuedRow, RequestIds, new_seeds
-from tierserve.router_files import POLICY_FILE
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.state_store import open_store, shared_secret
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
@@ -56,7 +56,7 @@ def server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def policy(model_repository: Path) -> Policy:
-    return Policy.load(model_repository / "router" / POLICY_FILE)
+    return Policy.load(model_repository / ROUTER_MODEL / POLICY_FILE)
 
 
 @pytest.fixture

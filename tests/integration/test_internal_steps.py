@@ -1,5 +1,7 @@
-"""Internal steps are internal: a request that did not come through `digits` cannot use the router's shared
-state or the critical lanes. Each forgery an outside client tried is refused and harms no other client."""
+"""Internal steps are internal: `digits` is one step, the router, whose inputs are the client's own PIXELS and
+parameters; nothing a client sends can pose as another step's output, and the load signal is Triton's own
+count of queue time. The critical lanes serve only the router. Each forgery an outside client tried is
+refused or harmless, and harms no other client."""
 
 from __future__ import annotations
 
@@ -19,59 +21,96 @@ from tierserve.tools.server import TritonServer
 from .prometheus import metric_values
 
 
-def _router_request(image: np.ndarray, stamp: float, source: list[float], seal: bytes = b"") -> list:
+def _tensors(**values: np.ndarray) -> list[grpcclient.InferInput]:
+    datatypes = {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64", np.dtype(np.object_): "BYTES"}
     tensors = []
-    for name, datatype, value in (
-        ("IMAGE", "FP32", image[None].astype(np.float32)),
-        ("SOURCE", "FP32", np.array([source], np.float32)),
-        ("STAMP", "FP64", np.array([[stamp]], np.float64)),
-        ("SEAL", "BYTES", np.array([[seal]], dtype=np.object_)),
-    ):
-        tensor = grpcclient.InferInput(name, list(value.shape), datatype)
+    for name, value in values.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), datatypes[value.dtype])
         tensor.set_data_from_numpy(value)
         tensors.append(tensor)
     return tensors
 
 
-FORGERIES = {
-    "stamp_zero": (0.0, [8, 8, 0, 0], None),
-    "stamp_minus_infinity": (float("-inf"), [8, 8, 0, 0], None),
-    "nan_source": (None, [8, 8, float("nan"), 0], None),
-    "infinite_pixels": (None, [8, 8, 0, 0], float("inf")),
-}
+def _old_router_request(image: np.ndarray, stamp: float) -> list[grpcclient.InferInput]:
+    """What the router took when `preprocess` was a step of `digits`: a stamp a client could hold back or forge."""
+    return _tensors(
+        IMAGE=image[None].astype(np.float32),
+        SOURCE=np.array([[8, 8, 0, 0]], np.float32),
+        STAMP=np.array([[stamp]], np.float64),
+        SEAL=np.array([[b""]], dtype=np.object_),
+    )
 
 
-@pytest.mark.parametrize("forgery", FORGERIES)
-def test_a_direct_call_to_the_router_is_refused_by_name(triton: TritonServer, split: DigitsSplit, forgery: str):
-    stamp, source, pixel = FORGERIES[forgery]
-    image = split.test.images[0].copy()
-    if pixel is not None:
-        image[:] = pixel
-    client = grpcclient.InferenceServerClient(triton.grpc_url)
+def _refusal(call) -> InferenceServerException:
     with pytest.raises(InferenceServerException) as caught:
-        client.infer("router", _router_request(image, time.monotonic() if stamp is None else stamp, source))
-    client.close()
-    assert str(caught.value.status()) == "StatusCode.INVALID_ARGUMENT"
-    assert "router is an internal step of digits" in caught.value.message()
+        call()
     assert "Traceback" not in caught.value.message()
+    return caught.value
 
 
-def test_forged_router_calls_shed_nobody_and_eject_nothing(triton: TritonServer, split: DigitsSplit):
+def test_the_routers_former_internal_inputs_are_refused_by_triton(triton: TritonServer, split: DigitsSplit):
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        error = _refusal(lambda: client.infer("router", _old_router_request(split.test.images[0], 0.0)))
+    finally:
+        client.close()
+    assert str(error.status()) == "StatusCode.INVALID_ARGUMENT"
+    assert "unexpected inference input" in error.message() or "expected 1 inputs" in error.message()
+
+
+@pytest.mark.parametrize(
+    ("pixels", "parameters", "expected"),
+    [
+        (np.full((1, 8, 8), np.inf, np.float32), {}, "PIXELS has 64 infinite value(s)"),
+        (np.zeros((1, 8, 8), np.float32), {"tier": "critical"}, "'critical' needs a tier key"),
+        (np.zeros((1, 3, 3), np.float32), {}, "PIXELS images must be 4x4 to 64x64, got 3x3"),
+    ],
+)
+def test_a_direct_call_to_the_router_is_judged_as_a_digits_request(
+    triton: TritonServer, pixels: np.ndarray, parameters: dict, expected: str
+):
+    """The router's contract is digits' own: called straight, it refuses what digits refuses, with the same words."""
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        direct = _refusal(lambda: client.infer("router", _tensors(PIXELS=pixels), parameters=parameters))
+        through = _refusal(lambda: client.infer("digits", _tensors(PIXELS=pixels), parameters=parameters))
+    finally:
+        client.close()
+    assert str(direct.status()) == str(through.status()) == "StatusCode.INVALID_ARGUMENT"
+    assert expected in direct.message() and expected in through.message()
+
+
+def test_a_held_back_request_is_not_read_as_load(triton: TritonServer, split: DigitsSplit):
+    """The gap the two-step layout left: `preprocess`'s sealed rows, held back 3 s and then sent to the router,
+    read as 3 s of queue wait. Now a held-back image is just an image: the load gauge stays at Triton's count."""
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        image = client.infer("preprocess", _tensors(PIXELS=split.test.images[:1].astype(np.float32))).as_numpy("IMAGE")
+        time.sleep(3)
+        for _ in range(20):
+            client.infer("router", _tensors(PIXELS=image))
+    finally:
+        client.close()
+    time.sleep(0.3)  # a few readings of the statistics
+    assert max(metric_values(triton, "tierserve_router_queue_wait_ms")) < 10.0, "3 s of holding is no queue wait"
+
+
+def test_forged_and_direct_calls_shed_nobody_and_eject_nothing(triton: TritonServer, split: DigitsSplit):
     """Stamps of 0 (a wait of days) and infinite pixels at ~50 calls/s for 3 s once shed 257 of 264 standard
     requests and opened digits_rules:1's breaker; now they are refused before they touch shared state."""
     stop = threading.Event()
-    forged = 0
+    refused = 0
 
     def forge() -> None:
-        nonlocal forged
+        nonlocal refused
         client = grpcclient.InferenceServerClient(triton.grpc_url)
-        infinite = np.full((8, 8), np.inf, np.float32)
+        infinite = _tensors(PIXELS=np.full((1, 8, 8), np.inf, np.float32))
         while not stop.is_set():
-            for image, stamp in ((split.test.images[0], 0.0), (infinite, time.monotonic())):
+            for model, inputs in (("router", _old_router_request(split.test.images[0], 0.0)), ("router", infinite)):
                 try:
-                    client.infer("router", _router_request(image, stamp, [8, 8, 0, 0]))
+                    client.infer(model, inputs)
                 except InferenceServerException:
-                    forged += 1
+                    refused += 1
             time.sleep(0.02)
         client.close()
 
@@ -81,7 +120,7 @@ def test_forged_router_calls_shed_nobody_and_eject_nothing(triton: TritonServer,
         time.sleep(3)
     stop.set()
     forger.join(10)
-    assert forged > 50, "the forger was refused many times"
+    assert refused > 50, "the forger was refused many times"
     assert [s.error for s in load.sent if s.error] == [] and load.sent
     assert max(metric_values(triton, "tierserve_breaker_state")) == 0.0, "no breaker was opened by a forgery"
 

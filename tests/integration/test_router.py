@@ -15,7 +15,7 @@ from tierserve.client import AsyncTierserveClient, Classification, TierserveClie
 from tierserve.learned_router import LearnedRouter, escalation_features
 from tierserve.policy import Policy
 from tierserve.resize import source_stats
-from tierserve.router_files import LEARNED_ROUTER_FILE, POLICY_FILE, STATS_FILE
+from tierserve.router_files import LEARNED_ROUTER_FILE, POLICY_FILE, ROUTER_MODEL, STATS_FILE
 from tierserve.signature import RequestContext, TrainingStats, signatures
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
@@ -32,7 +32,7 @@ def client(request: pytest.FixtureRequest, triton: TritonServer):
 
 @pytest.fixture(scope="module")
 def policy(model_repository: Path) -> Policy:
-    return Policy.load(model_repository / "router" / POLICY_FILE)
+    return Policy.load(model_repository / ROUTER_MODEL / POLICY_FILE)
 
 
 def _out_of_range(image: np.ndarray, pixels: int = 6) -> np.ndarray:
@@ -77,8 +77,8 @@ def test_the_cascade_escalates_exactly_when_the_policy_says(
             a for start in range(0, len(images), 64) for a in grpc_sdk.classify(images[start : start + 64], tier=tier)
         ]
         light = np.concatenate([grpc.probs("digits_light", images[s : s + 64], "1") for s in range(0, len(images), 64)])
-        stats = TrainingStats.load(model_repository / "router" / "1" / STATS_FILE)
-        learned = LearnedRouter.load(model_repository / "router" / "1" / LEARNED_ROUTER_FILE)
+        stats = TrainingStats.load(model_repository / ROUTER_MODEL / "1" / STATS_FILE)
+        learned = LearnedRouter.load(model_repository / ROUTER_MODEL / "1" / LEARNED_ROUTER_FILE)
         rows = signatures(images, source_stats(images), [RequestContext(tier=tier)] * len(images), stats)
         doubt = learned.wrong_probability(escalation_features(rows, light)) > policy.cascade.learned_escalate_above
         low = light.max(axis=1) < policy.cascade.thresholds[tier]

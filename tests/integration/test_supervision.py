@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tierserve.client import TierserveClient
-from tierserve.load_board import server_scratch
+from tierserve.server_scratch import server_scratch
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.model_control import ModelControl
@@ -117,7 +117,7 @@ def test_a_killed_stub_is_replaced_without_any_traffic(supervised: Supervisor, s
     assert took_s < RECOVERY_BOUND_S, f"no new stub for {victim.instance} within {RECOVERY_BOUND_S} s"
     assert time.monotonic() - killed_at < RECOVERY_BOUND_S
     images, labels = split.test.images[:16], split.test.labels[:16]
-    for _ in range(4):  # preprocess and the router have two instances: reach both
+    for _ in range(4):  # the router has two instances: reach both
         assert (_labels(server.grpc_url, images) == labels).mean() >= 0.75
     if model.endswith("_critical"):  # a lane serves only the router's calls: reach it through digits
         with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
@@ -133,27 +133,24 @@ def test_a_killed_stub_is_replaced_without_any_traffic(supervised: Supervisor, s
     assert died and victim.instance in died[-1].detail
 
 
-def test_readiness_and_digits_are_back_soon_after_every_preprocess_stub_dies(
-    supervised: Supervisor, split: DigitsSplit
-):
+def test_readiness_and_digits_are_back_soon_after_every_router_stub_dies(supervised: Supervisor, split: DigitsSplit):
     """Triton 2.51 keeps a model whose stubs are dead READY, and /v2/health/ready at 200: only requests show
     the death (each fails after ~1 s with "Stub process ... is not healthy"), so the reload is what keeps
-    the window short. With both preprocess stubs killed every `digits` request fails until the reload.
+    the window short. With both router stubs killed every `digits` request fails until the reload.
     Measured on a 2-core VM: reloaded 0.3-0.8 s after the kill; a client that starts asking at once gets
     its first answer ~1.1 s after the kill (its first request, sent to a dead stub, takes ~1 s to fail)."""
     server = supervised.server
-    pids = server.stub_pids("preprocess")
+    pids = server.stub_pids("router")
     assert len(pids) == 2
     killed_at = time.monotonic()
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
-    assert server.model_ready("preprocess", "1"), "Triton 2.51 reports a model with dead stubs READY"
+    assert server.model_ready("router", "1"), "Triton 2.51 reports a model with dead stubs READY"
     answered_s = _serving_again(server, split.test.images[:8], killed_at)
-    reloaded = [e for e in supervised.events if e.kind is EventKind.MODEL_RELOADED and e.model == "preprocess"]
+    reloaded = [e for e in supervised.events if e.kind is EventKind.MODEL_RELOADED and e.model == "router"]
     reloaded_s = reloaded[-1].at - killed_at
     print(
-        f"preprocess stubs killed: reloaded after {reloaded_s:.2f} s, ready and answering `digits` after "
-        f"{answered_s:.2f} s"
+        f"router stubs killed: reloaded after {reloaded_s:.2f} s, ready and answering `digits` after {answered_s:.2f} s"
     )
     assert 0 < reloaded_s < RECOVERY_BOUND_S and answered_s < RECOVERY_BOUND_S
 

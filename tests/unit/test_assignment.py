@@ -23,10 +23,10 @@ from tierserve.assignment import (
 )
 from tierserve.experiment_spec import parse_experiments
 from tierserve.policy import Policy
-from tierserve.router_files import POLICY_FILE
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 
-POLICY = Policy.load(DEFAULT_REPOSITORY / "router" / POLICY_FILE)
+POLICY = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
 USERS = [f"user-{i}" for i in range(10_000)]
 TOLERANCE = 0.015  # 1.5 percentage points
 HEAVY_V1 = {"digits_heavy:2": "digits_heavy:1"}

@@ -20,10 +20,10 @@ from tierserve.experiment_spec import (
     parse_experiments,
 )
 from tierserve.policy import Policy, parse_policy
-from tierserve.router_files import POLICY_FILE
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 
-ROUTER = DEFAULT_REPOSITORY / "router"
+ROUTER = DEFAULT_REPOSITORY / ROUTER_MODEL
 POLICY = Policy.load(ROUTER / POLICY_FILE)
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tierserve.policy import Policy, PolicyError, parse_policy
-from tierserve.router_files import POLICY_FILE
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 
 from .signatures import signature as _signature
@@ -49,7 +49,7 @@ def _with(path: str, value) -> dict:
 
 
 def test_the_shipped_policy_loads():
-    policy = Policy.load(DEFAULT_REPOSITORY / "router" / POLICY_FILE)
+    policy = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
     assert policy.fallback in policy.models
     assert [rule.name for rule in policy.rules][:3] == ["out_of_distribution", "values_out_of_range", "missing_pixels"]
 

@@ -1,3 +1,3 @@
-"""router: chooses the model that answers each row, by the policy in ../policy.yaml."""
+"""router: resizes each image to 8x8 and chooses the model that answers each row, by ../policy.yaml."""
 
 from tierserve.triton_router_model import TritonPythonModel  # noqa: F401

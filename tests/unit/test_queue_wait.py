@@ -1,0 +1,76 @@
+"""The router's load signal: Triton's queue statistics, read over HTTP and turned into a mean wait."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import pytest
+
+from tierserve.queue_wait import QueueProbe, QueueReading, QueueWaitMeter, parse_queue_reading
+
+
+def _stats(version: str, count: int, ns: int) -> bytes:
+    queue = {"count": count, "ns": ns}
+    return json.dumps(
+        {"model_stats": [{"name": "router", "version": version, "inference_stats": {"queue": queue}}]}
+    ).encode()
+
+
+def test_the_mean_wait_is_of_the_requests_dispatched_between_readings():
+    meter = QueueWaitMeter()
+    assert meter.mean_wait_ms(QueueReading(10, 50_000_000)) is None, "the first reading has nothing to compare"
+    assert meter.mean_wait_ms(QueueReading(14, 90_000_000)) == pytest.approx(10.0)  # 40 ms over 4 requests
+    assert meter.mean_wait_ms(QueueReading(14, 90_000_000)) is None, "nothing dispatched: no figure, not zero"
+    assert meter.mean_wait_ms(QueueReading(2, 1_000_000)) is None, "counters that went back: the model reloaded"
+    assert meter.mean_wait_ms(QueueReading(3, 1_500_000)) == pytest.approx(0.5), "and it counts on from there"
+
+
+def test_a_reading_is_taken_from_its_own_version_only():
+    body = json.dumps(
+        {
+            "model_stats": [
+                json.loads(_stats("1", 5, 7))["model_stats"][0],
+                json.loads(_stats("2", 9, 9))["model_stats"][0],
+            ]
+        }
+    ).encode()
+    assert parse_queue_reading(body, "2") == QueueReading(9, 9)
+    with pytest.raises(ValueError, match="no version 3"):
+        parse_queue_reading(body, "3")
+
+
+class _Statistics(BaseHTTPRequestHandler):
+    replies: ClassVar[list[tuple[int, bytes]]] = []
+    paths: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.paths.append(self.path)
+        status, body = self.replies.pop(0)
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_the_probe_reads_the_servers_statistics_and_says_when_it_cannot():
+    _Statistics.replies = [(200, _stats("1", 3, 6_000_000)), (400, b'{"error":"no such model"}')]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Statistics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    probe = QueueProbe("router", "1", address=f"127.0.0.1:{server.server_address[1]}")
+    try:
+        assert probe.read() == QueueReading(3, 6_000_000)
+        with pytest.raises(ValueError, match="HTTP 400"):
+            probe.read()
+        assert _Statistics.paths == ["/v2/models/router/versions/1/stats"] * 2
+    finally:
+        probe.close()
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(OSError, match="statistics from"):
+        probe.read()  # nobody listens there any more

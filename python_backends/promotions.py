@@ -28,7 +28,8 @@ from tierserve.state_store import StateStore
 PROMOTIONS_PARAMETER = "promotions"  # the router config parameter the tools reload it with (JSON)
 PROMOTIONS_KEY = "promotions"  # in the state store: the promotions last applied (JSON)
 MAX_HISTORY = 20  # earlier versions kept per model for rollback
-_MODEL_VERSION = re.compile(r"^([A-Za-z0-9_.-]+):([1-9][0-9]{0,8})$")
+MODEL_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"  # a Triton model folder's name (never '.' or '..')
+_MODEL_VERSION = re.compile(rf"^({MODEL_NAME}):([1-9][0-9]{{0,8}})$")
 
 
 class PromotionError(ValueError):

@@ -1,8 +1,9 @@
 """`tierserve experiment apply|list|stop`: change the experiments of a running server.
 
-Applying loads `router` again with its running config plus a parameter `experiments` (the validated file as JSON),
-through Triton's model repository API, so it needs the admin key. Triton keeps the loaded router serving until
-the new one is ready, and keeps it when the new one fails to load (a malformed file: the message names the key).
+Applying loads the router again with its running config (so the promotions it serves stay) plus a parameter
+`experiments` (the validated file as JSON), through Triton's model repository API, so it needs the admin key.
+Triton keeps the loaded router serving until the new one is ready, and keeps it when the new one fails to load (a
+malformed file: the message names the key).
 The routers write what they serve to the state store, which `list` and `stop` read and which outlives a restart.
 """
 
@@ -14,25 +15,33 @@ from pathlib import Path
 from tierserve.experiment_spec import ExperimentsFile, experiments_json, load_experiments, parse_experiments
 from tierserve.experimenter import EXPERIMENTS_KEY, EXPERIMENTS_PARAMETER
 from tierserve.policy import Policy
-from tierserve.router_files import POLICY_FILE
+from tierserve.promotions import stored_promotions
+from tierserve.router_files import ROUTER_MODEL, router_policy
 from tierserve.state_store import StateStore
 from tierserve.tools.model_control import ModelControl
 
-ROUTER = "router"
+
+class ExperimentNotRunning(KeyError):
+    """`stop` named an experiment that is not running; the message lists those that are."""
 
 
-def read_spec(path: Path, repository: Path) -> ExperimentsFile:
-    """The experiments file, validated against the repository's policy; ExperimentSpecError names the bad key."""
-    return load_experiments(path, Policy.load(repository / ROUTER / POLICY_FILE))
+def served_policy(store: StateStore, repository: Path) -> Policy:
+    """The policy the routers serve: the repository's, with the promotions last applied (`tierserve promote`)."""
+    return router_policy(repository, stored_promotions(store))
+
+
+def read_spec(path: Path, repository: Path, store: StateStore) -> ExperimentsFile:
+    """The experiments file, validated against the policy the routers serve; ExperimentSpecError names the bad key."""
+    return load_experiments(path, served_policy(store, repository))
 
 
 def apply(control: ModelControl, spec: ExperimentsFile) -> None:
     """Reload the router with `spec`; on failure (InferenceServerException) the running experiments keep serving."""
-    config = control.config(ROUTER)
+    config = control.config(ROUTER_MODEL)
     parameters = dict(config.get("parameters", {}))
     parameters[EXPERIMENTS_PARAMETER] = {"string_value": experiments_json(spec)}
     config["parameters"] = parameters
-    control.load_with(ROUTER, config)
+    control.load_with(ROUTER_MODEL, config)
 
 
 def serve_experiments(http_url: str, admin_key: str, spec: ExperimentsFile) -> None:
@@ -50,14 +59,14 @@ def served(store: StateStore, repository: Path) -> ExperimentsFile:
     stored = store.get(EXPERIMENTS_KEY)
     if stored is None:
         return ExperimentsFile()
-    return parse_experiments(json.loads(stored), Policy.load(repository / ROUTER / POLICY_FILE))
+    return parse_experiments(json.loads(stored), served_policy(store, repository))
 
 
 def without(spec: ExperimentsFile, name: str) -> ExperimentsFile:
-    """`spec` less the experiment `name`; KeyError when it has none of that name."""
+    """`spec` less the experiment `name`; ExperimentNotRunning when it has none of that name."""
     if name not in {e.name for e in spec.experiments}:
         running = ", ".join(e.name for e in spec.experiments) or "none"
-        raise KeyError(f"no experiment {name!r} is running (running: {running})")
+        raise ExperimentNotRunning(f"no experiment {name!r} is running (running: {running})")
     return spec.model_copy(update={"experiments": tuple(e for e in spec.experiments if e.name != name)})
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from tritonclient.utils import InferenceServerException
 
@@ -32,6 +33,16 @@ def _admin_call(action: str) -> Iterator[None]:
                 f"{ADMIN_HEADER} over HTTP or {GRPC_ADMIN_HEADER} over gRPC"
             ) from None
         raise
+
+
+@dataclass(frozen=True)
+class VersionState:
+    """One entry of the server's repository index: a model version and its state."""
+
+    model: str
+    version: str  # "" for a model the server lists without versions (never loaded, or unloaded)
+    state: str  # READY, UNAVAILABLE, LOADING, UNLOADING
+    reason: str  # why it is not READY, when Triton says
 
 
 class ModelControl:
@@ -62,6 +73,26 @@ class ModelControl:
         if spec.active:
             parameters.update({k: {"string_value": v} for k, v in spec.to_parameters().items()})
         config["parameters"] = parameters
+        self.load_with(model, config)
+
+    def index(self) -> list[VersionState]:
+        """Every model version the server knows of, loaded or not, with its state (the repository index)."""
+        with _admin_call("repository index"):
+            if self.protocol == "grpc":
+                entries = self._client.get_model_repository_index(headers=self._headers, as_json=True).get("models", [])
+            else:
+                entries = self._client.get_model_repository_index(headers=self._headers)
+        return [VersionState(e["name"], e.get("version", ""), e.get("state", ""), e.get("reason", "")) for e in entries]
+
+    def ready_versions(self, model: str) -> set[int]:
+        """The versions of `model` the server serves now."""
+        return {int(v.version) for v in self.index() if v.model == model and v.state == "READY" and v.version}
+
+    def load_versions(self, model: str, versions: Iterable[int], config: dict | None = None) -> None:
+        """Reload `model` (with `config`, default its running one) serving exactly `versions`: those it did not
+        serve are loaded, those it served and are not listed are unloaded once the new ones are ready."""
+        config = dict(self.config(model) if config is None else config)
+        config["version_policy"] = {"specific": {"versions": sorted(versions)}}
         self.load_with(model, config)
 
     def unload(self, model: str) -> None:

@@ -35,7 +35,9 @@ def _uses(name: str, policy=POLICY, experiments: ExperimentsFile | None = None) 
     return [(u.kind, u.where, u.detail) for u in version_uses(policy, experiments or ExperimentsFile(), name)]
 
 
-@pytest.mark.parametrize("text", ["digits_heavy", "digits_heavy:0", "digits_heavy:x", "digits heavy:3", ":3", ""])
+@pytest.mark.parametrize(
+    "text", ["digits_heavy", "digits_heavy:0", "digits_heavy:x", "digits heavy:3", ":3", "..:3", "", "a:1:2"]
+)
 def test_a_malformed_model_version_is_refused_naming_it(text: str):
     with pytest.raises(PromotionError, match="expected MODEL:VERSION") as error:
         ModelVersion.parse(text)

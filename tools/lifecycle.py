@@ -1,0 +1,384 @@
+"""`tierserve promote`, `rollback`, `retire` and `model load|unload`: live changes of which model versions a running
+server serves and which of them the router routes to, through Triton's model repository API (admin key).
+
+Every action checks everything first and changes nothing when it refuses (Refused: a typed Problem, a message
+naming it and, for a version still in use, each use). Promote and rollback load what the new routing needs (the
+version and its lanes' versions) before they reload the router with the promotions as its config parameter; Triton
+keeps the running router serving until the new one is ready, so no request fails. Only then are the promotions
+written to the state store, which the router reads after a restart. Retire reloads the model with a version_policy
+without the version. When the server does not take a step (Failed), what was loaded for it is put back.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
+
+from tierserve.experiment_spec import ExperimentsFile, ExperimentSpecError, parse_experiments
+from tierserve.experimenter import EXPERIMENTS_KEY
+from tierserve.manifest import Manifest, ManifestError
+from tierserve.policy import Policy
+from tierserve.promotions import (
+    MODEL_NAME,
+    PROMOTIONS_PARAMETER,
+    ModelVersion,
+    PromotionError,
+    Promotions,
+    Use,
+    UseKind,
+    model_of,
+    routed_versions,
+    served_promotions,
+    store_promotions,
+    version_uses,
+)
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL, router_policy
+from tierserve.state_store import StateStore
+from tierserve.tools.audit import Step
+from tierserve.tools.model_control import ModelControl
+
+CONFIG_FILE = "config.pbtxt"
+
+
+class Problem(str, Enum):
+    """Why an action was refused."""
+
+    MALFORMED = "malformed"  # not MODEL:VERSION, or not a model name
+    UNKNOWN_MODEL = "unknown_model"  # no such model in the repository
+    UNKNOWN_VERSION = "unknown_version"  # no such version of the model in the repository
+    NO_MANIFEST = "no_manifest"  # the version was never built (or its manifest is damaged)
+    NOT_ROUTED = "not_routed"  # the policy does not route to the model
+    LANE = "lane"  # a lane follows its model; act on the model
+    SEVERAL_ROUTED = "several_routed"  # the policy routes to more than one version of the model
+    ALREADY = "already"  # already routed to, or already loaded
+    NO_HISTORY = "no_history"  # nothing to roll back to
+    IN_USE = "in_use"  # the routing or a running experiment still uses it
+    LAST_VERSION = "last_version"  # retiring it would leave the model without a version
+    NOT_LOADED = "not_loaded"  # the server does not serve it
+    ROUTER = "router"  # the router itself
+
+
+class Refused(Exception):
+    """An action refused before it changed anything; `problem` says why, `uses` what still uses the version."""
+
+    def __init__(self, problem: Problem, message: str, uses: tuple[Use, ...] = ()) -> None:
+        super().__init__(message)
+        self.problem = problem
+        self.uses = uses
+
+
+class Failed(RuntimeError):
+    """The server did not take a step of an action; the message says which, why, and what was put back."""
+
+
+def repository_config(repository: Path, model: str) -> dict:
+    """A model's config.pbtxt as the JSON the model repository API takes (and `get_model_config` gives)."""
+    text = (repository / model / CONFIG_FILE).read_text()
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+
+def repository_versions(repository: Path, model: str) -> list[int]:
+    """The versions of `model` the repository has a folder for."""
+    folder = repository / model
+    found = (int(d.name) for d in folder.iterdir() if d.is_dir() and d.name.isdigit()) if folder.is_dir() else ()
+    return sorted(found)
+
+
+def _versions_text(model: str, versions: set[int] | list[int]) -> str:
+    return f"{model} versions {', '.join(map(str, sorted(versions)))}" if versions else f"{model} not loaded"
+
+
+def _uses_text(uses: list[Use]) -> str:
+    return "; ".join(map(str, uses))
+
+
+def running_experiments(store: StateStore) -> ExperimentsFile:
+    """The experiments the routers serve, as they last wrote them to the state store (not checked against a policy:
+    read for the versions they name)."""
+    stored = store.get(EXPERIMENTS_KEY)
+    return ExperimentsFile() if stored is None else ExperimentsFile.model_validate_json(stored)
+
+
+class Lifecycle:
+    """Promote, roll back, retire, load and unload on the server `control` talks to, whose model repository is
+    `repository` and whose state store is `store`. Each action fills `step` (before, after, message) as it learns
+    them, for the audit trail, and returns it."""
+
+    def __init__(self, control: ModelControl, store: StateStore, repository: Path) -> None:
+        self.control = control
+        self.store = store
+        self.repository = repository
+
+    # -- what the server serves -----------------------------------------------------------------------------------
+
+    def promotions(self) -> Promotions:
+        """The promotions the router serves: its config parameter, else those last applied (the state store)."""
+        return served_promotions(self.store, self.control.config(ROUTER_MODEL))
+
+    def policy(self, promotions: Promotions | None = None) -> Policy:
+        """The policy the router serves (with `promotions`, default those it serves now)."""
+        return router_policy(self.repository, self.promotions() if promotions is None else promotions)
+
+    def experiments(self) -> ExperimentsFile:
+        """The experiments the routers serve."""
+        return running_experiments(self.store)
+
+    # -- actions --------------------------------------------------------------------------------------------------
+
+    def promote(self, target: str, step: Step | None = None) -> Step:
+        """Route the policy to `target` (MODEL:VERSION) instead of the version it routes to now."""
+        step = step or Step()
+        wanted = self._parse(target)
+        promotions = self.promotions()
+        serving = self._routed(self.policy(promotions), wanted.model)
+        step.before = str(serving)
+        self._built(wanted)
+        if wanted == serving:
+            raise Refused(Problem.ALREADY, f"{wanted} is already the version the policy routes to")
+        after = promotions.promoted(wanted, serving.version)
+        loaded = self._switch(promotions, after, serving, wanted)
+        step.after = str(wanted)
+        step.message = f"the policy routes to {wanted} instead of {serving}{loaded}"
+        return step
+
+    def rollback(self, model: str, step: Step | None = None) -> Step:
+        """Route the policy back to the version `model` had before its last promotion."""
+        step = step or Step()
+        if not re.fullmatch(MODEL_NAME, model):
+            raise Refused(Problem.MALFORMED, f"rollback takes a model name such as digits_heavy, got {model!r}")
+        promotions = self.promotions()
+        serving = self._routed(self.policy(promotions), model)
+        step.before = str(serving)
+        try:
+            after = promotions.rolled_back(model)
+        except PromotionError as error:
+            raise Refused(Problem.NO_HISTORY, str(error)) from None
+        previous = ModelVersion(model, after.models[model].version)
+        self._built(previous)
+        loaded = self._switch(promotions, after, serving, previous)
+        step.after = str(previous)
+        step.message = f"rolled back: the policy routes to {previous} instead of {serving}{loaded}"
+        return step
+
+    def retire(self, target: str, step: Step | None = None) -> Step:
+        """Unload one version of a model, refused while the routing or a running experiment uses it."""
+        step = step or Step()
+        version = self._parse(target)
+        ready = self.control.ready_versions(version.model)
+        step.before = _versions_text(version.model, ready)
+        if version.version not in ready:
+            raise Refused(Problem.NOT_LOADED, f"{version} is not loaded ({step.before}); nothing to retire")
+        if uses := version_uses(self.policy(), self.experiments(), str(version)):
+            raise Refused(
+                Problem.IN_USE,
+                f"{version} is still used by: {_uses_text(uses)}; promote another version, stop the experiment or "
+                "change policy.yaml first",
+                tuple(uses),
+            )
+        remaining = ready - {version.version}
+        if not remaining:
+            raise Refused(
+                Problem.LAST_VERSION,
+                f"{version} is the last version {version.model} serves; `tierserve model unload {version.model}` "
+                "unloads the whole model",
+            )
+        self._load_versions(version.model, remaining)
+        step.after = _versions_text(version.model, remaining)
+        step.message = f"unloaded {version}"
+        return step
+
+    def load(self, target: str, step: Step | None = None) -> Step:
+        """Load a model (MODEL, from its config.pbtxt) or one more version of it (MODEL:VERSION)."""
+        step = step or Step()
+        if ":" not in target:
+            model = self._model(target)
+            ready = self.control.ready_versions(model)
+            step.before = _versions_text(model, ready)
+            if ready:
+                raise Refused(Problem.ALREADY, f"{model} is loaded already ({step.before})")
+            self._call(f"load {model}", lambda: self.control.load(model))
+        else:
+            version = self._parse(target)
+            ready = self.control.ready_versions(version.model)
+            step.before = _versions_text(version.model, ready)
+            if version.version in ready:
+                raise Refused(Problem.ALREADY, f"{version} is loaded already ({step.before})")
+            self._load_versions(version.model, ready | {version.version})
+            model = version.model
+        step.after = _versions_text(model, self.control.ready_versions(model))
+        step.message = f"loaded {target}"
+        return step
+
+    def unload(self, model: str, step: Step | None = None) -> Step:
+        """Unload every version of a model, refused while the routing or a running experiment uses one of them."""
+        step = step or Step()
+        model = self._model(model)
+        if model == ROUTER_MODEL:
+            raise Refused(Problem.ROUTER, f"{model} is the router: unloading it would stop serving")
+        ready = self.control.ready_versions(model)
+        step.before = _versions_text(model, ready)
+        if not ready:
+            raise Refused(Problem.NOT_LOADED, f"{model} is not loaded; nothing to unload")
+        policy, experiments = self.policy(), self.experiments()
+        uses = {v: version_uses(policy, experiments, f"{model}:{v}") for v in sorted(ready)}
+        if any(uses.values()):
+            named = "; ".join(f"{model}:{v} by {_uses_text(u)}" for v, u in uses.items() if u)
+            raise Refused(
+                Problem.IN_USE,
+                f"{model} is still used: {named}; to unload one version, `tierserve retire MODEL:VERSION`",
+                tuple(use for u in uses.values() for use in u),
+            )
+        self._call(f"unload {model}", lambda: self.control.unload(model))
+        step.after = _versions_text(model, self.control.ready_versions(model))
+        step.message = f"unloaded {model}"
+        return step
+
+    # -- checks ---------------------------------------------------------------------------------------------------
+
+    def _parse(self, target: str) -> ModelVersion:
+        try:
+            version = ModelVersion.parse(target)
+        except PromotionError as error:
+            raise Refused(Problem.MALFORMED, str(error)) from None
+        self._model(version.model)
+        if version.model == ROUTER_MODEL:
+            raise Refused(Problem.ROUTER, f"{version.model} is the router; its versions are not routed to")
+        if version.version not in (versions := repository_versions(self.repository, version.model)):
+            raise Refused(
+                Problem.UNKNOWN_VERSION,
+                f"{version} does not exist: {self.repository / version.model} has version(s) "
+                f"{', '.join(map(str, versions)) or 'none'}",
+            )
+        return version
+
+    def _model(self, model: str) -> str:
+        if not re.fullmatch(MODEL_NAME, model):
+            raise Refused(Problem.MALFORMED, f"expected a model name such as digits_heavy, got {model!r}")
+        if not (self.repository / model / CONFIG_FILE).is_file():
+            known = sorted(d.name for d in self.repository.iterdir() if (d / CONFIG_FILE).is_file())
+            raise Refused(
+                Problem.UNKNOWN_MODEL,
+                f"no model {model!r} in {self.repository} (models: {', '.join(known)})",
+            )
+        return model
+
+    def _routed(self, policy: Policy, model: str) -> ModelVersion:
+        """The version of `model` the policy routes to; Refused when it routes to none or several."""
+        self._model(model)
+        lanes = {model_of(lane): routed for by_model in policy.lanes.values() for routed, lane in by_model.items()}
+        if model in lanes:
+            raise Refused(
+                Problem.LANE,
+                f"{model} is a lane of {model_of(lanes[model])}: it follows the version its model is routed to; "
+                f"act on {model_of(lanes[model])}",
+            )
+        routed = routed_versions(policy, model)
+        if not routed:
+            raise Refused(
+                Problem.NOT_ROUTED,
+                f"the policy does not route to {model} (models: {', '.join(policy.models)}); "
+                f"list it in {ROUTER_MODEL}/{POLICY_FILE} first",
+            )
+        if len(routed) > 1:
+            raise Refused(
+                Problem.SEVERAL_ROUTED,
+                f"the policy routes to {', '.join(routed)}; promote needs it to route to one version of {model}",
+            )
+        return ModelVersion.parse(routed[0])
+
+    def _built(self, version: ModelVersion) -> None:
+        try:
+            Manifest.read(self.repository / version.model / str(version.version))
+        except ManifestError as error:
+            raise Refused(Problem.NO_MANIFEST, f"{version} has no usable manifest: {error}") from None
+
+    # -- changes --------------------------------------------------------------------------------------------------
+
+    def _switch(self, before: Promotions, after: Promotions, serving: ModelVersion, wanted: ModelVersion) -> str:
+        """Load what routing to `wanted` needs, then reload the router with `after`; what was loaded, as text."""
+        policy = router_policy(self.repository, after)
+        lanes = [
+            ModelVersion.parse(by_model[str(wanted)]) for by_model in policy.lanes.values() if str(wanted) in by_model
+        ]
+        for lane in lanes:
+            if lane.version not in repository_versions(self.repository, lane.model):
+                raise Refused(
+                    Problem.UNKNOWN_VERSION,
+                    f"{wanted}'s lane {lane} does not exist: a lane serves its model's version from a folder "
+                    f"{self.repository / lane.model / str(lane.version)} with a model.py of its own",
+                )
+        experiments = self.experiments()
+        try:
+            parse_experiments(experiments.model_dump(mode="json"), policy)
+        except ExperimentSpecError as error:
+            uses = [
+                use
+                for use in version_uses(self.policy(before), experiments, str(serving))
+                if use.kind in (UseKind.EXPERIMENT_ARM, UseKind.SHADOW)
+            ]
+            raise Refused(
+                Problem.IN_USE,
+                f"a running experiment names {serving}, which the policy would no longer route to: "
+                f"{_uses_text(uses) or error}; stop it first (`tierserve experiment stop NAME`)",
+                tuple(uses),
+            ) from None
+        undo: list[tuple[str, dict | None]] = []  # each model reloaded here and its config before (None: unloaded)
+        try:
+            for version in (wanted, *lanes):
+                ready = self.control.ready_versions(version.model)
+                if version.version not in ready:
+                    undo.append((version.model, copy.deepcopy(self.control.config(version.model)) if ready else None))
+                    self._load_versions(version.model, ready | {version.version})
+            config = self.control.config(ROUTER_MODEL)
+            config["parameters"] = {
+                **config.get("parameters", {}),
+                PROMOTIONS_PARAMETER: {"string_value": after.to_json()},
+            }
+            self._call(f"reload {ROUTER_MODEL}", lambda: self.control.load_with(ROUTER_MODEL, config))
+        except Failed as error:
+            raise Failed(f"{error}; {self._undo(undo)}") from None
+        store_promotions(self.store, after)
+        loaded = [model for model, _ in undo]
+        return f" (loaded {', '.join(loaded)} with version {wanted.version} first)" if loaded else ""
+
+    def _load_versions(self, model: str, versions: set[int]) -> None:
+        """Serve exactly `versions` of `model` (from its running config, or config.pbtxt when it is not loaded)."""
+        ready = self.control.ready_versions(model)
+        config = self.control.config(model) if ready else repository_config(self.repository, model)
+        self._call(
+            f"load {model} versions {sorted(versions)}", lambda: self.control.load_versions(model, versions, config)
+        )
+        if (now := self.control.ready_versions(model)) != versions:
+            raise Failed(f"{model} serves versions {sorted(now)} after the load, not {sorted(versions)}")
+
+    def _undo(self, undo: list[tuple[str, dict | None]]) -> str:
+        """Put the models reloaded for a switch back as they were; what was put back, as text."""
+        if not undo:
+            return "nothing was changed"
+        put_back, failed = [], []
+        for model, config in reversed(undo):
+            try:
+                if config is None:
+                    self.control.unload(model)
+                else:
+                    self.control.load_with(model, config)
+                put_back.append(model)
+            except InferenceServerException as error:
+                failed.append(f"{model} ({error.message()})")
+        text = f"put {', '.join(put_back)} back as it was" if put_back else ""
+        return "; ".join(filter(None, [text, f"could not put back {', '.join(failed)}" if failed else ""]))
+
+    @staticmethod
+    def _call(what: str, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except InferenceServerException as error:
+            raise Failed(f"the server did not {what}: {error.message()}") from None

@@ -159,7 +159,12 @@ def audited(
     except Exception as error:
         record(action, target, step.before, step.after, Outcome.FAILED, _why(error), path=path)
         raise
-    record(action, target, step.before, step.after, Outcome.OK, step.message, path=path)
+    try:
+        record(action, target, step.before, step.after, Outcome.OK, step.message, path=path)
+    except AuditError as error:
+        raise AuditError(
+            f"{Action(action).value} {target} was done ({step.message or step.after}), but {error}"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,30 @@
-"""The `tierserve` command: build the reference models, serve them with tritonserver, manage tier keys and
-experiments."""
+"""The `tierserve` command: build the reference models, serve them with tritonserver, manage tier keys,
+experiments and model versions, and show the audit trail and the provenance of what is served."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tierserve.experiment_spec import ExperimentsFile, ExperimentSpecError
+from tierserve.faults import FaultConfigError, FaultSpec
+from tierserve.policy import PolicyError
+from tierserve.promotions import PromotionError
 from tierserve.signature import TIERS
-from tierserve.state_store import STATE_ENV
+from tierserve.state_store import STATE_ENV, StateStore, StateStoreError
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key
+from tierserve.tools.audit import Action, AuditError, audited
 from tierserve.tools.build_models import build_all
-from tierserve.tools.paths import DEFAULT_REPOSITORY, STATE_FILE, TIER_KEY_FILE, TIER_KEYS_FILE
+from tierserve.tools.paths import AUDIT_ENV, AUDIT_FILE, DEFAULT_REPOSITORY, STATE_FILE, TIER_KEY_FILE, TIER_KEYS_FILE
+
+
+class NoAdminKey(PermissionError):
+    """The operator has no admin key to send."""
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -39,105 +49,181 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _admin_key() -> str:
-    """The operator's admin key: $TIERSERVE_ADMIN_KEY, or the one `tierserve serve` wrote; "" (and says so) if none."""
+    """The operator's admin key: $TIERSERVE_ADMIN_KEY, or the one `tierserve serve` wrote; NoAdminKey if none."""
     from tierserve.tools.paths import ADMIN_KEY_ENV, ADMIN_KEY_FILE
 
     key = os.environ.get(ADMIN_KEY_ENV) or (ADMIN_KEY_FILE.read_text().strip() if ADMIN_KEY_FILE.exists() else "")
     if not key:
-        print(
-            f"tierserve: no admin key: set ${ADMIN_KEY_ENV}, or run `tierserve serve`, which writes {ADMIN_KEY_FILE}",
-            file=sys.stderr,
-        )
+        raise NoAdminKey(f"no admin key: set ${ADMIN_KEY_ENV}, or run `tierserve serve`, which writes {ADMIN_KEY_FILE}")
     return key
 
 
-def _fault(args: argparse.Namespace) -> int:
-    from tierserve.faults import FaultSpec
-    from tierserve.tools.model_control import AdminKeyRefused, ModelControl
+def _refusals() -> tuple[type[BaseException], ...]:
+    """What an operator action raises when it refused, having changed nothing (the audit trail's 'refused')."""
+    from tierserve.tools.experiment_admin import ExperimentNotRunning
+    from tierserve.tools.lifecycle import Refused
+    from tierserve.tools.model_control import AdminKeyRefused
 
-    if not (key := _admin_key()):
-        return 1
-    spec = FaultSpec() if args.off else FaultSpec(args.latency_ms, args.error_rate, args.hard_failure)
-    control = ModelControl(args.url, key)
+    return (
+        Refused,
+        NoAdminKey,
+        AdminKeyRefused,
+        ExperimentSpecError,
+        ExperimentNotRunning,
+        FaultConfigError,
+        PromotionError,
+    )
+
+
+@contextlib.contextmanager
+def _control(args: argparse.Namespace) -> Iterator:
+    """A ModelControl for the server at --url, with the operator's admin key."""
+    from tierserve.tools.model_control import ModelControl
+
+    control = ModelControl(args.url, _admin_key())
     try:
-        control.set_fault(args.model, spec)
-    except AdminKeyRefused as error:
-        print(f"tierserve: {error}", file=sys.stderr)
-        return 1
+        yield control
     finally:
         control.close()
-    print(f"{args.model}: reloaded with {'no faults' if not spec.active else spec}")
+
+
+@contextlib.contextmanager
+def _store(args: argparse.Namespace) -> Iterator[StateStore]:
+    from tierserve.state_store import open_store
+
+    store = open_store(args.state)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def _lifecycle(args: argparse.Namespace) -> Iterator:
+    from tierserve.tools.lifecycle import Lifecycle
+
+    with _control(args) as control, _store(args) as store:
+        yield Lifecycle(control, store, args.model_repository)
+
+
+def _fault_text(spec: FaultSpec) -> str:
+    if not spec.active:
+        return "no faults"
+    parts = [f"latency {spec.latency_ms:g} ms"] if spec.latency_ms else []
+    parts += [f"error rate {spec.error_rate:g}"] if spec.error_rate else []
+    return ", ".join(parts + (["hard failure"] if spec.hard_failure else []))
+
+
+def _fault(args: argparse.Namespace) -> int:
+    spec = FaultSpec() if args.off else FaultSpec(args.latency_ms, args.error_rate, args.hard_failure)
+    with audited(Action.FAULT, args.model, _refusals()) as step, _control(args) as control:
+        running = {k: v["string_value"] for k, v in control.config(args.model).get("parameters", {}).items()}
+        step.before = _fault_text(FaultSpec.from_parameters(running))
+        FaultSpec.from_parameters(spec.to_parameters())  # a bad value is refused here, not by the model's load
+        control.set_fault(args.model, spec)
+        step.after = step.message = _fault_text(spec)
+    print(f"{args.model}: reloaded with {step.after}")
     return 0
 
 
-def _serve_experiments(args: argparse.Namespace, spec: ExperimentsFile, refused: str) -> bool:
-    """Reload the router of the server at --url with `spec`; False (and why, after `refused`) when not done."""
-    from tritonclient.utils import InferenceServerException
-
-    from tierserve.tools.experiment_admin import serve_experiments
-    from tierserve.tools.model_control import AdminKeyRefused
-
-    if not (key := _admin_key()):
-        return False
-    try:
-        serve_experiments(args.url, key, spec)
-    except (AdminKeyRefused, InferenceServerException) as error:
-        print(f"tierserve: {refused}: {error}", file=sys.stderr)
-        return False
-    return True
+def _names(spec: ExperimentsFile) -> str:
+    return ", ".join(e.name for e in spec.experiments) or "none"
 
 
 def _experiment_apply(args: argparse.Namespace) -> int:
-    from tierserve.tools.experiment_admin import describe, read_spec
+    from tierserve.tools.experiment_admin import apply, describe, read_spec, served
 
-    spec = read_spec(args.file, args.model_repository)  # a malformed file goes no further than here
-    if not _serve_experiments(args, spec, "experiments not applied, the running ones keep serving"):
-        return 1
+    with (
+        audited(Action.EXPERIMENT_APPLY, str(args.file), _refusals()) as step,
+        _store(args) as store,
+        _control(args) as control,
+    ):
+        step.before = _names(served(store, args.model_repository))
+        spec = read_spec(args.file, args.model_repository, store)  # a malformed file goes no further than here
+        apply(control, spec)
+        step.after = _names(spec)
+        step.message = f"experiments applied from {args.file}"
     print(f"applied:\n{describe(spec)}")
     return 0
 
 
 def _experiment_list(args: argparse.Namespace) -> int:
-    from tierserve.state_store import open_store
     from tierserve.tools.experiment_admin import describe, served
 
-    store = open_store(args.state)
-    try:
+    with _store(args) as store:
         print(describe(served(store, args.model_repository)))
-    finally:
-        store.close()
     return 0
 
 
 def _experiment_stop(args: argparse.Namespace) -> int:
-    from tierserve.state_store import open_store
-    from tierserve.tools.experiment_admin import describe, served, without
+    from tierserve.tools.experiment_admin import apply, describe, served, without
 
-    store = open_store(args.state)
-    try:
-        spec = without(served(store, args.model_repository), args.name)
-    except KeyError as error:
-        print(f"tierserve: {error.args[0]}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
-    if not _serve_experiments(args, spec, f"{args.name} not stopped"):
-        return 1
+    with audited(Action.EXPERIMENT_STOP, args.name, _refusals()) as step, _store(args) as store:
+        running = served(store, args.model_repository)
+        step.before = _names(running)
+        spec = without(running, args.name)
+        with _control(args) as control:
+            apply(control, spec)
+        step.after = _names(spec)
+        step.message = f"stopped {args.name}"
     print(f"stopped {args.name}; its counts stay for `tierserve experiment report {args.name}`; running:")
     print(describe(spec))
     return 0
 
 
 def _experiment_report(args: argparse.Namespace) -> int:
-    from tierserve.state_store import open_store
     from tierserve.tools.experiment_report import report
 
-    store = open_store(args.state)
-    try:
+    with _store(args) as store:
         print(report(store, args.name, args.png))
-    finally:
-        store.close()
     return 0
+
+
+def _lifecycle_action(action: Action, method: str):
+    """A command that runs one Lifecycle action on args.target, audited, and prints what it did."""
+
+    def run(args: argparse.Namespace) -> int:
+        with audited(action, args.target, _refusals()) as step, _lifecycle(args) as lifecycle:
+            getattr(lifecycle, method)(args.target, step)
+        print(f"{action.value} {args.target}: {step.message} ({step.before} -> {step.after})")
+        return 0
+
+    return run
+
+
+def _models(args: argparse.Namespace) -> int:
+    from tritonclient.utils import InferenceServerException
+
+    from tierserve.tools.model_control import AdminKeyRefused
+    from tierserve.tools.provenance import disk_provenance, provenance_text, server_provenance
+
+    with _store(args) as store:
+        try:
+            with _lifecycle(args) as lifecycle:
+                found = server_provenance(lifecycle, f"the server at {args.url}")
+        except (NoAdminKey, AdminKeyRefused, InferenceServerException, OSError) as error:
+            why = error.message() if isinstance(error, InferenceServerException) else str(error)
+            found = disk_provenance(args.model_repository, store, f"server at {args.url} not asked: {why}")
+    print(found.as_json() if args.json else provenance_text(found))
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tierserve.tools.audit import audit_json, audit_table, read_audit
+
+    log = read_audit(args.log)
+    entries = log.entries[-args.last :] if args.last else log.entries
+    if args.json:
+        print(audit_json(entries))
+    elif entries:
+        Console(width=max(Console().width, 160)).print(audit_table(entries))
+    else:
+        print(f"no actions recorded in {args.log}")
+    for problem in log.problems:
+        print(f"tierserve: {problem}; the line was skipped", file=sys.stderr)
+    return 1 if log.problems else 0
 
 
 def _keys_file(args: argparse.Namespace) -> Path:
@@ -290,15 +376,76 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--png", type=Path, default=None, help="plot accuracy and latency per arm over time here")
     report.set_defaults(run=_experiment_report)
 
+    for name, action, method, target, summary in (
+        ("promote", Action.PROMOTE, "promote", "MODEL:VERSION", "route the policy to this version (live)"),
+        ("rollback", Action.ROLLBACK, "rollback", "MODEL", "route MODEL back to the version before its promotion"),
+        ("retire", Action.RETIRE, "retire", "MODEL:VERSION", "unload a version nothing routes to"),
+    ):
+        command = commands.add_parser(name, parents=[where, server], help=summary)
+        command.add_argument("target", metavar=target)
+        command.set_defaults(run=_lifecycle_action(action, method))
+    model = commands.add_parser("model", help="load or unload a model, or one version of it, on a running server")
+    model_actions = model.add_subparsers(dest="action", required=True)
+    load = model_actions.add_parser("load", parents=[where, server], help="load MODEL, or one more VERSION of it")
+    load.add_argument("target", metavar="MODEL[:VERSION]")
+    load.set_defaults(run=_lifecycle_action(Action.LOAD, "load"))
+    unload = model_actions.add_parser("unload", parents=[where, server], help="unload MODEL (refused while used)")
+    unload.add_argument("target", metavar="MODEL")
+    unload.set_defaults(run=_lifecycle_action(Action.UNLOAD, "unload"))
+
+    models = commands.add_parser(
+        "models", parents=[where, server], help="every served model version: manifest and where it is routed"
+    )
+    models.add_argument("--json", action="store_true", help="everything, as JSON")
+    models.set_defaults(run=_models)
+
+    audit = commands.add_parser("audit", help="the audit trail of operator actions, oldest first")
+    audit.add_argument(
+        "--log",
+        type=Path,
+        default=Path(os.environ.get(AUDIT_ENV) or AUDIT_FILE),
+        help=f"default: ${AUDIT_ENV}, else {AUDIT_FILE}",
+    )
+    audit.add_argument("--last", type=int, default=0, help="only the last N actions")
+    audit.add_argument("--json", action="store_true", help="as a JSON array")
+    audit.set_defaults(run=_audit)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except ExperimentSpecError as error:
-        print(f"tierserve: {error}", file=sys.stderr)
+    except _operator_errors() as error:
+        print(f"tierserve: {_message(error)}", file=sys.stderr)
         return 1
-    except TierKeyError as error:
-        print(f"tierserve: {error}", file=sys.stderr)
-        return 1
+
+
+def _operator_errors() -> tuple[type[BaseException], ...]:
+    """What a command may raise that is the operator's to act on: printed in a line, no traceback."""
+    from tritonclient.utils import InferenceServerException
+
+    from tierserve.tools.lifecycle import Failed
+
+    return (
+        *_refusals(),
+        Failed,
+        InferenceServerException,
+        TierKeyError,
+        PolicyError,
+        AuditError,
+        StateStoreError,
+        ConnectionError,
+    )
+
+
+def _message(error: BaseException) -> str:
+    from tritonclient.utils import InferenceServerException
+
+    from tierserve.tools.lifecycle import Refused
+
+    if isinstance(error, InferenceServerException):
+        return f"the server did not take it: {error.message()}"
+    if isinstance(error, Refused):
+        return f"refused, nothing changed: {error}"
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from tierserve.state_store import STATE_ENV
 from tierserve.tools.audit import (
     Action,
     AuditEntry,
@@ -25,7 +26,8 @@ from tierserve.tools.audit import (
     read_audit,
     record,
 )
-from tierserve.tools.paths import AUDIT_ENV, AUDIT_FILE
+from tierserve.tools.cli import main
+from tierserve.tools.paths import ADMIN_KEY_ENV, AUDIT_ENV, AUDIT_FILE
 
 NOON = datetime(2026, 1, 2, 12, 0, tzinfo=timezone.utc)
 
@@ -155,3 +157,72 @@ def test_the_table_and_json_show_every_field_and_no_markup(tmp_path: Path):
         assert expected in text
     assert "[bold]used by[/] cascade escalation" in text
     assert json.loads(audit_json((entry,)))[0]["outcome"] == "refused"
+
+
+@pytest.fixture
+def operator_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An admin key, an audit log and a state store of the test's own; returns the audit log."""
+    monkeypatch.setenv(ADMIN_KEY_ENV, "test-admin-key")
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit.jsonl"))
+    monkeypatch.setenv(STATE_ENV, str(tmp_path / "state.db"))
+    return tmp_path / "audit.jsonl"
+
+
+NO_SERVER = ["--url", "127.0.0.1:9"]  # nothing listens there: these refusals are decided before any call
+
+
+@pytest.mark.parametrize(
+    ("argv", "action", "named"),
+    [
+        (["promote", "digits_heavy:99"], Action.PROMOTE, "digits_heavy:99 does not exist"),
+        (["promote", "digits_heavy"], Action.PROMOTE, "expected MODEL:VERSION"),
+        (["retire", "digits_huge:1"], Action.RETIRE, "no model 'digits_huge'"),
+        (["rollback", "digits_heavy:2"], Action.ROLLBACK, "rollback takes a model name"),
+        (["model", "unload", "digits heavy"], Action.UNLOAD, "expected a model name"),
+        (["model", "load", "digits_heavy:0"], Action.LOAD, "expected MODEL:VERSION"),
+    ],
+)
+def test_the_cli_records_a_refused_action_and_says_why(
+    operator_env: Path, capsys: pytest.CaptureFixture, argv: list[str], action: Action, named: str
+):
+    assert main([*argv, *NO_SERVER]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("tierserve: refused, nothing changed: ") and named in error
+    (entry,) = read_audit(operator_env).entries
+    assert (entry.action, entry.target, entry.outcome) == (action, argv[-1], Outcome.REFUSED)
+    assert named in entry.message
+
+
+def test_without_an_admin_key_an_action_is_refused_and_recorded(
+    operator_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    monkeypatch.delenv(ADMIN_KEY_ENV)
+    monkeypatch.setattr("tierserve.tools.paths.ADMIN_KEY_FILE", operator_env.parent / "no_admin_key")
+    assert main(["promote", "digits_heavy:1", *NO_SERVER]) == 1
+    assert "no admin key" in capsys.readouterr().err
+    (entry,) = read_audit(operator_env).entries
+    assert entry.outcome == Outcome.REFUSED and "no admin key" in entry.message
+
+
+def test_an_action_the_server_never_answered_is_recorded_as_failed(operator_env: Path, capsys):
+    assert main(["fault", "digits_light", "--hard-failure", *NO_SERVER]) == 1
+    assert capsys.readouterr().err.startswith("tierserve: ")
+    (entry,) = read_audit(operator_env).entries
+    assert (entry.action, entry.target, entry.outcome) == (Action.FAULT, "digits_light", Outcome.FAILED)
+
+
+def test_tierserve_audit_prints_the_log_and_names_a_damaged_line(operator_env: Path, capsys):
+    record("promote", "digits_heavy:3", "digits_heavy:2", "digits_heavy:3", "ok", "routed", path=operator_env)
+    with operator_env.open("a") as file:
+        file.write("not json\n")
+    record("retire", "digits_heavy:2", "digits_heavy versions 2, 3", "", "refused", "in use", path=operator_env)
+    assert main(["audit"]) == 1  # the log is damaged: say so in the exit status too
+    out, err = capsys.readouterr()
+    assert "digits_heavy:3" in out and "refused" in out and "in use" in out
+    assert f"{operator_env} line 2: " in err
+    assert main(["audit", "--json", "--last", "1", "--log", str(operator_env)]) == 1
+    (last,) = json.loads(capsys.readouterr().out)
+    assert (last["action"], last["outcome"]) == ("retire", "refused")
+    empty = operator_env.parent / "empty.jsonl"
+    assert main(["audit", "--log", str(empty)]) == 0
+    assert f"no actions recorded in {empty}" in capsys.readouterr().out

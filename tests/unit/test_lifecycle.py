@@ -1,0 +1,422 @@
+"""promote, rollback, retire, load and unload against a stand-in for the server's model repository API: each checks
+everything first and changes nothing when it refuses, loads what the new routing needs before it reloads the router,
+and puts things back when the server does not take a step."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from tierserve.experiment_spec import ExperimentsFile, experiments_json, parse_experiments
+from tierserve.experimenter import EXPERIMENTS_KEY
+from tierserve.promotions import PROMOTIONS_PARAMETER, Promotion, Promotions, UseKind, stored_promotions
+from tierserve.router_files import ROUTER_MODEL, router_policy
+from tierserve.state_store import MemoryStore
+from tierserve.tools.audit import Step
+from tierserve.tools.lifecycle import (
+    Failed,
+    Lifecycle,
+    Problem,
+    Refused,
+    repository_config,
+    repository_versions,
+)
+from tierserve.tools.model_control import VersionState
+from tierserve.tools.paths import DEFAULT_REPOSITORY
+from tierserve.tools.provenance import ON_DISK, disk_provenance, provenance, provenance_text, server_provenance
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    """The model repository, linked, with digits_heavy versions 1 and 2 as built, a version 3 (built), lane shims
+    for versions 1 and 3, a version 7 that was never built, and a version 8 built but without a lane folder."""
+    repository = tmp_path / "model_repository"
+    repository.mkdir()
+    for model in DEFAULT_REPOSITORY.iterdir():
+        if model.name in ("digits_heavy", "digits_heavy_critical"):
+            (repository / model.name).mkdir()
+            (repository / model.name / "config.pbtxt").symlink_to(model / "config.pbtxt")
+        elif model.is_dir():
+            (repository / model.name).symlink_to(model)
+    heavy, lane = repository / "digits_heavy", repository / "digits_heavy_critical"
+    for version in ("1", "2"):
+        (heavy / version).symlink_to(DEFAULT_REPOSITORY / "digits_heavy" / version)
+    (lane / "2").symlink_to(DEFAULT_REPOSITORY / "digits_heavy_critical" / "2")
+    manifest = json.loads((DEFAULT_REPOSITORY / "digits_heavy" / "1" / "manifest.json").read_text())
+    for version in ("3", "8"):
+        (heavy / version).mkdir()
+        (heavy / version / "manifest.json").write_text(json.dumps({**manifest, "version": int(version)}))
+    (heavy / "7").mkdir()
+    for version in ("1", "3"):
+        (lane / version).mkdir()
+        shutil.copy(DEFAULT_REPOSITORY / "digits_heavy_critical" / "2" / "model.py", lane / version / "model.py")
+    return repository
+
+
+class FakeControl:
+    """The model repository API of a server, in memory: which versions each model serves, its running config,
+    and every call made, in order. `fail` names the model whose next load the server refuses."""
+
+    def __init__(self, repository: Path) -> None:
+        self.configs = {
+            model.name: repository_config(repository, model.name)
+            for model in repository.iterdir()
+            if (model / "config.pbtxt").exists()
+        }
+        self.ready = {
+            "digits_heavy": {1, 2},
+            "digits_heavy_critical": {2},
+            **{m: {1} for m in self.configs if m not in ("digits_heavy", "digits_heavy_critical")},
+        }
+        self.calls: list[tuple[str, str, tuple[int, ...]]] = []
+        self.fail: str | None = None
+
+    def config(self, model: str) -> dict:
+        return copy.deepcopy(self.configs[model])
+
+    def index(self) -> list[VersionState]:
+        return [VersionState(m, str(v), "READY", "") for m, versions in self.ready.items() for v in versions]
+
+    def ready_versions(self, model: str) -> set[int]:
+        return set(self.ready.get(model, set()))
+
+    def load_with(self, model: str, config: dict) -> None:
+        if self.fail == model:
+            raise InferenceServerException(f"failed to load '{model}': injected")
+        self.configs[model] = copy.deepcopy(config)
+        versions = config.get("version_policy", {}).get("specific", {}).get("versions")
+        if versions is not None:
+            self.ready[model] = {int(v) for v in versions}
+        self.calls.append(("load", model, tuple(sorted(self.ready[model]))))
+
+    def load_versions(self, model: str, versions, config: dict | None = None) -> None:
+        config = dict(self.config(model) if config is None else config)
+        config["version_policy"] = {"specific": {"versions": sorted(versions)}}
+        self.load_with(model, config)
+
+    def load(self, model: str) -> None:
+        self.ready[model] = {1}
+        self.calls.append(("load", model, (1,)))
+
+    def unload(self, model: str) -> None:
+        self.ready[model] = set()
+        self.calls.append(("unload", model, ()))
+
+    def router_promotions(self) -> Promotions:
+        parameter = self.configs[ROUTER_MODEL].get("parameters", {}).get(PROMOTIONS_PARAMETER)
+        return Promotions() if parameter is None else Promotions.model_validate_json(parameter["string_value"])
+
+
+@pytest.fixture
+def control(repository: Path) -> FakeControl:
+    return FakeControl(repository)
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def lifecycle(control: FakeControl, store: MemoryStore, repository: Path) -> Lifecycle:
+    return Lifecycle(control, store, repository)  # type: ignore[arg-type]
+
+
+def _run_experiments(store: MemoryStore, repository: Path, *experiments: dict) -> None:
+    spec = parse_experiments({"experiments": list(experiments)}, router_policy(repository))
+    store.set(EXPERIMENTS_KEY, experiments_json(spec).encode())
+
+
+SPLIT = {
+    "name": "heavy_versions",
+    "kind": "split",
+    "arms": [
+        {"name": "control", "weight": 50},
+        {"name": "v1", "weight": 50, "models": {"digits_heavy:2": "digits_heavy:1"}},
+    ],
+}
+
+
+def test_repository_config_and_versions_read_the_files(repository: Path):
+    config = repository_config(repository, "digits_heavy")
+    assert config["name"] == "digits_heavy" and config["version_policy"] == {"specific": {"versions": ["1", "2"]}}
+    assert repository_versions(repository, "digits_heavy") == [1, 2, 3, 7, 8]
+    assert repository_versions(repository, "no_such_model") == []
+
+
+def test_promote_loads_the_version_and_its_lane_before_it_reloads_the_router(lifecycle, control, store):
+    control.configs[ROUTER_MODEL]["parameters"] = {"experiments": {"string_value": '{"experiments":[]}'}}
+    step = lifecycle.promote("digits_heavy:3")
+    assert control.calls == [
+        ("load", "digits_heavy", (1, 2, 3)),
+        ("load", "digits_heavy_critical", (2, 3)),
+        ("load", ROUTER_MODEL, (1,)),
+    ]
+    expected = Promotions(models={"digits_heavy": Promotion(version=3, history=(2,))})
+    assert control.router_promotions() == expected == stored_promotions(store) == lifecycle.promotions()
+    assert (step.before, step.after) == ("digits_heavy:2", "digits_heavy:3")
+    assert "digits_heavy:3 instead of digits_heavy:2" in step.message
+    assert lifecycle.policy().cascade.escalate_to == "digits_heavy:3"
+    # the router's other parameters (the experiments applied) are kept
+    assert set(control.configs[ROUTER_MODEL]["parameters"]) == {"experiments", PROMOTIONS_PARAMETER}
+
+
+def test_promote_to_a_loaded_version_loads_only_what_is_missing(lifecycle, control):
+    lifecycle.promote("digits_heavy:1")
+    assert control.calls == [("load", "digits_heavy_critical", (1, 2)), ("load", ROUTER_MODEL, (1,))]
+    control.calls.clear()
+    lifecycle.rollback("digits_heavy")
+    assert control.calls == [("load", ROUTER_MODEL, (1,))]
+
+
+@pytest.mark.parametrize(
+    ("target", "problem", "named"),
+    [
+        ("digits_heavy", Problem.MALFORMED, "expected MODEL:VERSION"),
+        ("digits_heavy:-1", Problem.MALFORMED, "expected MODEL:VERSION"),
+        ("../digits_heavy:3", Problem.MALFORMED, "expected MODEL:VERSION"),
+        ("digits_huge:3", Problem.UNKNOWN_MODEL, "no model 'digits_huge'"),
+        ("digits_heavy:9", Problem.UNKNOWN_VERSION, "digits_heavy:9 does not exist"),
+        ("digits_heavy:7", Problem.NO_MANIFEST, "digits_heavy:7 has no usable manifest"),
+        ("digits_heavy:8", Problem.UNKNOWN_VERSION, "digits_heavy:8's lane digits_heavy_critical:8 does not exist"),
+        ("digits_heavy:2", Problem.ALREADY, "digits_heavy:2 is already the version the policy routes to"),
+        ("digits_heavy_critical:3", Problem.LANE, "digits_heavy_critical is a lane of digits_heavy"),
+        ("preprocess:1", Problem.NOT_ROUTED, "the policy does not route to preprocess"),
+        (f"{ROUTER_MODEL}:1", Problem.ROUTER, "is the router"),
+    ],
+)
+def test_a_refused_promotion_names_the_problem_and_changes_nothing(
+    lifecycle, control, store, target: str, problem: Problem, named: str
+):
+    with pytest.raises(Refused) as refused:
+        lifecycle.promote(target)
+    assert refused.value.problem == problem
+    assert named in str(refused.value)
+    assert control.calls == [] and store.get("promotions") is None
+
+
+def test_promote_is_refused_while_a_running_experiment_names_the_version_it_replaces(
+    lifecycle, control, store, repository
+):
+    _run_experiments(store, repository, SPLIT)
+    with pytest.raises(Refused) as refused:
+        lifecycle.promote("digits_heavy:3")
+    assert refused.value.problem == Problem.IN_USE
+    assert [u.kind for u in refused.value.uses] == [UseKind.EXPERIMENT_ARM]
+    assert "experiment heavy_versions arm v1" in str(refused.value) and "stop it first" in str(refused.value)
+    assert control.calls == []
+
+
+def test_rollback_returns_to_the_previous_version_and_then_has_nowhere_to_go(lifecycle, control, store):
+    lifecycle.promote("digits_heavy:3")
+    lifecycle.promote("digits_heavy:1")
+    control.calls.clear()
+    step = lifecycle.rollback("digits_heavy")
+    assert (step.before, step.after) == ("digits_heavy:1", "digits_heavy:3")
+    assert control.calls == [("load", ROUTER_MODEL, (1,))]  # 3 and its lane are loaded still
+    assert stored_promotions(store).models["digits_heavy"] == Promotion(version=3, history=(2,))
+    lifecycle.rollback("digits_heavy")
+    assert lifecycle.policy().cascade.escalate_to == "digits_heavy:2"
+    with pytest.raises(Refused) as refused:
+        lifecycle.rollback("digits_heavy")
+    assert refused.value.problem == Problem.NO_HISTORY
+    assert "digits_heavy has no earlier version to roll back to" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [("digits_heavy:2", Problem.MALFORMED), ("digits_light", Problem.NO_HISTORY), ("nope", Problem.UNKNOWN_MODEL)],
+)
+def test_a_refused_rollback_changes_nothing(lifecycle, control, model: str, problem: Problem):
+    with pytest.raises(Refused) as refused:
+        lifecycle.rollback(model)
+    assert refused.value.problem == problem and control.calls == []
+
+
+def test_rollback_loads_a_previous_version_that_was_retired_since(lifecycle, control):
+    lifecycle.promote("digits_heavy:3")
+    lifecycle.retire("digits_heavy:2")
+    lifecycle.retire("digits_heavy_critical:2")
+    control.calls.clear()
+    lifecycle.rollback("digits_heavy")
+    assert control.calls == [
+        ("load", "digits_heavy", (1, 2, 3)),
+        ("load", "digits_heavy_critical", (2, 3)),
+        ("load", ROUTER_MODEL, (1,)),
+    ]
+
+
+def test_retire_is_refused_naming_every_use(lifecycle, control, store, repository):
+    with pytest.raises(Refused) as refused:
+        lifecycle.retire("digits_heavy:2")
+    assert refused.value.problem == Problem.IN_USE
+    assert [u.kind for u in refused.value.uses] == [
+        UseKind.LISTED,
+        UseKind.CASCADE_ESCALATION,
+        UseKind.FALLBACK_CHAIN,
+    ]
+    message = str(refused.value)
+    assert message.startswith("digits_heavy:2 is still used by: policy models; cascade escalation; fallback chain")
+    with pytest.raises(Refused) as lane:
+        lifecycle.retire("digits_heavy_critical:2")
+    assert "critical lane of digits_heavy:2" in str(lane.value)
+    _run_experiments(
+        store,
+        repository,
+        {**SPLIT, "layer": "a"},
+        {
+            "name": "shadow_v1",
+            "kind": "shadow",
+            "layer": "b",
+            "shadow": {"candidate": "digits_heavy:1", "fraction": 1.0},
+        },
+    )
+    with pytest.raises(Refused) as experiment:
+        lifecycle.retire("digits_heavy:1")
+    assert [u.where for u in experiment.value.uses] == ["heavy_versions", "shadow_v1"]
+    assert "experiment heavy_versions arm v1" in str(experiment.value)
+    assert "experiment shadow_v1 shadow candidate" in str(experiment.value)
+    assert control.calls == []
+
+
+def test_retire_unloads_an_unused_version(lifecycle, control):
+    step = lifecycle.retire("digits_heavy:1")
+    assert control.calls == [("load", "digits_heavy", (2,))]
+    assert (step.before, step.after) == ("digits_heavy versions 1, 2", "digits_heavy versions 2")
+    with pytest.raises(Refused) as again:
+        lifecycle.retire("digits_heavy:1")
+    assert again.value.problem == Problem.NOT_LOADED and "digits_heavy versions 2" in str(again.value)
+
+
+def test_retire_follows_the_promotion(lifecycle, control):
+    lifecycle.promote("digits_heavy:3")
+    lifecycle.retire("digits_heavy:2")  # no longer routed to: free to go
+    assert control.ready["digits_heavy"] == {1, 3}
+    with pytest.raises(Refused) as refused:
+        lifecycle.retire("digits_heavy_critical:3")
+    assert "critical lane of digits_heavy:3" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("target", "problem"),
+    [
+        ("preprocess:1", Problem.LAST_VERSION),
+        ("digits_heavy:9", Problem.UNKNOWN_VERSION),
+        ("digits_heavy:3", Problem.NOT_LOADED),
+        ("digits_huge:1", Problem.UNKNOWN_MODEL),
+        ("digits_heavy", Problem.MALFORMED),
+    ],
+)
+def test_a_refused_retire_changes_nothing(lifecycle, control, target: str, problem: Problem):
+    with pytest.raises(Refused) as refused:
+        lifecycle.retire(target)
+    assert refused.value.problem == problem and control.calls == []
+
+
+def test_a_router_the_server_refuses_puts_the_loaded_versions_back(lifecycle, control, store):
+    control.fail = ROUTER_MODEL
+    with pytest.raises(Failed) as failed:
+        lifecycle.promote("digits_heavy:3")
+    assert f"the server did not reload {ROUTER_MODEL}: failed to load" in str(failed.value)
+    assert "put digits_heavy_critical, digits_heavy back as it was" in str(failed.value)
+    assert control.ready["digits_heavy"] == {1, 2} and control.ready["digits_heavy_critical"] == {2}
+    assert store.get("promotions") is None and control.router_promotions() == Promotions()
+
+
+def test_a_lane_the_server_refuses_stops_before_the_router(lifecycle, control, store):
+    control.fail = "digits_heavy_critical"
+    with pytest.raises(Failed) as failed:
+        lifecycle.promote("digits_heavy:3")
+    assert "did not load digits_heavy_critical versions [2, 3]" in str(failed.value)
+    assert control.ready["digits_heavy"] == {1, 2}
+    assert all(model != ROUTER_MODEL for _, model, _ in control.calls)
+    assert store.get("promotions") is None
+
+
+def test_load_and_unload_whole_models_and_versions(lifecycle, control):
+    lifecycle.retire("digits_heavy:1")
+    step = lifecycle.load("digits_heavy:1")
+    assert control.ready["digits_heavy"] == {1, 2}
+    assert (step.before, step.after) == ("digits_heavy versions 2", "digits_heavy versions 1, 2")
+    with pytest.raises(Refused) as again:
+        lifecycle.load("digits_heavy:1")
+    assert again.value.problem == Problem.ALREADY
+    step = lifecycle.unload("preprocess")
+    assert step.after == "preprocess not loaded" and control.calls[-1] == ("unload", "preprocess", ())
+    lifecycle.load("preprocess")
+    assert control.calls[-1] == ("load", "preprocess", (1,))
+    with pytest.raises(Refused) as loaded:
+        lifecycle.load("preprocess")
+    assert loaded.value.problem == Problem.ALREADY
+
+
+def test_load_of_an_unloaded_model_version_starts_from_its_config_file(lifecycle, control):
+    lifecycle.unload("digits_static_light")
+    lifecycle.load("digits_static_light:1")
+    assert control.ready["digits_static_light"] == {1}
+    assert control.configs["digits_static_light"]["name"] == "digits_static_light"
+
+
+@pytest.mark.parametrize(
+    ("model", "problem", "named"),
+    [
+        ("digits_heavy", Problem.IN_USE, "digits_heavy:2 by policy models; cascade escalation"),
+        (ROUTER_MODEL, Problem.ROUTER, "is the router"),
+        ("digits_huge", Problem.UNKNOWN_MODEL, "no model 'digits_huge'"),
+        ("digits heavy", Problem.MALFORMED, "expected a model name"),
+    ],
+)
+def test_a_refused_unload_names_why_and_changes_nothing(lifecycle, control, model: str, problem: Problem, named: str):
+    with pytest.raises(Refused) as refused:
+        lifecycle.unload(model)
+    assert refused.value.problem == problem and named in str(refused.value)
+    assert control.calls == []
+
+
+def test_an_action_fills_the_step_it_is_given_even_when_refused(lifecycle):
+    step = Step()
+    with pytest.raises(Refused):
+        lifecycle.retire("digits_heavy:2", step)
+    assert step.before == "digits_heavy versions 1, 2" and step.after == ""
+
+
+def test_models_shows_each_version_with_its_manifest_and_routing(lifecycle, control, repository):
+    lifecycle.promote("digits_heavy:3")
+    found = server_provenance(lifecycle, "the test server")
+    by_name = {v.name: v for v in found.versions}
+    assert found.source == "the test server (repository index)"
+    assert found.promotions == lifecycle.promotions()
+    heavy = by_name["digits_heavy:3"]
+    assert heavy.state == "READY" and heavy.manifest is not None and heavy.manifest.version == 3
+    assert "cascade escalation" in heavy.routing()
+    assert by_name["digits_heavy:2"].routing() == "not routed"  # promoted away from, still loaded
+    assert by_name["digits_heavy:1"].routing() == "experiment_models (no experiment runs it)"
+    lane = by_name["digits_heavy_critical:3"]
+    assert lane.serves == "digits_heavy:3" and lane.manifest == heavy.manifest
+    assert lane.routing() == "critical lane of digits_heavy:3"
+    assert by_name[f"{ROUTER_MODEL}:1"].routing() == "the router itself"
+    assert by_name[f"{ROUTER_MODEL}:1"].manifest is None and "not a trained model" in by_name[f"{ROUTER_MODEL}:1"].note
+    text = provenance_text(found)
+    assert "digits_heavy:3  READY" in text and f"sha256 {heavy.manifest.artifact_sha256}" in text
+    assert "promotions: digits_heavy:3 (was 2)" in text
+    data = json.loads(found.as_json())
+    (entry,) = [v for v in data["versions"] if (v["model"], v["version"]) == ("digits_heavy", 3)]
+    assert entry["manifest"]["artifact_sha256"] == heavy.manifest.artifact_sha256
+    assert {"kind": "cascade_escalation", "where": "", "detail": "", "text": "cascade escalation"} in entry["routing"]
+
+
+def test_models_falls_back_to_the_repository_on_disk_and_says_so(repository, store):
+    found = disk_provenance(repository, store, "server not asked: refused")
+    assert "the repository on disk" in found.source and "server not asked: refused" in found.source
+    heavy = sorted(v.version for v in found.versions if v.model == "digits_heavy")
+    assert heavy == [1, 2]  # what its config.pbtxt loads (version_policy specific), not every folder
+    assert {v.state for v in found.versions} == {ON_DISK}
+    never_built = provenance(
+        "x", [("digits_heavy", 7, ON_DISK)], repository, router_policy(repository), ExperimentsFile(), Promotions()
+    )
+    assert never_built.versions[0].manifest is None and "not built" in never_built.versions[0].note

@@ -54,31 +54,29 @@ def parse_queue_reading(body: bytes, version: str) -> QueueReading:
 
 
 class QueueProbe:
-    """Reads one model version's queue statistics from the server's HTTP endpoint over a kept connection."""
+    """Reads one model version's queue statistics from the server's HTTP endpoint.
+
+    One connection per reading, closed at once: tritonserver waits for open HTTP connections to close before it
+    stops (up to its exit timeout, then it exits without unloading its models), so a kept connection would
+    hold up every shutdown."""
 
     def __init__(self, model: str, version: str, address: str | None = None, timeout_s: float = 1.0) -> None:
         self.address = address or os.environ.get(STATS_URL_ENV) or DEFAULT_STATS_URL
         self.path = f"/v2/models/{model}/versions/{version}/stats"
         self.version = version
         self._timeout_s = timeout_s
-        self._connection: http.client.HTTPConnection | None = None
 
     def read(self) -> QueueReading:
         """The current reading; OSError or ValueError when the server does not give one."""
-        if self._connection is None:
-            self._connection = http.client.HTTPConnection(self.address, timeout=self._timeout_s)
+        connection = http.client.HTTPConnection(self.address, timeout=self._timeout_s)
         try:
-            self._connection.request("GET", self.path)
-            reply = self._connection.getresponse()
+            connection.request("GET", self.path, headers={"Connection": "close"})
+            reply = connection.getresponse()
             body = reply.read()
         except (OSError, http.client.HTTPException) as error:
-            self.close()  # a fresh connection next time
             raise OSError(f"statistics from {self.address}{self.path}: {error}") from error
+        finally:
+            connection.close()
         if reply.status != 200:
             raise ValueError(f"statistics from {self.address}{self.path}: HTTP {reply.status}")
         return parse_queue_reading(body, self.version)
-
-    def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None

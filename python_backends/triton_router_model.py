@@ -106,9 +106,9 @@ class TritonPythonModel:
 
     def _watch_queue(self) -> None:
         """Feed the load gauge from Triton's queue statistics: the mean wait of the requests dispatched since the
-        last reading, less the time this instance was stuck on failing downstream calls (a fault is not
-        overload). An instance that has had nothing for IDLE_S while nothing was dispatched has nobody waiting
-        for it: its gauge falls to zero instead of showing the last flood's wait for as long as it stays idle."""
+        last reading, unless this instance was stuck on a failing downstream call meanwhile (a fault is not
+        overload: such a reading is left out). An instance that has had nothing for IDLE_S while nothing was
+        dispatched has nobody waiting for it: its gauge falls to zero instead of showing the last flood's wait."""
         meter, said, unreadable_since = QueueWaitMeter(), False, time.monotonic()  # HTTP starts after the models
         while not self._stopping.wait(QUEUE_POLL_S):
             now = time.monotonic()
@@ -127,15 +127,15 @@ class TritonPythonModel:
                 if self._last_execute is None or now - self._last_execute < IDLE_S:
                     continue  # busy, and nothing new was dispatched: the gauge stays as it is
                 wait_ms = 0.0
-            stalled_ms = self.router.stalls.overlap(now - wait_ms / 1000, now) * 1000
-            self.metrics.state(self.router.breakers, self.router.load.observe(max(wait_ms - stalled_ms, 0.0)))
+            if self.router.stalls.overlap(now - wait_ms / 1000 - 2 * QUEUE_POLL_S, now) > 0:
+                continue  # these requests waited (partly) while this instance was stuck on a failing call: a fault
+            self.metrics.state(self.router.breakers, self.router.load.observe(wait_ms))
 
     def finalize(self) -> None:
         self._stopping.set()
         self._flusher.join(timeout=5)
         self.experimenter.flush()
         self.store.close()
-        self.queue.close()
 
     async def _warm(self, requests: list) -> list:
         """A warm-up execute: the whole decision path on the samples, answered as the safe default would be

@@ -69,7 +69,6 @@ def test_the_probe_reads_the_servers_statistics_and_says_when_it_cannot():
             probe.read()
         assert _Statistics.paths == ["/v2/models/router/versions/1/stats"] * 2
     finally:
-        probe.close()
         server.shutdown()
         server.server_close()
     with pytest.raises(OSError, match="statistics from"):

@@ -133,14 +133,11 @@ def _names(spec: ExperimentsFile) -> str:
 def _experiment_apply(args: argparse.Namespace) -> int:
     from tierserve.tools.experiment_admin import apply, describe, read_spec, served
 
-    with (
-        audited(Action.EXPERIMENT_APPLY, str(args.file), _refusals()) as step,
-        _store(args) as store,
-        _control(args) as control,
-    ):
+    with audited(Action.EXPERIMENT_APPLY, str(args.file), _refusals()) as step, _store(args) as store:
         step.before = _names(served(store, args.model_repository))
         spec = read_spec(args.file, args.model_repository, store)  # a malformed file goes no further than here
-        apply(control, spec)
+        with _control(args) as control:
+            apply(control, spec)
         step.after = _names(spec)
         step.message = f"experiments applied from {args.file}"
     print(f"applied:\n{describe(spec)}")

@@ -241,6 +241,23 @@ class Lifecycle:
         step.message = f"unloaded {model}"
         return step
 
+    def restore(self) -> list[str]:
+        """Load the versions the served routing needs that the server does not serve: after a restart the config
+        files load the versions they list, not those promote loaded since (a promoted version's lane, say). Returns
+        what it loaded; Failed when the server does not take a load."""
+        policy = self.policy()
+        needed: dict[str, set[int]] = {}
+        for name in (*policy.models, *(lane for lanes in policy.lanes.values() for lane in lanes.values())):
+            version = ModelVersion.parse(name)
+            needed.setdefault(version.model, set()).add(version.version)
+        loaded = []
+        for model, versions in sorted(needed.items()):
+            ready = self.control.ready_versions(model)
+            if missing := versions - ready:
+                self._load_versions(model, ready | missing)
+                loaded += [f"{model}:{version}" for version in sorted(missing)]
+        return loaded
+
     # -- checks ---------------------------------------------------------------------------------------------------
 
     def _parse(self, target: str) -> ModelVersion:

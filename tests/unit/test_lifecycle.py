@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -40,7 +41,11 @@ def repository(tmp_path: Path) -> Path:
     for model in DEFAULT_REPOSITORY.iterdir():
         if model.name in ("digits_heavy", "digits_heavy_critical"):
             (repository / model.name).mkdir()
-            (repository / model.name / "config.pbtxt").symlink_to(model / "config.pbtxt")
+            config = (model / "config.pbtxt").read_text()
+            versions = "1, 2" if model.name == "digits_heavy" else "2"  # as shipped before version 3
+            policy = f"version_policy: {{ specific: {{ versions: [{versions}] }} }}"
+            config = re.sub(r"version_policy: .*", policy, config)
+            (repository / model.name / "config.pbtxt").write_text(config)
         elif model.is_dir():
             (repository / model.name).symlink_to(model)
     heavy, lane = repository / "digits_heavy", repository / "digits_heavy_critical"
@@ -420,3 +425,14 @@ def test_models_falls_back_to_the_repository_on_disk_and_says_so(repository, sto
         "x", [("digits_heavy", 7, ON_DISK)], repository, router_policy(repository), ExperimentsFile(), Promotions()
     )
     assert never_built.versions[0].manifest is None and "not built" in never_built.versions[0].note
+
+
+def test_restore_loads_what_the_promotions_need_after_a_restart(lifecycle, control, repository, store):
+    lifecycle.promote("digits_heavy:3")
+    assert lifecycle.restore() == []  # nothing missing on the server that was promoted on
+    restarted = FakeControl(repository)  # the config files load what they list: no version 3, no lane 3
+    restarted.configs[ROUTER_MODEL] = control.configs[ROUTER_MODEL]
+    after_restart = Lifecycle(restarted, store, repository)  # type: ignore[arg-type]
+    assert after_restart.restore() == ["digits_heavy:3", "digits_heavy_critical:3"]
+    assert restarted.ready["digits_heavy"] == {1, 2, 3} and restarted.ready["digits_heavy_critical"] == {2, 3}
+    assert after_restart.restore() == []

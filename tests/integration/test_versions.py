@@ -1,0 +1,281 @@
+"""Model versions on a real server of their own: promote, rollback, retire and load under load at concurrency 8 with
+no failed request, retire refused naming what uses the version, experiments and promotions composing, `tierserve
+models` and the audit trail of every action, refused ones included."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierserve.client import TierserveClient
+from tierserve.router_files import ROUTER_MODEL
+from tierserve.state_store import open_store
+from tierserve.tools.audit import Action, Outcome, read_audit
+from tierserve.tools.cli import main
+from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.lifecycle import Lifecycle
+from tierserve.tools.load import SteadyLoad
+from tierserve.tools.model_control import ModelControl
+from tierserve.tools.paths import ADMIN_KEY_ENV, AUDIT_ENV
+from tierserve.tools.supervisor import Supervisor
+
+from .conftest import supervised_server
+
+LANE = "digits_heavy_critical"
+
+
+@pytest.fixture(scope="module")
+def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model repository, linked, plus the critical lane of digits_heavy:1 (digits_heavy_critical:1, a shim
+    like the lane of version 2), so either version of digits_heavy can be promoted with its lane."""
+    target = tmp_path_factory.mktemp("versions") / "model_repository"
+    target.mkdir()
+    for model in model_repository.iterdir():
+        if model.is_dir() and model.name != LANE:
+            (target / model.name).symlink_to(model.resolve())
+    (target / LANE).mkdir()
+    for item in (model_repository / LANE).iterdir():
+        (target / LANE / item.name).symlink_to(item.resolve())
+    (target / LANE / "1").mkdir()
+    shim = (model_repository / LANE / "2" / "model.py").read_text().replace("version 2", "version 1")
+    (target / LANE / "1" / "model.py").write_text(shim)
+    return target
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
+    """A server of this module's own: the versions changed here never reach the session server's tests. The CLI
+    runs with its admin key and writes to an audit log of this module's own."""
+    workdir = tmp_path_factory.mktemp("versions_server")
+    with supervised_server(repository, workdir) as supervisor, pytest.MonkeyPatch.context() as env:
+        env.setenv(ADMIN_KEY_ENV, supervisor.server.admin_key)
+        env.setenv(AUDIT_ENV, str(workdir / "audit.jsonl"))
+        yield supervisor
+
+
+@pytest.fixture
+def cli(server: Supervisor, repository: Path, capsys: pytest.CaptureFixture):
+    """`tierserve ARGS --url ... --state ... --model-repository ...` on this module's server: (exit status, stdout,
+    stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        where = ["--url", server.server.http_url, "--state", server.server.state, "--model-repository", str(repository)]
+        status = main([*args, *([] if args[0] == "audit" else where)])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def hard_images(server: Supervisor, split: DigitsSplit) -> np.ndarray:
+    """Test images (at most 32) that the cascade escalates to the heavy model at the standard tier."""
+    images = split.test.images[:256]
+    with TierserveClient(server.server.grpc_url) as client:
+        answers = [a for start in range(0, len(images), 64) for a in client.classify(images[start : start + 64])]
+    hard = [image for image, a in zip(images, answers, strict=True) if a.route.startswith("digits_heavy")]
+    assert len(hard) >= 5
+    return np.stack(hard[:32])
+
+
+def _routes(server: Supervisor, images: np.ndarray, tier: str = "standard") -> set[str]:
+    with TierserveClient(server.server.grpc_url, tier_key=server.server.tier_key) as client:
+        return {a.route for a in client.classify(images, tier=tier)}
+
+
+def _served(server: Supervisor, model: str, *change: int, without: int = 0) -> str:
+    """What the tools say `model` serves, from the server's index, with versions `change` added or `without` not."""
+    index = server.server.models()
+    ready = {int(m["version"]) for m in index if m["name"] == model and m.get("state") == "READY"}
+    return f"{model} versions {', '.join(map(str, sorted((ready | set(change)) - {without})))}"
+
+
+def _audit(server: Supervisor) -> list:
+    return list(read_audit(Path(server.server.workdir) / "audit.jsonl").entries)
+
+
+def test_promote_rollback_retire_and_load_under_load_fail_no_request(server: Supervisor, cli, hard_images: np.ndarray):
+    tiers = ("standard",) * 4 + ("critical",) * 4  # concurrency 8, the critical half through the lanes
+    heavy, lane = _served(server, "digits_heavy"), _served(server, LANE, 1)  # before; the lane's 1 comes with promote
+    with SteadyLoad(server.server.grpc_url, hard_images, tiers=tiers, tier_key=server.server.tier_key) as load:
+        time.sleep(1.0)
+        assert cli("promote", "digits_heavy:1")[0] == 0
+        promoted_at = time.monotonic()  # the new router serves; requests the old one took may still finish
+        time.sleep(1.5)
+        assert _routes(server, hard_images) == {"digits_heavy:1"}
+        assert _routes(server, hard_images, "critical") == {f"{LANE}:1"}
+        switching_back_at = time.monotonic()
+        assert cli("rollback", "digits_heavy")[0] == 0
+        rolled_back_at = time.monotonic()
+        time.sleep(1.5)
+        assert cli("retire", "digits_heavy:1")[0] == 0
+        assert cli("retire", f"{LANE}:1")[0] == 0
+        time.sleep(1.0)
+        assert cli("model", "load", "digits_heavy:1")[0] == 0
+        time.sleep(1.0)
+    sent = list(load.sent)
+    errors = [s.error for s in sent if s.error]
+    assert len(sent) > 200 and errors == [], errors[:3]
+    between = [s.answer for s in sent if promoted_at + 0.5 < s.at < switching_back_at]
+    assert between and {a.route for a in between} == {"digits_heavy:1", f"{LANE}:1"}
+    assert all("digits_heavy:1" in a.path or f"{LANE}:1" in a.path for a in between)
+    after = [s.answer for s in sent if s.at > rolled_back_at + 0.5]
+    assert {a.route for a in after} == {"digits_heavy:2", f"{LANE}:2"}
+    assert _routes(server, hard_images) == {"digits_heavy:2"}
+    assert server.server.model_ready("digits_heavy", "1") and not server.server.model_ready(LANE, "1")
+    actions = [(e.action, e.target, e.before, e.after, e.outcome) for e in _audit(server)[-5:]]
+    assert actions == [
+        (Action.PROMOTE, "digits_heavy:1", "digits_heavy:2", "digits_heavy:1", Outcome.OK),
+        (Action.ROLLBACK, "digits_heavy", "digits_heavy:1", "digits_heavy:2", Outcome.OK),
+        (Action.RETIRE, "digits_heavy:1", heavy, _served(server, "digits_heavy", without=1), Outcome.OK),
+        (Action.RETIRE, f"{LANE}:1", lane, _served(server, LANE), Outcome.OK),
+        (Action.LOAD, "digits_heavy:1", _served(server, "digits_heavy", without=1), heavy, Outcome.OK),
+    ]
+
+
+def test_retire_is_refused_while_a_version_is_used_naming_each_use(server: Supervisor, cli):
+    status, _, err = cli("retire", "digits_heavy:2")
+    assert status == 1
+    assert "digits_heavy:2 is still used by: policy models; cascade escalation; fallback chain of digits_light:1" in err
+    status, _, err = cli("retire", f"{LANE}:2")
+    assert status == 1 and "critical lane of digits_heavy:2" in err
+    status, _, err = cli("model", "unload", "digits_light")
+    assert status == 1 and "digits_light:1 by policy models" in err
+    assert server.server.model_ready("digits_heavy", "2") and server.server.model_ready(LANE, "2")
+    refused = _audit(server)[-3:]
+    assert [(e.action, e.outcome) for e in refused] == [
+        (Action.RETIRE, Outcome.REFUSED),
+        (Action.RETIRE, Outcome.REFUSED),
+        (Action.UNLOAD, Outcome.REFUSED),
+    ]
+    assert "cascade escalation" in refused[0].message and refused[0].before == _served(server, "digits_heavy")
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("promote", "digits_heavy:9"), "digits_heavy:9 does not exist"),
+        (("promote", "digits_heavy:2"), "digits_heavy:2 is already the version the policy routes to"),
+        (("promote", f"{LANE}:1"), f"{LANE} is a lane of digits_heavy"),
+        (("rollback", "digits_heavy"), "digits_heavy has no earlier version to roll back to"),
+        (("retire", "digits_heavy:9"), "digits_heavy:9 does not exist"),
+        (("model", "load", "digits_heavy:2"), "digits_heavy:2 is loaded already"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_problem_and_changes_nothing(server: Supervisor, cli, args, named: str):
+    index = server.server.models()
+    status, _, err = cli(*args)
+    assert status == 1 and named in err
+    assert server.server.models() == index
+    assert _audit(server)[-1].outcome == Outcome.REFUSED
+
+
+def test_experiments_and_promotions_compose(server: Supervisor, cli, hard_images: np.ndarray, tmp_path: Path):
+    shadow = tmp_path / "shadow.yaml"
+    mirror = {"candidate": "digits_light:1", "fraction": 1.0}
+    shadow.write_text(json.dumps({"experiments": [{"name": "shadow_light", "kind": "shadow", "shadow": mirror}]}))
+    split = tmp_path / "split.yaml"
+    split.write_text(
+        json.dumps(
+            {
+                "experiments": [
+                    {
+                        "name": "heavy_versions",
+                        "kind": "split",
+                        "arms": [
+                            {"name": "control", "weight": 50},
+                            {"name": "v1", "weight": 50, "models": {"digits_heavy:2": "digits_heavy:1"}},
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    try:
+        assert cli("experiment", "apply", str(split))[0] == 0
+        status, _, err = cli("promote", "digits_heavy:1")  # the split replaces digits_heavy:2: it must stop first
+        assert status == 1 and "experiment heavy_versions arm v1" in err and "stop it first" in err
+        status, _, err = cli("retire", "digits_heavy:1")
+        assert status == 1 and "experiment heavy_versions arm v1 (digits_heavy:2 -> digits_heavy:1)" in err
+        assert cli("experiment", "apply", str(shadow))[0] == 0
+        assert cli("promote", "digits_heavy:1")[0] == 0
+        with TierserveClient(server.server.grpc_url) as client:
+            answers = client.classify(hard_images, user_id="composer")
+        assert {a.route for a in answers} == {"digits_heavy:1"}
+        assert all(a.arms == {"shadow_light": "mirrored"} for a in answers)  # the experiment still runs
+        assert cli("experiment", "stop", "shadow_light")[0] == 0
+        assert _routes(server, hard_images) == {"digits_heavy:1"}  # and the promotion stays
+        status, _, err = cli("experiment", "apply", str(split))  # names digits_heavy:2, no longer routed to
+        assert status == 1 and "experiments[0].arms[1].models.digits_heavy:2" in err
+    finally:
+        cli("experiment", "stop", "heavy_versions")
+        cli("experiment", "stop", "shadow_light")
+        cli("rollback", "digits_heavy")
+    assert _routes(server, hard_images) == {"digits_heavy:2"}
+    actions = {(e.action, e.outcome) for e in _audit(server)}
+    assert {(Action.EXPERIMENT_APPLY, Outcome.OK), (Action.EXPERIMENT_APPLY, Outcome.REFUSED)} <= actions
+    assert {(Action.EXPERIMENT_STOP, Outcome.OK), (Action.PROMOTE, Outcome.REFUSED)} <= actions
+
+
+def test_models_shows_every_served_version_with_its_manifest_and_routing(server: Supervisor, cli, repository: Path):
+    status, out, _ = cli("models")
+    assert status == 0
+    assert out.startswith(f"source: the server at {server.server.http_url} (repository index); promotions: ")
+    heavy = json.loads((repository / "digits_heavy" / "2" / "manifest.json").read_text())
+    block = out.split("\ndigits_heavy:2  READY\n")[1].split("\n\n")[0]
+    assert "routing    policy models; cascade escalation; fallback chain of digits_light:1" in block
+    assert f"sha256 {heavy['artifact_sha256']}" in block and f"seed {heavy['seed']}" in block
+    assert f"rows sha256 {heavy['split']['rows_sha256']}" in block
+    assert f"{heavy['test_accuracy']:.4f} on the test split" in block
+    assert all(f"{name} {version}" in block for name, version in heavy["libraries"].items())
+    assert f"{LANE}:2  READY  (a lane: serves digits_heavy:2's artifacts)" in out
+    status, out, _ = cli("models", "--json")
+    versions = {(v["model"], v["version"]): v for v in json.loads(out)["versions"]}
+    assert versions[("digits_heavy", 1)]["state"] == "READY"
+    assert versions[("digits_heavy", 1)]["experiment_model"] is True
+    assert versions[(LANE, 2)]["serves"] == "digits_heavy:2"
+    assert versions[(ROUTER_MODEL, 1)]["manifest"] is None
+
+
+def test_a_restarted_server_keeps_the_promotion_and_restore_loads_its_lane(
+    server: Supervisor, cli, hard_images: np.ndarray, repository: Path
+):
+    assert cli("promote", "digits_heavy:1")[0] == 0
+    try:
+        restarts = server.restarts
+        os.kill(server.server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while not (server.restarts > restarts and server.server.is_ready()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # the new router read the promotion from the state store; its lane is not in the config files
+        assert _routes(server, hard_images) == {"digits_heavy:1"}
+        assert not server.server.model_ready(LANE, "1")
+        control, store = ModelControl(server.server.http_url, server.server.admin_key), open_store(server.server.state)
+        try:
+            assert Lifecycle(control, store, repository).restore() == [f"{LANE}:1"]
+        finally:
+            control.close()
+            store.close()
+        assert _routes(server, hard_images, "critical") == {f"{LANE}:1"}
+    finally:
+        cli("rollback", "digits_heavy")
+    assert _routes(server, hard_images) == {"digits_heavy:2"}
+
+
+def test_the_audit_command_prints_every_action_including_refusals(server: Supervisor, cli):
+    status, out, _ = cli("audit", "--json")
+    assert status == 0
+    entries = json.loads(out)
+    assert {e["outcome"] for e in entries} >= {"ok", "refused"}
+    assert {e["action"] for e in entries} >= {"promote", "rollback", "retire", "load", "experiment_apply"}
+    assert all(e["time"] and e["operator"] for e in entries)
+    status, out, _ = cli("audit", "--last", "3")
+    assert status == 0 and "outcome" in out and len(out.splitlines()) >= 4

@@ -226,3 +226,17 @@ def test_tierserve_audit_prints_the_log_and_names_a_damaged_line(operator_env: P
     empty = operator_env.parent / "empty.jsonl"
     assert main(["audit", "--log", str(empty)]) == 0
     assert f"no actions recorded in {empty}" in capsys.readouterr().out
+
+
+def test_a_malformed_experiments_file_is_refused_and_recorded_before_any_admin_key_is_needed(
+    operator_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    monkeypatch.delenv(ADMIN_KEY_ENV)
+    monkeypatch.setattr("tierserve.tools.paths.ADMIN_KEY_FILE", operator_env.parent / "no_admin_key")
+    bad = operator_env.parent / "bad.yaml"
+    bad.write_text("experiments:\n  - {name: x, kind: split, arms: [{name: a, wieght: 50}]}\n")
+    assert main(["experiment", "apply", str(bad), *NO_SERVER]) == 1
+    assert "experiments[0].arms[0].wieght" in capsys.readouterr().err
+    (entry,) = read_audit(operator_env).entries
+    assert (entry.action, entry.target, entry.outcome) == (Action.EXPERIMENT_APPLY, str(bad), Outcome.REFUSED)
+    assert entry.before == "none" and "wieght" in entry.message

@@ -221,8 +221,10 @@ class Lifecycle:
         """Unload every version of a model, refused while the routing or a running experiment uses one of them."""
         step = step or Step()
         model = self._model(model)
-        if model == ROUTER_MODEL:
-            raise Refused(Problem.ROUTER, f"{model} is the router: unloading it would stop serving")
+        steps = repository_config(self.repository, model).get("ensemble_scheduling", {}).get("step", [])
+        if model == ROUTER_MODEL or ROUTER_MODEL in {step.get("model_name") for step in steps}:
+            what = "the router" if model == ROUTER_MODEL else "an ensemble of the router (what clients call)"
+            raise Refused(Problem.ROUTER, f"{model} is {what}: unloading it would stop serving")
         ready = self.control.ready_versions(model)
         step.before = _versions_text(model, ready)
         if not ready:

@@ -372,6 +372,7 @@ def test_load_of_an_unloaded_model_version_starts_from_its_config_file(lifecycle
     [
         ("digits_heavy", Problem.IN_USE, "digits_heavy:2 by policy models; cascade escalation"),
         (ROUTER_MODEL, Problem.ROUTER, "is the router"),
+        ("digits", Problem.ROUTER, "digits is an ensemble of the router (what clients call)"),
         ("digits_huge", Problem.UNKNOWN_MODEL, "no model 'digits_huge'"),
         ("digits heavy", Problem.MALFORMED, "expected a model name"),
     ],

@@ -10,8 +10,8 @@ picked by kind:
   monotone like that; any other reweighting moves some units between arms.
 - shadow: a per-row draw below `fraction` mirrors the row to the candidate.
 - bandit: per row, Thompson sampling or epsilon-greedy over the arms' Beta posteriors of a correct answer.
-Per-row randomness (request-unit keys, shadow and bandit draws) comes only from the row's seed, so replaying a
-logged row with its seed makes the same decisions.
+Per-row randomness (request-unit keys, shadow and bandit draws) comes only from the row's seed, and a user unit is
+its keyed hash (never the clear id), so replaying a logged row with its seed and user hash makes the same decisions.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class Unit:
     """Who a row is, for assignment."""
 
     tier: str
-    user_id: str  # "" when the request sent none
+    user: str  # the user's keyed hash (tierserve.request_ids.user_key), "" when the request sent no user_id
     attributes: Mapping[str, str | int]  # the declared attributes the request sent (absent ones missing; int ones int)
     seed: int  # the row's 64-bit random seed, minted by the router and logged for replay
 
@@ -228,7 +228,7 @@ class _Experiment(abc.ABC):
 
     def eligible(self, unit: Unit) -> bool:
         """Whether the unit may enter: its tier, a user_id for unit=user, and every attribute test."""
-        if unit.tier not in self.tiers or (self.by_user and not unit.user_id):
+        if unit.tier not in self.tiers or (self.by_user and not unit.user):
             return False
         attributes = unit.attributes
         return not self.tests or all(test(attributes) for test in self.tests)
@@ -343,7 +343,7 @@ class Assigner:
         for eligible, pick, by_user, layer in self._steps:
             if not eligible(unit):
                 continue
-            key = unit.user_id if by_user else str(unit.seed)
+            key = unit.user if by_user else str(unit.seed)
             if layer is not None:
                 salt, lower, upper = layer
                 layer_bucket = layer_buckets.get(salt)

@@ -26,6 +26,7 @@ from tierserve.experiment_spec import (
 )
 from tierserve.experiment_stats import ArmRow, ExperimentStats, ShadowOutcome
 from tierserve.policy import Policy
+from tierserve.replay_tokens import ReplayRow
 from tierserve.request_ids import IssuedRow, RequestIds, new_seeds, user_key
 from tierserve.routing import BASE, Answer, Variant
 from tierserve.signature import RequestContext
@@ -71,6 +72,7 @@ class RowPlan:
     user: str  # keyed hash of the user id, "" without one
     assignments: tuple[Assignment, ...]
     variant: Variant
+    replayed: bool = False  # re-sent by `tierserve replay`: counted for no experiment, mirrored nowhere, not logged
 
     @property
     def arms(self) -> str:
@@ -109,21 +111,26 @@ class Experimenter:
         self._lock = threading.Lock()
         self.dropped_rows = 0  # per-arm rows not counted because `flush` fell behind
 
-    def plan(self, contexts: Sequence[RequestContext], adapt: bool) -> list[RowPlan]:
-        """Each row's seed, arms and variant. `adapt` is False under load: the global policy answers then."""
+    def plan(
+        self, contexts: Sequence[RequestContext], adapt: bool, replays: Sequence[ReplayRow | None] = ()
+    ) -> list[RowPlan]:
+        """Each row's seed, arms and variant. `adapt` is False under load: the global policy answers then. A row
+        with a ReplayRow (`tierserve replay`) is decided from its logged seed and user hash instead."""
         seeds = new_seeds(len(contexts))
-        users = {c.user_id: user_key(self.secret, c.user_id) for c in contexts}
+        hashes = {c.user_id: user_key(self.secret, c.user_id) for c in contexts}
+        rows = list(replays) or [None] * len(contexts)
+        users = [hashes[c.user_id] if r is None else r.user for c, r in zip(contexts, rows, strict=True)]
         posteriors = self._current_posteriors()
         adapting = adapt and self.policy.adaptation.enabled
-        records = self._user_records([u for u in users.values() if u]) if adapting else {}
+        records = self._user_records(sorted({u for u in users if u})) if adapting else {}
         plans = []
-        for context, seed in zip(contexts, seeds, strict=True):
-            unit = Unit(context.tier, context.user_id, context.attributes, seed)
+        for context, seed, user, replay in zip(contexts, seeds, users, rows, strict=True):
+            seed = seed if replay is None else replay.seed
+            unit = Unit(context.tier, user, context.attributes, seed)
             assignments = tuple(self.assigner.assign(unit, posteriors))
             changes = Assigner.changes(assignments)
             reasons = [a.reason for a in assignments]
             threshold, escalate_when = changes.thresholds.get(context.tier), changes.escalate_when
-            user = users[context.user_id]
             if adapting and user:
                 base = self.policy.cascade.thresholds[context.tier] if threshold is None else threshold
                 if (verdict := adapted_threshold(self.policy.adaptation, base, records.get(user))) is not None:
@@ -136,7 +143,7 @@ class Experimenter:
                 if reasons  # an arm or per-user adaptation
                 else BASE
             )
-            plans.append(RowPlan(seed, user, assignments, variant))
+            plans.append(RowPlan(seed, user, assignments, variant, replayed=replay is not None))
         return plans
 
     def finish(
@@ -154,7 +161,8 @@ class Experimenter:
             issued.append(
                 IssuedRow(plan.seed, now, plan.user, context.tier, int(answer.probs.argmax()), answer.first_label, arms)
             )
-            arm_rows.extend(ArmRow(e, arm, plan.user, latency, now) for e, arm in arms if arm != MIRRORED)
+            if not plan.replayed:
+                arm_rows.extend(ArmRow(e, arm, plan.user, latency, now) for e, arm in arms if arm != MIRRORED)
         if arm_rows:
             with self._lock:
                 room = MAX_PENDING_ROWS - len(self._pending)

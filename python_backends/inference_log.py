@@ -46,6 +46,7 @@ from typing import Any, BinaryIO, Literal, Protocol
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -532,6 +533,34 @@ def parse_settings(data: Mapping[str, Any] | None, where: str = "inference_log")
             raise InferenceLogSettingsError(f"{dotted}: required key is missing") from None
         message = first["msg"][0].lower() + first["msg"][1:]
         raise InferenceLogSettingsError(f"{dotted}: {message}, got {first['input']!r}"[:300]) from None
+
+
+LOG_DIR_ENV = "TIERSERVE_LOG_DIR"  # the log's directory when its settings file names none (tools/server.py sets it)
+SETTINGS_FILE = "inference_log.yaml"  # beside the router's policy
+
+
+def load_settings(router_dir: Path, log_dir: str | None = None) -> InferenceLogSettings:
+    """The router's inference log settings: `router_dir`/inference_log.yaml (absent: the defaults, log off), with
+    `directory` from `log_dir` ($TIERSERVE_LOG_DIR) when the file names none. Enabled with no directory at all, the
+    log is off: a tritonserver started by hand records nothing until told where. InferenceLogSettingsError names a
+    bad key."""
+    path = router_dir / SETTINGS_FILE
+    try:
+        data = yaml.safe_load(path.read_text()) if path.exists() else None
+    except (OSError, yaml.YAMLError) as error:
+        raise InferenceLogSettingsError(f"{path}: cannot read the settings: {error}") from None
+    if data is not None and not isinstance(data, dict):
+        raise InferenceLogSettingsError(f"{path}: expected a mapping of settings")
+    data = dict(data or {})
+    if data.get("directory") is None and data.get("sink", "parquet") == "parquet":
+        if not log_dir:
+            data["enabled"] = False
+        else:
+            data["directory"] = log_dir
+    try:
+        return parse_settings(data)
+    except InferenceLogSettingsError as error:
+        raise InferenceLogSettingsError(f"{path}: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------- sinks

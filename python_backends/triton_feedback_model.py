@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from tierserve.experiment_stats import ExperimentStats
 from tierserve.feedback import FeedbackBook, FeedbackRefused, Learned
+from tierserve.inference_log import LOG_DIR_ENV, FeedbackRecord, InferenceLog, load_settings
 from tierserve.policy import Policy
 from tierserve.request_ids import RequestIds
 from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
@@ -31,7 +32,17 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         # for the Python backend, model_repository is this model's own folder: the router's policy is beside it
-        policy = Policy.load(Path(args["model_repository"]).parent / ROUTER_MODEL / POLICY_FILE)
+        router_dir = Path(args["model_repository"]).parent / ROUTER_MODEL
+        policy = Policy.load(router_dir / POLICY_FILE)
+        # feedback taken is recorded beside the answers, for `tierserve log query` to join by REQUEST_ID
+        log_settings = load_settings(router_dir, os.environ.get(LOG_DIR_ENV))
+        self.inference_log = (
+            InferenceLog(
+                log_settings, on_error=lambda why: pb_utils.Logger.log_error(f"feedback: inference log: {why}")
+            )
+            if log_settings.enabled
+            else None
+        )
         self.store = open_store(os.environ.get(STATE_ENV) or default_location())
         self.book = FeedbackBook(
             self.store,
@@ -59,6 +70,8 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.store.close()
+        if self.inference_log is not None:
+            self.inference_log.close()
 
     def execute(self, requests: list) -> list:
         if self.warm_up.take():  # Triton's samples: answered without reading them or touching the store
@@ -70,8 +83,13 @@ class TritonPythonModel:
                 ids = pb_utils.get_input_tensor_by_name(request, "REQUEST_ID").as_numpy().ravel()
                 labels = pb_utils.get_input_tensor_by_name(request, "LABEL").as_numpy().ravel()
                 texts = [i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i) for i in ids]
-                learned.update(self.book.accept(texts, [int(label) for label in labels], time.time()))
+                received = time.time()
+                learned.update(self.book.accept(texts, [int(label) for label in labels], received))
                 responses.append(self._accepted(request))
+                if self.inference_log is not None:
+                    self.inference_log.offer(
+                        [FeedbackRecord(text, int(label), received) for text, label in zip(texts, labels, strict=True)]
+                    )
             except FeedbackRefused as error:
                 learned.update(error.learned)
                 self.refused(why=error.why.value).increment(1)

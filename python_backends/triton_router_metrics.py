@@ -42,8 +42,9 @@ class RouterMetrics:
     tierserve_breaker_state{model} (0 closed, 1 half-open, 2 open), tierserve_model_reloads_total{model};
     per experiment: tierserve_experiment_rows_total{experiment,arm}, tierserve_experiment_latency_seconds{experiment,
     arm}, tierserve_shadow_rows_total{experiment,outcome} (agree, disagree, error, dropped),
-    tierserve_shadow_latency_seconds{experiment}; every series also carries `instance`, the router instance (each
-    keeps its own breakers and signals). Feedback counts come from the `feedback` model."""
+    tierserve_shadow_latency_seconds{experiment}; tierserve_inference_log_records_total{outcome} (dropped, lost);
+    every series also carries `instance`, the router instance (each keeps its own breakers and signals). Feedback
+    counts come from the `feedback` model."""
 
     def __init__(self, models: Iterable[str], tiers: Mapping[str, TierSlo], instance: str) -> None:
         kind = pb_utils.MetricFamily
@@ -112,6 +113,13 @@ class RouterMetrics:
             instance,
             LATENCY_BUCKETS_S,
         )
+        self.log_records = LabelledFamily(
+            "tierserve_inference_log_records_total",
+            "Inference log records not written, by why: dropped (the queue was full) or lost (the sink failed)",
+            kind.COUNTER,
+            instance,
+        )
+        self._log_counts = {"dropped": 0, "lost": 0}
         self._burns = {tier: BudgetBurn(slo) for tier, slo in tiers.items()}
         self._breaker_states = {model: CLOSED for model in models}
         for model in models:
@@ -163,6 +171,13 @@ class RouterMetrics:
             self.shadow_rows(experiment=experiment, outcome=outcome.value).increment(count)
         if latency_s is not None:
             self.shadow_latency(experiment=experiment).observe(latency_s)
+
+    def inference_log(self, dropped: int, lost: int) -> None:
+        """The inference log's running totals of records dropped and lost; sends only what grew."""
+        for outcome, total in (("dropped", dropped), ("lost", lost)):
+            if total > self._log_counts[outcome]:
+                self.log_records(outcome=outcome).increment(total - self._log_counts[outcome])
+                self._log_counts[outcome] = total
 
     def reloaded(self, name: str) -> None:
         self.reloads(model=name).increment(1)

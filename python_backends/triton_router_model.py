@@ -18,9 +18,11 @@ from tierserve.experiment_spec import EXPERIMENTS_FILE
 from tierserve.experiment_stats import ShadowOutcome
 from tierserve.experimenter import EXPERIMENTS_PARAMETER, Experimenter, RowPlan, served_experiments
 from tierserve.healing import Healer, ReloadLog
+from tierserve.inference_log import LOG_DIR_ENV, InferenceLog, inference_record, load_settings
 from tierserve.load_shedding import SHED, shed_message
 from tierserve.pixels import NUM_CLASSES, infinity_problem
 from tierserve.queue_wait import QueueProbe, QueueWaitMeter
+from tierserve.replay_tokens import REPLAY_PARAMETER, ReplayRow, ReplayTokenError, parse_replay
 from tierserve.request_context import ParameterError, parse_context
 from tierserve.resize import resize_to_native, size_problem, source_stats
 from tierserve.router_files import load_router
@@ -76,6 +78,13 @@ class TritonPythonModel:
             self.store, self.policy, Path(args["model_repository"]) / EXPERIMENTS_FILE, applied
         )
         self.experimenter = Experimenter(spec, self.policy, self.store)
+        self.replay_secret = self.experimenter.secret  # replay tokens are signed with the state's secret
+        log_settings = load_settings(Path(args["model_repository"]), os.environ.get(LOG_DIR_ENV))
+        self.inference_log = (
+            InferenceLog(log_settings, on_error=lambda why: pb_utils.Logger.log_error(f"router: inference log: {why}"))
+            if log_settings.enabled
+            else None
+        )
         self.shadow = ShadowQueue()
         self._mirroring: asyncio.Future | None = None  # the shadow sender task, while one runs
         pb_utils.Logger.log_info(
@@ -103,6 +112,8 @@ class TritonPythonModel:
             if (dropped := self.experimenter.dropped_rows) > reported:
                 pb_utils.Logger.log_warn(f"router: {dropped} experiment rows not counted (the state store fell behind)")
                 reported = dropped
+            if self.inference_log is not None:
+                self.metrics.inference_log(self.inference_log.dropped, self.inference_log.lost)
 
     def _watch_queue(self) -> None:
         """Feed the load gauge from Triton's queue statistics: the mean wait of the requests dispatched since the
@@ -136,6 +147,8 @@ class TritonPythonModel:
         self._flusher.join(timeout=5)
         self.experimenter.flush()
         self.store.close()
+        if self.inference_log is not None:
+            self.inference_log.close()
 
     async def _warm(self, requests: list) -> list:
         """A warm-up execute: the whole decision path on the samples, answered as the safe default would be
@@ -163,12 +176,15 @@ class TritonPythonModel:
         gauge = self.router.load.wait_ms  # the load signal (Triton's queue wait, see _watch_queue), for this execute
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
         images, sources, row_contexts, owners, contexts = [], [], [], [], {}
+        sent: list[np.ndarray] = []  # per row: its image as sent, for the inference log
+        replays: list[ReplayRow | None] = []  # per row: its logged seed and user, when `tierserve replay` sent it
         downgrades: dict[int, str] = {}  # per request: why it is served below the tier it asked for, or ""
         # per request: (tier, answers, budget_ms, seconds since it was received)
         outcomes: list[tuple[str, list[Answer | Shed | str], float, float]] = []
         for index, request in enumerate(requests):
             try:  # one request's problem is answered for that request alone, never for its batch
                 parameters = json.loads(request.parameters())
+                replay = parameters.pop(REPLAY_PARAMETER, None)
                 context = parse_context(parameters, self.policy.default_tier, self.policy.attributes)
                 context, downgrades[index] = self._verified(context, parameters)
                 pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS").as_numpy()
@@ -179,9 +195,12 @@ class TritonPythonModel:
                     continue
                 if problem := size_problem(pixels.shape) or infinity_problem(pixels):
                     raise ParameterError(problem)
+                replayed = (
+                    [None] * len(pixels) if replay is None else parse_replay(self.replay_secret, replay, len(pixels))
+                )
                 images.append(resize_to_native(pixels))
                 sources.append(source_stats(pixels))
-            except ParameterError as error:
+            except (ParameterError, ReplayTokenError) as error:
                 responses[index] = _error(f"digits: {error}", pb_utils.TritonError.INVALID_ARG)
                 continue
             except Exception as error:  # logged here, never sent to the client with a traceback
@@ -189,18 +208,20 @@ class TritonPythonModel:
                 responses[index] = _error("digits: the request could not be read", pb_utils.TritonError.INVALID_ARG)
                 continue
             row_contexts.extend([context] * len(pixels))
+            replays.extend(replayed)
+            sent.extend(pixels)
             owners.extend([index] * len(pixels))
             contexts[index] = context
         if images:
             adapt = gauge < self.policy.shedding.degrade_best_effort_at_ms  # under load the global policy answers
             try:
-                plans = self.experimenter.plan(row_contexts, adapt)
-                answers = await self._route(images, sources, row_contexts, [gauge] * len(owners), plans)
+                plans = self.experimenter.plan(row_contexts, adapt, replays)
+                answers, cues = await self._route(images, sources, row_contexts, [gauge] * len(owners), plans)
             except Exception as error:  # a bug must not show a traceback to clients
                 pb_utils.Logger.log_error(f"router: routing failed: {error!r}")
                 plans, answers = [], ["the router failed on this batch (see the server log)"] * len(owners)
             owners_arr = np.asarray(owners)
-            finished = time.monotonic()
+            finished, answered_at = time.monotonic(), time.time()
             batch = np.concatenate(images)
             mirrors: list[Mirror] = []
             for index, context in contexts.items():
@@ -217,8 +238,25 @@ class TritonPythonModel:
                     mirrors += [
                         Mirror(experiment, candidate, batch[i], int(answers[i].probs.argmax()))
                         for i in rows
+                        if not plans[i].replayed
                         for experiment, candidate in plans[i].shadow_to
                     ]
+                    if self.inference_log is not None and not plans[rows[0]].replayed:
+                        self.inference_log.offer(
+                            [
+                                inference_record(
+                                    answered_at=answered_at,
+                                    request_id=request_id,
+                                    plan=plans[i],
+                                    context=context,
+                                    signature=cues[i],
+                                    pixels=sent[i],
+                                    answer=answers[i],
+                                    latency_s=finished - started,
+                                )
+                                for i, request_id in zip(rows, ids, strict=True)
+                            ]
+                        )
                 outcomes.append(
                     (
                         context.tier,
@@ -322,7 +360,7 @@ class TritonPythonModel:
         batch = np.concatenate(images)
         rows = signatures(batch, np.concatenate(sources), contexts, self.stats)
         variants = [plan.variant for plan in plans]
-        return await self.router.route(batch, rows, self._infer, waits_ms=waits, variants=variants)
+        return await self.router.route(batch, rows, self._infer, waits_ms=waits, variants=variants), rows
 
     async def _infer(
         self, model: str, images: np.ndarray, parameters: dict[str, str], *, timeout_s: float

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from tierserve.inference_log import LOG_DIR_ENV
 from tierserve.queue_wait import STATS_URL_ENV
 from tierserve.server_scratch import server_scratch
 from tierserve.state_store import STATE_ENV
@@ -150,6 +151,7 @@ class TritonServer:
         address: str = DEFAULT_ADDRESS,
         tier_keys: Path | None = None,
         state: str | None = None,
+        inference_log: Path | None = None,
     ) -> None:
         self.repository = repository.resolve()
         self.ports = ports
@@ -165,6 +167,8 @@ class TritonServer:
         self.tier_key = None if tier_keys else new_key()
         # state that outlives a request (experiments, posteriors, feedback, per-user records): kept across restarts
         self.state = state or str(workdir.resolve() / "state.db")
+        # where the routers write the inference log (model_repository/router/inference_log.yaml may name another)
+        self.inference_log = (inference_log or workdir / "log").resolve()
         # Python backend shared-memory regions get a prefix of their own so stop() can sweep leftovers.
         self.shm_prefix = f"tierserve_{os.getpid()}_{ports.http}_"
         self._process: subprocess.Popen[bytes] | None = None
@@ -233,6 +237,7 @@ class TritonServer:
         environment[TIER_KEYS_ENV] = str(self.tier_keys.resolve())
         environment[STATE_ENV] = self.state
         environment[STATS_URL_ENV] = self.http_url  # the routers read their own queue statistics there
+        environment[LOG_DIR_ENV] = str(self.inference_log)
         self._process = subprocess.Popen(
             self.command(),
             env=environment,

@@ -22,7 +22,7 @@ from tierserve.assignment import Assigner, Unit
 from tierserve.client import TierserveClient, TierserveError
 from tierserve.experiment_spec import parse_experiments
 from tierserve.policy import Policy
-from tierserve.request_ids import IssuedRow, RequestIds, new_seeds
+from tierserve.request_ids import IssuedRow, RequestIds, new_seeds, user_key
 from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.state_store import open_store, shared_secret
 from tierserve.tools.cli import main
@@ -87,6 +87,15 @@ def test_every_answer_has_a_unique_request_id_and_no_arms_without_experiments(sd
     assert all(a.arms == {} for a in answers)
 
 
+def _secret(server: Supervisor) -> bytes:
+    """The server's state secret, which keys user hashes (and so user-unit buckets)."""
+    store = open_store(server.server.state)
+    try:
+        return shared_secret(store)
+    finally:
+        store.close()
+
+
 def test_assignment_is_sticky_across_instances_and_restarts_and_as_hashing_predicts(
     server: Supervisor, sdk, experiments, policy: Policy, split: DigitsSplit
 ):
@@ -95,9 +104,10 @@ def test_assignment_is_sticky_across_instances_and_restarts_and_as_hashing_predi
     users = [f"user-{i}" for i in range(300)]
     image = split.test.images[0]
     first = {user: _arms(sdk, image, user)["heavy_versions"] for user in users}
-    expected = {
-        user: assigner.assign(Unit("standard", user, {}, 0))[0].arm for user in users
-    }  # unit user: the seed plays no part
+    secret = _secret(server)
+    expected = {  # unit user: the bucket is the user's keyed hash; the seed plays no part
+        user: assigner.assign(Unit("standard", user_key(secret, user), {}, 0))[0].arm for user in users
+    }
     assert first == expected
     assert 0.35 < Counter(first.values())["v1"] / len(users) < 0.65
     # the router has two instances: many requests per user land on both
@@ -115,11 +125,15 @@ def test_assignment_is_sticky_across_instances_and_restarts_and_as_hashing_predi
         }
 
 
-def test_an_arm_changes_the_model_version_and_says_so(sdk, experiments, policy: Policy, split: DigitsSplit):
+def test_an_arm_changes_the_model_version_and_says_so(
+    server: Supervisor, sdk, experiments, policy: Policy, split: DigitsSplit
+):
     experiments(SPLIT)
-    assigner = Assigner(parse_experiments({"experiments": [SPLIT]}, policy))
+    assigner, secret = Assigner(parse_experiments({"experiments": [SPLIT]}, policy)), _secret(server)
     v1_user = next(
-        u for u in (f"u{i}" for i in range(100)) if assigner.assign(Unit("standard", u, {}, 0))[0].arm == "v1"
+        u
+        for u in (f"u{i}" for i in range(100))
+        if assigner.assign(Unit("standard", user_key(secret, u), {}, 0))[0].arm == "v1"
     )
     # a hard image escalates to the heavy model: v1 gets version 1 of it
     hard = next(

@@ -180,7 +180,7 @@ def test_growing_a_canary_only_adds_treated_users():
     treated_before: set[str] = set()
     for weight in (10, 30, 60):
         arms = arms_of(assigner(canary(weight)), units, "canary_heavy_v1")
-        treated = {u.user_id for u, arm in zip(units, arms, strict=True) if arm == "treatment"}
+        treated = {u.user for u, arm in zip(units, arms, strict=True) if arm == "treatment"}
         assert treated_before <= treated
         assert len(treated) / len(units) == pytest.approx(weight / 100, abs=TOLERANCE)
         treated_before = treated

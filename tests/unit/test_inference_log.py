@@ -21,6 +21,7 @@ from tierserve.experimenter import RowPlan
 from tierserve.inference_log import (
     FEEDBACK,
     INFERENCES,
+    SETTINGS_FILE,
     FeedbackRecord,
     Hop,
     InferenceLog,
@@ -39,10 +40,12 @@ from tierserve.inference_log import (
     inference_records,
     inference_table,
     live_files,
+    load_settings,
     parse_settings,
 )
 from tierserve.routing import Answer, Variant
 from tierserve.signature import RequestContext, Signature
+from tierserve.tools.paths import DEFAULT_REPOSITORY
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = 1_750_000_000.25  # a time that microseconds hold exactly
@@ -475,3 +478,16 @@ def test_a_killed_writer_loses_only_its_last_flush_and_leaves_no_half_file(tmp_p
     assert ids == ["id000001", "id000002", *(f"id{i:06d}" for i in range(100, 105))]
     leftovers = [n for n in os.listdir(tmp_path / INFERENCES) if n.endswith(".tmp")]
     assert len(leftovers) == 1  # the interrupted write, never renamed: invisible to readers
+
+
+def test_the_router_reads_its_log_settings_with_the_directory_from_the_environment(tmp_path: Path):
+    shipped = DEFAULT_REPOSITORY / "router"
+    assert load_settings(shipped, str(tmp_path)).enabled and load_settings(shipped, str(tmp_path)).directory == tmp_path
+    assert not load_settings(shipped, None).enabled, "a server started by hand, told no directory, records nothing"
+    assert not load_settings(tmp_path, str(tmp_path)).enabled, "no settings file: the defaults, log off"
+    (tmp_path / SETTINGS_FILE).write_text("enabled: true\nflush_interval_s: -1\n")
+    with pytest.raises(InferenceLogSettingsError, match=r"inference_log\.yaml: inference_log\.flush_interval_s"):
+        load_settings(tmp_path, str(tmp_path))
+    (tmp_path / SETTINGS_FILE).write_text("- a list\n")
+    with pytest.raises(InferenceLogSettingsError, match="expected a mapping"):
+        load_settings(tmp_path, str(tmp_path))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,13 @@ from tierserve.runners import Runner, load_runner, runner_for
 from tierserve.tools import trainers
 from tierserve.tools.build_router import build_router_artifacts, router_artifacts_missing
 from tierserve.tools.dataset import DigitsSplit, load_split, mask_pixels
-from tierserve.tools.onnx_export import to_onnx
+from tierserve.tools.onnx_export import to_onnx, torch_to_onnx
 
 MISSING_FRACTIONS = (0.3, 0.6)
 MISSING_MASK_SEED = 4242  # the held-out masks; the trainers use their own seeds
 VERIFY_TOLERANCE = 1e-4
 LIBRARIES = ("numpy", "scikit-learn", "skl2onnx", "onnx", "onnxruntime")
+TORCH_LIBRARIES = ("torch", "onnxscript")  # recorded as well for models trained with torch
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,24 @@ class ModelSpec:
 MODEL_SPECS = (
     ModelSpec("digits_heavy", 1, seed=1, recipe={"trainer": "mlp", "hidden": [256], "alpha": 0.1, "epochs": 200}),
     ModelSpec("digits_heavy", 2, seed=2, recipe={"trainer": "mlp", "hidden": [512, 256], "alpha": 0.1, "epochs": 200}),
+    ModelSpec(
+        "digits_heavy",
+        3,
+        seed=3,
+        recipe={
+            "trainer": "cnn",
+            "channels": [32, 64],
+            "hidden": 128,
+            "dropout": 0.3,
+            "epochs": 120,
+            "batch": 64,
+            "learning_rate": 0.003,
+            "weight_decay": 0.0001,
+            "max_shift": 2,
+            "noise_sigma": 4.0,
+            "rescale_sides": [10, 12, 14],
+        },
+    ),
     ModelSpec(
         "digits_light",
         1,
@@ -69,6 +88,7 @@ class Built:
     accepts_missing: bool
     ops_per_sample: int
     predict_proba: Callable[[np.ndarray], np.ndarray]  # the trainer's own probabilities, for verification
+    libraries: tuple[str, ...] = LIBRARIES  # whose versions the manifest records
 
 
 class BuildError(RuntimeError):
@@ -106,6 +126,21 @@ def _build_gbdt_missing(spec: ModelSpec, split: DigitsSplit, repository: Path) -
     return _onnx_built(model, True, depth)
 
 
+def _build_cnn(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Built:
+    from tierserve.tools import torch_trainer  # deferred: only building the CNN pays for importing torch
+
+    model = torch_trainer.train_cnn(split, spec.seed, torch_trainer.CnnRecipe.from_recipe(spec.recipe))
+    return Built(
+        "onnxruntime",
+        "model.onnx",
+        torch_to_onnx(model),
+        False,
+        model.multiply_adds(),
+        lambda images: torch_trainer.predict_proba(model, images),
+        LIBRARIES + TORCH_LIBRARIES,
+    )
+
+
 def _build_centroids(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Built:
     runner = trainers.fit_centroids(split)
     return Built("centroids", "centroids.npz", runner.to_bytes(), True, 3 * 64 * NUM_CLASSES, runner.infer)
@@ -115,6 +150,7 @@ BUILDERS: dict[str, Callable[[ModelSpec, DigitsSplit, Path], Built]] = {
     "mlp": _build_mlp,
     "distilled_logistic": _build_distilled_logistic,
     "gbdt_missing": _build_gbdt_missing,
+    "cnn": _build_cnn,
     "centroids": _build_centroids,
 }
 
@@ -123,7 +159,8 @@ def accuracy(runner: Runner, images: np.ndarray, labels: np.ndarray) -> float:
     return float((runner.infer(images).argmax(axis=1) == labels).mean())
 
 
-def _microseconds_per_sample(runner: Runner, images: np.ndarray, batch: int = 64, repeats: int = 30) -> float:
+def microseconds_per_sample(runner: Runner, images: np.ndarray, batch: int = 64, repeats: int = 30) -> float:
+    """The runner's median time per image for calls of `batch` images, in µs, in this process."""
     sample = images[:batch]
     runner.infer(sample)  # warm-up
     timings = []
@@ -187,20 +224,25 @@ def build_model(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Manife
         split.fingerprint(),
         test_accuracy=accuracy(runner, split.test.images, split.test.labels),
         ops_per_sample=int(built.ops_per_sample),
-        us_per_sample=_microseconds_per_sample(runner, split.test.images),
-        libraries={name: importlib.metadata.version(name) for name in LIBRARIES},
+        us_per_sample=microseconds_per_sample(runner, split.test.images),
+        libraries={name: importlib.metadata.version(name) for name in built.libraries},
         metrics=metrics,
     )
     manifest.write(folder)
     return manifest
 
 
-def build_all(repository: Path, force: bool = False, log: Callable[[str], None] = print) -> list[Manifest]:
-    """Build every reference model that is missing or out of date (all of them with `force`)."""
+def build_all(
+    repository: Path,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    specs: Sequence[ModelSpec] = MODEL_SPECS,
+) -> list[Manifest]:
+    """Build every reference model (of `specs`) that is missing or out of date (all of them with `force`)."""
     split = load_split()
     rebuilt: set[str] = set()
     manifests = []
-    for spec in MODEL_SPECS:
+    for spec in specs:
         folder = version_dir(repository, spec.name)
         stale_teacher = spec.recipe.get("teacher") in rebuilt
         if not force and not stale_teacher and _is_current(spec, folder, split):

@@ -12,7 +12,7 @@ from tierserve.promotions import Promotions, promoted_policy
 from tierserve.routing import Router
 from tierserve.signature import TrainingStats
 
-ROUTER_MODEL = "router"  # the Triton model that runs the router (its folder holds the policy and experiments)
+ROUTER_MODEL = "router"  # the router's Python model, the one step of `digits` (its folder: policy, experiments)
 POLICY_FILE = "policy.yaml"
 STATS_FILE = "stats.json"
 LEARNED_ROUTER_FILE = "learned_router.json"

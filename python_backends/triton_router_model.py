@@ -21,6 +21,7 @@ from tierserve.healing import Healer, ReloadLog
 from tierserve.inference_log import LOG_DIR_ENV, InferenceLog, inference_record, load_settings
 from tierserve.load_shedding import SHED, shed_message
 from tierserve.pixels import NUM_CLASSES, infinity_problem
+from tierserve.promotions import describe, served_promotions
 from tierserve.queue_wait import QueueProbe, QueueWaitMeter
 from tierserve.replay_tokens import REPLAY_PARAMETER, ReplayRow, ReplayTokenError, parse_replay
 from tierserve.request_context import ParameterError, parse_context
@@ -53,7 +54,11 @@ class TritonPythonModel:
     """Routes every row of a dynamic batch; one BLS call per model per round, all models concurrently."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        self.router, self.stats = load_router(Path(args["model_repository"]), args["model_version"])
+        self.store = open_store(os.environ.get(STATE_ENV) or default_location())
+        # promoted versions: as the tools reloaded this model (config parameter), else as the state store says
+        promotions = served_promotions(self.store, json.loads(args["model_config"]))
+        self.router, self.stats = load_router(Path(args["model_repository"]), args["model_version"], promotions)
+        pb_utils.Logger.log_info(f"router: promotions: {describe(promotions)}")
         self.policy = self.router.policy
         # shared by this server's router instances (their parent process is tritonserver)
         scratch = server_scratch(os.getppid())
@@ -72,7 +77,6 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.warm_up = WarmUp(config)
         # experiments: applied with the config (tierserve experiment apply), else as the state store or the file says
-        self.store = open_store(os.environ.get(STATE_ENV) or default_location())
         applied = config.get("parameters", {}).get(EXPERIMENTS_PARAMETER, {}).get("string_value")
         spec, source = served_experiments(
             self.store, self.policy, Path(args["model_repository"]) / EXPERIMENTS_FILE, applied

@@ -10,7 +10,7 @@ import pytest
 
 from tierserve.tools.build_models import build_all
 from tierserve.tools.dataset import DigitsSplit, load_split
-from tierserve.tools.paths import DEFAULT_REPOSITORY
+from tierserve.tools.paths import AUDIT_ENV, DEFAULT_REPOSITORY
 from tierserve.tools.server import Ports, ServerError, TritonServer
 from tierserve.tools.supervisor import Supervisor
 
@@ -20,6 +20,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _audit_log_of_its_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Operator commands the tests run are audited into a file of the session's, not the project's own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(AUDIT_ENV, str(tmp_path_factory.mktemp("audit") / "audit.jsonl"))
+        yield
 
 
 @pytest.fixture(scope="session")

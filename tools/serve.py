@@ -101,6 +101,21 @@ def _print_event(event: Event) -> None:
     print(f"tierserve: {event}", file=sys.stderr, flush=True)
 
 
+def _restore_promotions(server: TritonServer) -> None:
+    """Load what the promoted routing needs and the configs do not list (a promoted version's lane)."""
+    from tierserve.state_store import open_store
+    from tierserve.tools.lifecycle import Lifecycle
+    from tierserve.tools.model_control import ModelControl
+
+    control, store = ModelControl(server.http_url, server.admin_key), open_store(server.state)
+    try:
+        if loaded := Lifecycle(control, store, server.repository).restore():
+            print(f"tierserve: loaded {', '.join(loaded)} for the promoted routing", file=sys.stderr, flush=True)
+    finally:
+        control.close()
+        store.close()
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run tritonserver until interrupted (exit code 0) or until it crashes too often to restart (1)."""
     if not args.no_build:
@@ -121,7 +136,7 @@ def serve(args: argparse.Namespace) -> int:
         tier_keys=tier_keys,
         state=os.environ.get(STATE_ENV) or str(STATE_FILE),
     )
-    supervisor = Supervisor(server, report=_print_event)
+    supervisor = Supervisor(server, report=_print_event, on_ready=lambda: _restore_promotions(server))
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         supervisor.start()

@@ -101,8 +101,10 @@ class Supervisor:
         max_restarts: int = 5,
         restart_window_s: float = 60.0,
         ready_timeout_s: float = 180.0,
+        on_ready: Callable[[], None] = lambda: None,
     ) -> None:
         self.server = server
+        self._on_ready = on_ready  # after every start and restart, once the server is ready
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
         self.ready_timeout_s = ready_timeout_s
@@ -122,6 +124,7 @@ class Supervisor:
         """Start tritonserver, wait until it is ready, then supervise it (ServerError if it never gets ready)."""
         self.server.start()
         self.server.wait_ready(self.ready_timeout_s)
+        self._on_ready()
         self._learn_stubs()
         # Daemon: if the launcher ends without stop(), tritonserver goes with it (its parent-death signal).
         self._thread = threading.Thread(target=self._run, name="tritonserver-supervisor", daemon=True)
@@ -165,6 +168,13 @@ class Supervisor:
         else:
             self._restart_after(code)
 
+    def _ready_again(self) -> None:
+        """`on_ready` after a restart; its failure is reported, never the end of supervision."""
+        try:
+            self._on_ready()
+        except Exception as error:
+            self._emit(Event(EventKind.RESTART_FAILED, f"after the restart: {error}"))
+
     def _restart_after(self, code: int) -> None:
         seen_at = time.monotonic()
         self._emit(Event(EventKind.SERVER_DIED, f"tritonserver (pid {self.server.pid}) {exit_description(code)}"))
@@ -189,6 +199,7 @@ class Supervisor:
             self._emit(Event(EventKind.RESTART_FAILED, str(error)))
             return
         self.restarts += 1
+        self._ready_again()
         self._learn_stubs()
         took_s = time.monotonic() - seen_at
         self._emit(

@@ -124,11 +124,15 @@ def test_promote_rollback_retire_and_load_under_load_fail_no_request(server: Sup
     sent = list(load.sent)
     errors = [s.error for s in sent if s.error]
     assert len(sent) > 200 and errors == [], errors[:3]
+    # hard images escalate, except where a loaded box leaves no budget for it (REASON: escalation skipped)
     between = [s.answer for s in sent if promoted_at + 0.5 < s.at < switching_back_at]
-    assert between and {a.route for a in between} == {"digits_heavy:1", f"{LANE}:1"}
-    assert all("digits_heavy:1" in a.path or f"{LANE}:1" in a.path for a in between)
+    assert between and {a.route for a in between if a.route.startswith("digits_heavy")} == {
+        "digits_heavy:1",
+        f"{LANE}:1",
+    }
+    assert not any("digits_heavy:2" in a.path or f"{LANE}:2" in a.path for a in between)
     after = [s.answer for s in sent if s.at > rolled_back_at + 0.5]
-    assert {a.route for a in after} == {"digits_heavy:2", f"{LANE}:2"}
+    assert {a.route for a in after if a.route.startswith("digits_heavy")} == {"digits_heavy:2", f"{LANE}:2"}
     assert _routes(server, hard_images) == {"digits_heavy:2"}
     assert server.server.model_ready("digits_heavy", "1") and not server.server.model_ready(LANE, "1")
     actions = [(e.action, e.target, e.before, e.after, e.outcome) for e in _audit(server)[-5:]]

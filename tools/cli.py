@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tierserve.experiment_spec import ExperimentsFile, ExperimentSpecError
 from tierserve.faults import FaultConfigError, FaultSpec
+from tierserve.inference_log import LOG_DIR_ENV
 from tierserve.policy import PolicyError
 from tierserve.promotions import PromotionError
 from tierserve.signature import TIERS
@@ -20,7 +21,16 @@ from tierserve.state_store import STATE_ENV, StateStore, StateStoreError
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key
 from tierserve.tools.audit import Action, AuditError, audited
 from tierserve.tools.build_models import build_all
-from tierserve.tools.paths import AUDIT_ENV, AUDIT_FILE, DEFAULT_REPOSITORY, STATE_FILE, TIER_KEY_FILE, TIER_KEYS_FILE
+from tierserve.tools.log_admin import LogAdminError
+from tierserve.tools.paths import (
+    AUDIT_ENV,
+    AUDIT_FILE,
+    DEFAULT_REPOSITORY,
+    LOG_DIR,
+    STATE_FILE,
+    TIER_KEY_FILE,
+    TIER_KEYS_FILE,
+)
 
 
 class NoAdminKey(PermissionError):
@@ -223,6 +233,13 @@ def _audit(args: argparse.Namespace) -> int:
     return 1 if log.problems else 0
 
 
+def _log_query(args: argparse.Namespace) -> int:
+    from tierserve.tools.log_admin import query, render_table
+
+    print(render_table(query(args.log, args.sql, skip_corrupt=args.skip_corrupt)))
+    return 0
+
+
 def _keys_file(args: argparse.Namespace) -> Path:
     return args.keys_file or Path(os.environ.get(TIER_KEYS_ENV) or TIER_KEYS_FILE)
 
@@ -407,6 +424,23 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--json", action="store_true", help="as a JSON array")
     audit.set_defaults(run=_audit)
 
+    log = commands.add_parser("log", help="the inference log: every answered row and feedback, as Parquet files")
+    log_actions = log.add_subparsers(dest="log_action", required=True)
+    log_query = log_actions.add_parser(
+        "query", help="run SQL (DuckDB) over the views inferences, feedback and answers (the two joined)"
+    )
+    log_query.add_argument("sql", help='e.g. "SELECT route, count(*) FROM answers GROUP BY route"')
+    log_query.add_argument(
+        "--log",
+        type=Path,
+        default=Path(os.environ.get(LOG_DIR_ENV) or LOG_DIR),
+        help=f"the log directory (default: ${LOG_DIR_ENV}, else {LOG_DIR})",
+    )
+    log_query.add_argument(
+        "--skip-corrupt", action="store_true", help="answer from the readable files and list the corrupt ones"
+    )
+    log_query.set_defaults(run=_log_query)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -428,6 +462,7 @@ def _operator_errors() -> tuple[type[BaseException], ...]:
         TierKeyError,
         PolicyError,
         AuditError,
+        LogAdminError,
         StateStoreError,
         ConnectionError,
     )

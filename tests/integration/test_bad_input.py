@@ -82,7 +82,7 @@ def test_missing_pixels_sent_to_a_model_that_needs_complete_images_are_rejected(
     images[1, 2, 3] = np.nan
     error = _error(lambda: triton_client.infer("digits_heavy", images))
     assert _is_invalid_argument(error)
-    assert "digits_heavy:2" in error.message() and "1 missing (NaN) pixel" in error.message()
+    assert "digits_heavy:3" in error.message() and "1 missing (NaN) pixel" in error.message()
 
 
 def test_infinite_pixels_are_rejected_even_by_the_safe_default(triton_client, split: DigitsSplit):

@@ -69,14 +69,14 @@ def test_models_that_accept_missing_pixels_answer_them(
     assert (served.argmax(axis=1) == split.test.labels[:32]).mean() > 0.7
 
 
-def test_both_heavy_versions_are_addressable_and_unversioned_requests_get_the_latest(triton_client, split: DigitsSplit):
+def test_every_heavy_version_is_addressable_and_unversioned_requests_get_the_latest(triton_client, split: DigitsSplit):
     images = split.test.images[:16]
-    v1 = triton_client.probs("digits_heavy", images, "1")
-    v2 = triton_client.probs("digits_heavy", images, "2")
-    assert not np.allclose(v1, v2), "versions 1 and 2 are different networks"
+    by_version = {version: triton_client.probs("digits_heavy", images, version) for version in ("1", "2", "3")}
+    assert not np.allclose(by_version["1"], by_version["2"]), "versions 1 and 2 are different networks"
+    assert not np.allclose(by_version["2"], by_version["3"]), "version 3 is the torch CNN"
     latest = triton_client.infer("digits_heavy", images)
-    assert triton_client.model_version(latest) == "2"
-    np.testing.assert_array_equal(latest.as_numpy("PROBS"), v2)
+    assert triton_client.model_version(latest) == "3"
+    np.testing.assert_array_equal(latest.as_numpy("PROBS"), by_version["3"])
 
 
 def test_dynamic_batching_forms_batches_under_concurrent_load(grpc, split: DigitsSplit):

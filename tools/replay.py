@@ -5,8 +5,10 @@ sent with (tier, deadline_ms, attributes) and a replay token (tierserve.replay_t
 user hash, signed with the server's state secret. The router then draws the row's bandit arm, shadow sampling and
 buckets from them as it did the first time, counts the row for no experiment, mirrors nothing and does not log it
 again. So against the same model versions, policy and experiments every row comes back with its logged route and
-label. Two inputs of a decision are read at replay time, not logged: the bandits' posteriors and the per-user
-adaptation records, which feedback moves; a policy rule on `user_id` sees no user (the log keeps only its hash).
+label. What is not logged is read at replay time: the bandits' posteriors and the per-user adaptation records (which
+feedback moves), and time (a deadline's budget: an escalation skipped, a call timed out; breakers; load shedding and
+degrading). A policy rule on `user_id` sees no user (the log keeps only its hash). The rows not reproduced are listed
+with both paths, which show such a difference.
 
 Against one model (`MODEL[:VERSION]`) the logged pixels are resized as the router resizes them and sent straight to
 it: how often it agrees with what was answered, and how accurate it is where feedback exists.
@@ -40,13 +42,13 @@ from tritonclient.utils import InferenceServerException
 from tierserve.client import TierserveClient, TierserveError
 from tierserve.client.classification import MODEL
 from tierserve.client.errors import TIMED_OUT, UNREACHABLE, call_errors, status_from
-from tierserve.inference_log import InferenceRecord
+from tierserve.inference_log import Hop, InferenceRecord, hops
 from tierserve.replay_tokens import REPLAY_PARAMETER, ReplayRow, replay_token
 from tierserve.resize import resize_to_native
 from tierserve.signature import TIERS
 from tierserve.state_store import SECRET_KEY, StateStoreError, open_store
 from tierserve.tier_keys import KEYLESS_TIER
-from tierserve.tools.log_admin import QueryResult, query, read_rows, render_table
+from tierserve.tools.log_admin import query, read_rows
 
 TIMEOUT_S = 10.0  # per row: far above any answer the router gives, far below "hung"
 SHOWN_DIFFERENCES = 20  # rows listed under the summary when they were not reproduced
@@ -141,11 +143,13 @@ class ReplayedRow:
     logged_label: int
     logged_route: str
     logged_arms: Mapping[str, str]
+    logged_path: tuple[Hop, ...]  # every model tried, with its outcome
     logged_latency_ms: float  # the router's own measure
     feedback_label: int | None  # the true label, where feedback was given
     label: int | None
     route: str | None  # None against a model directly, or when the call failed
     arms: Mapping[str, str] | None  # as route
+    path: tuple[Hop, ...] | None  # as route
     latency_ms: float | None  # the client's round trip; None when the call failed
     error: str | None = None
 
@@ -414,8 +418,18 @@ def _live(url: str, protocol: str) -> bool:
 
 # --------------------------------------------------------------------------------------------------------- senders
 
-Answered = tuple[int, str | None, Mapping[str, str] | None]  # label, route, arms
-Send = Callable[[InferenceRecord], Answered]
+
+@dataclass(frozen=True)
+class Replayed:
+    """What one row's replay answered: through the router the route, arms and path too."""
+
+    label: int
+    route: str | None = None
+    arms: Mapping[str, str] | None = None
+    path: tuple[Hop, ...] | None = None
+
+
+Send = Callable[[InferenceRecord], Replayed]
 OpenSender = Callable[[], contextlib.AbstractContextManager[Send]]  # one per worker thread
 
 
@@ -427,7 +441,7 @@ def _router_sender(url: str, protocol: str, secret: bytes, tier_key: str | None)
     except ValueError as error:
         raise ReplayError(str(error)) from None
 
-    def send(record: InferenceRecord) -> Answered:
+    def send(record: InferenceRecord) -> Replayed:
         token = replay_token(secret, ReplayRow(record.seed, record.user_hash or ""))
         # the token travels as one more request parameter, beside the attributes the row was sent with
         (answer,) = client.classify(
@@ -436,7 +450,7 @@ def _router_sender(url: str, protocol: str, secret: bytes, tier_key: str | None)
             deadline_ms=record.deadline_ms,
             attributes={**record.attributes, REPLAY_PARAMETER: token},
         )
-        return answer.label, answer.route, dict(answer.arms)
+        return Replayed(answer.label, answer.route, dict(answer.arms), hops(answer.path))
 
     @contextlib.contextmanager
     def shared() -> Iterator[Send]:
@@ -464,7 +478,7 @@ def _direct_sender(url: str, protocol: str, target: Target) -> Iterator[OpenSend
             else module.InferenceServerClient(url, connection_timeout=TIMEOUT_S, network_timeout=TIMEOUT_S)
         )
 
-        def send(record: InferenceRecord) -> Answered:
+        def send(record: InferenceRecord) -> Replayed:
             pixels = resize_to_native(np.asarray(record.pixels, np.float32)[None])
             tensor = module.InferInput("PIXELS", list(pixels.shape), "FP32")
             tensor.set_data_from_numpy(pixels)
@@ -476,7 +490,7 @@ def _direct_sender(url: str, protocol: str, target: Target) -> Iterator[OpenSend
                     outputs=[module.InferRequestedOutput("PROBS")],
                     **timeouts,
                 )
-            return int(np.argmax(result.as_numpy("PROBS")[0])), None, None
+            return Replayed(int(np.argmax(result.as_numpy("PROBS")[0])))
 
         try:
             yield send
@@ -545,12 +559,13 @@ def _replayed(record: InferenceRecord, truth: int | None, send: Send, alive: Cal
         logged_label=record.label,
         logged_route=record.route,
         logged_arms=dict(record.arms),
+        logged_path=record.path,
         logged_latency_ms=record.latency_ms,
         feedback_label=truth,
     )
     started = time.perf_counter()
     try:
-        label, route, arms = send(record)
+        answer = send(record)
     except TierserveError as error:
         if error.status in INVALID and REPLAY_PARAMETER in error.message:  # the router names what it refused
             raise ReplayRefused(
@@ -559,9 +574,11 @@ def _replayed(record: InferenceRecord, truth: int | None, send: Send, alive: Cal
             ) from None
         if error.status in (*UNREACHABLE.values(), *TIMED_OUT.values()) and not alive():
             raise ServerUnreachable(f"the server went away during the replay: {error}") from None
-        return ReplayedRow(**logged, label=None, route=None, arms=None, latency_ms=None, error=str(error))
+        return ReplayedRow(**logged, label=None, route=None, arms=None, path=None, latency_ms=None, error=str(error))
     latency_ms = (time.perf_counter() - started) * 1000
-    return ReplayedRow(**logged, label=label, route=route, arms=arms, latency_ms=latency_ms)
+    return ReplayedRow(
+        **logged, label=answer.label, route=answer.route, arms=answer.arms, path=answer.path, latency_ms=latency_ms
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- output
@@ -586,6 +603,27 @@ def _answer(label: int | None, route: str | None) -> str:
 
 def _arms(arms: Mapping[str, str] | None) -> str:
     return "-" if arms is None else ",".join(f"{e}={a}" for e, a in arms.items()) or "none"
+
+
+def _path(path: tuple[Hop, ...] | None) -> str:
+    return "-" if path is None else ">".join(f"{hop.model} {hop.outcome}" for hop in path)
+
+
+def _difference(row: ReplayedRow, router: bool, width: int) -> list[str]:
+    """A row not reproduced: what was logged and what the replay answered (through the router with each one's
+    path and arms, which say what changed: a timeout, another arm, another model)."""
+    logged = _answer(row.logged_label, row.logged_route)
+    lines = [f"  {row.request_id}  {row.tier}"]
+    if router:
+        lines.append(f"    logged    {logged:<{width}}  path {_path(row.logged_path)}  arms {_arms(row.logged_arms)}")
+    else:
+        lines.append(f"    logged    {logged}")
+    if row.error is not None:
+        return [*lines, f"    replayed  {row.error}"]
+    replayed = _answer(row.label, row.route)
+    if router:
+        return [*lines, f"    replayed  {replayed:<{width}}  path {_path(row.path)}  arms {_arms(row.arms)}"]
+    return [*lines, f"    replayed  {replayed}"]
 
 
 def report_table(report: ReplayReport) -> str:
@@ -619,16 +657,11 @@ def report_table(report: ReplayReport) -> str:
     ]
     if differences := report.differences:
         shown = differences[:SHOWN_DIFFERENCES]
-        more = f", the first {len(shown)}" if len(shown) < len(differences) else ""
-        lines += ["", f"rows not reproduced{more}:"]
-        columns = ("request_id", "tier", "logged", "replayed") + (("logged arms", "replayed arms") if router else ())
-        cells = [
-            (row.request_id, row.tier, _answer(row.logged_label, row.logged_route if router else None))
-            + ((row.error or _answer(row.label, row.route)),)
-            + ((_arms(row.logged_arms), _arms(row.arms)) if router else ())
-            for row in shown
-        ]
-        lines.append(render_table(QueryResult(columns, cells)))
+        more = f"; the first {len(shown)} shown" if len(shown) < len(differences) else ""
+        lines += ["", f"rows not reproduced ({len(differences)} of {len(report.rows)}{more}):"]
+        width = max(len(_answer(row.logged_label, row.logged_route)) for row in shown)
+        for row in shown:
+            lines += _difference(row, router, width)
     lines += [f"warning: skipped corrupt file {path}: {why}" for path, why in report.skipped]
     return "\n".join(lines)
 

@@ -17,7 +17,14 @@ import pytest
 
 from tests.unit.test_inference_log import T0, make_record
 from tierserve.client import TierserveError
-from tierserve.inference_log import INFERENCES, FeedbackRecord, InferenceLog, InferenceLogSettings, InferenceRecord
+from tierserve.inference_log import (
+    INFERENCES,
+    FeedbackRecord,
+    Hop,
+    InferenceLog,
+    InferenceLogSettings,
+    InferenceRecord,
+)
 from tierserve.replay_tokens import REPLAY_PARAMETER
 from tierserve.state_store import open_store, shared_secret
 from tierserve.tools import replay as replay_module
@@ -26,6 +33,7 @@ from tierserve.tools.replay import (
     SHOWN_DIFFERENCES,
     Agreement,
     NoRowsToReplay,
+    Replayed,
     ReplayedRow,
     ReplayError,
     ReplayRefused,
@@ -42,6 +50,9 @@ from tierserve.tools.replay import (
 )
 
 ROWS = 9  # make_record's tiers cycle critical, standard, best_effort
+LIGHT_OK = (Hop("digits_light:1", "ok"),)
+DIRECT = {"route": None, "arms": None, "path": None}  # what a model replayed directly answers besides the label
+FAILED = {"label": None, **DIRECT, "latency_ms": None}  # a call that failed
 
 
 def _row(index: int, *, label: int = 3, route: str = "digits_light:1", **changes) -> ReplayedRow:
@@ -52,11 +63,13 @@ def _row(index: int, *, label: int = 3, route: str = "digits_light:1", **changes
         logged_label=3,
         logged_route="digits_light:1",
         logged_arms={"bandit": "a"},
+        logged_path=LIGHT_OK,
         logged_latency_ms=float(index + 1),
         feedback_label=None,
         label=label,
         route=route,
         arms={"bandit": "a"},
+        path=LIGHT_OK,
         latency_ms=float(10 * (index + 1)),
     )
     return ReplayedRow(**(fields | changes))
@@ -76,7 +89,7 @@ def test_the_report_counts_agreement_accuracy_and_latency_through_the_router():
         _row(2, route="digits_heavy:2"),  # same label, another route
         _row(3, label=5, feedback_label=5),  # another label: the replay is right where the log was not
         _row(4, arms={"bandit": "b"}),  # same answer, another arm
-        _row(5, label=None, route=None, arms=None, latency_ms=None, error="UNAVAILABLE: shed"),
+        _row(5, **FAILED, error="UNAVAILABLE: shed"),
     ]
     report = _report(rows)
     assert report.label_agreement == Agreement(4, 6)
@@ -93,7 +106,10 @@ def test_the_report_counts_agreement_accuracy_and_latency_through_the_router():
 
 
 def test_against_a_model_directly_only_the_label_is_compared():
-    rows = [_row(0, route=None, arms=None), _row(1, label=7, route=None, arms=None, feedback_label=7)]
+    rows = [
+        _row(0, **DIRECT),
+        _row(1, label=7, **DIRECT, feedback_label=7),
+    ]
     report = _report(rows, "digits_heavy:1")
     assert report.route_agreement is None and report.arms_agreement is None
     assert report.reproduced == report.label_agreement == Agreement(1, 2)
@@ -102,7 +118,7 @@ def test_against_a_model_directly_only_the_label_is_compared():
 
 
 def test_no_feedback_and_no_answers_leave_accuracy_and_latency_unknown():
-    report = _report([_row(0, label=None, route=None, arms=None, latency_ms=None, error="x")])
+    report = _report([_row(0, **FAILED, error="x")])
     assert report.logged_accuracy is None and report.replayed_accuracy is None
     assert report.replayed_latency is None and report.logged_latency is not None
     assert Agreement(0, 0).share is None
@@ -126,24 +142,30 @@ def test_a_malformed_target_is_refused_naming_what_is_expected(text, named):
 # ------------------------------------------------------------------------------------------------- table and plot
 
 
-def test_the_table_shows_totals_and_the_rows_not_reproduced():
-    rows = [_row(0, feedback_label=3), _row(1, label=5, route="digits_heavy:2", arms={"bandit": "b"})]
+def test_the_table_shows_totals_and_the_rows_not_reproduced_with_their_paths_and_arms():
+    escalated = (Hop("digits_light:1", "timeout"), Hop("digits_heavy:2", "ok"))
+    rows = [_row(0, feedback_label=3), _row(1, label=5, route="digits_heavy:2", arms={"bandit": "b"}, path=escalated)]
     text = report_table(_report(rows))
     assert "replay of 2 logged rows against digits (through the router) at localhost:8001 (grpc)" in text
     assert "reproduced (route and label)       1 / 2       50.0%" in text
     assert "accuracy from feedback (1 rows): logged 1.000, replayed 1.000" in text
     assert "replayed (round trip)" in text and "logged (router)" in text
-    assert "rows not reproduced:" in text
-    assert "3 by digits_light:1  5 by digits_heavy:2  bandit=a     bandit=b" in text
+    assert text.endswith(
+        "rows not reproduced (1 of 2):\n"
+        "  id000001  standard\n"
+        "    logged    3 by digits_light:1  path digits_light:1 ok  arms bandit=a\n"
+        "    replayed  5 by digits_heavy:2  path digits_light:1 timeout>digits_heavy:2 ok  arms bandit=b"
+    )
     assert "id000000" not in text  # reproduced rows are not listed
 
 
 def test_the_table_lists_failed_calls_a_bounded_number_of_rows_and_skipped_files():
-    rows = [_row(i, label=None, route=None, arms=None, latency_ms=None, error="UNAVAILABLE: shed") for i in range(30)]
+    rows = [_row(i, **FAILED, error="UNAVAILABLE: shed") for i in range(30)]
     report = ReplayReport(parse_target("digits_heavy:1"), "h:1", "http", tuple(rows), ((Path("/x.parquet"), "bad"),))
     text = report_table(report)
-    assert f"rows not reproduced, the first {SHOWN_DIFFERENCES}:" in text
-    assert text.count("UNAVAILABLE: shed") == SHOWN_DIFFERENCES
+    assert f"rows not reproduced (30 of 30; the first {SHOWN_DIFFERENCES} shown):" in text
+    assert text.count("    replayed  UNAVAILABLE: shed") == SHOWN_DIFFERENCES
+    assert text.count("    logged    3 by digits_light:1\n") == SHOWN_DIFFERENCES
     assert "not answered                             30" in text
     assert "label agrees with the logged answer" in text and "route agrees" not in text
     assert text.endswith("warning: skipped corrupt file /x.parquet: bad")
@@ -211,7 +233,7 @@ class FakeServer:
         if index in self.failing:
             raise self.failing[index]
         label = (record.label + 1) % 10 if index in self.changed else record.label
-        return label, record.route, dict(record.arms)
+        return Replayed(label, record.route, dict(record.arms), record.path)
 
     @contextlib.contextmanager
     def opener(self, *args) -> Iterator:

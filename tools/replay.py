@@ -291,7 +291,7 @@ def replay(
     if parsed.through_router:
         secret = _replay_secret(state_path)
         _check_tier_key(records, tier_key)
-        opener = _router_sender(url, protocol, secret, tier_key)
+        opener = _router_sender(url, protocol, secret, tier_key, concurrency)
     else:
         opener = _direct_sender(url, protocol, parsed)
     _check_server(url, protocol, parsed)
@@ -434,10 +434,12 @@ OpenSender = Callable[[], contextlib.AbstractContextManager[Send]]  # one per wo
 
 
 @contextlib.contextmanager
-def _router_sender(url: str, protocol: str, secret: bytes, tier_key: str | None) -> Iterator[OpenSender]:
+def _router_sender(
+    url: str, protocol: str, secret: bytes, tier_key: str | None, concurrency: int
+) -> Iterator[OpenSender]:
     """Rows through `digits`, with their replay tokens, on one SDK client shared by every worker."""
     try:
-        client = TierserveClient(url, protocol, timeout_s=TIMEOUT_S, tier_key=tier_key, max_connections=64)
+        client = TierserveClient(url, protocol, timeout_s=TIMEOUT_S, tier_key=tier_key, max_connections=concurrency)
     except ValueError as error:
         raise ReplayError(str(error)) from None
 
@@ -645,9 +647,11 @@ def report_table(report: ReplayReport) -> str:
     lines = [f"replay of {len(report.rows)} logged rows against {against} at {report.url} ({report.protocol})"]
     lines += [f"  {name:<{width}}  {_share(agreement)}" for name, agreement in measures]
     lines.append(f"  {'not answered':<{width}}  {report.errors:>6}")
+    unanswered = sum(row.feedback_label is not None and row.error is not None for row in report.rows)
     lines.append(
         f"accuracy from feedback ({report.feedback_rows} rows): logged {_rate(report.logged_accuracy)}, "
         f"replayed {_rate(report.replayed_accuracy)}"
+        + (f" ({unanswered} not answered, counted wrong)" if unanswered else "")
     )
     (logged_p50, logged_p99), (replayed_p50, replayed_p99) = _ms(report.logged_latency), _ms(report.replayed_latency)
     lines += [

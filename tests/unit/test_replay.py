@@ -117,6 +117,12 @@ def test_against_a_model_directly_only_the_label_is_compared():
     assert [row.request_id for row in report.differences] == ["id000001"]
 
 
+def test_a_row_with_feedback_that_was_not_answered_counts_as_wrong_and_the_table_says_so():
+    report = _report([_row(0, feedback_label=3), _row(1, **FAILED, feedback_label=3, error="x")])
+    assert report.replayed_accuracy == 0.5 and report.logged_accuracy == 1.0
+    assert "logged 1.000, replayed 0.500 (1 not answered, counted wrong)" in report_table(report)
+
+
 def test_no_feedback_and_no_answers_leave_accuracy_and_latency_unknown():
     report = _report([_row(0, **FAILED, error="x")])
     assert report.logged_accuracy is None and report.replayed_accuracy is None
@@ -148,7 +154,7 @@ def test_the_table_shows_totals_and_the_rows_not_reproduced_with_their_paths_and
     text = report_table(_report(rows))
     assert "replay of 2 logged rows against digits (through the router) at localhost:8001 (grpc)" in text
     assert "reproduced (route and label)       1 / 2       50.0%" in text
-    assert "accuracy from feedback (1 rows): logged 1.000, replayed 1.000" in text
+    assert "accuracy from feedback (1 rows): logged 1.000, replayed 1.000\n" in text
     assert "replayed (round trip)" in text and "logged (router)" in text
     assert text.endswith(
         "rows not reproduced (1 of 2):\n"
@@ -167,6 +173,7 @@ def test_the_table_lists_failed_calls_a_bounded_number_of_rows_and_skipped_files
     assert text.count("    replayed  UNAVAILABLE: shed") == SHOWN_DIFFERENCES
     assert text.count("    logged    3 by digits_light:1\n") == SHOWN_DIFFERENCES
     assert "not answered                             30" in text
+    assert "accuracy from feedback (0 rows): logged -, replayed -\n" in text
     assert "label agrees with the logged answer" in text and "route agrees" not in text
     assert text.endswith("warning: skipped corrupt file /x.parquet: bad")
 

@@ -38,6 +38,7 @@ from tierserve.warmup import WarmUp
 
 IDLE_S = 0.25  # an instance without an execute for this long, and nothing dispatched, reports no queue wait
 QUEUE_POLL_S = 0.05  # how often an instance reads Triton's queue statistics of this model (its load signal)
+FAULT_HOLD_S = 1.0  # readings this soon after a stuck downstream call are not load (the queue it left drains)
 STATS_GRACE_S = 10.0  # unreadable statistics are an error after this long (the HTTP endpoint starts last)
 FLUSH_S = 0.5  # how often experiment counts are written to the state store (off the hot path)
 
@@ -99,6 +100,7 @@ class TritonPythonModel:
         self._keys_path = Path(path) if (path := os.environ.get(TIER_KEYS_ENV)) else None
         self._keys, self._keys_mtime, self._keys_checked = TierKeys(), None, float("-inf")
         self._tier_keys()
+        self._healing_until = float("-inf")  # until when this instance's model reload keeps readings out of the gauge
         self._last_execute: float | None = time.monotonic()  # when the latest execute ended; None during one
         self._stopping = threading.Event()
         threading.Thread(target=self._watch_queue, name="router-queue-wait", daemon=True).start()
@@ -142,8 +144,8 @@ class TritonPythonModel:
                 if self._last_execute is None or now - self._last_execute < IDLE_S:
                     continue  # busy, and nothing new was dispatched: the gauge stays as it is
                 wait_ms = 0.0
-            if self.router.stalls.overlap(now - wait_ms / 1000 - 2 * QUEUE_POLL_S, now) > 0:
-                continue  # these requests waited (partly) while this instance was stuck on a failing call: a fault
+            if self.router.stalls.overlap(now - wait_ms / 1000 - FAULT_HOLD_S, now) > 0 or now < self._healing_until:
+                continue  # they waited while this instance was stuck on failing calls or healing a model: a fault
             self.metrics.state(self.router.breakers, self.router.load.observe(wait_ms))
 
     def finalize(self) -> None:
@@ -407,12 +409,15 @@ class TritonPythonModel:
         threading.Thread(target=self._unload_and_load, args=(name,), name=f"reload-{name}", daemon=True).start()
 
     def _unload_and_load(self, name: str) -> None:
+        self._healing_until = float("inf")  # a reload takes the CPU: the queue it builds is the fault's, not load
         try:
             pb_utils.unload_model(name)
             pb_utils.load_model(name)
         except Exception as error:  # a failed reload is logged; a later failure retries it
             pb_utils.Logger.log_error(f"router: reloading {name} failed: {error}")
             return
+        finally:
+            self._healing_until = time.monotonic() + FAULT_HOLD_S
         self.metrics.reloaded(name)
         pb_utils.Logger.log_info(f"router: reloaded {name}; ready={pb_utils.is_model_ready(name)}")
 

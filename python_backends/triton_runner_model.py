@@ -18,6 +18,12 @@ from tierserve.server_scratch import LANE_TOKEN_PARAMETER, lane_token, server_sc
 from tierserve.warmup import WarmUp
 
 
+def _error(message: str, code: int) -> pb_utils.InferenceResponse:
+    """A response with an error of its own: Triton 2.51's Python backend crashes the whole server (signal 11) when
+    one TritonError object is shared by several responses of a batch."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
 class TritonPythonModel:
     """Serves one model version: the runner named in its manifest, one runner call per dynamic batch."""
 
@@ -49,8 +55,7 @@ class TritonPythonModel:
         if self.faults:
             time.sleep(self.faults.spec.latency_ms / 1000)
             if failure := self.faults.failure():
-                error = pb_utils.TritonError(f"{self.name}: {failure}", pb_utils.TritonError.INTERNAL)
-                return [pb_utils.InferenceResponse(error=error) for _ in requests]
+                return [_error(f"{self.name}: {failure}", pb_utils.TritonError.INTERNAL) for _ in requests]
         return self._infer(requests)
 
     def _infer(self, requests: list) -> list:
@@ -64,15 +69,13 @@ class TritonPythonModel:
             for r in requests
         ]
         served = iter(self._serve([r for r, ok in zip(requests, mine, strict=True) if ok]) if any(mine) else [])
-        refusal = pb_utils.TritonError(
+        refusal = (
             f"{self.name} is capacity reserved for critical rows that digits routes; "
-            "call digits, or the shared model it serves",
-            pb_utils.TritonError.INVALID_ARG,
+            "call digits, or the shared model it serves"
         )
-        return [next(served) if ok else pb_utils.InferenceResponse(error=refusal) for ok in mine]
+        return [next(served) if ok else _error(refusal, pb_utils.TritonError.INVALID_ARG) for ok in mine]
 
     def _response(self, result: np.ndarray | Rejected) -> pb_utils.InferenceResponse:
         if isinstance(result, Rejected):
-            error = pb_utils.TritonError(f"{self.name}: {result.message}", pb_utils.TritonError.INVALID_ARG)
-            return pb_utils.InferenceResponse(error=error)
+            return _error(f"{self.name}: {result.message}", pb_utils.TritonError.INVALID_ARG)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("PROBS", result)])

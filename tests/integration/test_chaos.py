@@ -175,7 +175,7 @@ def test_the_fault_command_switches_faults_on_and_off(chaos, monkeypatch, capsys
     monkeypatch.setenv("TIERSERVE_ADMIN_KEY", server.admin_key)
     assert main(["fault", "digits_rules", "--hard-failure", "--url", server.http_url]) == 0
     out = capsys.readouterr().out
-    assert "digits_rules: reloaded with FaultSpec(latency_ms=0.0, error_rate=0.0, hard_failure=True)" in out
+    assert "digits_rules: reloaded with hard failure" in out
     assert control.config("digits_rules")["parameters"]["fault_hard_failure"] == {"string_value": "true"}
     assert main(["fault", "digits_rules", "--off", "--url", server.http_url]) == 0
     assert "fault_hard_failure" not in control.config("digits_rules").get("parameters", {})

@@ -198,15 +198,23 @@ def test_a_growing_canary_only_moves_users_into_the_treatment(sdk, experiments, 
         treated = now
 
 
+def _untroubled(answer) -> bool:
+    """Whether every model tried for the answer answered (no PATH hop failed, timed out or was ejected)."""
+    return not any(hop.endswith((" error", " timeout", " ejected")) for hop in answer.path.split(">"))
+
+
 def test_shadow_traffic_never_changes_answers_and_is_counted(server: Supervisor, sdk, experiments, split: DigitsSplit):
     images = split.test.images[:40]
     before = [sdk.classify(image, user_id=f"s{i}")[0] for i, image in enumerate(images)]
     experiments({"name": "shadow_v1", "kind": "shadow", "shadow": {"candidate": "digits_heavy:1", "fraction": 1.0}})
     after = [sdk.classify(image, user_id=f"s{i}")[0] for i, image in enumerate(images)]
-    for old, new in zip(before, after, strict=True):
+    # rows whose every call answered at once (a loaded box can time a call out: then the fallback answers)
+    clean = [(o, n) for o, n in zip(before, after, strict=True) if _untroubled(o) and _untroubled(n)]
+    assert len(clean) >= len(images) * 0.8
+    for old, new in clean:
         assert (new.label, new.route) == (old.label, old.route)
         np.testing.assert_allclose(new.probs, old.probs, atol=1e-6)
-        assert new.arms == {"shadow_v1": "mirrored"}
+    assert all(new.arms == {"shadow_v1": "mirrored"} for new in after)
     store = open_store(server.server.state)
     try:
         from tierserve.experiment_stats import ExperimentStats

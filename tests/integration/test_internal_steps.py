@@ -141,3 +141,29 @@ def test_a_critical_lane_refuses_direct_callers_and_serves_digits(triton: Triton
     with TierserveClient(triton.grpc_url, tier_key=triton.tier_key) as sdk:
         (answer,) = sdk.classify(split.test.images[0], tier="critical")
     assert answer.path.startswith("digits_light_critical:1 "), "digits still routes critical rows to the lanes"
+
+
+def test_concurrent_direct_callers_of_a_lane_are_each_refused_and_the_server_lives(
+    triton: TritonServer, split: DigitsSplit
+):
+    """Refusals batched together once shared one TritonError, and Triton 2.51 died of it (signal 11): two
+    clients calling a lane at once killed the server in 4 runs of 4."""
+    refusals: list[str] = []
+
+    def call_lane() -> None:
+        client = grpcclient.InferenceServerClient(triton.grpc_url)
+        try:
+            for _ in range(20):
+                with pytest.raises(InferenceServerException) as caught:
+                    client.infer("digits_light_critical", _tensors(PIXELS=split.test.images[:2].astype(np.float32)))
+                refusals.append(str(caught.value.status()))
+        finally:
+            client.close()
+
+    callers = [threading.Thread(target=call_lane) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(60)
+    assert refusals == ["StatusCode.INVALID_ARGUMENT"] * 80
+    assert triton.is_ready()

@@ -240,6 +240,36 @@ def _log_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tierserve.tools.replay import replay, report_png, report_table
+
+    tier_key = args.tier_key_file.read_text().strip() if args.tier_key_file.exists() else None
+    columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        rows = bar.add_task("replay", total=None)
+        report = replay(
+            args.log,
+            url=args.url,
+            protocol=args.protocol,
+            state_path=args.state,
+            target=args.model,
+            where=args.where,
+            limit=args.limit,
+            tier_key=tier_key,
+            concurrency=args.concurrency,
+            skip_corrupt=args.skip_corrupt,
+            progress=lambda done, total: bar.update(rows, completed=done, total=total),
+        )
+    print(report_table(report))
+    if args.png is not None:
+        report_png(report, args.png)
+        print(f"plot: {args.png}")
+    return 0
+
+
 def _keys_file(args: argparse.Namespace) -> Path:
     return args.keys_file or Path(os.environ.get(TIER_KEYS_ENV) or TIER_KEYS_FILE)
 
@@ -441,6 +471,52 @@ def main(argv: list[str] | None = None) -> int:
     )
     log_query.set_defaults(run=_log_query)
 
+    replay = commands.add_parser(
+        "replay",
+        help="send logged rows again to a running server (digits, or one model version directly) and report "
+        "agreement with the logged answers, accuracy where feedback exists, and latency",
+    )
+    replay.add_argument(
+        "--log",
+        type=Path,
+        default=Path(os.environ.get(LOG_DIR_ENV) or LOG_DIR),
+        help=f"the log directory (default: ${LOG_DIR_ENV}, else {LOG_DIR})",
+    )
+    replay.add_argument(
+        "--where",
+        default=None,
+        help="only the rows this DuckDB condition over the answers view selects, e.g. \"tier = 'standard'\"",
+    )
+    replay.add_argument("--limit", type=int, default=None, help="only the oldest N rows")
+    replay.add_argument(
+        "--model",
+        default=None,
+        metavar="MODEL[:VERSION]",
+        help="replay against this model (version) directly, the pixels resized as the router does (default: "
+        "digits, through the router, reproducing each row's decisions from its logged seed)",
+    )
+    replay.add_argument("--url", default="localhost:8001", help="server address (gRPC port by default)")
+    replay.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    replay.add_argument(
+        "--state",
+        default=os.environ.get(STATE_ENV) or str(STATE_FILE),
+        help=f"the state store the server runs with, whose secret signs the replayed rows (default: ${STATE_ENV}, "
+        f"else {STATE_FILE})",
+    )
+    replay.add_argument(
+        "--tier-key-file",
+        type=Path,
+        default=TIER_KEY_FILE,
+        help="the tier key sent with every row, when the file exists; rows above standard need it (default: the "
+        "local key `tierserve serve` made)",
+    )
+    replay.add_argument("--concurrency", type=int, default=1, help="rows in flight at once")
+    replay.add_argument("--png", type=Path, default=None, help="plot agreement, accuracy and latency here")
+    replay.add_argument(
+        "--skip-corrupt", action="store_true", help="replay the rows of the readable files and list the corrupt ones"
+    )
+    replay.set_defaults(run=_replay)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -454,10 +530,12 @@ def _operator_errors() -> tuple[type[BaseException], ...]:
     from tritonclient.utils import InferenceServerException
 
     from tierserve.tools.lifecycle import Failed
+    from tierserve.tools.replay import ReplayError
 
     return (
         *_refusals(),
         Failed,
+        ReplayError,
         InferenceServerException,
         TierKeyError,
         PolicyError,

@@ -70,3 +70,21 @@ def test_feedback_is_joined_by_request_id_and_log_query_prints_it(
     assert "feedback_label" in printed and str(int(split.test.labels[0])) in printed and "(1 row)" in printed
     assert main(["log", "query", "SELEC nonsense", "--log", str(triton.inference_log)]) == 1
     assert "query failed" in capsys.readouterr().err
+
+
+def test_tierserve_replay_reproduces_logged_rows_and_names_a_version_that_is_not_loaded(
+    triton: TritonServer, split: DigitsSplit, capsys: pytest.CaptureFixture[str]
+):
+    with TierserveClient(triton.grpc_url) as client:
+        answers = client.classify(noisy(split.test.images[10:16], sigma=1.0, seed=5), user_id="replayed")
+    _logged(triton, [a.request_id for a in answers])
+    where = " OR ".join(f"request_id = '{a.request_id}'" for a in answers)
+    common = ["--log", str(triton.inference_log), "--url", triton.grpc_url, "--state", triton.state, "--where", where]
+    capsys.readouterr()
+    assert main(["replay", *common]) == 0
+    printed = capsys.readouterr().out
+    reproduced = [line for line in printed.splitlines() if line.strip().startswith("reproduced (route and label)")]
+    assert reproduced and "6 / 6" in reproduced[0] and "100.0%" in reproduced[0], printed
+    assert main(["replay", *common, "--model", "digits_heavy:7"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "digits_heavy" in error and "7" in error and "\n" not in error and "Traceback" not in error

@@ -181,7 +181,7 @@ def _run(
                 continue
             named = [path for path in listed if str(path) in str(error)]
             if not named:
-                raise LogQueryError(f"query failed: {error}") from None
+                raise LogQueryError(f"query failed: {str(error).splitlines()[0] if str(error) else error!r}") from None
             unreadable.append((named[0], f"unreadable data ({error})"))
         finally:
             con.close()

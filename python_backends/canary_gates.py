@@ -42,30 +42,33 @@ class CanarySettings(BaseModel):
         20, ge=1, description="rows sent to the candidate (and counted) during a step before its errors are judged"
     )
     max_error_rate: Share | None = Field(
-        0.01, description="share of the rows sent to the candidate that may fail there (none: no absolute limit)"
+        0.01, description="share of the rows sent to the candidate that may fail there; none (off): no absolute limit"
     )
     max_error_rate_increase: Share | None = Field(
-        0.005, description="how far the candidate's share of failed rows may exceed the baseline's (none: no limit)"
+        0.005,
+        description="how far the candidate's share of failed rows may exceed the baseline's; none (off): no limit",
     )
     max_latency_ratio: float | None = Field(
         1.5,
         ge=1,
         description="the treatment arm's p99 latency over the control arm's, and the candidate's mean call duration "
-        "over the baseline's, at most (none: latency not judged)",
+        "over the baseline's, at most; none (off): latency not judged",
     )
     latency_slack_ms: float = Field(
         5.0, ge=0, description="a latency within this many ms of the baseline's passes whatever the ratio"
     )
     min_feedback: int = Field(100, ge=1, description="fed-back rows in each arm before accuracy is judged")
     max_accuracy_drop: Share | None = Field(
-        0.02, description="how far the treatment's accuracy may fall below the control's (none: not judged)"
+        0.02, description="how far the treatment's accuracy may fall below the control's; none (off): not judged"
     )
     shadow_fraction: Share = Field(
         0.1, description="share of the eligible rows also mirrored to the candidate during the canary (0: none)"
     )
     min_shadow_rows: int = Field(100, ge=1, description="mirrored rows compared before agreement is judged")
     min_shadow_agreement: Share | None = Field(
-        0.9, description="share of mirrored rows whose candidate label must agree with the answer sent"
+        0.9,
+        description="share of mirrored rows whose candidate label must agree with the answer sent; none (off): not "
+        "judged",
     )
 
     @model_validator(mode="after")

@@ -516,7 +516,7 @@ class _Canary:
                 display.done(len(self.passed))
             return self._promote()
         except KeyboardInterrupt:
-            return self._stop(CanaryOutcome.INTERRUPTED, f"interrupted (Ctrl-C) at {self.weight:g}%")
+            return self._stop(CanaryOutcome.INTERRUPTED, f"Ctrl-C at {self.weight:g}%")
         except (_ServerLost, OSError) as error:
             return self._stop(CanaryOutcome.SERVER_LOST, f"the server was lost at {self.weight:g}%: {error}")
         except (InferenceServerException, Failed, Refused, ExperimentSpecError) as error:
@@ -621,11 +621,15 @@ class _Canary:
         return self._end(CanaryOutcome.PROMOTED, weight, message, after="promoted")
 
     def _stop(self, outcome: CanaryOutcome, why: str) -> CanaryResult:
-        """Stop the canary's experiments (traffic back on the baseline), asking a lost server again for a while."""
+        """Stop the canary's experiments (traffic back on the baseline). A lost server is asked again for a while,
+        and the canary is dropped from the state store first, so that a server restarting meanwhile serves the
+        baseline."""
         weight, plan = self.weight, self.plan
         if weight == 0:
             return self._end(outcome, weight, f"{why}; nothing was served yet, {plan.candidate} left loaded")
-        deadline = self.clock() + (STOP_RETRY_S if outcome == CanaryOutcome.SERVER_LOST else 0.0)
+        lost = outcome == CanaryOutcome.SERVER_LOST
+        stored = self._drop_from_store() if lost else None
+        deadline = self.clock() + (STOP_RETRY_S if lost else 0.0)
         while True:
             try:
                 self._serve(None)
@@ -637,24 +641,23 @@ class _Canary:
                 if self.clock() < deadline:
                     self.sleep(1.0)
                     continue
-                back = self._forget(error)
+                refused = error.message() if isinstance(error, InferenceServerException) else str(error)
+                back = (
+                    f"the server did not stop the canary ({refused}); {stored or self._drop_from_store()}; run "
+                    f"`tierserve experiment stop {plan.experiment}` once it answers"
+                )
                 break
         return self._end(outcome, weight, f"{why}; {back}; {plan.candidate} left loaded", after="0%")
 
-    def _forget(self, error: Exception) -> str:
-        """The routers could not be reloaded: drop the canary from the state store, which a restarted server
-        serves, and say what is left to do."""
-        why = error.message() if isinstance(error, InferenceServerException) else str(error)
+    def _drop_from_store(self) -> str:
+        """Write the experiments the routers serve, less the canary's, to the state store (what a restarted server
+        serves); what was done, as text."""
         try:
             spec = _experiments(self.lifecycle.experiments(), self.plan, None, 0.0, self.policy)
             self.lifecycle.store.set(EXPERIMENTS_KEY, experiments_json(spec).encode())
-            stored = "removed from the state store, so a restarted server serves the baseline"
-        except Exception as store_error:
-            stored = f"and not removed from the state store either ({store_error})"
-        return (
-            f"the server did not stop the canary ({why}); {stored}; run `tierserve experiment stop "
-            f"{self.plan.experiment}` once it answers"
-        )
+        except Exception as error:
+            return f"the canary could not be removed from the state store either ({error})"
+        return "the canary was removed from the state store, so a restarted server serves the baseline"
 
     def _end(self, outcome: CanaryOutcome, weight: float, message: str, after: str = "0%") -> CanaryResult:
         ok = outcome == CanaryOutcome.PROMOTED
@@ -730,13 +733,12 @@ def add_canary_options(parser: argparse.ArgumentParser) -> None:
     for name, info in CanarySettings.model_fields.items():
         default = info.default
         shown = ",".join(f"{w:g}" for w in default) if name == "steps" else ("off" if default is None else default)
-        switchable = type(None) in typing.get_args(info.annotation) or "(none:" in (info.description or "")
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             type=_option_type(name, info.annotation),
             default=argparse.SUPPRESS,
-            help=f"{info.description} (default {shown}{'; off switches it off' if switchable else ''})",
+            help=f"{info.description} (default {shown})",
         )
     parser.add_argument(
         "--metrics-url", default=DEFAULT_METRICS_URL, help=f"the server's metrics page (default {DEFAULT_METRICS_URL})"
@@ -753,4 +755,5 @@ def canary_settings(options: Mapping[str, Any]) -> CanarySettings:
         first = error.errors(include_url=False)[0]
         where = first["loc"][0] if first["loc"] else ""
         option = f"--{str(where).replace('_', '-')}: " if where else ""
-        raise CanaryRefused(CanaryProblem.SETTINGS, f"{option}{first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")  # a check across settings names them itself
+        raise CanaryRefused(CanaryProblem.SETTINGS, f"{option}{message}") from None

@@ -59,6 +59,7 @@ class Scenario:
     baseline_ms: float = 3.0
     candidate_fails: float = 0.0
     lost_from: int | None = None  # from this reading on, the server answers nothing
+    back_after_s: float | None = None  # ... until this long after it was lost (None: never)
     interrupt_at: int | None = None  # Ctrl-C during this reading's wait
 
 
@@ -77,11 +78,15 @@ class Server(FakeControl):
         self.counters: dict[str, float] = {}
         self.readings = 0
         self.now = 0.0
-        self.down = False
+        self.down_since: float | None = None
+        self.stored_when_back: list[str] | None = None  # the experiments in the store when the server came back
 
     def load_with(self, model: str, config: dict) -> None:
-        if self.down:
-            raise InferenceServerException("failed to connect to all addresses; Connection refused")
+        if self.down_since is not None:
+            back = self.scenario.back_after_s
+            if back is None or self.now < self.down_since + back:
+                raise InferenceServerException("failed to connect to all addresses; Connection refused")
+            self.down_since, self.stored_when_back = None, _running(self)
         super().load_with(model, config)
         parameter = config.get("parameters", {}).get(EXPERIMENTS_PARAMETER)
         if model == ROUTER_MODEL and parameter is not None:
@@ -92,7 +97,7 @@ class Server(FakeControl):
     def metrics(self) -> str:
         self.readings += 1
         if self.scenario.lost_from is not None and self.readings >= self.scenario.lost_from:
-            self.down = True
+            self.down_since = self.now if self.down_since is None else self.down_since
             raise ConnectionRefusedError(111, "Connection refused")
         weight = self.weights[-1] if self.weights and self.weights[-1] is not None else 0.0
         s, treated = self.scenario, round(self.scenario.rows * weight / 100)
@@ -223,7 +228,7 @@ def test_ctrl_c_returns_the_traffic(server: Server, console: Console, audit: Pat
     server.scenario.interrupt_at = 4
     result = _run(server, console)
     assert result.outcome == CanaryOutcome.INTERRUPTED and server.weights[-1] is None and _running(server) == []
-    assert "interrupted (Ctrl-C)" in read_audit(audit).entries[-1].message
+    assert "interrupted: Ctrl-C at 10%" in read_audit(audit).entries[-1].message
 
 
 def test_a_lost_server_is_asked_to_stop_until_it_gives_up_and_the_state_store_forgets_the_canary(
@@ -236,6 +241,16 @@ def test_a_lost_server_is_asked_to_stop_until_it_gives_up_and_the_state_store_fo
     assert _running(server) == []  # a restarted server serves the baseline
     assert "removed from the state store" in result.message and f"experiment stop {EXPERIMENT}" in result.message
     assert read_audit(audit).entries[-1].outcome == Outcome.FAILED
+
+
+def test_a_lost_server_that_comes_back_is_stopped_through_it_and_restarts_with_the_baseline(
+    server: Server, console: Console, audit: Path
+):
+    server.scenario.lost_from, server.scenario.back_after_s = 5, 8.0
+    result = _run(server, console)
+    assert result.outcome == CanaryOutcome.SERVER_LOST and "traffic back on digits_heavy:2" in result.message
+    assert server.stored_when_back == []  # dropped from the store before the server came back
+    assert server.weights[-1] is None and _running(server) == []
 
 
 def test_other_running_experiments_keep_running(server: Server, console: Console, repository: Path):  # noqa: F811
@@ -375,8 +390,8 @@ def test_options_come_from_the_settings_and_bad_values_name_the_option():
     assert settings.min_rows == 7 and settings.poll_s == CanarySettings().poll_s
     assert args.metrics_url == "http://localhost:8002/metrics"
     help_text = parser.format_help()
-    assert "--max-latency-ratio" in help_text and "off switches it off" in help_text
-    with pytest.raises(CanaryRefused, match="steps must increase") as refused:
+    assert "--max-latency-ratio" in help_text and "none (off): latency not judged" in help_text
+    with pytest.raises(CanaryRefused, match=r"^steps must increase, got 5, 1$") as refused:
         canary_settings(vars(parser.parse_args(["--steps", "5,1"])))
     assert refused.value.problem == CanaryProblem.SETTINGS
     with pytest.raises(CanaryRefused, match=r"^--max-error-rate: "):

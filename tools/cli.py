@@ -21,6 +21,7 @@ from tierserve.state_store import STATE_ENV, StateStore, StateStoreError
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key
 from tierserve.tools.audit import Action, AuditError, audited
 from tierserve.tools.build_models import build_all
+from tierserve.tools.canary import add_canary_options
 from tierserve.tools.log_admin import LogAdminError
 from tierserve.tools.paths import (
     AUDIT_ENV,
@@ -233,6 +234,22 @@ def _audit(args: argparse.Namespace) -> int:
     return 1 if log.problems else 0
 
 
+def _canary(args: argparse.Namespace) -> int:
+    from tierserve.tools.audit import Outcome, record
+    from tierserve.tools.canary import CanaryOutcome, canary_settings, run_canary
+    from tierserve.tools.lifecycle import Refused
+
+    try:  # refusals before the canary's own checks, which record theirs: a bad option, no admin key
+        settings = canary_settings(vars(args))
+        _admin_key()
+    except (Refused, NoAdminKey) as error:
+        record(Action.CANARY_STEP, args.target, outcome=Outcome.REFUSED, message=str(error))
+        raise
+    with _lifecycle(args) as lifecycle:
+        result = run_canary(args.target, lifecycle, args.metrics_url, settings)
+    return 0 if result.promoted else 130 if result.outcome == CanaryOutcome.INTERRUPTED else 1
+
+
 def _log_query(args: argparse.Namespace) -> int:
     from tierserve.tools.log_admin import query, render_table
 
@@ -428,6 +445,15 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name, parents=[where, server], help=summary)
         command.add_argument("target", metavar=target)
         command.set_defaults(run=_lifecycle_action(action, method))
+    canary = commands.add_parser(
+        "canary",
+        parents=[where, server],
+        help="raise a candidate version's share of traffic step by step while the server's metrics pass the gates, "
+        "then promote it; back to the baseline at once when a gate fails",
+    )
+    canary.add_argument("target", metavar="MODEL:CANDIDATE")
+    add_canary_options(canary)
+    canary.set_defaults(run=_canary)
     model = commands.add_parser("model", help="load or unload a model, or one version of it, on a running server")
     model_actions = model.add_subparsers(dest="action", required=True)
     load = model_actions.add_parser("load", parents=[where, server], help="load MODEL, or one more VERSION of it")

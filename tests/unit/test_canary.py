@@ -21,7 +21,7 @@ from tierserve.canary_gates import CanarySettings, Gate
 from tierserve.experiment_spec import ExperimentsFile, experiments_json, parse_experiments
 from tierserve.experimenter import EXPERIMENTS_KEY, EXPERIMENTS_PARAMETER
 from tierserve.promotions import ModelVersion, stored_promotions
-from tierserve.router_files import ROUTER_MODEL, router_policy
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL, router_policy
 from tierserve.state_store import MemoryStore
 from tierserve.tools.audit import Action, Outcome, read_audit
 from tierserve.tools.canary import (
@@ -281,7 +281,6 @@ def test_other_running_experiments_keep_running(server: Server, console: Console
         ("digits_heavy_critical:3", Problem.LANE, "digits_heavy_critical is a lane of digits_heavy"),
         ("preprocess:1", Problem.NOT_ROUTED, "the policy does not route to preprocess"),
         ("digits_heavy:8", Problem.UNKNOWN_VERSION, "lane digits_heavy_critical:8 does not exist"),
-        ("digits_heavy:3", CanaryProblem.NOT_ALLOWED, "digits_heavy:3 is not listed under experiment_models"),
     ],
 )
 def test_a_refused_canary_names_the_problem_changes_nothing_and_is_audited(
@@ -292,6 +291,26 @@ def test_a_refused_canary_names_the_problem_changes_nothing_and_is_audited(
     assert refused.value.problem == problem and named in str(refused.value)
     assert server.calls == [] and server.weights == []
     assert _audit(audit) == [(Action.CANARY_STEP, target, "", "", Outcome.REFUSED)]
+
+
+def test_a_candidate_the_policy_does_not_allow_experiments_to_call_is_refused(
+    server: Server, console: Console, audit: Path
+):
+    router = server.repository / ROUTER_MODEL
+    shipped = router.resolve()
+    router.unlink()
+    router.mkdir()
+    for item in shipped.iterdir():
+        (router / item.name).symlink_to(item)
+    (router / POLICY_FILE).unlink()
+    policy = (shipped / POLICY_FILE).read_text().replace("experiment_models: [digits_heavy:1, digits_heavy:3]", "")
+    (router / POLICY_FILE).write_text(policy + "\nexperiment_models: [digits_heavy:1]\n")
+    with pytest.raises(CanaryRefused) as refused:
+        _run(server, console, target="digits_heavy:3")
+    assert refused.value.problem == CanaryProblem.NOT_ALLOWED
+    assert "digits_heavy:3 is not listed under experiment_models" in str(refused.value)
+    assert server.calls == [] and server.weights == []
+    assert _audit(audit) == [(Action.CANARY_STEP, "digits_heavy:3", "", "", Outcome.REFUSED)]
 
 
 def test_a_canary_is_refused_while_an_experiment_changes_the_baseline_or_one_runs_already(

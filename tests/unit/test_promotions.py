@@ -61,7 +61,8 @@ def test_a_promotion_replaces_the_version_everywhere_the_policy_names_it():
     assert "digits_heavy_critical:2" not in promoted.callable_models
     # nothing else changes
     assert promoted.cascade.first == POLICY.cascade.first and promoted.fallback == POLICY.fallback
-    assert promoted.experiment_models == POLICY.experiment_models
+    # the promoted version is routed now, no longer only an experiment's
+    assert promoted.experiment_models == tuple(m for m in POLICY.experiment_models if m != "digits_heavy:3")
     assert promoted.rules == POLICY.rules
     assert (promoted.breaker, promoted.tiers, promoted.adaptation) == (POLICY.breaker, POLICY.tiers, POLICY.adaptation)
 

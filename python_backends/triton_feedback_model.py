@@ -13,12 +13,12 @@ import triton_python_backend_utils as pb_utils
 
 from tierserve.experiment_stats import ExperimentStats
 from tierserve.feedback import FeedbackBook, FeedbackRefused, Learned
-from tierserve.inference_log import LOG_DIR_ENV, FeedbackRecord, InferenceLog, load_settings
+from tierserve.inference_log import LOG_DIR_ENV, FeedbackRecord, load_settings
 from tierserve.policy import Policy
 from tierserve.request_ids import RequestIds
 from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.state_store import STATE_ENV, StateStoreError, default_location, open_store, shared_secret
-from tierserve.triton_router_metrics import LabelledFamily
+from tierserve.triton_router_metrics import LabelledFamily, open_inference_log
 from tierserve.user_adaptation import UserStates
 from tierserve.warmup import WarmUp
 
@@ -36,13 +36,7 @@ class TritonPythonModel:
         policy = Policy.load(router_dir / POLICY_FILE)
         # feedback taken is recorded beside the answers, for `tierserve log query` to join by REQUEST_ID
         log_settings = load_settings(router_dir, os.environ.get(LOG_DIR_ENV))
-        self.inference_log = (
-            InferenceLog(
-                log_settings, on_error=lambda why: pb_utils.Logger.log_error(f"feedback: inference log: {why}")
-            )
-            if log_settings.enabled
-            else None
-        )
+        self.inference_log = open_inference_log(log_settings, "feedback")
         self.store = open_store(os.environ.get(STATE_ENV) or default_location())
         self.book = FeedbackBook(
             self.store,

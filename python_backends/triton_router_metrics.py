@@ -1,4 +1,5 @@
-"""The router's custom metrics on Triton's metrics port, per tier and route, plus breakers and reloads."""
+"""The router's custom metrics on Triton's metrics port, per tier and route, plus breakers and reloads; and the
+opening of an inference log, which the router and `feedback` share."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import triton_python_backend_utils as pb_utils
 from tierserve.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from tierserve.experiment_stats import ShadowOutcome
 from tierserve.experimenter import RowPlan
+from tierserve.inference_log import InferenceLog, InferenceLogSettings
 from tierserve.routing import Answer, Shed
 from tierserve.slo import BudgetBurn, TierSlo
 
@@ -34,6 +36,18 @@ class LabelledFamily:
             extra = {"buckets": self._buckets} if self._buckets else {}
             self._metrics[key] = self.family.Metric(labels={**labels, "instance": self._instance}, **extra)
         return self._metrics[key]
+
+
+def open_inference_log(settings: InferenceLogSettings, model: str) -> InferenceLog | None:
+    """The model's inference log, or None when it is off or cannot be opened (a log that cannot be written costs
+    its records, said in the server log, never the model's load or a request)."""
+    if not settings.enabled:
+        return None
+    try:
+        return InferenceLog(settings, on_error=lambda why: pb_utils.Logger.log_error(f"{model}: inference log: {why}"))
+    except (OSError, ImportError) as error:
+        pb_utils.Logger.log_error(f"{model}: no inference log: {error}")
+        return None
 
 
 class RouterMetrics:

@@ -18,7 +18,7 @@ from tierserve.experiment_spec import EXPERIMENTS_FILE
 from tierserve.experiment_stats import ShadowOutcome
 from tierserve.experimenter import EXPERIMENTS_PARAMETER, Experimenter, RowPlan, served_experiments
 from tierserve.healing import Healer, ReloadLog
-from tierserve.inference_log import LOG_DIR_ENV, InferenceLog, inference_record, load_settings
+from tierserve.inference_log import LOG_DIR_ENV, inference_record, load_settings
 from tierserve.load_shedding import SHED, shed_message
 from tierserve.pixels import NUM_CLASSES, infinity_problem
 from tierserve.promotions import describe, served_promotions
@@ -33,7 +33,7 @@ from tierserve.shadow import BATCH_ROWS, GATHER_S, Mirror, ShadowQueue, outcomes
 from tierserve.signature import RequestContext, signatures
 from tierserve.state_store import STATE_ENV, default_location, open_store
 from tierserve.tier_keys import TIER_KEYS_ENV, TierKeyError, TierKeys, presented_key
-from tierserve.triton_router_metrics import RouterMetrics
+from tierserve.triton_router_metrics import RouterMetrics, open_inference_log
 from tierserve.warmup import WarmUp
 
 IDLE_S = 0.25  # an instance without an execute for this long, and nothing dispatched, reports no queue wait
@@ -85,11 +85,7 @@ class TritonPythonModel:
         self.experimenter = Experimenter(spec, self.policy, self.store)
         self.replay_secret = self.experimenter.secret  # replay tokens are signed with the state's secret
         log_settings = load_settings(Path(args["model_repository"]), os.environ.get(LOG_DIR_ENV))
-        self.inference_log = (
-            InferenceLog(log_settings, on_error=lambda why: pb_utils.Logger.log_error(f"router: inference log: {why}"))
-            if log_settings.enabled
-            else None
-        )
+        self.inference_log = open_inference_log(log_settings, "router")
         self.shadow = ShadowQueue()
         self._mirroring: asyncio.Future | None = None  # the shadow sender task, while one runs
         pb_utils.Logger.log_info(

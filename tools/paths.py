@@ -14,8 +14,8 @@ TIER_KEY_FILE = RUNTIME_DIR / "tier_key"
 # State that outlives a request (experiments, bandit posteriors, feedback, per-user records) when $TIERSERVE_STATE
 # names no other: `tierserve serve` gives it to the server, `tierserve experiment` reads it.
 STATE_FILE = RUNTIME_DIR / "state.db"
-# The inference log of `tierserve serve` ($TIERSERVE_LOG_DIR names another; tools/server.py: WORKDIR/log)
-LOG_DIR = RUNTIME_DIR / "log"
+# The inference log of `tierserve serve` ($TIERSERVE_LOG_DIR names another; tools/server.py: WORKDIR/inference_log)
+LOG_DIR = RUNTIME_DIR / "inference_log"
 # The append-only log of operator actions (load, unload, fault, experiment, canary, promote, rollback, retire) when
 # $TIERSERVE_AUDIT names no other; created mode 600, one JSON object a line; `tierserve audit` prints it.
 AUDIT_ENV = "TIERSERVE_AUDIT"

@@ -168,7 +168,7 @@ class TritonServer:
         # state that outlives a request (experiments, posteriors, feedback, per-user records): kept across restarts
         self.state = state or str(workdir.resolve() / "state.db")
         # where the routers write the inference log (model_repository/router/inference_log.yaml may name another)
-        self.inference_log = (inference_log or workdir / "log").resolve()
+        self.inference_log = (inference_log or workdir / "inference_log").resolve()
         # Python backend shared-memory regions get a prefix of their own so stop() can sweep leftovers.
         self.shm_prefix = f"tierserve_{os.getpid()}_{ports.http}_"
         self._process: subprocess.Popen[bytes] | None = None

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import TypeAdapter, ValidationError
 from scipy.stats import norm
 
+from tierserve.canary_gates import wilson
 from tierserve.experiment_spec import ExperimentsFile, ExperimentSpec, Name
 from tierserve.experiment_stats import (
     LATENCY_BUCKETS_MS,
@@ -34,16 +35,6 @@ ALPHA = 0.05
 MIN_FEEDBACK = 30  # per arm, below which the normal approximation of the z-test is not trusted
 DRAWS = 20_000  # Monte Carlo draws per arm for the probability of being best
 SEED = 0  # fixed: the same counts always print the same probabilities
-
-
-def wilson(successes: int, trials: int, z: float = Z_95) -> tuple[float, float] | None:
-    """The Wilson score interval of a proportion (95% by default); None without trials."""
-    if trials <= 0:
-        return None
-    p, z2 = successes / trials, z * z
-    center = (p + z2 / (2 * trials)) / (1 + z2 / trials)
-    half = z / (1 + z2 / trials) * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
-    return max(center - half, 0.0), min(center + half, 1.0)
 
 
 def two_proportion_z(successes_a: int, trials_a: int, successes_b: int, trials_b: int) -> tuple[float, float]:

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import onnx
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 from sklearn.base import BaseEstimator
@@ -57,7 +58,12 @@ def torch_to_onnx(module: nn.Module) -> bytes:
         )
     buffer = io.BytesIO()
     program.save(buffer)
-    return buffer.getvalue()
+    graph = onnx.load_from_string(buffer.getvalue())
+    # the exporter records each node's Python stack trace (paths and line numbers of this checkout): dropped,
+    # so the artifact, and its hash, depend on the network alone
+    for item in [*graph.graph.node, *graph.graph.input, *graph.graph.output, *graph.graph.value_info]:
+        del item.metadata_props[:]
+    return graph.SerializeToString()
 
 
 @contextlib.contextmanager

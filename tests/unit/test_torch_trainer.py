@@ -80,6 +80,7 @@ def test_multiply_adds_count_every_convolution_position_and_dense_weight():
 def test_the_onnx_export_reproduces_the_network_at_any_batch_size(tmp_path: Path, split: DigitsSplit, tiny):
     path = tmp_path / "model.onnx"
     path.write_bytes(torch_to_onnx(tiny))
+    assert b"torch_trainer.py" not in path.read_bytes(), "the artifact depends on the network, not the checkout"
     graph = onnx.load(path).graph
     assert ([i.name for i in graph.input], [o.name for o in graph.output]) == (["pixels"], ["probabilities"])
     runner = OnnxRunner(path, accepts_missing=False)

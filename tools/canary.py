@@ -59,13 +59,12 @@ from tierserve.experiment_spec import (
     parse_experiments,
 )
 from tierserve.experimenter import EXPERIMENTS_KEY
-from tierserve.manifest import Manifest, ManifestError
 from tierserve.policy import Policy
-from tierserve.promotions import ModelVersion, PromotionError, UseKind, model_of, routed_versions, version_uses
+from tierserve.promotions import ModelVersion, UseKind, model_of, version_uses
 from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.tools.audit import Action, Outcome, audited, record
 from tierserve.tools.experiment_admin import apply
-from tierserve.tools.lifecycle import CONFIG_FILE, Failed, Lifecycle, Problem, Refused, repository_versions
+from tierserve.tools.lifecycle import Failed, Lifecycle, Problem, Refused, repository_versions
 from tierserve.tools.model_control import AdminKeyRefused
 
 TREATMENT, CONTROL = "candidate", "baseline"  # the canary's arms
@@ -311,30 +310,11 @@ def _called(policy: Policy, name: str) -> tuple[str, ...]:
 def plan_canary(target: str, lifecycle: Lifecycle, settings: CanarySettings) -> CanaryPlan:
     """Check a canary of `target` (MODEL:VERSION) on the server `lifecycle` talks to; CanaryRefused naming the
     problem when it cannot run (nothing is changed here)."""
-    try:
-        candidate = ModelVersion.parse(target)
-    except PromotionError as error:
-        raise CanaryRefused(Problem.MALFORMED, str(error)) from None
-    repository = lifecycle.repository
-    if candidate.model == ROUTER_MODEL:
-        raise CanaryRefused(Problem.ROUTER, f"{candidate.model} is the router; its versions are not routed to")
-    if not (repository / candidate.model / CONFIG_FILE).is_file():
-        known = sorted(d.name for d in repository.iterdir() if (d / CONFIG_FILE).is_file() and d.name != ROUTER_MODEL)
-        raise CanaryRefused(
-            Problem.UNKNOWN_MODEL, f"no model {candidate.model!r} in {repository} (models: {', '.join(known)})"
-        )
-    if candidate.version not in (versions := repository_versions(repository, candidate.model)):
-        raise CanaryRefused(
-            Problem.UNKNOWN_VERSION,
-            f"{candidate} does not exist: {repository / candidate.model} has version(s) "
-            f"{', '.join(map(str, versions)) or 'none'}",
-        )
-    policy = lifecycle.policy()
-    baseline = _baseline(policy, candidate)
-    try:
-        Manifest.read(repository / candidate.model / str(candidate.version))
-    except ManifestError as error:
-        raise CanaryRefused(Problem.NO_MANIFEST, f"{candidate} has no usable manifest: {error}") from None
+    try:  # what a promotion at the end would refuse, refused now
+        promotions, baseline, candidate = lifecycle.check_promote(target)
+    except Refused as error:
+        raise CanaryRefused(error.problem, str(error), error.uses) from None
+    repository, policy = lifecycle.repository, lifecycle.policy(promotions)
     _check_lanes(policy, repository, baseline, candidate)
     if str(candidate) not in policy.experiment_models:
         raise CanaryRefused(
@@ -373,31 +353,6 @@ def plan_canary(target: str, lifecycle: Lifecycle, settings: CanarySettings) -> 
         raise CanaryRefused(CanaryProblem.EXPERIMENTS, f"the canary's experiments would be refused: {error}") from None
     lifecycle.control.ready_versions(candidate.model)  # the admin key works, before anything changes
     return plan
-
-
-def _baseline(policy: Policy, candidate: ModelVersion) -> ModelVersion:
-    lanes = {model_of(lane): routed for by_model in policy.lanes.values() for routed, lane in by_model.items()}
-    if candidate.model in lanes:
-        raise CanaryRefused(
-            Problem.LANE,
-            f"{candidate.model} is a lane of {model_of(lanes[candidate.model])}: it follows the version its model is "
-            f"routed to; run the canary on {model_of(lanes[candidate.model])}",
-        )
-    routed = routed_versions(policy, candidate.model)
-    if not routed:
-        raise CanaryRefused(
-            Problem.NOT_ROUTED,
-            f"the policy does not route to {candidate.model} (models: {', '.join(policy.models)}); a canary needs a "
-            "baseline version to compare with",
-        )
-    if len(routed) > 1:
-        raise CanaryRefused(
-            Problem.SEVERAL_ROUTED, f"the policy routes to {', '.join(routed)}; a canary needs one baseline version"
-        )
-    baseline = ModelVersion.parse(routed[0])
-    if baseline == candidate:
-        raise CanaryRefused(Problem.ALREADY, f"{candidate} is the version the policy routes to already")
-    return baseline
 
 
 def _check_lanes(policy: Policy, repository: Path, baseline: ModelVersion, candidate: ModelVersion) -> None:

@@ -136,18 +136,26 @@ class Lifecycle:
     def promote(self, target: str, step: Step | None = None) -> Step:
         """Route the policy to `target` (MODEL:VERSION) instead of the version it routes to now."""
         step = step or Step()
-        wanted = self._parse(target)
-        promotions = self.promotions()
-        serving = self._routed(self.policy(promotions), wanted.model)
-        step.before = str(serving)
-        self._built(wanted)
-        if wanted == serving:
-            raise Refused(Problem.ALREADY, f"{wanted} is already the version the policy routes to")
+        promotions, serving, wanted = self.check_promote(target, step)
         after = promotions.promoted(wanted, serving.version)
         loaded = self._switch(promotions, after, serving, wanted)
         step.after = str(wanted)
         step.message = f"the policy routes to {wanted} instead of {serving}{loaded}"
         return step
+
+    def check_promote(self, target: str, step: Step | None = None) -> tuple[Promotions, ModelVersion, ModelVersion]:
+        """Promote's checks, changing nothing: (the promotions served now, the version the policy routes to, the
+        version `target` names); Refused naming the problem. `step`, when given, learns the version routed to as
+        soon as it is known."""
+        wanted = self._parse(target)
+        promotions = self.promotions()
+        serving = self._routed(self.policy(promotions), wanted.model)
+        if step is not None:
+            step.before = str(serving)
+        self._built(wanted)
+        if wanted == serving:
+            raise Refused(Problem.ALREADY, f"{wanted} is already the version the policy routes to")
+        return promotions, serving, wanted
 
     def rollback(self, model: str, step: Step | None = None) -> Step:
         """Route the policy back to the version `model` had before its last promotion."""

@@ -277,7 +277,7 @@ def test_other_running_experiments_keep_running(server: Server, console: Console
         (f"{ROUTER_MODEL}:1", Problem.ROUTER, "is the router"),
         ("digits_heavy:9", Problem.UNKNOWN_VERSION, "digits_heavy:9 does not exist"),
         ("digits_heavy:7", Problem.NO_MANIFEST, "digits_heavy:7 has no usable manifest"),
-        ("digits_heavy:2", Problem.ALREADY, "digits_heavy:2 is the version the policy routes to"),
+        ("digits_heavy:2", Problem.ALREADY, "digits_heavy:2 is already the version the policy routes to"),
         ("digits_heavy_critical:3", Problem.LANE, "digits_heavy_critical is a lane of digits_heavy"),
         ("preprocess:1", Problem.NOT_ROUTED, "the policy does not route to preprocess"),
         ("digits_heavy:8", Problem.UNKNOWN_VERSION, "lane digits_heavy_critical:8 does not exist"),

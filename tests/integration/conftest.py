@@ -30,6 +30,15 @@ def supervised_server(model_repository: Path, workdir: Path) -> Iterator[Supervi
         yield supervisor
 
 
+def escalated_images(grpc_url: str, images: np.ndarray, at_most: int = 32) -> np.ndarray:
+    """Of `images`, those (at most `at_most`) the cascade escalates to the heavy model at the standard tier."""
+    with TierserveClient(grpc_url) as client:
+        answers = [a for start in range(0, len(images), 64) for a in client.classify(images[start : start + 64])]
+    hard = [image for image, a in zip(images, answers, strict=True) if a.route.startswith("digits_heavy")]
+    assert len(hard) >= 5
+    return np.stack(hard[:at_most])
+
+
 @dataclass
 class Triton:
     """A tritonclient of one protocol, with the module that builds its inputs."""

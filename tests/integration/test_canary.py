@@ -37,7 +37,7 @@ from tierserve.tools.paths import ADMIN_KEY_ENV, AUDIT_ENV
 from tierserve.tools.repository_variants import policy_variant, shipped_policy
 from tierserve.tools.supervisor import Supervisor
 
-from .conftest import supervised_server
+from .conftest import escalated_images, supervised_server
 
 CANDIDATE = "digits_heavy:1"
 STANDARD_LANE = "digits_heavy_standard"
@@ -127,12 +127,7 @@ def users(lifecycle: Lifecycle) -> tuple[str, ...]:
 @pytest.fixture(scope="module")
 def hard_images(server: Supervisor, split: DigitsSplit) -> np.ndarray:
     """Test images the cascade escalates to the heavy model: every row of the treatment calls the candidate."""
-    images = split.test.images[:256]
-    with TierserveClient(server.server.grpc_url) as client:
-        answers = [a for start in range(0, len(images), 64) for a in client.classify(images[start : start + 64])]
-    hard = [image for image, a in zip(images, answers, strict=True) if a.route.startswith("digits_heavy")]
-    assert len(hard) >= 5
-    return np.stack(hard[:32])
+    return escalated_images(server.server.grpc_url, split.test.images[:256])
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from tierserve.tools.model_control import ModelControl
 from tierserve.tools.paths import ADMIN_KEY_ENV, AUDIT_ENV
 from tierserve.tools.supervisor import Supervisor
 
-from .conftest import supervised_server
+from .conftest import escalated_images, supervised_server
 
 LANE = "digits_heavy_critical"
 
@@ -78,12 +78,7 @@ def cli(server: Supervisor, repository: Path, capsys: pytest.CaptureFixture):
 @pytest.fixture(scope="module")
 def hard_images(server: Supervisor, split: DigitsSplit) -> np.ndarray:
     """Test images (at most 32) that the cascade escalates to the heavy model at the standard tier."""
-    images = split.test.images[:256]
-    with TierserveClient(server.server.grpc_url) as client:
-        answers = [a for start in range(0, len(images), 64) for a in client.classify(images[start : start + 64])]
-    hard = [image for image, a in zip(images, answers, strict=True) if a.route.startswith("digits_heavy")]
-    assert len(hard) >= 5
-    return np.stack(hard[:32])
+    return escalated_images(server.server.grpc_url, split.test.images[:256])
 
 
 def _routes(server: Supervisor, images: np.ndarray, tier: str = "standard") -> set[str]:

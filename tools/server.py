@@ -254,11 +254,21 @@ class TritonServer:
             if self._process is None or self._process.poll() is not None:
                 raise ServerError(
                     f"tritonserver exited with code {self.returncode} before it was ready; its log says why"
+                    + self._log_tail()
                 )
             if self.is_ready():
                 return
             time.sleep(0.2)
         raise ServerError(f"tritonserver was not ready within {timeout_s:.0f} s")
+
+    def _log_tail(self, lines: int = 30) -> str:
+        """The last lines of tritonserver's log when it goes to a file, for an error message; empty otherwise."""
+        name = getattr(self.output, "name", None)
+        if not isinstance(name, str) or not Path(name).is_file():
+            return ""
+        self.output.flush()
+        tail = Path(name).read_text(errors="replace").splitlines()[-lines:]
+        return "\n--- the end of " + name + " ---\n" + "\n".join(tail)
 
     def is_ready(self) -> bool:
         """Whether /v2/health/ready answers 200 now: the server is up and calls every model READY."""

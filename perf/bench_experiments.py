@@ -33,9 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
 import threading
@@ -50,6 +47,7 @@ import numpy as np
 import perf_analyzer
 import tritonclient.grpc as grpcclient
 from harness import running_server
+from report_io import machine, spread, spread_text
 
 from tierserve.client import Classification, TierserveClient, TierserveError
 from tierserve.experiment_spec import parse_experiments
@@ -114,22 +112,6 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def machine(server: TritonServer) -> dict:
-    """What the other reports record about the machine, and the server's version."""
-    with urllib.request.urlopen(f"http://{server.http_url}/v2", timeout=5) as response:
-        triton = json.load(response)
-    return {
-        "python": platform.python_version(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "tritonserver": triton.get("version"),
-    }
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def _apply(server: TritonServer, policy: Policy, *experiments: dict) -> None:
     serve_experiments(server.http_url, server.admin_key, parse_experiments({"experiments": list(experiments)}, policy))
 
@@ -163,7 +145,7 @@ def measure_shadow() -> dict:
     extra = ("--request-parameter", f"tier:{TIER}:string", "--request-parameter", f"user_id:{SHADOW_USER}:string")
     runs, pairs, problems = [], [], []  # pairs: shadow / none throughput of each pair where both settled
     with running_server() as server:
-        facts = machine(server)
+        facts = machine(server.http_url)
 
         def run(condition: str, warm_up: bool = False) -> dict | None:
             _apply(server, policy, *([SHADOW] if condition == "shadow" else []))
@@ -212,9 +194,9 @@ def measure_shadow() -> dict:
             continue
         summary[condition] = {
             "runs": len(rows),
-            "throughput": _spread([r["throughput"] for r in rows]),
-            "p50_ms": _spread([r["p50_ms"] for r in rows]),
-            "p99_ms": _spread([r["p99_ms"] for r in rows]),
+            "throughput": spread([r["throughput"] for r in rows]),
+            "p50_ms": spread([r["p50_ms"] for r in rows]),
+            "p99_ms": spread([r["p99_ms"] for r in rows]),
             **{key: sum(r[key] for r in rows) for key in ("rows_served", "router_executions", "candidate_calls")},
         }
     for r in by_condition["shadow"]:
@@ -257,7 +239,7 @@ def measure_shadow() -> dict:
         "runs": runs,
         "summary": summary,
         "throughput_ratio": ratio,
-        "pair_ratios": _spread(pairs) if pairs else None,
+        "pair_ratios": spread(pairs) if pairs else None,
         "goal": f"throughput with a 100% shadow >= {RATIO_GOAL:.2f}x without",
         "problems": problems,
         "goal_met": not problems and ratio is not None and ratio >= RATIO_GOAL,
@@ -267,9 +249,6 @@ def measure_shadow() -> dict:
 def shadow_table(report: dict) -> str:
     """The README's shadow-cost table, from the report."""
     s = report["summary"]
-
-    def spread(values: dict[str, float], fmt: str) -> str:
-        return f"{values['median']:{fmt}} ({values['min']:{fmt}} to {values['max']:{fmt}})"
 
     lines = [
         f"| condition (concurrency {report['run']['concurrency']}, {report['run']['tier']} tier) | runs "
@@ -281,8 +260,8 @@ def shadow_table(report: dict) -> str:
         if condition not in s:
             continue
         c = s[condition]
-        cells = [name, str(c["runs"]), spread(c["throughput"], ",.0f"), spread(c["p50_ms"], ".2f")]
-        cells += [spread(c["p99_ms"], ".2f"), f"{c['rows_served']:,}"]
+        cells = [name, str(c["runs"]), spread_text(c["throughput"], ",.0f"), spread_text(c["p50_ms"], ".2f")]
+        cells += [spread_text(c["p99_ms"], ".2f"), f"{c['rows_served']:,}"]
         if outcomes := c.get("outcomes"):
             cells += [f"{c['mirrored_share']:.1%}", f"{c['sent_share']:.1%}"]
             cells.append(" / ".join(f"{outcomes[o.value]:,}" for o in ShadowOutcome))
@@ -292,7 +271,7 @@ def shadow_table(report: dict) -> str:
     ratio, pairs = report["throughput_ratio"], report["pair_ratios"]
     verdict = "**met**" if report["goal_met"] else "**not met**"
     lines.append(
-        f"\nShadow vs none throughput: {ratio:.3f}x (ratio of medians; per pair {spread(pairs, '.3f')}). "
+        f"\nShadow vs none throughput: {ratio:.3f}x (ratio of medians; per pair {spread_text(pairs, '.3f')}). "
         f"Goal {report['goal']}: {verdict}."
         if ratio is not None
         else f"\nGoal {report['goal']}: {verdict}."
@@ -476,7 +455,7 @@ def measure_adaptation() -> dict:
     lock = threading.Lock()
     started = time.monotonic()
     with running_server() as server:
-        facts = machine(server)
+        facts = machine(server.http_url)
         transforms, chosen = choose_transform(server.grpc_url, images, labels)
         if chosen is None:
             return {"machine": facts, "transforms": transforms, "problems": ["no transform fits"], "goal_met": False}

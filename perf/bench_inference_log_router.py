@@ -48,8 +48,8 @@ from pathlib import Path
 import numpy as np
 import perf_analyzer
 import yaml
-from bench_experiments import machine
 from harness import running_server
+from report_io import git_commit, load_average, machine, spread, spread_text
 
 from tierserve.client import TierserveClient
 from tierserve.inference_log import SETTINGS_FILE, load_settings
@@ -63,7 +63,6 @@ from tierserve.tools.workload import noisy
 
 REPORT = Path(__file__).parent / "reports" / "inference_log_router.json"
 PAIRS, CONCURRENCY, WINDOW_MS = 6, 8, 3000  # a burst: perf_analyzer's 3 windows of WINDOW_MS
-ANY_SPREAD = "999"  # --stability-percentage: 3 windows are taken, however much they differ (see the docstring)
 TIER = "standard"
 IMAGES, SIGMA, NOISE_SEED = 64, 3.0, 1
 CONDITIONS = ("on", "off")
@@ -178,7 +177,8 @@ def burst(condition: str, server: TritonServer, images: np.ndarray, problems: li
             images,
             [CONCURRENCY],
             measurement_ms=WINDOW_MS,
-            extra_args=("--request-parameter", f"tier:{TIER}:string", "--stability-percentage", ANY_SPREAD),
+            stability_percentage=perf_analyzer.ANY_SPREAD,
+            extra_args=("--request-parameter", f"tier:{TIER}:string"),
         )
     except subprocess.CalledProcessError as error:
         problems.append(f"{condition}: perf_analyzer exited {error.returncode} (a request failed: see stderr)")
@@ -238,7 +238,7 @@ def measure_pair(index: int, made: dict[str, Path], images: np.ndarray, facts: d
     order = ORDERS[index % 2]
     with contextlib.ExitStack() as stack:
         servers = {c: stack.enter_context(running_server(made[c])) for c in CONDITIONS}
-        facts.update(facts or machine(servers["on"]))
+        facts.update(facts or machine(servers["on"].http_url))
         at_ready = {c: _served(server) for c, server in servers.items()}
         for server in servers.values():
             _warm_up(server, images)
@@ -269,33 +269,11 @@ def measure_pair(index: int, made: dict[str, Path], images: np.ndarray, facts: d
     return {"pair": pair, "bursts": bursts}
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def _commit() -> dict:
-    """The commit measured, and the tracked files changed in the working tree since (they were measured too)."""
-
-    def git(*args: str) -> str:
-        root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
-
-    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted_changes": changed}
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def measure() -> dict:
     images = workload()
     problems: list[str] = []
     facts: dict = {}
-    load_start, started = os.getloadavg(), time.monotonic()
+    load_start, started = load_average(), time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         made = repositories(Path(tmp))
         measured = [measure_pair(index, made, images, facts, problems) for index in range(PAIRS)]
@@ -311,26 +289,25 @@ def measure() -> dict:
         logs = [p["logs"][condition] for p in pairs]
         summary[condition] = {
             "bursts": len(mine),
-            "throughput": _spread([b["throughput"] for b in mine]),
-            "p50_ms": _spread([b["p50_ms"] for b in mine]),
-            "p99_ms": _spread([b["p99_ms"] for b in mine]),
+            "throughput": spread([b["throughput"] for b in mine]),
+            "p50_ms": spread([b["p50_ms"] for b in mine]),
+            "p99_ms": spread([b["p99_ms"] for b in mine]),
             "cpu_us_per_row": {
-                name: _spread([b["cpu_us_per_row"][name] for b in mine]) for name in ("router_stub", "tritonserver")
+                name: spread([b["cpu_us_per_row"][name] for b in mine]) for name in ("router_stub", "tritonserver")
             },
             **{key: sum(log[key] for log in logs) for key in logs[0]},
         }
     if len(complete) < 3:
         problems.append(f"{len(complete)} complete pairs, fewer than 3")
-    ratio = _spread([p["ratio"] for p in complete]) if complete else None
+    ratio = spread([p["ratio"] for p in complete]) if complete else None
     shipped = yaml.safe_load((DEFAULT_REPOSITORY / ROUTER_MODEL / SETTINGS_FILE).read_text())
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        **_commit(),
+        **git_commit(),
         "machine": {
             **facts,
-            "cpu_model": _cpu_model(),
-            "load_average_at_start": [round(x, 2) for x in load_start],
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "load_average_at_start": load_start,
+            "load_average_at_end": load_average(),
             "note": "perf_analyzer and the servers share the CPUs, and so may other people's work on this machine",
         },
         "run": {
@@ -359,7 +336,7 @@ def measure() -> dict:
         ),
         "pair_ratio": ratio,
         "pair_router_stub_cpu_us_per_row_added": (
-            _spread([p["router_stub_cpu_us_per_row_added"] for p in complete]) if complete else None
+            spread([p["router_stub_cpu_us_per_row_added"] for p in complete]) if complete else None
         ),
         "goal": f"throughput with the log on at most {1 - RATIO_GOAL:.0%} lower than off "
         f"(median per-pair ratio >= {RATIO_GOAL:.2f})",
@@ -372,9 +349,6 @@ def table(report: dict) -> str:
     """The README table, from the report."""
     s, run = report["summary"], report["run"]
 
-    def spread(values: dict[str, float], fmt: str) -> str:
-        return f"{values['median']:{fmt}} ({values['min']:{fmt}} to {values['max']:{fmt}})"
-
     lines = [
         f"| inference log (concurrency {run['concurrency']}, {run['tier']} tier) | bursts "
         "| inferences/s, median (min to max) | p50 ms | p99 ms | router stubs' CPU µs per row | rows answered "
@@ -383,8 +357,8 @@ def table(report: dict) -> str:
     ]
     for condition, name in (("on", "on (as shipped)"), ("off", "off (`enabled: false`)")):
         c = s[condition]
-        cells = [name, str(c["bursts"]), spread(c["throughput"], ",.0f"), spread(c["p50_ms"], ".2f")]
-        cells += [spread(c["p99_ms"], ".2f"), spread(c["cpu_us_per_row"]["router_stub"], ".0f")]
+        cells = [name, str(c["bursts"]), spread_text(c["throughput"], ",.0f"), spread_text(c["p50_ms"], ".2f")]
+        cells += [spread_text(c["p99_ms"], ".2f"), spread_text(c["cpu_us_per_row"]["router_stub"], ".0f")]
         cells += [f"{c['rows_answered']:,}", f"{c['rows_logged']:,}"]
         cells.append(f"{c['records_dropped']:,}" if condition == "on" else "")
         lines.append(f"| {' | '.join(cells)} |")

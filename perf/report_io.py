@@ -1,0 +1,178 @@
+"""Benchmark reports: one JSON file per benchmark in perf/reports/, from which perf/report.py makes the README's
+tables and plots.
+
+A report holds what was measured and where: "benchmark", "date" (UTC), "commit" (and "dirty" with the tracked files
+changed since it, which were measured too), "machine" (CPUs, platform, Python, tritonserver, the load average at the
+start and at the end), "settings", "runs" (every figure of every run) and "summary" (medians with their min and max
+over the runs, and the goals). A goal carries its measured value, an operator and a threshold, so a reader (and
+perf/report.py) computes the verdict from the figures instead of trusting a word.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import operator
+import os
+import platform
+import statistics
+import subprocess
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+REPORTS = Path(__file__).parent / "reports"
+ROOT = Path(__file__).resolve().parent.parent
+OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+    "==": operator.eq,
+}
+SYMBOLS = {">=": "≥", "<=": "≤", ">": ">", "<": "<", "==": "="}
+
+
+def spread(values: Iterable[float]) -> dict[str, float]:
+    """The median of repeated measurements, with their min and max."""
+    values = list(values)
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def spread_text(value: Mapping[str, float], fmt: str) -> str:
+    """A spread as the README's tables show it: '1,234 (1,200 to 1,250)'."""
+    return f"{value['median']:{fmt}} ({value['min']:{fmt}} to {value['max']:{fmt}})"
+
+
+def conditions(runs: list[dict], keys: tuple[str, ...], metrics: tuple[str, ...]) -> list[dict]:
+    """Per condition of the runs' "measurements" (a distinct value of `keys`, in the order first measured): how many
+    runs measured it and each of `metrics` as a spread over them (a metric no run measured is left out)."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        for measurement in run["measurements"]:
+            groups.setdefault(tuple(measurement[key] for key in keys), []).append(measurement)
+    summary = []
+    for key, rows in groups.items():
+        figures = {metric: [row[metric] for row in rows if row.get(metric) is not None] for metric in metrics}
+        summary.append(
+            {**dict(zip(keys, key, strict=True)), "runs": len(rows)}
+            | {metric: spread(values) for metric, values in figures.items() if values}
+        )
+    return summary
+
+
+def ratios(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Each of the runs' "ratios" (figures computed within one run, so noise hits both sides alike) as a spread."""
+    names = dict.fromkeys(name for run in runs for name in run["ratios"])
+    return {
+        name: spread(run["ratios"][name] for run in runs if run["ratios"].get(name) is not None)
+        for name in names
+        if any(run["ratios"].get(name) is not None for run in runs)
+    }
+
+
+def goal(text: str, value: float | Mapping[str, float] | None, op: str, threshold: float) -> dict[str, Any]:
+    """A goal as reports record it: what is asked, the measured value (a number, or a spread judged by its median),
+    the comparison and the threshold; "met" is what `met` says."""
+    if op not in OPERATORS:
+        raise ValueError(f"goal {text!r}: unknown operator {op!r}; expected one of {', '.join(OPERATORS)}")
+    entry = {"goal": text, "value": value, "op": op, "threshold": threshold}
+    return {**entry, "met": met(entry)}
+
+
+def met(goal: Mapping[str, Any]) -> bool:
+    """Whether a goal's value passes its threshold, computed from the figures (a missing value never does)."""
+    value = goal["value"]
+    if isinstance(value, Mapping):
+        value = value["median"]
+    return value is not None and OPERATORS[goal["op"]](value, goal["threshold"])
+
+
+def number(value: float) -> str:
+    """A figure in a sentence: whole numbers with separators, others to three significant digits."""
+    if isinstance(value, int) or abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def verdicts(goals: list[Mapping[str, Any]]) -> str:
+    """One line per goal: what it asks, what was measured and its verdict, computed here."""
+    lines = []
+    for g in goals:
+        value = g["value"]
+        if value is None:
+            measured = "not measured"
+        elif isinstance(value, Mapping):
+            measured = f"{number(value['median'])} ({number(value['min'])} to {number(value['max'])})"
+        else:
+            measured = number(value)
+        verdict = "**met**" if met(g) else "**not met**"
+        lines.append(f"Goal {g['goal']} {SYMBOLS[g['op']]} {number(g['threshold'])}: {measured}, {verdict}.")
+    return "\n".join(lines)
+
+
+def git_commit() -> dict[str, Any]:
+    """The commit measured; "dirty" when tracked files differ from it (listed: they were measured too)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changed), "uncommitted_changes": changed}
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages: other work on the machine makes every figure worse."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def tritonserver_version(http_url: str) -> str | None:
+    """The version a running tritonserver reports (its /v2 metadata)."""
+    with urllib.request.urlopen(f"http://{http_url}/v2", timeout=5) as response:
+        return json.load(response).get("version")
+
+
+def machine(http_url: str | None = None) -> dict[str, Any]:
+    """The machine (and, given a server's HTTP address, the tritonserver version), with the load average now."""
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tritonserver": tritonserver_version(http_url) if http_url else None,
+        "load_average_at_start": load_average(),
+    }
+
+
+def start(benchmark: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """A report's head, taken as the benchmark starts; the benchmark appends to "runs"."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **git_commit(),
+        "machine": machine(),
+        "settings": settings,
+        "runs": [],
+    }
+
+
+def finish(report: dict[str, Any], summary: dict[str, Any], path: Path) -> Path:
+    """Record the load average at the end and the summary, and write the report to `path`."""
+    report["machine"]["load_average_at_end"] = load_average()
+    report["summary"] = summary
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path
+
+
+def read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())

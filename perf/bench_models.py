@@ -27,7 +27,7 @@ from tierserve.resize import resize_to_native
 from tierserve.runners import load_runner
 from tierserve.tools.build_models import MODEL_SPECS, accuracy, build_all, microseconds_per_sample
 from tierserve.tools.dataset import DigitsSplit, load_split
-from tierserve.tools.demo import build_workload
+from tierserve.tools.demo import Sample, build_workload
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 
 REPORT = Path(__file__).parent / "reports" / "models.json"
@@ -37,12 +37,16 @@ DEMO_SEED, DEMO_DRAWS = 0, 2000  # the demo sends 400; 5x the draws for tighter 
 BATCHES = {1: 2000, 64: 200}  # batch size -> timed calls
 
 
+def perturbed_samples(split: DigitsSplit) -> dict[str, list[Sample]]:
+    """Per kind, the demo workload's perturbed samples, at the sizes the demo sends them."""
+    samples = build_workload(split, DEMO_DRAWS, DEMO_SEED)
+    return {kind: [s for s in samples if s.kind == kind] for kind in PERTURBED_KINDS}
+
+
 def perturbed_images(split: DigitsSplit) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per kind, the demo workload's perturbed images at 8x8 (as preprocess resizes them) and their labels."""
-    samples = build_workload(split, DEMO_DRAWS, DEMO_SEED)
     kinds = {}
-    for kind in PERTURBED_KINDS:
-        chosen = [s for s in samples if s.kind == kind]
+    for kind, chosen in perturbed_samples(split).items():
         images = np.concatenate([resize_to_native(s.image[None]) for s in chosen])
         kinds[kind] = images, np.array([s.label for s in chosen])
     return kinds

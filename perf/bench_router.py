@@ -1,105 +1,424 @@
 """P1 routing overhead and P2 cascade efficiency of the `digits` router, measured with perf_analyzer.
 
-Usage: .venv/bin/python perf/bench_router.py   (starts its own servers; about 3 minutes)
+Usage: .venv/bin/python perf/bench_router.py [--runs 3] [--window-ms 3000] [--only p1|p2]   (about 10 min)
+       .venv/bin/python perf/bench_router.py --table   (the README tables, from perf/reports/p1.json and p2.json)
 
-P1: `digits` routed to the light model (the tight_deadline rule, deadline_ms=15) vs the static ensemble
-    preprocess -> digits_light vs digits_light called directly; concurrency 1 and 8.
-P2: the shipped cascade vs an always-heavy policy, both through `digits`: accuracy on the held-out test
-    split (through the server) and throughput at concurrency 8, standard tier.
+Every perf_analyzer measurement: one real test image per request over gRPC (the first 64 of the held-out split), the
+first 3 windows of --window-ms whatever their spread. Conditions alternate within each run, so that a drift of the
+machine's speed (other people's work on it) weighs on all alike; ratios are taken within a run, and the report gives
+the median of the runs with min and max.
+
+P1 (perf/reports/p1.json), one server: `digits` routed to the light model (the tight_deadline rule, deadline_ms=15),
+   the static ensemble digits_static_light (preprocess -> digits_light) and digits_light called directly, each at
+   concurrency 1 and 8; run 1 in the order static, routed, direct, run 2 routed, direct, static, and so on. Goals:
+   routed throughput >= 1.0x static at c1 and at c8; routed p50 minus direct p50 <= 0.3 ms at c1.
+P2 (perf/reports/p2.json), two servers at once: the shipped policy and always-heavy, the same router sending every
+   row to the model the shipped cascade escalates to on this server (cascade.escalate_to, or, when that is an optional
+   model the server lacks, its first fallback the server has). Per run, cascade first then always-heavy, the next run
+   the other way round: accuracy through the server on the held-out test split and on the demo's perturbed images
+   (noisy, shifted, upscaled, at the sizes the demo sends: bench_models.perturbed_samples), the share of rows the
+   heavy model answered, then throughput at concurrency 8, standard tier. Goals: cascade throughput >= 2.5x
+   always-heavy's, at >= 99.5% of its accuracy on both image sets.
+
+Exit status 1, without a report or table, when the operating point was not reached (a perf_analyzer run failed);
+2 when a goal is missed (report and table written).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import functools
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 import perf_analyzer
-from harness import cascade_variant, running_server
+import report_io
+from bench_models import perturbed_samples
+from harness import cascade_variant, escalation_target, loaded_models, running_server
+from report_io import cell, goal, verdicts
 
-from tierserve.client import TierserveClient
-from tierserve.manifest import Manifest
+from tierserve.client import Classification, TierserveClient
+from tierserve.manifest import Manifest, version_dir
 from tierserve.tools.dataset import load_split
 from tierserve.tools.paths import DEFAULT_REPOSITORY
+from tierserve.tools.repository_variants import shipped_policy
+from tierserve.tools.server import TritonServer
 
-ALWAYS_HEAVY = {
-    "first": "digits_heavy:2",
-    "escalate_to": "digits_heavy:2",
-    "escalate_when": "threshold",
-    "thresholds": {"critical": 0.0, "standard": 0.0, "best_effort": 0.0},
+IMAGES, CONCURRENCIES, P2_CONCURRENCY, TIER, BATCH = 64, [1, 8], 8, "standard", 64
+PATHS = {  # P1: key -> (what the table calls it, model, perf_analyzer arguments)
+    "direct": ("digits_light direct", "digits_light", ()),
+    "static": ("static ensemble preprocess → digits_light", "digits_static_light", ()),
+    "routed": (
+        "`digits` router → digits_light (rule tight_deadline)",
+        "digits",
+        ("--request-parameter", "deadline_ms:15:int"),
+    ),
 }
+P1_ORDER = ("static", "routed", "direct")  # run k starts k places further along
+POLICIES = {"cascade": "cascade (shipped policy)", "heavy": "always heavy (through the same router)"}
+METRICS = ("throughput", "p50_ms", "p90_ms", "p99_ms")
+ACCURACY_METRICS = ("test_accuracy", "perturbed_accuracy", "test_heavy_share", "perturbed_heavy_share")
+THROUGHPUT_GOAL, P50_ADDED_GOAL_MS, CASCADE_GOAL, ACCURACY_GOAL = 1.0, 0.3, 2.5, 0.995
 
 
-def _row(name: str, m: perf_analyzer.Measurement) -> str:
-    return f"| {name} | {m.concurrency} | {m.throughput:,.0f} | {m.p50_us / 1000:.3f} | {m.p99_us / 1000:.3f} |"
+class NotMeasured(RuntimeError):
+    """The operating point was not reached: no report."""
 
 
-def routing_overhead(images: np.ndarray) -> None:
-    print("### P1 routing overhead (gRPC, batch 1)\n")
-    print("| path | concurrency | inferences/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|")
-    paths = {
-        "digits_light direct": ("digits_light", ()),
-        "static ensemble preprocess -> digits_light": ("digits_static_light", ()),
-        "digits router -> digits_light (rule tight_deadline)": (
-            "digits",
-            ("--request-parameter", "deadline_ms:15:int"),
-        ),
-    }
-    results = {}
+@functools.cache
+def _images() -> np.ndarray:
+    """What perf_analyzer sends: the first IMAGES test images, one per request."""
+    return load_split().test.images[:IMAGES]
+
+
+def _measure(url: str, model: str, concurrencies: list[int], window_ms: int, extra: Sequence[str]) -> list[dict]:
+    """perf_analyzer's figures at each concurrency, with the load average before."""
+    load = report_io.load_average()[0]
+    try:
+        measured = perf_analyzer.run(
+            url,
+            model,
+            _images(),
+            concurrencies,
+            measurement_ms=window_ms,
+            stability_percentage=perf_analyzer.ANY_SPREAD,
+            extra_args=tuple(extra),
+        )
+    except subprocess.CalledProcessError as error:
+        raise NotMeasured(f"perf_analyzer on {model} exited {error.returncode} (a request failed?)") from None
+    return [
+        {
+            "concurrency": m.concurrency,
+            "throughput": m.throughput,
+            "p50_ms": m.p50_us / 1000,
+            "p90_ms": m.p90_us / 1000,
+            "p99_ms": m.p99_us / 1000,
+            "load_average_1m_before": load,
+        }
+        for m in measured
+    ]
+
+
+def routing_overhead(runs: int, window_ms: int, reports: Path) -> dict:
+    """P1: the three paths at each concurrency, in a rotated order per run, on one server."""
+    report = report_io.start(
+        "p1",
+        {
+            "runs": runs,
+            "concurrencies": CONCURRENCIES,
+            "window_ms": window_ms,
+            "stability_percentage": perf_analyzer.ANY_SPREAD,
+            "images": f"the first {IMAGES} test images, one per request, gRPC",
+            "paths": {
+                key: {"name": name, "model": model, "arguments": list(extra)}
+                for key, (name, model, extra) in PATHS.items()
+            },
+            "order": "run k: " + ", ".join(P1_ORDER) + " rotated k places",
+        },
+    )
     with running_server() as server:
-        for name, (model, extra) in paths.items():
-            results[name] = perf_analyzer.run(server.grpc_url, model, images, [1, 8], extra_args=extra)
-            for m in results[name]:
-                print(_row(name, m), flush=True)
-    direct, static, routed = results.values()
-    print(
-        f"\nrouter vs static ensemble throughput: c1 {routed[0].throughput / static[0].throughput:.2f}x, "
-        f"c8 {routed[1].throughput / static[1].throughput:.2f}x; router p50 added over the direct call: "
-        f"c1 {(routed[0].p50_us - direct[0].p50_us) / 1000:+.3f} ms, "
-        f"c8 {(routed[1].p50_us - direct[1].p50_us) / 1000:+.3f} ms\n"
-    )
-
-
-def _accuracy_and_escalations(url: str, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    with TierserveClient(url) as client:
-        answers = [a for s in range(0, len(images), 64) for a in client.classify(images[s : s + 64], tier="standard")]
-    accuracy = float(np.mean([a.label == y for a, y in zip(answers, labels, strict=True)]))
-    return accuracy, float(np.mean(["low_confidence" in a.path for a in answers]))
-
-
-def cascade_efficiency(images: np.ndarray, labels: np.ndarray) -> None:
-    print("### P2 cascade efficiency (gRPC, batch 1, concurrency 8, standard tier)\n")
-    print("| policy | test accuracy | escalated | inferences/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|---:|")
-    measured = {}
-    with cascade_variant(ALWAYS_HEAVY) as heavy_repository:
-        for name, repository in (("cascade (shipped policy)", DEFAULT_REPOSITORY), ("always heavy", heavy_repository)):
-            with running_server(repository) as server:
-                accuracy, escalated = _accuracy_and_escalations(server.grpc_url, images, labels)
-                (m,) = perf_analyzer.run(
-                    server.grpc_url,
-                    "digits",
-                    images[:64],
-                    [8],
-                    extra_args=("--request-parameter", "tier:standard:string"),
-                )
-            measured[name] = (accuracy, escalated, m)
-            print(
-                f"| {name} | {accuracy:.4f} | {escalated:.1%} | {m.throughput:,.0f} | {m.p50_us / 1000:.3f} | "
-                f"{m.p99_us / 1000:.3f} |",
-                flush=True,
+        report["machine"]["tritonserver"] = report_io.tritonserver_version(server.http_url)
+        for key in P1_ORDER:  # warm-up, not recorded: a fresh server's first executes are slow
+            _measure(server.grpc_url, PATHS[key][1], [8], max(window_ms // 3, 200), PATHS[key][2])
+        for index in range(runs):
+            order = P1_ORDER[index % 3 :] + P1_ORDER[: index % 3]
+            measurements = []
+            for key in order:
+                _, model, extra = PATHS[key]
+                for m in _measure(server.grpc_url, model, CONCURRENCIES, window_ms, extra):
+                    measurements.append({"condition": f"{key} c{m['concurrency']}", "path": key, **m})
+                    print(f"  P1 run {index + 1} {key} c{m['concurrency']}: {m['throughput']:,.0f}/s", flush=True)
+            at = {(m["path"], m["concurrency"]): m for m in measurements}
+            report["runs"].append(
+                {
+                    "run": index + 1,
+                    "order": list(order),
+                    "measurements": measurements,
+                    "ratios": {
+                        **{
+                            f"routed_over_static_throughput_c{c}": at["routed", c]["throughput"]
+                            / at["static", c]["throughput"]
+                            for c in CONCURRENCIES
+                        },
+                        **{
+                            f"routed_minus_direct_p50_ms_c{c}": at["routed", c]["p50_ms"] - at["direct", c]["p50_ms"]
+                            for c in CONCURRENCIES
+                        },
+                    },
+                }
             )
-    (cascade_acc, escalated, cascade), (heavy_acc, _, heavy) = measured.values()
-    light_ops = Manifest.read(DEFAULT_REPOSITORY / "digits_light" / "1").ops_per_sample
-    heavy_ops = Manifest.read(DEFAULT_REPOSITORY / "digits_heavy" / "2").ops_per_sample
-    print(
-        f"\ncascade: {cascade.throughput / heavy.throughput:.2f}x the always-heavy throughput at "
-        f"{cascade_acc / heavy_acc:.2%} of its accuracy; model compute per image "
-        f"{heavy_ops / (light_ops + escalated * heavy_ops):.2f}x less ({light_ops} + {escalated:.1%} x {heavy_ops} "
-        f"vs {heavy_ops} multiply-adds)\n"
+    found = report_io.ratios(report["runs"])
+    goals = [
+        *(
+            goal(
+                f"routed / static throughput at c{c}",
+                found[f"routed_over_static_throughput_c{c}"],
+                ">=",
+                THROUGHPUT_GOAL,
+                ".2f",
+            )
+            for c in CONCURRENCIES
+        ),
+        goal(
+            "routed p50 minus direct p50 at c1, ms",
+            found["routed_minus_direct_p50_ms_c1"],
+            "<=",
+            P50_ADDED_GOAL_MS,
+            ".3f",
+        ),
+    ]
+    summary = {
+        "conditions": report_io.conditions(report["runs"], ("condition", "path", "concurrency"), METRICS),
+        "ratios": found,
+        "goals": goals,
+    }
+    report_io.finish(report, summary, reports / "p1.json")
+    return report
+
+
+def p1_table(report: dict) -> str:
+    """The README's P1 table, from the report."""
+    s, paths = report["summary"], report["settings"]["paths"]
+    lines = [
+        "| path (P1) | concurrency | inferences/s, median (min to max) | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key in PATHS:  # cheapest first
+        for c in (c for c in s["conditions"] if c["path"] == key):
+            lines.append(
+                f"| {paths[key]['name']} | {c['concurrency']} | {cell(c['throughput'], ',.0f')} | "
+                f"{cell(c['p50_ms'], '.3f')} | {cell(c['p99_ms'], '.3f')} |"
+            )
+    r = s["ratios"]
+    throughput = ", ".join(
+        f"c{c} {cell(r[f'routed_over_static_throughput_c{c}'], '.2f')}" for c in report["settings"]["concurrencies"]
     )
+    added = ", ".join(
+        f"c{c} {cell(r[f'routed_minus_direct_p50_ms_c{c}'], '+.3f')} ms" for c in report["settings"]["concurrencies"]
+    )
+    lines += [
+        "",
+        f"Per run, routed / static throughput: {throughput}; routed p50 added over the direct call: {added}.",
+        verdicts(s["goals"]),
+        f"Each figure: perf_analyzer's first 3 windows of {report['settings']['window_ms']:,} ms; "
+        f"{report['settings']['order']}. " + report_io.provenance(report),
+    ]
+    return "\n".join(lines)
+
+
+def _classified(url: str, images: Sequence[np.ndarray]) -> list[Classification]:
+    """Every image's answer, in order; images of one size go together, BATCH per request, standard tier."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+    answers: list[Classification | None] = [None] * len(images)
+    with TierserveClient(url) as client:
+        for indices in by_shape.values():
+            for start in range(0, len(indices), BATCH):
+                chunk = indices[start : start + BATCH]
+                for i, answer in zip(
+                    chunk, client.classify(np.stack([images[i] for i in chunk]), tier=TIER), strict=True
+                ):
+                    answers[i] = answer
+    return answers  # type: ignore[return-value]
+
+
+def _accuracy(url: str, images: Sequence[np.ndarray], labels: Sequence[int], heavy: str) -> tuple[float, float]:
+    """Accuracy through the server, and the share of rows the heavy model answered."""
+    answers = _classified(url, images)
+    right = [a.label == y for a, y in zip(answers, labels, strict=True)]
+    return float(np.mean(right)), float(np.mean([a.route == heavy for a in answers]))
+
+
+def _policy_run(server: TritonServer, policy: str, window_ms: int, images: dict, heavy: str) -> dict:
+    """One policy's accuracy (test split, perturbed images, and per perturbed kind) and throughput at P2_CONCURRENCY."""
+    test_accuracy, test_heavy = _accuracy(server.grpc_url, *images["test"], heavy)
+    perturbed = {kind: _accuracy(server.grpc_url, *pair, heavy) for kind, pair in images["kinds"].items()}
+    all_accuracy, all_heavy = _accuracy(server.grpc_url, *images["perturbed"], heavy)
+    (m,) = _measure(
+        server.grpc_url, "digits", [P2_CONCURRENCY], window_ms, ("--request-parameter", f"tier:{TIER}:string")
+    )
+    return {
+        "condition": policy,
+        "test_accuracy": test_accuracy,
+        "test_heavy_share": test_heavy,
+        "perturbed_accuracy": all_accuracy,
+        "perturbed_heavy_share": all_heavy,
+        "perturbed_accuracy_by_kind": {kind: accuracy for kind, (accuracy, _) in perturbed.items()},
+        **m,
+    }
+
+
+def cascade_efficiency(runs: int, window_ms: int, reports: Path) -> dict:
+    """P2: the shipped cascade and always-heavy on two servers at once, alternating which goes first."""
+    split = load_split()
+    kinds = perturbed_samples(split)
+    samples = [s for chosen in kinds.values() for s in chosen]
+    images = {
+        "test": (list(split.test.images), [int(y) for y in split.test.labels]),
+        "perturbed": ([s.image for s in samples], [s.label for s in samples]),
+        "kinds": {kind: ([s.image for s in chosen], [s.label for s in chosen]) for kind, chosen in kinds.items()},
+    }
+    shipped = shipped_policy(DEFAULT_REPOSITORY)
+    with contextlib.ExitStack() as stack:
+        servers = {"cascade": stack.enter_context(running_server())}
+        heavy = escalation_target(shipped, loaded_models(servers["cascade"]))
+        always_heavy = {
+            **shipped["cascade"],
+            "first": heavy,
+            "escalate_to": heavy,
+            "escalate_when": "threshold",
+            "thresholds": dict.fromkeys(shipped["cascade"]["thresholds"], 0.0),
+        }
+        servers["heavy"] = stack.enter_context(running_server(stack.enter_context(cascade_variant(always_heavy))))
+        report = report_io.start(
+            "p2",
+            {
+                "runs": runs,
+                "concurrency": P2_CONCURRENCY,
+                "tier": TIER,
+                "window_ms": window_ms,
+                "stability_percentage": perf_analyzer.ANY_SPREAD,
+                "images": f"throughput: the first {IMAGES} test images, one per request, gRPC; accuracy: the whole "
+                f"test split and the demo's perturbed images, {BATCH} per request",
+                "perturbed_images": {kind: len(chosen) for kind, chosen in kinds.items()},
+                "shipped_cascade": shipped["cascade"],
+                "heavy": heavy,
+                "always_heavy_cascade": always_heavy,
+                "policies": POLICIES,
+                "order": "run 1 cascade, heavy; run 2 heavy, cascade; and so on, both servers running",
+                "model_ops_per_image": {
+                    model: _ops(model)
+                    for model in (shipped["cascade"]["first"], shipped["cascade"]["escalate_to"], heavy)
+                },
+            },
+        )
+        report["machine"]["tritonserver"] = report_io.tritonserver_version(servers["cascade"].http_url)
+        for server in servers.values():  # warm-up, not recorded
+            _measure(server.grpc_url, "digits", [P2_CONCURRENCY], max(window_ms // 3, 200), ())
+        for index in range(runs):
+            order = list(POLICIES)[:: 1 if index % 2 == 0 else -1]
+            measurements = [_policy_run(servers[policy], policy, window_ms, images, heavy) for policy in order]
+            for m in measurements:
+                print(
+                    f"  P2 run {index + 1} {m['condition']}: {m['throughput']:,.0f}/s, test accuracy "
+                    f"{m['test_accuracy']:.4f}, perturbed {m['perturbed_accuracy']:.4f}",
+                    flush=True,
+                )
+            by = {m["condition"]: m for m in measurements}
+            cascade, heavy_run = by["cascade"], by["heavy"]
+            ratios = {
+                f"cascade_over_heavy_{metric}": cascade[metric] / heavy_run[metric]
+                for metric in ("throughput", "test_accuracy", "perturbed_accuracy")
+            }
+            report["runs"].append({"run": index + 1, "order": order, "measurements": measurements, "ratios": ratios})
+    found = report_io.ratios(report["runs"])
+    summary = {
+        "conditions": report_io.conditions(report["runs"], ("condition",), METRICS + ACCURACY_METRICS),
+        "ratios": found,
+        "goals": [
+            goal(
+                "cascade / always-heavy throughput", found["cascade_over_heavy_throughput"], ">=", CASCADE_GOAL, ".2f"
+            ),
+            goal(
+                "cascade / always-heavy accuracy, test split",
+                found["cascade_over_heavy_test_accuracy"],
+                ">=",
+                ACCURACY_GOAL,
+                ".4f",
+            ),
+            goal(
+                "cascade / always-heavy accuracy, perturbed images",
+                found["cascade_over_heavy_perturbed_accuracy"],
+                ">=",
+                ACCURACY_GOAL,
+                ".4f",
+            ),
+        ],
+    }
+    report_io.finish(report, summary, reports / "p2.json")
+    return report
+
+
+def _ops(model: str) -> int | None:
+    """Multiply-adds per image from the model's manifest; None for a model not built here (a GPU variant)."""
+    folder = version_dir(DEFAULT_REPOSITORY, model)
+    return Manifest.read(folder).ops_per_sample if (folder / "manifest.json").is_file() else None
+
+
+def p2_table(report: dict) -> str:
+    """The README's P2 table, from the report."""
+    settings, s = report["settings"], report["summary"]
+    heavy, kinds = settings["heavy"], settings["perturbed_images"]
+    lines = [
+        f"| policy (P2, concurrency {settings['concurrency']}, {settings['tier']} tier) | test accuracy "
+        f"| perturbed accuracy ({', '.join(kinds)}) | answered by `{heavy}`: test / perturbed "
+        "| inferences/s, median (min to max) | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in s["conditions"]:
+        lines.append(
+            f"| {settings['policies'][c['condition']]} | {cell(c['test_accuracy'], '.4f')} | "
+            f"{cell(c['perturbed_accuracy'], '.4f')} | {c['test_heavy_share']['median']:.1%} / "
+            f"{c['perturbed_heavy_share']['median']:.1%} | {cell(c['throughput'], ',.0f')} | "
+            f"{cell(c['p50_ms'], '.3f')} | {cell(c['p99_ms'], '.3f')} |"
+        )
+    r, ops = s["ratios"], settings["model_ops_per_image"]
+    first, escalate_to = settings["shipped_cascade"]["first"], settings["shipped_cascade"]["escalate_to"]
+    cascade = next(c for c in s["conditions"] if c["condition"] == "cascade")
+    share = cascade["test_heavy_share"]["median"]
+    compute = ""
+    if ops.get(first) and ops.get(heavy):
+        saved = ops[heavy] / (ops[first] + share * ops[heavy])
+        compute = (
+            f" Model compute per test image: {saved:.2f}x less with the cascade ({ops[first]:,} + {share:.1%} x "
+            f"{ops[heavy]:,} vs {ops[heavy]:,} multiply-adds)."
+        )
+    lines += [
+        "",
+        f"Per run, cascade / always-heavy: throughput {cell(r['cascade_over_heavy_throughput'], '.2f')}, "
+        f"accuracy on the test split {cell(r['cascade_over_heavy_test_accuracy'], '.4f')}, on the perturbed "
+        f"images {cell(r['cascade_over_heavy_perturbed_accuracy'], '.4f')}.{compute}",
+        verdicts(s["goals"]),
+        f"The shipped cascade escalates to `{escalate_to}`"
+        + (f"; this server lacks it, so to its fallback `{heavy}`" if heavy != escalate_to else "")
+        + f", and always-heavy sends every row there. Perturbed: {sum(kinds.values())} images of `tierserve demo`'s "
+        "mix "
+        f"({', '.join(f'{n} {k}' for k, n in kinds.items())}) at the sizes the demo sends. Throughput: "
+        f"perf_analyzer's first 3 windows of {settings['window_ms']:,} ms; {settings['order']}. "
+        + report_io.provenance(report),
+    ]
+    return "\n".join(lines)
+
+
+BENCHMARKS = {"p1": (routing_overhead, p1_table), "p2": (cascade_efficiency, p2_table)}
 
 
 def main() -> None:
-    split = load_split()
-    routing_overhead(split.test.images[:64])
-    cascade_efficiency(split.test.images, split.test.labels)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report_io.add_arguments(parser)
+    parser.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer's measurement window")
+    parser.add_argument("--only", choices=list(BENCHMARKS), help="one of them (default: both)")
+    args = parser.parse_args()
+    status = 0
+    for name in [args.only] if args.only else list(BENCHMARKS):
+        measure, table = BENCHMARKS[name]
+        if args.table:
+            print(table(report_io.read(args.reports / f"{name}.json")) + "\n")
+            continue
+        try:
+            report = measure(args.runs, args.window_ms, args.reports)
+        except NotMeasured as error:
+            print(f"{name}: operating point not reached, no report: {error}", file=sys.stderr)
+            sys.exit(1)
+        print(f"{name}: wrote {args.reports / f'{name}.json'}\n\n{table(report)}\n", flush=True)
+        if not all(report_io.met(g) for g in report["summary"]["goals"]):
+            status = 2
+    sys.exit(status)
 
 
 if __name__ == "__main__":

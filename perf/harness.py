@@ -1,4 +1,4 @@
-"""Servers for benchmarks: the built repository, or a copy of it with another routing policy."""
+"""Servers for benchmarks: the built repository, or a copy of it with another routing policy; what a server runs."""
 
 from __future__ import annotations
 
@@ -32,6 +32,25 @@ def cascade_variant(cascade: dict[str, Any]) -> Iterator[Path]:
     """A repository linking every built model, with the router's cascade settings replaced."""
     with tempfile.TemporaryDirectory() as tmp:
         yield policy_variant(DEFAULT_REPOSITORY, Path(tmp), {**shipped_policy(DEFAULT_REPOSITORY), "cascade": cascade})
+
+
+def loaded_models(server: TritonServer) -> set[str]:
+    """The model:version names `server` has READY."""
+    return {f"{m['name']}:{m['version']}" for m in server.models() if m.get("state") == "READY" and "version" in m}
+
+
+def escalation_target(policy: dict[str, Any], loaded: set[str]) -> str:
+    """The model the policy's cascade escalates to on a server with `loaded` models: cascade.escalate_to, or, when
+    that is one of optional_models and not loaded, the first of its fallbacks that is (as the router does)."""
+    target = policy["cascade"]["escalate_to"]
+    if target not in policy.get("optional_models", []) or target in loaded:
+        return target
+    for model in policy.get("fallbacks", {}).get(target, []):
+        if model in loaded:
+            return model
+    raise RuntimeError(
+        f"cascade.escalate_to {target} is not loaded and none of its fallbacks is: loaded {sorted(loaded)}"
+    )
 
 
 @contextlib.contextmanager

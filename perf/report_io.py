@@ -10,6 +10,7 @@ perf/report.py) computes the verdict from the figures instead of trusting a word
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import operator
@@ -45,6 +46,11 @@ def spread_text(value: Mapping[str, float], fmt: str) -> str:
     return f"{value['median']:{fmt}} ({value['min']:{fmt}} to {value['max']:{fmt}})"
 
 
+def cell(value: Mapping[str, float], fmt: str) -> str:
+    """A table cell of a spread: the one value when every run measured the same, else the median, min and max."""
+    return f"{value['median']:{fmt}}" if value["min"] == value["max"] else spread_text(value, fmt)
+
+
 def conditions(runs: list[dict], keys: tuple[str, ...], metrics: tuple[str, ...]) -> list[dict]:
     """Per condition of the runs' "measurements" (a distinct value of `keys`, in the order first measured): how many
     runs measured it and each of `metrics` as a spread over them (a metric no run measured is left out)."""
@@ -72,12 +78,15 @@ def ratios(runs: list[dict]) -> dict[str, dict[str, float]]:
     }
 
 
-def goal(text: str, value: float | Mapping[str, float] | None, op: str, threshold: float) -> dict[str, Any]:
+def goal(
+    text: str, value: float | Mapping[str, float] | None, op: str, threshold: float, fmt: str | None = None
+) -> dict[str, Any]:
     """A goal as reports record it: what is asked, the measured value (a number, or a spread judged by its median),
-    the comparison and the threshold; "met" is what `met` says."""
+    the comparison, the threshold, and how figures are written (a format spec; None: `number`); "met" is what `met`
+    says."""
     if op not in OPERATORS:
         raise ValueError(f"goal {text!r}: unknown operator {op!r}; expected one of {', '.join(OPERATORS)}")
-    entry = {"goal": text, "value": value, "op": op, "threshold": threshold}
+    entry = {"goal": text, "value": value, "op": op, "threshold": threshold, "format": fmt}
     return {**entry, "met": met(entry)}
 
 
@@ -100,15 +109,22 @@ def verdicts(goals: list[Mapping[str, Any]]) -> str:
     """One line per goal: what it asks, what was measured and its verdict, computed here."""
     lines = []
     for g in goals:
+        fmt = g.get("format")
+
+        def text(x: float, fmt: str | None = fmt) -> str:
+            return number(x) if fmt is None else f"{x:{fmt}}"
+
         value = g["value"]
         if value is None:
             measured = "not measured"
+        elif isinstance(value, Mapping) and value["min"] != value["max"]:
+            measured = f"{text(value['median'])} ({text(value['min'])} to {text(value['max'])})"
         elif isinstance(value, Mapping):
-            measured = f"{number(value['median'])} ({number(value['min'])} to {number(value['max'])})"
+            measured = text(value["median"])
         else:
-            measured = number(value)
+            measured = text(value)
         verdict = "**met**" if met(g) else "**not met**"
-        lines.append(f"Goal {g['goal']} {SYMBOLS[g['op']]} {number(g['threshold'])}: {measured}, {verdict}.")
+        lines.append(f"Goal {g['goal']} {SYMBOLS[g['op']]} {text(g['threshold'])}: {measured}, {verdict}.")
     return "\n".join(lines)
 
 
@@ -176,3 +192,22 @@ def finish(report: dict[str, Any], summary: dict[str, Any], path: Path) -> Path:
 
 def read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+def provenance(report: Mapping[str, Any]) -> str:
+    """Where and when a report was measured, as the line under its table says it."""
+    m, runs = report["machine"], len(report["runs"])
+    start, end = m["load_average_at_start"][0], m.get("load_average_at_end", [float("nan")])[0]
+    dirty = " with uncommitted changes" if report["dirty"] else ""
+    return (
+        f"{runs} run{'s' if runs != 1 else ''}, {report['date'][:10]}, commit {report['commit'][:7]}{dirty}; "
+        f"{m['cpus']} CPUs ({m['cpu_model']}), tritonserver {m['tritonserver'] or 'unknown'}, Python {m['python']}; "
+        f"1-minute load average {start:g} at the start, {end:g} at the end."
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser, runs: int = 3) -> None:
+    """The options every benchmark with repeated runs takes: how many runs, where its reports go, --table."""
+    parser.add_argument("--runs", type=int, default=runs, help=f"runs, each of every condition (default {runs})")
+    parser.add_argument("--reports", type=Path, default=REPORTS, help=f"where reports are (default {REPORTS})")
+    parser.add_argument("--table", action="store_true", help="print the README table from the report, measure nothing")

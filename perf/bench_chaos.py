@@ -1,23 +1,25 @@
 """P4 resilience: kill -9 a model's Python stub under concurrency-8 traffic per tier, and follow every request.
 
-Usage: .venv/bin/python perf/bench_chaos.py [--model digits_light|digits_heavy|both]   (about 35 s per model)
+Usage: .venv/bin/python perf/bench_chaos.py [--model digits_light|digits_heavy|both] [--runs 3]   (about 6 min)
        .venv/bin/python perf/bench_chaos.py --table   (the README table, from perf/reports/p4_<model>.json)
 
 A fault is not overload. 8 client threads per tier (critical and standard), each with a TierserveClient of its
-own, send one noisy test image per request (sigma 3: most standard rows escalate to digits_heavy:2), back to
-back. After a warm-up, the stub of the shared `digits_light:1` or `digits_heavy:2` gets SIGKILL while the
-clients go on as before. Goals: 0 failed critical requests, 0 shed standard requests, each router instance's
-breaker ejects the model within 5 failed calls, traffic is back on the reloaded model within 10 s. Each model
-is killed on a fresh server. Writes perf/reports/p4_<model>.json and perf/reports/p4_timeline_<model>.png.
+own, send one noisy test image per request (sigma 3: most standard rows escalate to the heavy model), back to
+back. After a warm-up, the stub of the shared light model (the cascade's first) or of the heavy one (the model
+the shipped cascade escalates to on this server: harness.escalation_target) gets SIGKILL while the clients go on
+as before. Goals: 0 failed critical requests, 0 shed standard requests, each router instance's breaker ejects the
+model within 5 failed calls, traffic is back on the reloaded model within 10 s, in every run. Each kill is on a
+fresh server; run 1 kills the light model first, run 2 the heavy one first, and so on. Writes
+perf/reports/p4_<model>.json (every run, and medians with min and max) and perf/reports/p4_timeline_<model>.png
+(the last run).
 
-Exit status: 1 without a report when the operating point was not reached (a client thread died or fell silent,
-no escalations before the kill, no traffic, the kill not seen); 2 when a goal was missed (report written).
+Exit status: 1 when a run did not reach the operating point (a client thread died or fell silent, no escalations
+before the kill, no traffic, the kill not seen): no report for that model; 2 when a goal was missed (report written).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
@@ -26,33 +28,33 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from harness import running_server
+import report_io
+from harness import escalation_target, loaded_models, running_server
+from report_io import cell, goal, verdicts
 
 from tierserve.client import Classification, TierserveClient, TierserveError
 from tierserve.tools.dataset import load_split
 from tierserve.tools.load import LoadThreads
+from tierserve.tools.paths import DEFAULT_REPOSITORY
+from tierserve.tools.repository_variants import shipped_policy
 from tierserve.tools.server import TritonServer
 from tierserve.tools.workload import noisy
 
-REPORTS = Path(__file__).parent / "reports"
-KILLED = {"digits_light": "digits_light:1", "digits_heavy": "digits_heavy:2"}  # --model: the model:version killed
+KILLED = ("digits_light", "digits_heavy")  # --model: the cascade's first model, or the one it escalates to
 TIERS, CONCURRENCY, SIGMA = ("critical", "standard"), 8, 3.0
 WARM_UP_S, AFTER_KILL_S, BUCKET_S = 6.0, 16.0, 0.25
 COMPARE_S = 5.0  # the seconds just before the kill are compared with as many just after it
-ESCALATED_AT_LEAST = 0.5  # share of standard rows escalated to digits_heavy:2 before the kill: "most"
+ESCALATED_AT_LEAST = 0.5  # share of standard rows escalated to the heavy model before the kill: "most"
 BACK_AFTER_ROWS = 10  # traffic is back once this many rows in a row that need the model are served by it
 FAILED_CALLS_GOAL, BACK_GOAL_S = 5, 10.0
-GOALS = (
-    "0 failed critical",
-    "0 shed standard",
-    f"each breaker trips within {FAILED_CALLS_GOAL} failed calls",
-    f"traffic back within {BACK_GOAL_S:g} s",
-)
 POLL_S = 0.05  # how often BreakerWatch reads the breakers
+METRICS = ("throughput", "p50_ms", "p99_ms")  # per tier and phase: answered rows per second, latency
+PHASES = {"before_kill": "5 s before the kill", "first_5_s_after_kill": "5 s after", "later": "the rest"}
 
 
 @dataclass(frozen=True)
@@ -148,8 +150,8 @@ def _failed_on(sent: Sent, model: str) -> bool:
     return any(hop in (f"{model} error", f"{model} timeout") for hop in _hops(sent))
 
 
-def _escalated(sent: Sent) -> bool:
-    return _served_by(sent, "digits_heavy:2") and "low_confidence>" in sent.answer.path
+def _escalated(sent: Sent, heavy: str) -> bool:
+    return _served_by(sent, heavy) and "low_confidence>" in sent.answer.path
 
 
 def _decision(sent: Sent) -> str:
@@ -175,7 +177,7 @@ def _percentile_ms(sent: list[Sent], q: float) -> float | None:
     return round(float(np.percentile(times, q)), 2) if times else None
 
 
-def operating_point(load: ClosedLoop, sent: list[Sent], killed: float) -> list[str]:
+def operating_point(load: ClosedLoop, sent: list[Sent], killed: float, heavy: str) -> list[str]:
     """Why this run did not measure what P4 asks for; empty when it did."""
     problems = [f"client thread crashed: {crash}" for crash in load.crashed]
     last_second = {(s.tier, s.worker) for s in sent if killed - 1.0 < s.at <= killed}
@@ -187,10 +189,10 @@ def operating_point(load: ClosedLoop, sent: list[Sent], killed: float) -> list[s
     if load.alive() < CONCURRENCY * len(TIERS):
         problems.append(f"only {load.alive()} of {CONCURRENCY * len(TIERS)} client threads ran to the end")
     standard = [s for s in sent if s.tier == "standard" and s.answer and killed - COMPARE_S < s.at <= killed]
-    share = sum(map(_escalated, standard)) / max(len(standard), 1)
+    share = sum(_escalated(s, heavy) for s in standard) / max(len(standard), 1)
     if share < ESCALATED_AT_LEAST:
         problems.append(
-            f"{share:.0%} of {len(standard)} standard rows escalated to digits_heavy:2 before the "
+            f"{share:.0%} of {len(standard)} standard rows escalated to {heavy} before the "
             f"kill, fewer than {ESCALATED_AT_LEAST:.0%}"
         )
     for tier in TIERS:
@@ -199,8 +201,9 @@ def operating_point(load: ClosedLoop, sent: list[Sent], killed: float) -> list[s
     return problems
 
 
-def summarize(model: str, sent: list[Sent], samples: list, killed: float, end: float) -> dict:
-    """The goals' numbers, and what else a reader needs to trust them."""
+def summarize(model: str, models: dict[str, str], sent: list[Sent], samples: list, killed: float, end: float) -> dict:
+    """The goals' numbers, and what else a reader needs to trust them, of one run that killed `model`; `models`:
+    the cascade's heavy model and its critical lane."""
     by_tier = {tier: [s for s in sent if s.tier == tier] for tier in TIERS}
     after = sorted((s for s in sent if s.at > killed), key=lambda s: s.at)
     first_ejected = next((s.at for s in after if f"{model} ejected" in _hops(s)), None)
@@ -241,7 +244,8 @@ def summarize(model: str, sent: list[Sent], samples: list, killed: float, end: f
     escalating = [s for s in phases["standard"]["before_kill"] if s.answer]
     return {
         "model": model,
-        "run": {
+        **models,
+        "setup": {
             "concurrency_per_tier": CONCURRENCY,
             "noise_sigma": SIGMA,
             "warm_up_s": WARM_UP_S,
@@ -252,7 +256,9 @@ def summarize(model: str, sent: list[Sent], samples: list, killed: float, end: f
         "failed": {tier: sum(1 for s in rows if s.error) for tier, rows in by_tier.items()},
         "shed_standard": sum(1 for s in by_tier["standard"] if s.error and "shed" in s.error),
         "errors_by_kind": dict(Counter(_kind(s.error) for s in sent if s.error).most_common(10)),
-        "standard_escalated_before_kill": round(sum(map(_escalated, escalating)) / max(len(escalating), 1), 3),
+        "standard_escalated_before_kill": round(
+            sum(_escalated(s, models["heavy"]) for s in escalating) / max(len(escalating), 1), 3
+        ),
         "critical_rows_touching_the_killed_model": sum(1 for s in after if s.tier == "critical" and _touches(s, model)),
         "rows_with_a_failed_hop": {
             tier: {phase: sum(1 for s in rows if s.answer and not _direct(s)) for phase, rows in phases[tier].items()}
@@ -278,33 +284,82 @@ def summarize(model: str, sent: list[Sent], samples: list, killed: float, end: f
             }
             for tier in TIERS
         },
+        "measurements": [
+            {
+                "condition": f"{tier}, {PHASES[phase]}",
+                "tier": tier,
+                "phase": phase,
+                "throughput": (
+                    sum(1 for s in rows if s.answer) / (windows[phase][1] - windows[phase][0])
+                    if windows[phase][1] > windows[phase][0]
+                    else None
+                ),
+                "p50_ms": _percentile_ms(rows, 50),
+                "p99_ms": _percentile_ms(rows, 99),
+            }
+            for tier in TIERS
+            for phase, rows in phases[tier].items()
+        ],
         "paths_first_3_s_after_kill": dict(
             Counter(s.answer.path for s in after if s.answer and s.at < killed + 3).most_common(8)
         ),
     }
 
 
-def goals(report: dict) -> dict[str, bool]:
-    """Each goal of P4, met or not, from one run's report."""
+def goal_figures(run: dict) -> dict[str, float | None]:
+    """What each goal judges in one run: failed critical requests, shed standard requests, the most failed calls a
+    breaker took to eject the model (None when a router instance's breaker never opened), and the seconds until
+    traffic was back on the reloaded model (None: never)."""
     # a first ejection after N consecutive failed calls, or N of M failed calls, counts N; a dead stub's own
     # error ("model down") ejects at once, on the failed call that carried it
     counted = [
         int(m.group(1))
-        for why in report["ejection_reasons"]
+        for why in run["ejection_reasons"]
         for m in [re.match(r"ejection 1: (\d+) (consecutive|of)", why)]
         if m
     ]
-    back = report["seconds_until_traffic_back"]
-    met = (
-        report["failed"]["critical"] == 0,
-        report["shed_standard"] == 0,
-        None not in report["seconds_to_breaker_open"].values() and all(c <= FAILED_CALLS_GOAL for c in counted),
-        back is not None and back <= BACK_GOAL_S,
-    )
-    return dict(zip(GOALS, met, strict=True))
+    every_breaker_opened = None not in run["seconds_to_breaker_open"].values()
+    return {
+        "failed_critical": run["failed"]["critical"],
+        "shed_standard": run["shed_standard"],
+        "failed_calls_to_eject": max(counted, default=1) if every_breaker_opened else None,
+        "seconds_until_traffic_back": run["seconds_until_traffic_back"],
+    }
 
 
-def plot(model: str, sent: list[Sent], samples: list, start: float, killed: float, end: float, path: Path) -> None:
+def goals(runs: list[dict]) -> list[dict]:
+    """P4's goals over every run: the counts summed, the others judged by the worst run."""
+    figures = [goal_figures(run) for run in runs]
+
+    def total(key: str) -> float:
+        return sum(f[key] for f in figures)
+
+    def worst(key: str) -> float | None:
+        values = [f[key] for f in figures]
+        return None if None in values else max(values)
+
+    return [
+        goal("failed critical requests, all runs", total("failed_critical"), "==", 0),
+        goal("shed standard requests, all runs", total("shed_standard"), "==", 0),
+        goal(
+            "failed calls until each breaker ejects the model, worst run",
+            worst("failed_calls_to_eject"),
+            "<=",
+            FAILED_CALLS_GOAL,
+        ),
+        goal(
+            "seconds until traffic is back on the reloaded model, worst run",
+            worst("seconds_until_traffic_back"),
+            "<=",
+            BACK_GOAL_S,
+            ".2f",
+        ),
+    ]
+
+
+def plot(
+    model: str, sent: list[Sent], samples: list, start: float, killed: float, end: float, path: Path, run: str
+) -> None:
     """Requests per second per tier and what answered them, around the kill; shaded: a router's breaker open."""
     import matplotlib
 
@@ -356,7 +411,7 @@ def plot(model: str, sent: list[Sent], samples: list, start: float, killed: floa
         ax.set_ylabel("requests / s")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1].set_xlabel(f"seconds since the kill ({BUCKET_S:g} s buckets)")
-    fig.suptitle(f"P4: kill -9 of {model}'s stub under steady load, noisy images (sigma {SIGMA:g})")
+    fig.suptitle(f"P4, {run}: kill -9 of {model}'s stub under steady load, noisy images (sigma {SIGMA:g})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90, bbox_inches="tight")
@@ -367,129 +422,226 @@ def _direct(sent: Sent) -> bool:
     return not any(hop.endswith((" error", " timeout", " ejected")) for hop in _hops(sent))
 
 
-def run(name: str) -> int:
-    """One run against a fresh server: kill `name`'s stub, report, plot; the exit status."""
-    model = KILLED[name]
-    split = load_split()
-    images = noisy(split.test.images, sigma=SIGMA, seed=4)
+def run(name: str, index: int, after_kill_s: float, reports: Path) -> tuple[dict | None, list[str]]:
+    """One run against a fresh server: kill the stub of `name`'s model; the run's figures (None when it did not
+    reach the operating point), and why not. Plots the timeline (the last run's stays)."""
+    images = noisy(load_split().test.images, sigma=SIGMA, seed=4)
+    shipped = shipped_policy(DEFAULT_REPOSITORY)
     with running_server() as server:
-        (pid,) = server.stub_pids("/".join(model.split(":")))
+        heavy = escalation_target(shipped, loaded_models(server))
+        version = report_io.tritonserver_version(server.http_url)
+        models = {"heavy": heavy, "critical_lane": shipped.get("lanes", {}).get("critical", {}).get(heavy, heavy)}
+        model = shipped["cascade"]["first"] if name == "digits_light" else heavy
+        pids = server.stub_pids("/".join(model.split(":")))
+        if len(pids) != 1:
+            return None, [f"{len(pids)} Python stubs of {model}, not one: nothing to kill"]
         with BreakerWatch(server, model) as watch, ClosedLoop(server.grpc_url, images, server.tier_key) as load:
             start = time.monotonic()
             time.sleep(WARM_UP_S)
             killed = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
-            time.sleep(AFTER_KILL_S)
+            os.kill(pids[0], signal.SIGKILL)
+            time.sleep(after_kill_s)
             end = time.monotonic()
             sent = sorted((s for s in load.sent if s.at <= end), key=lambda s: s.at)
-            problems = operating_point(load, sent, killed)
+            problems = operating_point(load, sent, killed, heavy)
     if not any(_touches(s, model) for s in sent if s.at > killed):
         problems.append(f"no request reached {model} after the kill")
     if not any(states for _, states in watch.samples):
         problems.append(f"no breaker state for {model} on the metrics port")
     if problems:
-        print(f"P4 {model}: operating point not reached, no report:\n  " + "\n  ".join(problems), file=sys.stderr)
-        return 1
-    report = summarize(model, sent, watch.samples, killed, end)
-    report["goals"] = goals(report)
-    REPORTS.mkdir(exist_ok=True)
-    (REPORTS / f"p4_{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(model, sent, watch.samples, start, killed, end, REPORTS / f"p4_timeline_{name}.png")
-    missed = [goal for goal, met in report["goals"].items() if not met]
-    print(f"P4 {model}: wrote {REPORTS / f'p4_{name}.json'}; " + (f"goals missed: {missed}" if missed else "goals met"))
-    return 2 if missed else 0
+        return None, problems
+    plot(model, sent, watch.samples, start, killed, end, reports / f"p4_timeline_{name}.png", f"run {index + 1}")
+    return {"run": index + 1, "tritonserver": version, **summarize(model, models, sent, watch.samples, killed, end)}, []
 
 
-def table(names: list[str]) -> str:
-    """The README's P4 table, from the report files."""
-    reports = [json.loads((REPORTS / f"p4_{name}.json").read_text()) for name in names]
+def measure(names: list[str], runs: int, after_kill_s: float, reports: Path) -> dict[str, dict | list[str]]:
+    """Every run of every named kill, the kills' order swapped per run; per name its report (written), or the
+    reasons its runs missed the operating point (no report)."""
+    heads = {
+        name: report_io.start(
+            f"p4_{name}",
+            {
+                "runs": runs,
+                "killed": name,
+                "concurrency_per_tier": CONCURRENCY,
+                "tiers": list(TIERS),
+                "noise_sigma": SIGMA,
+                "warm_up_s": WARM_UP_S,
+                "after_kill_s": after_kill_s,
+                "order": "a fresh server per kill"
+                + (
+                    f"; run 1 kills {', then '.join(names)}, each next run the other way round"
+                    if len(names) > 1
+                    else ""
+                ),
+            },
+        )
+        for name in names
+    }
+    problems: dict[str, list[str]] = {name: [] for name in names}
+    for index in range(runs):
+        for name in names[:: 1 if index % 2 == 0 else -1]:
+            result, missed = run(name, index, after_kill_s, reports)
+            problems[name] += [f"run {index + 1}: {why}" for why in missed]
+            if result:
+                heads[name]["machine"]["tritonserver"] = result.pop("tritonserver")
+                heads[name]["runs"].append(result)
+                print(f"P4 run {index + 1}, {result['model']} killed: {goal_figures(result)}", flush=True)
+            else:
+                print(f"P4 run {index + 1}, {name}: operating point not reached: {'; '.join(missed)}", flush=True)
+    outcome: dict[str, dict | list[str]] = {}
+    for name, report in heads.items():
+        if problems[name]:
+            outcome[name] = problems[name]
+            continue
+        summary = {
+            "conditions": report_io.conditions(report["runs"], ("condition", "tier", "phase"), METRICS),
+            "goals": goals(report["runs"]),
+        }
+        report_io.finish(report, summary, reports / f"p4_{name}.json")
+        outcome[name] = report
+    return outcome
 
-    def row(measure: str, values: list[str], goal: str = "") -> str:
-        return f"| {measure} | {' | '.join(values)} | {goal} |"
 
-    def verdict(goal: str) -> str:
-        missed = [r["model"] for r in reports if not r["goals"][goal]]
-        return f"{goal}: **met**" if not missed else f"{goal}: **not met** ({', '.join(missed)})"
+def _last_ejection(run: dict) -> float | None:
+    """Seconds from the kill until the last router instance's breaker opened; None when one never did."""
+    seconds = list(run["seconds_to_breaker_open"].values())
+    return None if not seconds or None in seconds else max(seconds)
 
-    windows = ("before_kill", "first_5_s_after_kill")
 
-    def share(decisions: dict[str, int], decision: str) -> float:
-        return decisions.get(decision, 0) / max(sum(decisions.values()), 1)
+def _runs_spread(report: dict, figure: Callable[[dict], float | None], fmt: str) -> str:
+    """A figure of every run of a report: one value, or the median (min to max), and how many runs never got one."""
+    values = [figure(run) for run in report["runs"]]
+    found = [v for v in values if v is not None]
+    never = f"never in {len(values) - len(found)} of {len(values)} runs" if len(found) < len(values) else ""
+    return ", ".join(filter(None, [cell(report_io.spread(found), fmt) if found else "", never]))
 
-    def seconds(value: float | None) -> str:
-        return "never" if value is None else f"{value:.2f}"
 
+def table(reports: list[dict]) -> str:
+    """The README's P4 table, from the reports (one per killed model)."""
+
+    def row(measure: str, values: list[str]) -> str:
+        return f"| {measure} | {' | '.join(values)} |"
+
+    def totals(*figures: Callable[[dict], int]) -> list[str]:
+        return [" / ".join(f"{sum(f(run) for run in r['runs']):,}" for f in figures) for r in reports]
+
+    def spread(figure: Callable[[dict], float | None], fmt: str) -> list[str]:
+        return [_runs_spread(r, figure, fmt) for r in reports]
+
+    def escalated(decisions: dict[str, int]) -> float:
+        return decisions.get("escalated", 0) / max(sum(decisions.values()), 1)
+
+    first = reports[0]["runs"][0]
     lines = [
-        "| measure | " + " | ".join(f"kill -9 `{r['model']}`" for r in reports) + " | goal |",
-        f"|---|{'---:|' * len(reports)}---|",
+        "| measure (sums over the runs, or the median (min to max) of the runs) | "
+        + " | ".join(f"kill -9 `{r['runs'][0]['model']}`" for r in reports)
+        + " |",
+        f"|---|{'---:|' * len(reports)}",
+        row("runs", [str(len(r["runs"])) for r in reports]),
         row(
             "critical requests sent / failed",
-            [f"{r['requests']['critical']:,} / {r['failed']['critical']}" for r in reports],
-            verdict(GOALS[0]),
+            totals(lambda run: run["requests"]["critical"], lambda run: run["failed"]["critical"]),
         ),
         row(
             "standard requests sent / failed / shed",
-            [f"{r['requests']['standard']:,} / {r['failed']['standard']} / {r['shed_standard']}" for r in reports],
-            verdict(GOALS[1]),
+            totals(
+                lambda run: run["requests"]["standard"],
+                lambda run: run["failed"]["standard"],
+                lambda run: run["shed_standard"],
+            ),
         ),
         row(
-            "standard rows escalated to `digits_heavy:2` before the kill",
-            [f"{r['standard_escalated_before_kill']:.0%}" for r in reports],
+            f"standard rows escalated to `{first['heavy']}` before the kill",
+            spread(lambda run: run["standard_escalated_before_kill"], ".0%"),
         ),
         row(
             "critical rows that touched the killed model",
-            [str(r["critical_rows_touching_the_killed_model"]) for r in reports],
+            totals(lambda run: run["critical_rows_touching_the_killed_model"]),
         ),
         row(
             "critical rows answered after a failed hop: 5 s before the kill / 5 s after / the rest of the run",
-            [" / ".join(str(n) for n in r["rows_with_a_failed_hop"]["critical"].values()) for r in reports],
+            totals(*(lambda run, phase=phase: run["rows_with_a_failed_hop"]["critical"][phase] for phase in PHASES)),
         ),
         row(
-            "critical rows escalated to `digits_heavy_critical:2`: 5 s before / 5 s after / the rest",
-            [" / ".join(f"{share(d, 'escalated'):.0%}" for d in r["decisions"]["critical"].values()) for r in reports],
+            f"critical rows escalated to `{first['critical_lane']}`: 5 s before / 5 s after / the rest",
+            [
+                " / ".join(
+                    _runs_spread(r, lambda run, phase=phase: escalated(run["decisions"]["critical"][phase]), ".0%")
+                    for phase in PHASES
+                )
+                for r in reports
+            ],
         ),
         row(
             "rows that hit the dead model, sent before its first ejection",
-            [str(r["rows_failed_on_model_sent_before_ejection"]) for r in reports],
+            spread(lambda run: run["rows_failed_on_model_sent_before_ejection"], ",.0f"),
         ),
         row(
-            "why the breakers ejected it (rows that read each reason)",
-            ["; ".join(f"{why[:70]} ({n:,})" for why, n in r["ejection_reasons"].items()) for r in reports],
-            verdict(GOALS[2]),
+            "why the breakers ejected it (rows that read each reason, all runs)",
+            [
+                "; ".join(
+                    f"{why[:70]} ({n:,})"
+                    for why, n in sum((Counter(run["ejection_reasons"]) for run in r["runs"]), Counter()).most_common(3)
+                )
+                for r in reports
+            ],
         ),
         row(
-            "seconds from the kill to each router instance's ejection",
-            [" / ".join(seconds(v) for v in r["seconds_to_breaker_open"].values()) for r in reports],
+            "failed calls until each breaker ejected the model (the most of any breaker)",
+            spread(lambda run: goal_figures(run)["failed_calls_to_eject"], ".0f"),
         ),
+        row("seconds from the kill to the last router instance's ejection", spread(_last_ejection, ".2f")),
         row(
             "seconds from the kill until traffic is back on the reloaded model",
-            [seconds(r["seconds_until_traffic_back"]) for r in reports],
-            verdict(GOALS[3]),
+            spread(lambda run: run["seconds_until_traffic_back"], ".2f"),
         ),
         *(
             row(
                 f"{tier} p99 ms: 5 s before the kill / 5 s after",
-                [" / ".join(f"{r['latency_ms'][tier][phase]['p99']:.1f}" for phase in windows) for r in reports],
+                [
+                    " / ".join(
+                        _runs_spread(
+                            r, lambda run, tier=tier, phase=phase: run["latency_ms"][tier][phase]["p99"], ".1f"
+                        )
+                        for phase in list(PHASES)[:2]
+                    )
+                    for r in reports
+                ],
             )
             for tier in TIERS
         ),
     ]
+    for r in reports:
+        lines.append(
+            f"\nKill -9 `{r['runs'][0]['model']}`: " + report_io.provenance(r) + "\n" + verdicts(r["summary"]["goals"])
+        )
+    lines.append(f"\n{reports[0]['settings']['order'].capitalize()}.")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report_io.add_arguments(parser)
     parser.add_argument("--model", choices=[*KILLED, "both"], default="both", help="whose stub is killed")
-    parser.add_argument("--table", action="store_true", help="print the README table from the report files")
+    parser.add_argument(
+        "--after-kill-s", type=float, default=AFTER_KILL_S, help=f"load after the kill (default {AFTER_KILL_S:g} s)"
+    )
     args = parser.parse_args()
     names = list(KILLED) if args.model == "both" else [args.model]
     if args.table:
-        print(table(names))
+        print(table([report_io.read(args.reports / f"p4_{name}.json") for name in names]))
         return
-    statuses = [run(name) for name in names]
-    if all(status != 1 for status in statuses):
-        print("\n" + table(names))
-    sys.exit(max(statuses))
+    outcome = measure(names, args.runs, args.after_kill_s, args.reports)
+    written = [report for report in outcome.values() if isinstance(report, dict)]
+    for name, problems in outcome.items():
+        if isinstance(problems, list):
+            print(f"P4 {name}: operating point not reached, no report:\n  " + "\n  ".join(problems), file=sys.stderr)
+    if written:
+        print("\n" + table(written))
+    if len(written) < len(names):
+        sys.exit(1)
+    sys.exit(0 if all(report_io.met(g) for r in written for g in r["summary"]["goals"]) else 2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""perf/report.py and perf/report_io.py on synthetic reports: medians and spreads over runs, goal verdicts computed
+from the figures, the README sections between their markers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "perf"))
+
+import report
+import report_io
+
+
+def _measurement(path: str, concurrency: int, throughput: float, p50_ms: float) -> dict:
+    return {
+        "condition": f"{path} c{concurrency}",
+        "path": path,
+        "concurrency": concurrency,
+        "throughput": throughput,
+        "p50_ms": p50_ms,
+        "p90_ms": p50_ms * 1.5,
+        "p99_ms": p50_ms * 2,
+    }
+
+
+def _p1_report() -> dict:
+    """A P1 report of three runs, made as bench_router makes it, with figures chosen by hand."""
+    runs = []
+    for index, (static, routed, added) in enumerate(
+        ((1000.0, 1100.0, 0.25), (900.0, 850.0, 0.4), (1000.0, 1050.0, 0.2))
+    ):
+        measurements = [
+            _measurement(path, c, throughput * (3 if c == 8 else 1), p50)
+            for path, throughput, p50 in (
+                ("static", static, 0.5),
+                ("routed", routed, 0.3 + added),
+                ("direct", 2000.0, 0.3),
+            )
+            for c in (1, 8)
+        ]
+        ratios = {
+            "routed_over_static_throughput_c1": routed / static,
+            "routed_over_static_throughput_c8": routed / static,
+            "routed_minus_direct_p50_ms_c1": added,
+            "routed_minus_direct_p50_ms_c8": added,
+        }
+        runs.append({"run": index + 1, "measurements": measurements, "ratios": ratios})
+    found = report_io.ratios(runs)
+    return {
+        "benchmark": "p1",
+        "date": "2025-01-02T03:04:05+00:00",
+        "commit": "0123456789abcdef",
+        "dirty": False,
+        "machine": {
+            "cpus": 2,
+            "cpu_model": "a CPU",
+            "python": "3.11.7",
+            "tritonserver": "2.51.0",
+            "load_average_at_start": [1.5, 1.0, 1.0],
+            "load_average_at_end": [2.5, 1.0, 1.0],
+        },
+        "settings": {
+            "concurrencies": [1, 8],
+            "window_ms": 3000,
+            "order": "rotated",
+            "paths": {key: {"name": f"the {key} path"} for key in ("direct", "static", "routed")},
+        },
+        "runs": runs,
+        "summary": {
+            "conditions": report_io.conditions(
+                runs, ("condition", "path", "concurrency"), ("throughput", "p50_ms", "p99_ms")
+            ),
+            "ratios": found,
+            "goals": [
+                report_io.goal(
+                    "routed / static throughput at c1", found["routed_over_static_throughput_c1"], ">=", 1.0
+                ),
+                report_io.goal("added p50 at c1, ms", found["routed_minus_direct_p50_ms_c1"], "<=", 0.3, ".3f"),
+            ],
+        },
+    }
+
+
+def test_spread_is_the_median_with_min_and_max() -> None:
+    assert report_io.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+    assert report_io.spread([4.0, 1.0, 2.0, 3.0])["median"] == 2.5
+    assert report_io.spread_text({"median": 1234.0, "min": 1200.0, "max": 1250.5}, ",.0f") == "1,234 (1,200 to 1,250)"
+    assert report_io.cell({"median": 0.5, "min": 0.5, "max": 0.5}, ".2f") == "0.50"
+
+
+def test_conditions_and_ratios_are_summarized_over_runs() -> None:
+    s = _p1_report()["summary"]
+    routed_c1 = next(c for c in s["conditions"] if c["condition"] == "routed c1")
+    assert routed_c1["runs"] == 3
+    assert routed_c1["throughput"] == {"median": 1050.0, "min": 850.0, "max": 1100.0}
+    assert [c["condition"] for c in s["conditions"]][:2] == ["static c1", "static c8"]  # as first measured
+    assert "p90_ms" not in routed_c1  # only the metrics asked for
+    ratio = s["ratios"]["routed_over_static_throughput_c1"]
+    assert ratio["median"] == pytest.approx(1.05)  # the median of the per-run ratios, not a ratio of medians
+    assert ratio["min"] == pytest.approx(850 / 900)
+
+
+def test_a_metric_no_run_measured_is_left_out_and_none_is_skipped() -> None:
+    runs = [
+        {"measurements": [{"condition": "a", "p99_ms": None}], "ratios": {"x": None}},
+        {"measurements": [{"condition": "a", "p99_ms": 4.0}], "ratios": {"x": 2.0}},
+    ]
+    (a,) = report_io.conditions(runs, ("condition",), ("p99_ms", "throughput"))
+    assert a == {"condition": "a", "runs": 2, "p99_ms": {"median": 4.0, "min": 4.0, "max": 4.0}}
+    assert report_io.ratios(runs) == {"x": {"median": 2.0, "min": 2.0, "max": 2.0}}
+
+
+def test_verdicts_are_computed_from_the_figures() -> None:
+    goals = _p1_report()["summary"]["goals"]
+    assert report_io.met(goals[0])  # median ratio 1.05 >= 1.0
+    assert report_io.met(goals[1])  # median 0.25 <= 0.3
+    lines = report_io.verdicts(goals).splitlines()
+    assert lines[0] == "Goal routed / static throughput at c1 ≥ 1: 1.05 (0.944 to 1.1), **met**."
+    assert lines[1] == "Goal added p50 at c1, ms ≤ 0.300: 0.250 (0.200 to 0.400), **met**."
+    # a stored verdict is not trusted: the figures decide
+    wrong = {**report_io.goal("errors", 3, "==", 0), "met": True}
+    assert report_io.verdicts([wrong]) == "Goal errors = 0: 3, **not met**."
+    assert not report_io.met(report_io.goal("never measured", None, "<=", 10))
+    assert "not measured, **not met**" in report_io.verdicts([report_io.goal("never measured", None, "<=", 10)])
+    with pytest.raises(ValueError, match="unknown operator"):
+        report_io.goal("x", 1.0, "=>", 1.0)
+
+
+def test_the_p1_section_from_a_report_file(tmp_path: Path) -> None:
+    path = tmp_path / "p1.json"
+    path.write_text(json.dumps(_p1_report()))
+    section = report.SECTIONS["p1"]
+    found, skipped = report._reports(section, tmp_path)
+    assert skipped == []
+    text = report.markdown(section, found)
+    assert "| the routed path | 1 | 1,050 (850 to 1,100) | 0.550 (0.500 to 0.700) |" in text
+    assert text.count("**met**") == 2 and "**not met**" not in text
+    assert "3 runs, 2025-01-02, commit 0123456; 2 CPUs (a CPU), tritonserver 2.51.0" in text
+    assert text.endswith("/p1.png)") and "![P1 routing overhead: p1](" in text
+    assert report.plot(section, found[0][1], tmp_path / "p1.png").stat().st_size > 0
+
+
+def test_reports_of_the_old_format_and_missing_ones_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "p4_digits_light.json").write_text(json.dumps({"model": "digits_light:1", "goals": {}}))
+    found, skipped = report._reports(report.SECTIONS["p4"], tmp_path)
+    assert found == []
+    assert [why.split(" ", 1)[1] for why in skipped] == [
+        "predates the format of repeated runs: measure again",
+        "is missing",
+    ]
+
+
+def test_replace_section_touches_only_its_markers_and_is_idempotent() -> None:
+    text = (
+        "# Title\n\nprose before\n<!-- bench:p1 -->\nold table\n<!-- /bench:p1 -->\nprose between\n"
+        "<!-- bench:p2 -->\nother table\n<!-- /bench:p2 -->\nprose after\n"
+    )
+    once = report.replace_section(text, "p1", "| new | table |\n\nGoal x: **met**.\n")
+    assert once == text.replace("old table", "| new | table |\n\nGoal x: **met**.")
+    assert report.replace_section(once, "p1", "| new | table |\n\nGoal x: **met**.\n") == once
+    with pytest.raises(ValueError, match="bench:p3"):
+        report.replace_section(text, "p3", "anything")
+    with pytest.raises(ValueError, match="bench:p1"):
+        report.replace_section(text + "<!-- bench:p1 -->\n", "p1", "anything")

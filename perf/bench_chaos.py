@@ -1,6 +1,6 @@
 """P4 resilience: kill -9 a model's Python stub under concurrency-8 traffic per tier, and follow every request.
 
-Usage: .venv/bin/python perf/bench_chaos.py [--model digits_light|digits_heavy|both] [--runs 3]   (about 6 min)
+Usage: .venv/bin/python perf/bench_chaos.py [--model digits_light|digits_heavy|both] [--runs 3]   (about 5 min)
        .venv/bin/python perf/bench_chaos.py --table   (the README table, from perf/reports/p4_<model>.json)
 
 A fault is not overload. 8 client threads per tier (critical and standard), each with a TierserveClient of its

@@ -1,6 +1,6 @@
 """P1 routing overhead and P2 cascade efficiency of the `digits` router, measured with perf_analyzer.
 
-Usage: .venv/bin/python perf/bench_router.py [--runs 3] [--window-ms 3000] [--only p1|p2]   (about 10 min)
+Usage: .venv/bin/python perf/bench_router.py [--runs 3] [--window-ms 3000] [--only p1|p2]   (about 6 min)
        .venv/bin/python perf/bench_router.py --table   (the README tables, from perf/reports/p1.json and p2.json)
 
 Every perf_analyzer measurement: one real test image per request over gRPC (the first 64 of the held-out split), the
@@ -20,8 +20,9 @@ P2 (perf/reports/p2.json), two servers at once: the shipped policy and always-he
    heavy model answered, then throughput at concurrency 8, standard tier. Goals: cascade throughput >= 2.5x
    always-heavy's, at >= 99.5% of its accuracy on both image sets.
 
-Exit status 1, without a report or table, when the operating point was not reached (a perf_analyzer run failed);
-2 when a goal is missed (report and table written).
+Exit status 1, without a report or table, when the operating point was not reached (a perf_analyzer run failed,
+the routed path was not answered by the light model, always-heavy answered rows from another model); 2 when a goal
+is missed (report and table written).
 """
 
 from __future__ import annotations
@@ -59,10 +60,12 @@ PATHS = {  # P1: key -> (what the table calls it, model, perf_analyzer arguments
     ),
 }
 P1_ORDER = ("static", "routed", "direct")  # run k starts k places further along
+ROUTED_TO = "digits_light:1"  # where the tight_deadline rule sends the routed path
 POLICIES = {"cascade": "cascade (shipped policy)", "heavy": "always heavy (through the same router)"}
 METRICS = ("throughput", "p50_ms", "p90_ms", "p99_ms")
 ACCURACY_METRICS = ("test_accuracy", "perturbed_accuracy", "test_heavy_share", "perturbed_heavy_share")
 THROUGHPUT_GOAL, P50_ADDED_GOAL_MS, CASCADE_GOAL, ACCURACY_GOAL = 1.0, 0.3, 2.5, 0.995
+ALWAYS = 0.99  # always-heavy must answer at least this share of the test split from the heavy model
 
 
 class NotMeasured(RuntimeError):
@@ -122,6 +125,10 @@ def routing_overhead(runs: int, window_ms: int, reports: Path) -> dict:
     )
     with running_server() as server:
         report["machine"]["tritonserver"] = report_io.tritonserver_version(server.http_url)
+        with TierserveClient(server.grpc_url) as client:
+            (answer,) = client.classify(_images()[0], deadline_ms=15)
+        if answer.route != ROUTED_TO:
+            raise NotMeasured(f"digits with deadline_ms=15 answered from {answer.route}, not {ROUTED_TO}")
         for key in P1_ORDER:  # warm-up, not recorded: a fresh server's first executes are slow
             _measure(server.grpc_url, PATHS[key][1], [8], max(window_ms // 3, 200), PATHS[key][2])
         for index in range(runs):
@@ -303,6 +310,8 @@ def cascade_efficiency(runs: int, window_ms: int, reports: Path) -> dict:
         for index in range(runs):
             order = list(POLICIES)[:: 1 if index % 2 == 0 else -1]
             measurements = [_policy_run(servers[policy], policy, window_ms, images, heavy) for policy in order]
+            if (share := measurements[order.index("heavy")]["test_heavy_share"]) < ALWAYS:
+                raise NotMeasured(f"always-heavy answered {share:.1%} of the test split from {heavy}, not every row")
             for m in measurements:
                 print(
                     f"  P2 run {index + 1} {m['condition']}: {m['throughput']:,.0f}/s, test accuracy "

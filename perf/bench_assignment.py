@@ -17,21 +17,25 @@ import argparse
 import json
 import platform
 import random
-import statistics
 import sys
 import timeit
 from collections.abc import Callable
 from pathlib import Path
+
+import report_io
+from report_io import spread
 
 from tierserve.assignment import Assigner, Unit
 from tierserve.experiment_spec import parse_experiments
 from tierserve.policy import Policy
 from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.tools.paths import DEFAULT_REPOSITORY
+from tierserve.tools.repository_variants import shipped_policy
 
 REPORT = Path(__file__).parent / "reports" / "assignment.json"
 ROWS, RUNS, GOAL_US = 10_000, 5, 10.0
-HEAVY_V1 = {"digits_heavy:2": "digits_heavy:1"}
+# the arms replace the model the shipped cascade escalates to with digits_heavy:1
+HEAVY_V1 = {shipped_policy(DEFAULT_REPOSITORY)["cascade"]["escalate_to"]: "digits_heavy:1"}
 EXPERIMENTS = [
     {
         "name": "heavy_v1_vs_v2",
@@ -72,11 +76,11 @@ def rows() -> list[Unit]:
 
 
 def microseconds_per_row(work: Callable[[], None]) -> dict[str, float]:
-    times = [seconds * 1e6 / ROWS for seconds in timeit.repeat(work, number=1, repeat=RUNS)]
-    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+    return spread(seconds * 1e6 / ROWS for seconds in timeit.repeat(work, number=1, repeat=RUNS))
 
 
 def measure() -> dict:
+    head = report_io.header()
     policy = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
     units = rows()
     results = []
@@ -103,6 +107,7 @@ def measure() -> dict:
         )
     at_three = results[-1]["assign_us_per_row"]["median"]
     return {
+        **head,
         "rows": ROWS,
         "runs": RUNS,
         "python": platform.python_version(),
@@ -140,9 +145,7 @@ def main() -> None:
         report = json.loads(args.report.read_text())
     else:
         report = measure()
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.report}")
+        print(f"wrote {report_io.write(report, args.report)}")
     if not report["goal_met"]:
         at_three = report["results"][-1]["assign_us_per_row"]["median"]
         print(f"goal missed: {at_three:.2f} µs per row at 3 experiments > {GOAL_US:g} µs", file=sys.stderr)

@@ -630,7 +630,10 @@ def main() -> None:
     args = parser.parse_args()
     names = list(KILLED) if args.model == "both" else [args.model]
     if args.table:
-        print(table([report_io.read(args.reports / f"p4_{name}.json") for name in names]))
+        reports = {path: report_io.read(path) for path in (args.reports / f"p4_{name}.json" for name in names)}
+        if old := [str(path) for path, report in reports.items() if not report_io.repeated_runs(report)]:
+            sys.exit(f"{', '.join(old)}: a report from before repeated runs; measure again")
+        print(table(list(reports.values())))
         return
     outcome = measure(names, args.runs, args.after_kill_s, args.reports)
     written = [report for report in outcome.values() if isinstance(report, dict)]

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import report_io
+from report_io import spread
 
 from tierserve.assignment import Assignment
 from tierserve.experimenter import RowPlan
@@ -88,7 +90,7 @@ def median_us_per_record(work: Callable[[], object], records: int) -> dict[str, 
         started = time.perf_counter()
         work()
         times.append((time.perf_counter() - started) * 1e6 / records)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+    return spread(times)
 
 
 def measure_shape(shape: tuple[int, int], scratch: Path) -> dict:
@@ -141,10 +143,12 @@ def measure_shape(shape: tuple[int, int], scratch: Path) -> dict:
 
 
 def measure() -> dict:
+    head = report_io.header()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
         results = [measure_shape(shape, Path(scratch)) for shape in SHAPES]
     return {
+        **head,
         "rows": ROWS,
         "runs": RUNS,
         "offer_batch": BATCH,
@@ -184,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(json.loads(REPORT.read_text())))
         return 0
     report = measure()
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    report_io.write(report, REPORT)
     print(table(report))
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import perf_analyzer
+import report_io
 from harness import server_url
 
 from tierserve.manifest import Manifest, version_dir
@@ -146,9 +147,11 @@ def main() -> None:
     if args.table:
         report = json.loads(args.report.read_text())
     else:
+        head = report_io.header()
         build_all(DEFAULT_REPOSITORY, log=lambda line: None)
         split = load_split()
         report = {
+            **head,
             "processor": platform.processor() or platform.machine(),
             "onnxruntime": onnxruntime.__version__,
             "demo_seed": DEMO_SEED,
@@ -157,9 +160,7 @@ def main() -> None:
             "models": measure_in_process(split),
             "served": measure_served(args.url, split),
         }
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.report}")
+        print(f"wrote {report_io.write(report, args.report)}")
     print(table(report))
 
 

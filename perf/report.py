@@ -62,11 +62,6 @@ SECTIONS = {
 }
 
 
-def repeated_runs(report: dict[str, Any]) -> bool:
-    """Whether a report has the format of repeated runs (report_io): runs and their summary."""
-    return "benchmark" in report and "summary" in report and bool(report.get("runs"))
-
-
 def _reports(section: Section, reports: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
     """The section's reports that can be shown, and why the others cannot."""
     found, skipped = [], []
@@ -76,7 +71,7 @@ def _reports(section: Section, reports: Path) -> tuple[list[tuple[Path, dict]], 
             skipped.append(f"{path} is missing")
             continue
         report = report_io.read(path)
-        if section.throughput is not None and not repeated_runs(report):
+        if section.throughput is not None and not report_io.repeated_runs(report):
             skipped.append(f"{path} predates the format of repeated runs: measure again")
             continue
         found.append((path, report))

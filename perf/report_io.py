@@ -169,29 +169,41 @@ def machine(http_url: str | None = None) -> dict[str, Any]:
     }
 
 
-def start(benchmark: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """A report's head, taken as the benchmark starts; the benchmark appends to "runs"."""
+def header() -> dict[str, Any]:
+    """What every report says first, taken as the benchmark starts: the date, the commit and the machine."""
     return {
-        "benchmark": benchmark,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **git_commit(),
         "machine": machine(),
-        "settings": settings,
-        "runs": [],
     }
 
 
-def finish(report: dict[str, Any], summary: dict[str, Any], path: Path) -> Path:
-    """Record the load average at the end and the summary, and write the report to `path`."""
+def start(benchmark: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The head of a report of repeated runs; the benchmark appends to "runs"."""
+    return {"benchmark": benchmark, **header(), "settings": settings, "runs": []}
+
+
+def write(report: dict[str, Any], path: Path) -> Path:
+    """Record the load average at the end in a report begun with `header`, and write it to `path`."""
     report["machine"]["load_average_at_end"] = load_average()
-    report["summary"] = summary
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     return path
 
 
+def finish(report: dict[str, Any], summary: dict[str, Any], path: Path) -> Path:
+    """Add the summary to a report of repeated runs and write it to `path`."""
+    report["summary"] = summary
+    return write(report, path)
+
+
 def read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+def repeated_runs(report: Mapping[str, Any]) -> bool:
+    """Whether a report has the format of repeated runs (`start`, `finish`): runs and their summary."""
+    return "benchmark" in report and "summary" in report and bool(report.get("runs"))
 
 
 def provenance(report: Mapping[str, Any]) -> str:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import report_io
 from harness import running_server
 
 from tierserve.client import TierserveClient, TierserveError
@@ -317,9 +318,9 @@ def main() -> None:
     if args.table:
         print(table(json.loads(args.report.read_text())))
         return
-    report = soak(args.minutes)
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps(report, indent=1) + "\n")
+    head = report_io.header()
+    report = {**head, **soak(args.minutes)}
+    report_io.write(report, args.report)
     print(table(report))
     for problem in report["problems"]:
         print(f"problem: {problem}", file=sys.stderr)

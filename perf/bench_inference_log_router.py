@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import perf_analyzer
 import yaml
-from harness import running_server
+from harness import bench_policy, running_server
 from report_io import git_commit, load_average, machine, spread, spread_text
 
 from tierserve.client import TierserveClient
@@ -57,7 +57,7 @@ from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.tools.dataset import load_split
 from tierserve.tools.log_admin import LogDirectoryError, query
 from tierserve.tools.paths import DEFAULT_REPOSITORY
-from tierserve.tools.repository_variants import router_variant, shipped_policy
+from tierserve.tools.repository_variants import router_variant
 from tierserve.tools.server import TritonServer
 from tierserve.tools.workload import noisy
 
@@ -70,7 +70,6 @@ ORDERS = (("on", "off", "off", "on"), ("off", "on", "on", "off"))  # pair 1, 2, 
 RATIO_GOAL = 0.95  # ON throughput at most 5% lower than OFF
 WARM_UP_REQUESTS = 200  # one at a time, before the bursts
 QUIET_S = 1.0  # after the warm-up: the router's queue-wait gauge falls back
-SHED_STANDARD_AT_MS = 60_000  # both repositories: a standard request is never shed (see bench_policy)
 ACCOUNTED_WITHIN_S = 10.0  # after the load stops, the writer must have flushed every row by then (interval 1 s)
 METRIC = "tierserve_inference_log_records_total"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -81,13 +80,6 @@ def workload() -> np.ndarray:
     images = load_split().test.images[:IMAGES].copy()
     images[1::2] = noisy(images[1::2], SIGMA, NOISE_SEED)
     return images
-
-
-def bench_policy() -> dict:
-    """The shipped policy with standard requests never shed (SHED_STANDARD_AT_MS): perf_analyzer stops at the first
-    error, and on this shared 2-core machine other people's work stalls the router long enough to shed some."""
-    policy = shipped_policy(DEFAULT_REPOSITORY)
-    return {**policy, "load_shedding": {**policy["load_shedding"], "shed_standard_at_ms": SHED_STANDARD_AT_MS}}
 
 
 def repositories(root: Path) -> dict[str, Path]:

@@ -303,11 +303,11 @@ def table(report: dict) -> str:
     lines += [
         "",
         f"Floor, direct calls to the idle lane {LANE}: p99 {cell(floor['p99_ms'], '.2f')} ms unloaded, "
-        f"{cell(floor_loaded['p99_ms'], '.2f')} ms during the shipped run's flood "
-        f"({cell(r['floor_p99_loaded_over_unloaded'], '.1f')}x). Per run, critical p99 at 2x load over the unloaded "
-        f"p99: priority levels only {cell(r['priority_p99_over_unloaded'], '.1f')}x, shipped "
-        f"{cell(r['shipped_p99_over_unloaded'], '.1f')}x; shipped over the floor in the same flood "
-        f"{cell(r['shipped_p99_over_floor'], '.1f')}x.",
+        f"{cell(floor_loaded['p99_ms'], '.2f')} ms during the shipped run's flood, "
+        f"{cell(r['floor_p99_loaded_over_unloaded'], '.1f')} times as much. Critical p99 at 2x load, per run, over "
+        f"the unloaded p99: priority levels only {cell(r['priority_p99_over_unloaded'], '.1f')}, shipped "
+        f"{cell(r['shipped_p99_over_unloaded'], '.1f')}; shipped over the floor's p99 in the same flood "
+        f"{cell(r['shipped_p99_over_floor'], '.1f')}.",
         verdicts(s["goals"]),
         f"Figures per run, medians (min to max) over the runs; {settings['order']}. " + report_io.provenance(report),
     ]

@@ -27,11 +27,23 @@ def running_server(repository: Path = DEFAULT_REPOSITORY) -> Iterator[TritonServ
         yield server
 
 
+SHED_STANDARD_AT_MS = 60_000  # bench_policy: a standard request is never shed
+
+
+def bench_policy(**replaced: Any) -> dict[str, Any]:
+    """The shipped policy with standard requests never shed, and the top-level keys in `replaced` replaced:
+    perf_analyzer stops at the first error, and on this shared 2-core machine other people's work stalls the router
+    long enough to shed some."""
+    policy = shipped_policy(DEFAULT_REPOSITORY)
+    shedding = {**policy["load_shedding"], "shed_standard_at_ms": SHED_STANDARD_AT_MS}
+    return {**policy, "load_shedding": shedding, **replaced}
+
+
 @contextlib.contextmanager
-def cascade_variant(cascade: dict[str, Any]) -> Iterator[Path]:
-    """A repository linking every built model, with the router's cascade settings replaced."""
+def policy_repository(policy: dict[str, Any]) -> Iterator[Path]:
+    """A repository linking every built model, with the router's policy replaced."""
     with tempfile.TemporaryDirectory() as tmp:
-        yield policy_variant(DEFAULT_REPOSITORY, Path(tmp), {**shipped_policy(DEFAULT_REPOSITORY), "cascade": cascade})
+        yield policy_variant(DEFAULT_REPOSITORY, Path(tmp), policy)
 
 
 def loaded_models(server: TritonServer) -> set[str]:

@@ -117,7 +117,7 @@ def plot(section: Section, report: dict, path: Path) -> Path:
         ax.bar(x + offset, medians, width, yerr=[low, high], capsize=3, label=label)
 
     metrics = [m for m in (section.throughput,) if any(m in c for c in conditions)]
-    fig, axes = plt.subplots(len(metrics) + 1, 1, figsize=(max(6.0, 1.1 * len(names) + 2), 3.2 * (len(metrics) + 1)))
+    fig, axes = plt.subplots(len(metrics) + 1, 1, figsize=(max(8.0, 1.1 * len(names) + 2), 3.2 * (len(metrics) + 1)))
     axes = np.atleast_1d(axes)
     for ax, metric in zip(axes, metrics, strict=False):
         bars(ax, metric, 0.0, 0.6, section.throughput_label)

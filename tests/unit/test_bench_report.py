@@ -67,6 +67,7 @@ def _p1_report() -> dict:
             "concurrencies": [1, 8],
             "window_ms": 3000,
             "order": "rotated",
+            "load_shedding": {"shed_standard_at_ms": 60_000},
             "paths": {key: {"name": f"the {key} path"} for key in ("direct", "static", "routed")},
         },
         "runs": runs,

@@ -446,6 +446,10 @@ def run(name: str, index: int, after_kill_s: float, reports: Path) -> tuple[dict
             problems = operating_point(load, sent, killed, heavy)
     if not any(_touches(s, model) for s in sent if s.at > killed):
         problems.append(f"no request reached {model} after the kill")
+    elif not any(_failed_on(s, model) for s in sent if s.at > killed):
+        problems.append(
+            f"the kill was never seen: no call to {model} failed after it (does the router serve it itself?)"
+        )
     if not any(states for _, states in watch.samples):
         problems.append(f"no breaker state for {model} on the metrics port")
     if problems:

@@ -41,3 +41,11 @@ def _finite(probs: np.ndarray) -> np.ndarray | Rejected:
         f"the model's probabilities for {int((~np.isfinite(probs).all(axis=1)).sum())} image(s) are "
         "not finite; pixels should be 0-16"
     )
+
+
+def infer_rows(runner: Runner, images: np.ndarray) -> np.ndarray | Rejected:
+    """Probabilities for one call's rows as `runner` gives them (a non-finite row is the caller's to judge), or
+    why the call was rejected: what a model served through Triton answers, for a model the router runs itself."""
+    if problem := pixel_problem(images, runner.accepts_missing):
+        return Rejected(problem)
+    return runner.infer(bounded(images.astype(np.float32, copy=False)))

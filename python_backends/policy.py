@@ -119,6 +119,8 @@ class Policy:
     attributes: Mapping[str, Attribute] = field(default_factory=dict)
     experiment_models: tuple[str, ...] = ()  # models only an experiment's arm or shadow may call
     adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
+    in_process: tuple[str, ...] = ()  # models the router serves itself while their Triton model is READY, unfaulted
+    optional_models: tuple[str, ...] = ()  # models a server may not load (a GPU variant): skipped while not READY
 
     def lane(self, model: str, tier: str) -> str:
         """The model:version that serves `model` for `tier`: its reserved lane, or the model itself."""
@@ -351,6 +353,12 @@ def _adaptation(data: Any) -> AdaptationSettings:
     return settings
 
 
+def _subset(data: Any, key: str, models: tuple[str, ...]) -> tuple[str, ...]:
+    if not isinstance(data, list):
+        raise PolicyError(f"{key}: expected a list of 'model:version' names listed under models")
+    return tuple(dict.fromkeys(_model(m, f"{key}[{i}]", models) for i, m in enumerate(data)))
+
+
 def parse_policy(data: Any) -> Policy:
     """Validate a policy document (already parsed from YAML) into a Policy."""
     data = _mapping(
@@ -372,6 +380,8 @@ def parse_policy(data: Any) -> Policy:
             "attributes",
             "experiment_models",
             "adaptation",
+            "in_process",
+            "optional_models",
         },
         {"models", "cascade", "fallback"},
     )
@@ -393,6 +403,12 @@ def parse_policy(data: Any) -> Policy:
     if duplicates := sorted({n for n in names if names.count(n) > 1}):
         raise PolicyError(f"rules: rule name {duplicates[0]!r} is used twice")
     experiment_models = _experiment_models(data.get("experiment_models", []), models)
+    in_process = _subset(data.get("in_process", []), "in_process", models)
+    optional_models = _subset(data.get("optional_models", []), "optional_models", models)
+    if both := sorted(set(in_process) & set(optional_models)):
+        raise PolicyError(f"in_process: {both[0]} is optional; the router serves in-process only a model it always has")
+    if data["fallback"] in optional_models:
+        raise PolicyError(f"optional_models: {data['fallback']} is the fallback, which every server must have")
     healing = _mapping(data.get("self_healing", {}), "self_healing", {"reload_min_interval_s"}, set())
     return Policy(
         models,
@@ -410,4 +426,6 @@ def parse_policy(data: Any) -> Policy:
         attributes=_attributes(data.get("attributes", {})),
         experiment_models=experiment_models,
         adaptation=_adaptation(data.get("adaptation", {})),
+        in_process=in_process,
+        optional_models=optional_models,
     )

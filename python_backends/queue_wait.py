@@ -57,8 +57,7 @@ class QueueProbe:
     """Reads one model version's queue statistics from the server's HTTP endpoint.
 
     One connection per reading, closed at once: tritonserver waits for open HTTP connections to close before it
-    stops (up to its exit timeout, then it exits without unloading its models), so a kept connection would
-    hold up every shutdown."""
+    stops (up to its exit timeout, then it exits without unloading its models)."""
 
     def __init__(self, model: str, version: str, address: str | None = None, timeout_s: float = 1.0) -> None:
         self.address = address or os.environ.get(STATS_URL_ENV) or DEFAULT_STATS_URL
@@ -68,15 +67,21 @@ class QueueProbe:
 
     def read(self) -> QueueReading:
         """The current reading; OSError or ValueError when the server does not give one."""
-        connection = http.client.HTTPConnection(self.address, timeout=self._timeout_s)
-        try:
-            connection.request("GET", self.path, headers={"Connection": "close"})
-            reply = connection.getresponse()
-            body = reply.read()
-        except (OSError, http.client.HTTPException) as error:
-            raise OSError(f"statistics from {self.address}{self.path}: {error}") from error
-        finally:
-            connection.close()
-        if reply.status != 200:
-            raise ValueError(f"statistics from {self.address}{self.path}: HTTP {reply.status}")
+        status, body = server_get(self.address, self.path, self._timeout_s)
+        if status != 200:
+            raise ValueError(f"statistics from {self.address}{self.path}: HTTP {status}")
         return parse_queue_reading(body, self.version)
+
+
+def server_get(address: str, path: str, timeout_s: float) -> tuple[int, bytes]:
+    """GET `path` from this server's HTTP endpoint on a connection of its own, closed at once (a kept connection
+    would hold up tritonserver's shutdown): the status and body; OSError when the server does not answer."""
+    connection = http.client.HTTPConnection(address, timeout=timeout_s)
+    try:
+        connection.request("GET", path, headers={"Connection": "close"})
+        reply = connection.getresponse()
+        return reply.status, reply.read()
+    except (OSError, http.client.HTTPException) as error:
+        raise OSError(f"{address}{path}: {error}") from error
+    finally:
+        connection.close()

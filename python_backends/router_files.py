@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from tierserve.learned_router import LearnedRouter
-from tierserve.manifest import Manifest, version_dir
+from tierserve.manifest import MANIFEST_FILE, Manifest, version_dir
+from tierserve.model_states import ModelStates
 from tierserve.policy import Policy
 from tierserve.promotions import Promotions, promoted_policy
 from tierserve.routing import Router
+from tierserve.runners import Runner, load_runner
 from tierserve.signature import TrainingStats
 
 ROUTER_MODEL = "router"  # the router's Python model, the one step of `digits` (its folder: policy, experiments)
@@ -34,8 +36,24 @@ def load_router(router_dir: Path, version: str, promotions: Promotions | None = 
     Which models take missing pixels comes from their manifests, in the same model repository."""
     policy = _policy(router_dir, promotions)
     accepts_missing = {
-        model: Manifest.read(version_dir(router_dir.parent, model)).accepts_missing
+        model: _accepts_missing(router_dir.parent, model, optional=model in policy.optional_models)
         for model in (*policy.models, *policy.experiment_models)
     }
     learned = LearnedRouter.load(router_dir / version / LEARNED_ROUTER_FILE)
-    return Router(policy, accepts_missing, learned), TrainingStats.load(router_dir / version / STATS_FILE)
+    router = Router(policy, accepts_missing, learned, states=ModelStates(policy.in_process, policy.optional_models))
+    return router, TrainingStats.load(router_dir / version / STATS_FILE)
+
+
+def _accepts_missing(repository: Path, model: str, optional: bool) -> bool:
+    """From the model's manifest; an optional model this repository has not built (a GPU variant on a CPU host)
+    takes no missing pixels."""
+    folder = version_dir(repository, model)
+    if optional and not (folder / MANIFEST_FILE).is_file():
+        return False
+    return Manifest.read(folder).accepts_missing
+
+
+def in_process_runners(router_dir: Path, policy: Policy) -> dict[str, Runner]:
+    """The runners of the models the router serves itself, from their own version folders (the same artifacts
+    their Triton models serve)."""
+    return {model: load_runner(version_dir(router_dir.parent, model)) for model in policy.in_process}

@@ -24,6 +24,7 @@ import numpy as np
 from tierserve.circuit_breaker import CircuitBreaker
 from tierserve.learned_router import LearnedRouter, escalation_features
 from tierserve.load_shedding import DEGRADE, SHED, LoadMonitor
+from tierserve.model_states import ModelStates
 from tierserve.policy import Policy
 from tierserve.signature import TIERS, Signature
 
@@ -183,7 +184,8 @@ def merged_parameters(signatures: list[Signature]) -> dict[str, str]:
 
 
 class Router:
-    """Applies one policy. `accepts_missing` says which listed models take images with missing pixels."""
+    """Applies one policy. `accepts_missing` says which listed models take images with missing pixels; `states`
+    which models the router serves in-process and which optional models are unavailable now (none, by default)."""
 
     def __init__(
         self,
@@ -191,6 +193,7 @@ class Router:
         accepts_missing: Mapping[str, bool],
         learned: LearnedRouter | None,
         clock: Callable[[], float] = time.monotonic,
+        states: ModelStates | None = None,
     ) -> None:
         if unknown := sorted(set(policy.models) - set(accepts_missing)):
             raise ValueError(f"no manifest for policy model(s) {', '.join(unknown)}")
@@ -205,6 +208,7 @@ class Router:
         self.accepts_missing = dict(accepts_missing)
         self.learned = learned
         self.clock = clock
+        self.states = states or ModelStates()
         self.breakers = {model: CircuitBreaker(policy.breaker, clock) for model in policy.callable_models}
         self.load = LoadMonitor(policy.shedding, clock)
         self.latency_ewma: dict[str, float] = {}  # seconds per call, per model
@@ -215,8 +219,10 @@ class Router:
         return self.accepts_missing[variant.models.get(model, model)] or signature.missing_fraction == 0.0
 
     def target(self, model: str, tier: str, variant: Variant = BASE) -> str:
-        """The model:version called for `model`: the variant's replacement, through the tier's lane if any."""
-        return self.policy.lane(variant.models.get(model, model), tier)
+        """The model:version called for `model`: the variant's replacement, through the tier's lane if any (a model
+        served in-process needs no lane: no row queues for it)."""
+        chosen = variant.models.get(model, model)
+        return chosen if self.states.in_process(chosen) else self.policy.lane(chosen, tier)
 
     def decide(self, signature: Signature, variant: Variant = BASE) -> Decision:
         for rule in self.policy.rules:
@@ -334,13 +340,21 @@ class Router:
         return None if row.deadline is None else row.deadline - self.clock()
 
     def _send(self, row: _Row, candidates: Iterable[str]) -> None:
-        """Point the row at the first candidate it has not tried, can use, and whose breaker lets it through."""
+        """Point the row at the first candidate it has not tried, can use, and whose breaker lets it through. An
+        optional model this server does not have is passed over for its own fallbacks."""
         row.next_model = None
-        for model in candidates:
+        queue = deque(candidates)
+        while queue:
+            model = queue.popleft()
             if model in row.tried or not self._can_serve(model, row.signature, row.variant):
                 continue
             row.tried.add(model)
             target = self.target(model, row.signature.tier, row.variant)
+            if self.states.unavailable(target):
+                row.hops.append(f"{target} unavailable")
+                row.notes.append(f"{target} is not loaded on this server")
+                queue.extendleft(reversed(self.policy.fallbacks.get(model, ())))
+                continue
             breaker = self.breakers[target]
             if breaker.allow():
                 row.next_model = model
@@ -458,7 +472,7 @@ class Router:
             row.hops.append(f"{model} low_confidence")
             self._send(row, [self.policy.cascade.escalate_to])
             if row.next_model:
-                row.notes.append(f"escalated to {target}")
+                row.notes.append(f"escalated to {self.target(row.next_model, row.signature.tier, row.variant)}")
             else:
                 row.notes.append(f"answered with {model}")
         else:

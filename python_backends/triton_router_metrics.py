@@ -12,6 +12,7 @@ from tierserve.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from tierserve.experiment_stats import ShadowOutcome
 from tierserve.experimenter import RowPlan
 from tierserve.inference_log import InferenceLog, InferenceLogSettings
+from tierserve.model_states import ModelStates
 from tierserve.routing import Answer, Shed
 from tierserve.slo import BudgetBurn, TierSlo
 
@@ -57,6 +58,7 @@ class RouterMetrics:
     per experiment: tierserve_experiment_rows_total{experiment,arm}, tierserve_experiment_latency_seconds{experiment,
     arm}, tierserve_shadow_rows_total{experiment,outcome} (agree, disagree, error, dropped),
     tierserve_shadow_latency_seconds{experiment}; tierserve_inference_log_records_total{outcome} (dropped, lost);
+    tierserve_in_process_rows_total{model,outcome} and tierserve_in_process{model} (1: the router serves it itself);
     every series also carries `instance`, the router instance (each keeps its own breakers and signals). Feedback
     counts come from the `feedback` model."""
 
@@ -133,6 +135,21 @@ class RouterMetrics:
             kind.COUNTER,
             instance,
         )
+        self.in_process_rows_total = LabelledFamily(
+            "tierserve_in_process_rows_total",
+            "Rows the router ran through a model itself (no Triton call), by outcome: ok, or error (then Triton's copy "
+            "of the model was called)",
+            kind.COUNTER,
+            instance,
+        )
+        self.in_process = LabelledFamily(
+            "tierserve_in_process",
+            "1 while the router serves the model itself, 0 while it calls it through Triton (the model is not READY "
+            "or injects faults)",
+            kind.GAUGE,
+            instance,
+        )
+        self._in_process_states: dict[str, bool] = {}
         self._log_counts = {"dropped": 0, "lost": 0}
         self._burns = {tier: BudgetBurn(slo) for tier, slo in tiers.items()}
         self._breaker_states = {model: CLOSED for model in models}
@@ -192,6 +209,16 @@ class RouterMetrics:
             if total > self._log_counts[outcome]:
                 self.log_records(outcome=outcome).increment(total - self._log_counts[outcome])
                 self._log_counts[outcome] = total
+
+    def in_process_rows(self, model: str, outcome: str, rows: int) -> None:
+        self.in_process_rows_total(model=model, outcome=outcome).increment(rows)
+
+    def in_process_state(self, states: ModelStates) -> None:
+        """The in-process gauge of each in-process model (sent only when it changed)."""
+        for model in states.in_process_models:
+            if self._in_process_states.get(model) != (serving := states.in_process(model)):
+                self._in_process_states[model] = serving
+                self.in_process(model=model).set(1.0 if serving else 0.0)
 
     def reloaded(self, name: str) -> None:
         self.reloads(model=name).increment(1)

@@ -14,19 +14,21 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tierserve.batching import Rejected, infer_rows
 from tierserve.experiment_spec import EXPERIMENTS_FILE
 from tierserve.experiment_stats import ShadowOutcome
 from tierserve.experimenter import EXPERIMENTS_PARAMETER, Experimenter, RowPlan, served_experiments
 from tierserve.healing import Healer, ReloadLog
 from tierserve.inference_log import LOG_DIR_ENV, inference_record, load_settings
 from tierserve.load_shedding import SHED, shed_message
+from tierserve.model_states import POLL_S, TritonStateProbe
 from tierserve.pixels import NUM_CLASSES, infinity_problem
 from tierserve.promotions import describe, served_promotions
 from tierserve.queue_wait import QueueProbe, QueueWaitMeter
 from tierserve.replay_tokens import REPLAY_PARAMETER, ReplayRow, ReplayTokenError, parse_replay
 from tierserve.request_context import ParameterError, parse_context
 from tierserve.resize import resize_to_native, size_problem, source_stats
-from tierserve.router_files import load_router
+from tierserve.router_files import in_process_runners, load_router
 from tierserve.routing import Answer, ModelCallError, ModelDown, ModelRefused, ModelTimeout, Router, Shed
 from tierserve.server_scratch import LANE_TOKEN_PARAMETER, lane_token, server_scratch, server_secret
 from tierserve.shadow import BATCH_ROWS, GATHER_S, Mirror, ShadowQueue, outcomes
@@ -61,6 +63,11 @@ class TritonPythonModel:
         self.router, self.stats = load_router(Path(args["model_repository"]), args["model_version"], promotions)
         pb_utils.Logger.log_info(f"router: promotions: {describe(promotions)}")
         self.policy = self.router.policy
+        # the models the router answers for itself while Triton has them READY and unfaulted (tierserve.model_states)
+        self.in_process = in_process_runners(Path(args["model_repository"]), self.policy)
+        for runner in self.in_process.values():  # warm: a cold first call took ~20 ms
+            for _ in range(2):
+                runner.infer(np.zeros((1, 8, 8), np.float32))
         # shared by this server's router instances (their parent process is tritonserver)
         scratch = server_scratch(os.getppid())
         reload_log = ReloadLog(scratch)
@@ -75,6 +82,7 @@ class TritonPythonModel:
             reload=self._reload,
         )
         self.metrics = RouterMetrics(self.policy.callable_models, self.policy.tiers, args["model_instance_name"])
+        self.metrics.in_process_state(self.router.states)
         config = json.loads(args["model_config"])
         self.warm_up = WarmUp(config)
         # experiments: applied with the config (tierserve experiment apply), else as the state store or the file says
@@ -100,6 +108,8 @@ class TritonPythonModel:
         self._last_execute: float | None = time.monotonic()  # when the latest execute ended; None during one
         self._stopping = threading.Event()
         threading.Thread(target=self._watch_queue, name="router-queue-wait", daemon=True).start()
+        if self.router.states.watched:
+            threading.Thread(target=self._watch_models, name="router-model-states", daemon=True).start()
         self._flusher = threading.Thread(target=self._flush, name="router-experiment-counts", daemon=True)
         self._flusher.start()
 
@@ -143,6 +153,18 @@ class TritonPythonModel:
             if self.router.stalls.overlap(now - wait_ms / 1000 - FAULT_HOLD_S, now) > 0 or now < self._healing_until:
                 continue  # they waited while this instance was stuck on failing calls or healing a model: a fault
             self.metrics.state(self.router.breakers, self.router.load.observe(wait_ms))
+
+    def _watch_models(self) -> None:
+        """Keep the router's view of its in-process and optional models as Triton has them (readiness, injected
+        faults); a reading that fails leaves the view as it is."""
+        probe, states = TritonStateProbe(), self.router.states
+        while not self._stopping.wait(POLL_S):
+            for model in states.watched:
+                try:
+                    states.update(model, probe.read(model))
+                except OSError:
+                    continue
+            self.metrics.in_process_state(states)
 
     def finalize(self) -> None:
         self._stopping.set()
@@ -367,6 +389,17 @@ class TritonPythonModel:
     async def _infer(
         self, model: str, images: np.ndarray, parameters: dict[str, str], *, timeout_s: float
     ) -> np.ndarray:
+        if (runner := self.in_process.get(model)) is not None and self.router.states.in_process(model):
+            try:
+                result = infer_rows(runner, images)
+            except Exception as error:  # the Triton model is the in-process copy's fallback
+                pb_utils.Logger.log_error(f"router: {model} failed in-process, calling it through Triton: {error!r}")
+                self.metrics.in_process_rows(model, "error", len(images))
+            else:
+                if isinstance(result, Rejected):
+                    raise ModelRefused(f"{model}: {result.message}")
+                self.metrics.in_process_rows(model, "ok", len(images))
+                return result
         name, version = model.split(":")
         request = pb_utils.InferenceRequest(
             model_name=name,

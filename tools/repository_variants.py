@@ -18,6 +18,13 @@ def router_variant(source: Path, target: Path, files: Mapping[str, str]) -> Path
     for model in source.iterdir():
         if model.is_dir() and model.name != ROUTER_MODEL:
             (target / model.name).symlink_to(model.resolve())
+    router_folder(source, target, files)
+    return target
+
+
+def router_folder(source: Path, target: Path, files: Mapping[str, str]) -> Path:
+    """`target`'s router folder: links to `source`'s router files but those named in `files` (name -> text), which
+    are written instead; return it."""
     router = target / ROUTER_MODEL
     router.mkdir()
     for item in (source / ROUTER_MODEL).iterdir():
@@ -25,7 +32,7 @@ def router_variant(source: Path, target: Path, files: Mapping[str, str]) -> Path
             (router / item.name).symlink_to(item.resolve())
     for name, text in files.items():
         (router / name).write_text(text)
-    return target
+    return router
 
 
 def policy_variant(source: Path, target: Path, policy: dict[str, Any]) -> Path:

@@ -7,6 +7,7 @@ import ctypes
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -261,14 +262,16 @@ class TritonServer:
             time.sleep(0.2)
         raise ServerError(f"tritonserver was not ready within {timeout_s:.0f} s")
 
-    def _log_tail(self, lines: int = 30) -> str:
-        """The last lines of tritonserver's log when it goes to a file, for an error message; empty otherwise."""
+    def _log_tail(self, errors: int = 20, lines: int = 10) -> str:
+        """tritonserver's first error lines and its last lines, when its log goes to a file, for an error message;
+        empty otherwise."""
         name = getattr(self.output, "name", None)
         if not isinstance(name, str) or not Path(name).is_file():
             return ""
         self.output.flush()
-        tail = Path(name).read_text(errors="replace").splitlines()[-lines:]
-        return "\n--- the end of " + name + " ---\n" + "\n".join(tail)
+        log = Path(name).read_text(errors="replace").splitlines()
+        failures = [line for line in log if re.match(r"E\d{4} ", line)][:errors]  # glog's error lines
+        return f"\n--- errors in {name} ---\n" + "\n".join(failures) + "\n--- its end ---\n" + "\n".join(log[-lines:])
 
     def is_ready(self) -> bool:
         """Whether /v2/health/ready answers 200 now: the server is up and calls every model READY."""

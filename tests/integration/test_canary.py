@@ -4,7 +4,7 @@ the first step on the gate that saw it, traffic goes back to the baseline and th
 request fails on the way (a few shed under load aside), and the audit trail has every step and the outcome.
 
 Faults are injected per Triton model (`tierserve fault digits_heavy`), which serves every version of digits_heavy.
-So that only the candidate feels them, this server's policy gives the baseline, digits_heavy:2, a lane for the
+So that only the candidate feels them, this server's policy gives the baseline, digits_heavy:3, a lane for the
 standard tier (digits_heavy_standard, serving digits_heavy's artifacts like the critical lane): the canary's
 control arm calls the lane, its treatment arm calls digits_heavy:1 on the shared model."""
 
@@ -67,7 +67,7 @@ def _lane(source: Path, target: Path, name: str, versions: tuple[int, ...], serv
     the config serves `served`."""
     target.mkdir()
     config = (source / CRITICAL_LANE / "config.pbtxt").read_text().replace(CRITICAL_LANE, name)
-    config = config.replace("versions: [ 2 ]", f"versions: [ {served} ]")
+    config = config.replace("versions: [ 3 ]", f"versions: [ {served} ]")
     (target / "config.pbtxt").write_text(config)
     for version in versions:
         (target / str(version)).mkdir()
@@ -76,19 +76,19 @@ def _lane(source: Path, target: Path, name: str, versions: tuple[int, ...], serv
 
 @pytest.fixture(scope="module")
 def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The model repository, linked, its policy with a standard-tier lane for digits_heavy:2, a call timeout and
+    """The model repository, linked, its policy with a standard-tier lane for digits_heavy:3, a call timeout and
     breakers that let a slow candidate be (the latency gate is to judge it, not a timeout or the breaker), and lanes
     of version 1 (critical and standard) for the promotion."""
     policy = shipped_policy(model_repository)
-    policy["lanes"]["standard"] = {"digits_heavy:2": f"{STANDARD_LANE}:2"}
+    policy["lanes"]["standard"] = {"digits_heavy:3": f"{STANDARD_LANE}:3"}
     policy["circuit_breaker"]["latency_threshold_ms"] = 5000
     policy["call_timeout_ms"] = 3000
     target = tmp_path_factory.mktemp("canary") / "model_repository"
     target.mkdir()
     policy_variant(model_repository, target, policy)
     (target / CRITICAL_LANE).unlink()
-    _lane(model_repository, target / CRITICAL_LANE, CRITICAL_LANE, (1, 2), 2)
-    _lane(model_repository, target / STANDARD_LANE, STANDARD_LANE, (1, 2), 2)
+    _lane(model_repository, target / CRITICAL_LANE, CRITICAL_LANE, (1, 3), 3)
+    _lane(model_repository, target / STANDARD_LANE, STANDARD_LANE, (1, 3), 3)
     return target
 
 
@@ -243,7 +243,7 @@ def test_a_healthy_candidate_is_promoted_step_by_step(
         assert steps == [
             (Action.CANARY_STEP, "0%", "10%", Outcome.OK),
             (Action.CANARY_STEP, "10%", "50%", Outcome.OK),
-            (Action.PROMOTE, "digits_heavy:2", CANDIDATE, Outcome.OK),
+            (Action.PROMOTE, "digits_heavy:3", CANDIDATE, Outcome.OK),
             (Action.CANARY_STEP, "50%", "promoted", Outcome.OK),
         ]
         assert "errors ok" in _audit(server, since)[1].message  # each step records the figures that passed

@@ -29,7 +29,7 @@ from tierserve.tools.paths import DEFAULT_REPOSITORY
 POLICY = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
 USERS = [f"user-{i}" for i in range(10_000)]
 TOLERANCE = 0.015  # 1.5 percentage points
-HEAVY_V1 = {"digits_heavy:2": "digits_heavy:1"}
+HEAVY_V1 = {"digits_heavy:3": "digits_heavy:1"}
 RNG = random.Random(20261101)
 SEEDS = [RNG.getrandbits(64) for _ in range(10_000)]
 
@@ -266,7 +266,7 @@ def test_assignments_come_in_file_order_and_later_changes_win():
                 {
                     "name": "strict",
                     "weight": 100,
-                    "models": {"digits_heavy:2": "digits_light:1"},
+                    "models": {"digits_heavy:3": "digits_light:1"},
                     "cascade": {"thresholds": {"standard": 0.95}},
                 },
                 {"name": "control", "weight": 0},
@@ -280,7 +280,7 @@ def test_assignments_come_in_file_order_and_later_changes_win():
         ("cascade_canary", "strict"),
         ("shadow_v1", "mirrored"),
     ]
-    assert Assigner.changes(row) == Changes({"digits_heavy:2": "digits_light:1"}, {"standard": 0.95})
+    assert Assigner.changes(row) == Changes({"digits_heavy:3": "digits_light:1"}, {"standard": 0.95})
     assert Assigner.changes(row[:1]) == Changes(HEAVY_V1)
     assert Assigner.changes([]).empty
 

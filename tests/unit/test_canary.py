@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 from rich.console import Console
 from tritonclient.utils import InferenceServerException
 
@@ -296,15 +297,10 @@ def test_a_refused_canary_names_the_problem_changes_nothing_and_is_audited(
 def test_a_candidate_the_policy_does_not_allow_experiments_to_call_is_refused(
     server: Server, console: Console, audit: Path
 ):
-    router = server.repository / ROUTER_MODEL
-    shipped = router.resolve()
-    router.unlink()
-    router.mkdir()
-    for item in shipped.iterdir():
-        (router / item.name).symlink_to(item)
-    (router / POLICY_FILE).unlink()
-    policy = (shipped / POLICY_FILE).read_text().replace("experiment_models: [digits_heavy:1, digits_heavy:3]", "")
-    (router / POLICY_FILE).write_text(policy + "\nexperiment_models: [digits_heavy:1]\n")
+    policy_file = server.repository / ROUTER_MODEL / POLICY_FILE
+    policy = yaml.safe_load(policy_file.read_text())
+    assert policy.pop("experiment_models") == ["digits_heavy:1", "digits_heavy:3"]
+    policy_file.write_text(yaml.safe_dump({**policy, "experiment_models": ["digits_heavy:1"]}))
     with pytest.raises(CanaryRefused) as refused:
         _run(server, console, target="digits_heavy:3")
     assert refused.value.problem == CanaryProblem.NOT_ALLOWED

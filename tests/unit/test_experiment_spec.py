@@ -107,12 +107,12 @@ MISTAKES = {
         "experiments[3].arms[0].weight: not for a bandit",
     ),
     "replacement outside the allowlist": (
-        lambda ex: ex[0]["arms"][1]["models"].update({"digits_heavy:2": "digits_heavy:7"}),
-        "experiments[0].arms[1].models.digits_heavy:2: 'digits_heavy:7' is not listed under models or "
+        lambda ex: ex[0]["arms"][1]["models"].update({"digits_heavy:3": "digits_heavy:7"}),
+        "experiments[0].arms[1].models.digits_heavy:3: 'digits_heavy:7' is not listed under models or "
         "experiment_models",
     ),
     "replaced model not in the policy": (
-        lambda ex: ex[0]["arms"][1].update(models={"digits_heavy:1": "digits_heavy:2"}),
+        lambda ex: ex[0]["arms"][1].update(models={"digits_heavy:1": "digits_heavy:3"}),
         "experiments[0].arms[1].models.digits_heavy:1: not listed under models in policy.yaml",
     ),
     "undeclared attribute": (

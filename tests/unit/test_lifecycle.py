@@ -31,10 +31,13 @@ from tierserve.tools.model_control import VersionState
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 from tierserve.tools.provenance import ON_DISK, disk_provenance, provenance, provenance_text, server_provenance
 
+from .heavy_v2 import heavy_v2_router
+
 
 @pytest.fixture
 def repository(tmp_path: Path) -> Path:
-    """The model repository, linked, with digits_heavy versions 1 and 2 as built, a version 3 (built), lane shims
+    """The model repository, linked, its policy routing digits_heavy:2 (tests/unit/heavy_v2.py), with digits_heavy
+    versions 1 and 2 as built, a version 3 (built), lane shims
     for versions 1 and 3, a version 7 that was never built, and a version 8 built but without a lane folder."""
     repository = tmp_path / "model_repository"
     repository.mkdir()
@@ -46,6 +49,8 @@ def repository(tmp_path: Path) -> Path:
             policy = f"version_policy: {{ specific: {{ versions: [{versions}] }} }}"
             config = re.sub(r"version_policy: .*", policy, config)
             (repository / model.name / "config.pbtxt").write_text(config)
+        elif model.name == ROUTER_MODEL:
+            heavy_v2_router(repository)
         elif model.is_dir():
             (repository / model.name).symlink_to(model)
     heavy, lane = repository / "digits_heavy", repository / "digits_heavy_critical"

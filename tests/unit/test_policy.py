@@ -121,6 +121,9 @@ def test_a_condition_on_an_absent_deadline_does_not_hold():
             {"shed_best_effort_at_ms": 90, "shed_standard_at_ms": 80},
             "load_shedding: expected degrade_best_effort_at_ms <= shed_best_effort_at_ms <= shed_standard_at_ms",
         ),
+        ("in_process", "digits_light:1", "in_process: expected a list of 'model:version' names"),
+        ("in_process", ["nope:1"], "in_process[0]: 'nope:1' is not listed under models"),
+        ("optional_models", ["digits_rules:1"], "optional_models: digits_rules:1 is the fallback"),
     ],
 )
 def test_every_mistake_is_named_by_its_key(path: str, value, message: str):
@@ -179,3 +182,11 @@ def test_lanes_serve_one_tier_and_are_callable():
     assert policy.lane("digits_light:1", "critical") == "digits_light_critical:1"
     assert policy.lane("digits_light:1", "standard") == "digits_light:1"
     assert "digits_light_critical:1" in policy.callable_models
+
+
+def test_a_model_is_either_served_in_process_or_optional_never_both():
+    data = {**copy.deepcopy(VALID), "in_process": ["digits_light:1"], "optional_models": ["digits_light:1"]}
+    with pytest.raises(PolicyError, match="in_process: digits_light:1 is optional"):
+        parse_policy(data)
+    policy = parse_policy({**data, "optional_models": ["digits_heavy:2"]})
+    assert (policy.in_process, policy.optional_models) == (("digits_light:1",), ("digits_heavy:2",))

@@ -23,11 +23,13 @@ from tierserve.promotions import (
     stored_promotions,
     version_uses,
 )
-from tierserve.router_files import ROUTER_MODEL, load_router, router_policy
+from tierserve.router_files import ROUTER_MODEL, load_router
 from tierserve.state_store import MemoryStore
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 
-POLICY = router_policy(DEFAULT_REPOSITORY)
+from .heavy_v2 import heavy_v2_policy
+
+POLICY = heavy_v2_policy()
 HEAVY_3 = Promotions().promoted(ModelVersion("digits_heavy", 3), serving=2)
 
 
@@ -158,13 +160,15 @@ def test_the_router_serves_its_parameter_else_the_store_else_none():
         stored_promotions(store)
 
 
-def test_load_router_applies_promotions():
+def test_load_router_applies_promotions_to_the_shipped_policy():
     router, _ = load_router(
-        DEFAULT_REPOSITORY / ROUTER_MODEL, "1", Promotions().promoted(ModelVersion("digits_heavy", 1), serving=2)
+        DEFAULT_REPOSITORY / ROUTER_MODEL, "1", Promotions().promoted(ModelVersion("digits_heavy", 1), serving=3)
     )
-    assert router.policy.cascade.escalate_to == "digits_heavy:1"
-    assert "digits_heavy:1" in router.breakers and "digits_heavy:2" not in router.breakers
+    assert router.policy.cascade.escalate_to == "digits_heavy_trt:1"  # the GPU variant, not built on this host
+    assert router.policy.chain("digits_heavy_trt:1") == ("digits_heavy:1", "digits_light:1", "digits_rules:1")
+    assert "digits_heavy:1" in router.breakers and "digits_heavy:3" not in router.breakers
     assert router.policy.lane("digits_heavy:1", "critical") == "digits_heavy_critical:1"
+    assert router.accepts_missing["digits_heavy_trt:1"] is False
 
 
 def test_uses_of_a_routed_version_name_every_place():

@@ -71,5 +71,5 @@ def test_the_probe_reads_the_servers_statistics_and_says_when_it_cannot():
     finally:
         server.shutdown()
         server.server_close()
-    with pytest.raises(OSError, match="statistics from"):
+    with pytest.raises(OSError, match="/v2/models/router/versions/1/stats"):
         probe.read()  # nobody listens there any more

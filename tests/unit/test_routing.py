@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tierserve.learned_router import FEATURES, LearnedRouter
+from tierserve.model_states import ModelStates, TritonState
 from tierserve.policy import parse_policy
 from tierserve.routing import ModelCallError, ModelRefused, ModelTimeout, Router, StallLog, merged_parameters
 from tierserve.signature import Signature
@@ -523,3 +524,43 @@ def test_the_budget_counts_from_when_the_server_started_on_the_request():
     models = FakeModels(clock=clock)
     asyncio.run(router.route(_images(0.9), [_signature(deadline_ms=100)], models, spent_ms=[70.0]))
     assert models.timeouts[0] == pytest.approx(0.030), "70 ms of the 100 ms went before the router"
+
+
+def test_a_model_served_in_process_takes_every_tier_without_a_lane_until_triton_says_otherwise():
+    clock = Clock()
+    policy = dict(
+        CHAINED,
+        lanes={"critical": {"light:1": "light_critical:1", "heavy:1": "heavy_critical:1"}},
+        in_process=["light:1"],
+    )
+    states = ModelStates(in_process=["light:1"])
+    router = Router(parse_policy(policy), ACCEPTS_MISSING, learned=None, clock=clock, states=states)
+    models = FakeModels(clock=clock)
+    tiers = [_signature(tier="critical"), _signature(tier="standard"), _signature(tier="critical")]
+    answers = _route(router, _images(0.99, 0.99, 0.5), tiers, models)
+    assert [a.path for a in answers] == ["light:1 ok", "light:1 ok", "light:1 low_confidence>heavy_critical:1 ok"]
+    assert sorted((model, rows) for model, rows, _ in models.calls) == [("heavy_critical:1", 1), ("light:1", 3)]
+    states.update("light:1", TritonState(ready=True, faulted=True))  # a fault drill: through Triton, lanes again
+    answers = _route(router, _images(0.99, 0.99), tiers[:2], models)
+    assert [a.path for a in answers] == ["light_critical:1 ok", "light:1 ok"]
+
+
+def test_an_optional_model_not_loaded_is_passed_over_for_its_fallbacks_and_path_says_so():
+    policy = dict(
+        POLICY,
+        models=[*POLICY["models"], "gpu:1"],
+        optional_models=["gpu:1"],
+        cascade={**POLICY["cascade"], "escalate_to": "gpu:1"},
+        fallbacks={"gpu:1": ["heavy:1", "light:1"]},
+    )
+    states = ModelStates(optional=["gpu:1"])
+    router = Router(parse_policy(policy), {**ACCEPTS_MISSING, "gpu:1": False}, learned=None, states=states)
+    models = FakeModels()
+    escalated, direct = _route(router, _images(0.5, 0.99), [_signature(), _signature()], models)
+    assert escalated.path == "light:1 low_confidence>gpu:1 unavailable>heavy:1 ok"
+    assert escalated.route == "heavy:1" and escalated.outcome == "direct"
+    assert "gpu:1 is not loaded on this server; escalated to heavy:1" in escalated.reason
+    assert direct.path == "light:1 ok" and "gpu:1" not in [m for m, _, _ in models.calls]
+    states.update("gpu:1", TritonState(ready=True))
+    (escalated,) = _route(router, _images(0.5), [_signature()], models)
+    assert escalated.path == "light:1 low_confidence>gpu:1 ok"

@@ -1,0 +1,84 @@
+"""Which models the router serves itself and which optional models it may call, from Triton's own readiness and
+configuration of them."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import pytest
+
+from tierserve.model_states import ModelStates, TritonState, TritonStateProbe, injects_faults
+
+
+def _config(**parameters: str) -> bytes:
+    values = {key: {"string_value": value} for key, value in parameters.items()}
+    return json.dumps({"name": "digits_light", "parameters": values}).encode()
+
+
+def test_an_in_process_model_is_served_in_process_only_while_ready_and_unfaulted():
+    states = ModelStates(in_process=["light:1"], optional=["gpu:1"])
+    assert states.watched == ("light:1", "gpu:1")
+    assert states.in_process("light:1") and not states.in_process("gpu:1"), "before any reading: in-process"
+    assert states.unavailable("gpu:1") and not states.unavailable("light:1"), "an optional model: not until READY"
+    for state, served in ((TritonState(ready=False), False), (TritonState(True, faulted=True), False)):
+        states.update("light:1", state)
+        assert states.in_process("light:1") is served
+    states.update("light:1", TritonState(ready=True))
+    states.update("gpu:1", TritonState(ready=True))
+    assert states.in_process("light:1") and not states.unavailable("gpu:1")
+    states.update("gpu:1", TritonState(ready=False))
+    assert states.unavailable("gpu:1")
+
+
+@pytest.mark.parametrize(
+    ("body", "faulted"),
+    [
+        (_config(), False),
+        (_config(serves="digits_light", fault_latency_ms="0"), False),
+        (_config(fault_latency_ms="50"), True),
+        (_config(fault_hard_failure="true"), True),
+        (_config(fault_error_rate="2"), True),  # malformed: the server would refuse it; never served in-process
+        (b"not json", True),
+        (json.dumps({"parameters": {"fault_error_rate": "0.5"}}).encode(), True),  # not Triton's shape
+    ],
+)
+def test_a_configuration_that_injects_or_may_inject_faults_counts_as_faulted(body: bytes, faulted: bool):
+    assert injects_faults(body) is faulted
+
+
+class _Triton(BaseHTTPRequestHandler):
+    replies: ClassVar[dict[str, tuple[int, bytes]]] = {}
+
+    def do_GET(self) -> None:
+        status, body = self.replies.get(self.path, (400, b'{"error":"unknown"}'))
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_the_probe_reads_readiness_then_configuration_from_the_server():
+    _Triton.replies = {
+        "/v2/models/digits_light/versions/1/ready": (200, b""),
+        "/v2/models/digits_light/versions/1/config": (200, _config(fault_error_rate="0.5")),
+        "/v2/models/digits_heavy/versions/3/ready": (200, b""),
+        "/v2/models/digits_heavy/versions/3/config": (200, _config()),
+    }
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Triton)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    probe = TritonStateProbe(address=f"127.0.0.1:{server.server_address[1]}")
+    try:
+        assert probe.read("digits_light:1") == TritonState(ready=True, faulted=True)
+        assert probe.read("digits_heavy:3") == TritonState(ready=True, faulted=False)
+        assert probe.read("digits_heavy_trt:1") == TritonState(ready=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(OSError, match="digits_light/versions/1/ready"):
+        probe.read("digits_light:1")

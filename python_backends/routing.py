@@ -457,7 +457,7 @@ class Router:
         row.first_label = int(np.argmax(outcome))
         row.notes.append(f"{model} {why}")
         left = self._time_left(row)
-        target = self.target(self.policy.cascade.escalate_to, row.signature.tier, row.variant)
+        target = self._reached(self.policy.cascade.escalate_to, row)
         needed = self._expected_latency(target)
         if escalate and row.degraded:
             row.hops.append(f"{model} ok")
@@ -477,6 +477,18 @@ class Router:
                 row.notes.append(f"answered with {model}")
         else:
             row.hops.append(f"{model} ok")
+
+    def _reached(self, model: str, row: _Row) -> str:
+        """The model:version a call for `model` reaches for this row: past optional models this server does not
+        have, to the first of their fallbacks it has (`model`'s own target when none is)."""
+        candidates = deque([model])
+        while candidates:
+            candidate = candidates.popleft()
+            target = self.target(candidate, row.signature.tier, row.variant)
+            if not self.states.unavailable(target):
+                return target
+            candidates.extendleft(reversed(self.policy.fallbacks.get(candidate, ())))
+        return self.target(model, row.signature.tier, row.variant)
 
     def _expected_latency(self, model: str) -> float:
         """The model's moving-average latency, or 0 once it is LATENCY_STALE_S old: an estimate that only calls

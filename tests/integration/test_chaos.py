@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tierserve.client import TierserveClient
@@ -22,6 +23,7 @@ from tierserve.tools.model_control import AdminKeyRefused, ModelControl
 from tierserve.tools.server import Ports, TritonServer
 from tierserve.tools.workload import pure_noise, with_missing
 
+from .conftest import escalated_images
 from .prometheus import metric_values
 
 
@@ -65,32 +67,65 @@ def test_the_model_repository_api_needs_the_admin_key(chaos):
     intruder.close()
 
 
+def _recent_escalated_to(sent: list[Sent], model: str, count: int = 10, tier: str = "standard") -> bool:
+    """The last `count` answers of `tier` (at least that many) escalated to `model` and got its answer."""
+    last = [s for s in sent if s.tier == tier][-count:]
+    return len(last) == count and all(s.answer and s.answer.path.endswith(f">{model} ok") for s in last)
+
+
 def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(chaos, split: DigitsSplit):
+    """digits_heavy:3 is called through Triton for every escalation; its stub is killed under load."""
     server, _ = chaos
-    (old_pid,) = server.stub_pids("digits_light")
-    with SteadyLoad(server.grpc_url, split.test.images[:50], tier_key=server.tier_key) as load:  # critical, standard
-        assert load.wait_until(lambda sent: len(sent) > 40, 10)
+    hard = escalated_images(server.grpc_url, split.test.images[:300])
+    (old_pid,) = server.stub_pids("digits_heavy/3")
+    with SteadyLoad(server.grpc_url, hard, tier_key=server.tier_key) as load:  # critical, standard
+        assert load.wait_until(lambda sent: _recent_escalated_to(sent, "digits_heavy:3"), 10)
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
         assert load.wait_until(
-            lambda sent: any(s.at > killed_at and s.answer and "ejected" in s.answer.path for s in sent), 15
+            lambda sent: any(s.at > killed_at and s.answer and "digits_heavy:3 ejected" in s.answer.path for s in sent),
+            15,
         ), "the breaker never opened"
         healed = load.wait_until(
-            lambda sent: _recent_on([s for s in sent if s.at > killed_at + 1], "digits_light:1", tiers=("standard",)),
-            25,
+            lambda sent: _recent_escalated_to([s for s in sent if s.at > killed_at + 1], "digits_heavy:3"), 25
         )
     after = [s for s in load.sent if s.at > killed_at and s.tier == "standard"]
     assert [s.error for s in load.sent if s.error] == [], "no request failed"
     critical = [s.answer for s in load.sent if s.at > killed_at and s.tier == "critical"]
-    assert critical and all(a.path.startswith("digits_light_critical:1 ") for a in critical), (
-        "critical rows run on their reserved lane, untouched by the shared model's death"
+    assert critical and all(a.path.endswith(">digits_heavy_critical:3 ok") for a in critical), (
+        "critical escalations run on their reserved lane, untouched by the shared model's death"
     )
-    assert any("digits_light:1 error" in s.answer.path or "digits_light:1 timeout" in s.answer.path for s in after)
-    assert any("digits_light:1 breaker open" in s.answer.reason for s in after)
-    assert sum(metric_values(server, "tierserve_model_reloads_total", model="digits_light")) >= 1
-    assert healed, "traffic did not return to digits_light:1"
-    (new_pid,) = server.stub_pids("digits_light")
-    assert new_pid != old_pid
+    assert any("digits_heavy:3 error" in s.answer.path or "digits_heavy:3 timeout" in s.answer.path for s in after)
+    assert any("digits_heavy:3 breaker open" in s.answer.reason for s in after)
+    assert any("answered with digits_light:1" in s.answer.reason for s in after), "a failed escalation keeps"
+    assert sum(metric_values(server, "tierserve_model_reloads_total", model="digits_heavy")) >= 1
+    assert healed, "escalations did not return to digits_heavy:3"
+    assert old_pid not in server.stub_pids("digits_heavy/3")
+
+
+def test_a_killed_stub_of_the_in_process_model_costs_routed_traffic_nothing(chaos, split: DigitsSplit):
+    """The router runs digits_light:1 itself: its Triton stub's death (which Triton 2.51 still calls READY) is
+    not seen by routed requests, while direct callers of digits_light see it."""
+    server, control = chaos
+    (old_pid,) = server.stub_pids("digits_light/1")
+    direct = httpclient.InferenceServerClient(server.http_url)
+    pixels = httpclient.InferInput("PIXELS", [1, 8, 8], "FP32")
+    pixels.set_data_from_numpy(split.test.images[:1].astype(np.float32))
+    with SteadyLoad(server.grpc_url, split.test.images[:50], tier_key=server.tier_key) as load:
+        assert load.wait_until(lambda sent: len(sent) > 40, 10)
+        killed_at = time.monotonic()
+        os.kill(old_pid, signal.SIGKILL)
+        assert load.wait_until(lambda sent: sum(s.at > killed_at + 1 for s in sent) > 40, 15)
+        with pytest.raises(InferenceServerException):  # a direct caller meets the dead stub
+            direct.infer("digits_light", [pixels])
+    direct.close()
+    after = [s.answer for s in load.sent if s.at > killed_at]
+    assert [s.error for s in load.sent if s.error] == [], "no request failed"
+    assert after and all(a.path.startswith(("digits_light:1 ok", "digits_light:1 low_confidence")) for a in after)
+    assert max(metric_values(server, "tierserve_in_process", model="digits_light:1")) == 1.0
+    assert sum(metric_values(server, "tierserve_in_process_rows_total", model="digits_light:1", outcome="ok")) > 0
+    control.unload("digits_light")  # this module's server has no supervisor to heal it
+    control.load("digits_light")
 
 
 def test_an_unloaded_primary_falls_back_and_takes_traffic_again_once_loaded(chaos, split: DigitsSplit):
@@ -108,7 +143,8 @@ def test_an_unloaded_primary_falls_back_and_takes_traffic_again_once_loaded(chao
             lambda sent: _recent_on([s for s in sent if s.at > loaded_at], "digits_light:1", tiers=("standard",)), 25
         )
     assert [s.error for s in load.sent if s.error] == []
-    during = [s.answer for s in load.sent if unloaded_at + 0.2 < s.at < loaded_at and s.tier == "standard"]
+    # the router sees the unload within model_states.POLL_S (0.25 s), and serves digits_light:1 in-process no more
+    during = [s.answer for s in load.sent if unloaded_at + 0.6 < s.at < loaded_at and s.tier == "standard"]
     assert during and all(a.route != "digits_light:1" for a in during)
     assert all(a.path.startswith(("digits_light:1 error>", "digits_light:1 ejected>")) for a in during)
     assert back
@@ -138,8 +174,8 @@ def test_injected_latency_is_cut_off_by_the_deadline(chaos, split: DigitsSplit):
     for answer in escalated:
         assert answer.route == "digits_light:1"
         assert answer.path in (
-            "digits_light:1 low_confidence>digits_heavy:2 timeout",
-            "digits_light:1 low_confidence>digits_heavy:2 ejected",
+            "digits_light:1 low_confidence>digits_heavy_trt:1 unavailable>digits_heavy:3 timeout",
+            "digits_light:1 low_confidence>digits_heavy_trt:1 unavailable>digits_heavy:3 ejected",
         )
         assert "answered with digits_light:1" in answer.reason
     assert any("did not answer within" in a.reason for a in escalated)

@@ -127,7 +127,7 @@ def test_extreme_pixels_get_the_capped_safe_default_never_a_nan(triton: TritonSe
 
 
 def test_a_dead_model_is_a_fault_not_overload(model_repository, tmp_path, split: DigitsSplit):
-    """Standard traffic at concurrency 8, noisy images that mostly escalate, while digits_heavy:2's stub is
+    """Standard traffic at concurrency 8, noisy images that mostly escalate, while digits_heavy:3's stub is
     killed: calls to it stall until its breaker opens, and requests queue meanwhile. That wait is a fault,
     not overload: nothing may be shed (it once refused 211 of 300 requests), and nothing may fail."""
     images = noisy(np.repeat(split.test.images[:64], 1, axis=0), sigma=3.0, seed=1).reshape(8, 8, 8, 8)
@@ -153,8 +153,8 @@ def test_a_dead_model_is_a_fault_not_overload(model_repository, tmp_path, split:
         for thread in threads:
             thread.start()
         time.sleep(2)
-        escalated_before = sum("digits_heavy:2 ok" in a.path for a in answered)
-        (heavy,) = server.stub_pids("digits_heavy/2")
+        escalated_before = sum("digits_heavy:3 ok" in a.path for a in answered)
+        (heavy,) = server.stub_pids("digits_heavy/3")
         os.kill(heavy, signal.SIGKILL)
         time.sleep(6)
         stop.set()
@@ -163,15 +163,15 @@ def test_a_dead_model_is_a_fault_not_overload(model_repository, tmp_path, split:
     assert escalated_before > 0, "the workload escalates to the heavy model"
     assert errors == [], f"{len(errors)} requests refused or failed, e.g. {errors[:2]}"
     assert any(
-        "digits_heavy:2" in a.path and ("error" in a.path or "timeout" in a.path or "ejected" in a.path)
+        "digits_heavy:3" in a.path and ("error" in a.path or "timeout" in a.path or "ejected" in a.path)
         for a in answered
     ), "the kill was noticed"
 
 
 def test_the_first_requests_after_a_start_meet_their_deadlines(model_repository, tmp_path, split: DigitsSplit):
-    """Every model is warm before the server says ready. A cold model's first call took ~20 ms here (a
-    warm one < 1 ms), so the first requests with a 19 ms deadline (rule tight_deadline: the light model
-    alone) timed out on their cold lane and fell back."""
+    """Every model is warm before the server says ready, the router's in-process copy of the light model too. A
+    cold model's first call took ~20 ms here (a warm one < 1 ms), so the first requests with a 19 ms deadline (rule
+    tight_deadline: the light model alone) timed out on their cold lane and fell back."""
     with (
         (tmp_path / "tritonserver.log").open("wb") as log,
         TritonServer(model_repository, Ports.free(), tmp_path, output=log) as server,
@@ -182,4 +182,4 @@ def test_the_first_requests_after_a_start_meet_their_deadlines(model_repository,
                 tier: client.classify(split.test.images[0], tier=tier, deadline_ms=19)[0].path
                 for tier in ("critical", "standard")
             }
-    assert paths == {"critical": "digits_light_critical:1 ok", "standard": "digits_light:1 ok"}
+    assert paths == {"critical": "digits_light:1 ok", "standard": "digits_light:1 ok"}  # in-process: no lane

@@ -140,7 +140,8 @@ def test_a_critical_lane_refuses_direct_callers_and_serves_digits(triton: Triton
     )
     with TierserveClient(triton.grpc_url, tier_key=triton.tier_key) as sdk:
         (answer,) = sdk.classify(split.test.images[0], tier="critical")
-    assert answer.path.startswith("digits_light_critical:1 "), "digits still routes critical rows to the lanes"
+    assert answer.path.startswith("digits_light:1 "), "the light model runs inside the router: it needs no lane"
+    assert answer.path.endswith(">digits_heavy_critical:3 ok"), "digits still routes critical escalations to a lane"
 
 
 def test_concurrent_direct_callers_of_a_lane_are_each_refused_and_the_server_lives(

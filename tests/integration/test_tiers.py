@@ -132,7 +132,7 @@ def test_a_deadline_too_short_for_the_heavy_model_gets_the_light_answer_with_the
             # instance's moving average how long it now takes
             for _ in range(16):
                 warm = client.classify(split.test.images[:32], tier="standard", deadline_ms=500)
-                assert any(a.path.endswith("digits_heavy:2 ok") for a in warm)
+                assert any(a.path.endswith("digits_heavy:3 ok") for a in warm)
             answers = client.classify(split.test.images[:32], tier="standard", deadline_ms=40)
     finally:
         control.set_fault("digits_heavy", FaultSpec())
@@ -141,4 +141,4 @@ def test_a_deadline_too_short_for_the_heavy_model_gets_the_light_answer_with_the
     assert skipped, "some images wanted the heavy model"
     for answer in skipped:
         assert answer.route == "digits_light:1" and answer.path == "digits_light:1 ok"
-        assert "ms left of the standard budget, digits_heavy:2 takes ~" in answer.reason
+        assert "ms left of the standard budget, digits_heavy:3 takes ~" in answer.reason

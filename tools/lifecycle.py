@@ -92,6 +92,18 @@ def repository_versions(repository: Path, model: str) -> list[int]:
     return sorted(found)
 
 
+def absent_models(repository: Path, policy: Policy) -> tuple[str, ...]:
+    """The policy's optional models this repository does not have (no config.pbtxt or no version folder: the
+    TensorRT variant on a host without a GPU). They are absent, not an error: the router passes over them and the
+    tools neither load nor read them."""
+    return tuple(
+        name
+        for name in policy.optional_models
+        if not (repository / (version := ModelVersion.parse(name)).model / CONFIG_FILE).is_file()
+        or version.version not in repository_versions(repository, version.model)
+    )
+
+
 def _versions_text(model: str, versions: set[int] | list[int]) -> str:
     return f"{model} versions {', '.join(map(str, sorted(versions)))}" if versions else f"{model} not loaded"
 
@@ -253,11 +265,14 @@ class Lifecycle:
 
     def restore(self) -> list[str]:
         """Load the versions the served routing needs that the server does not serve: after a restart the config
-        files load the versions they list, not those promote loaded since (a promoted version's lane, say). Returns
-        what it loaded; Failed when the server does not take a load."""
+        files load the versions they list, not those promote loaded since (a promoted version's lane, say). An
+        optional model this repository does not have is left out, with its lanes. Returns what it loaded; Failed
+        when the server does not take a load."""
         policy = self.policy()
+        absent = set(absent_models(self.repository, policy))
+        lanes = (lane for by_model in policy.lanes.values() for model, lane in by_model.items() if model not in absent)
         needed: dict[str, set[int]] = {}
-        for name in (*policy.models, *(lane for lanes in policy.lanes.values() for lane in lanes.values())):
+        for name in (*(model for model in policy.models if model not in absent), *lanes):
             version = ModelVersion.parse(name)
             needed.setdefault(version.model, set()).add(version.version)
         loaded = []
@@ -291,9 +306,12 @@ class Lifecycle:
             raise Refused(Problem.MALFORMED, f"expected a model name such as digits_heavy, got {model!r}")
         if not (self.repository / model / CONFIG_FILE).is_file():
             known = sorted(d.name for d in self.repository.iterdir() if (d / CONFIG_FILE).is_file())
+            # from the file, without the promotions: a refusal asks the server nothing (promotions keep model names)
+            optional = any(model_of(name) == model for name in router_policy(self.repository).optional_models)
             raise Refused(
                 Problem.UNKNOWN_MODEL,
-                f"no model {model!r} in {self.repository} (models: {', '.join(known)})",
+                f"no model {model!r} in {self.repository} (models: {', '.join(known)})"
+                + (": it is one of the policy's optional_models, built on GPU hosts only" if optional else ""),
             )
         return model
 

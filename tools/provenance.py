@@ -3,7 +3,8 @@ split, test accuracy, library versions) and where the routing uses it (policy, l
 
 The versions come from the server's repository index (admin key); when the server cannot be asked, from the model
 repository on disk (what its config.pbtxt files would load), and the answer says so. A lane has no manifest of its
-own: it shows the manifest of the model version it serves (its `serves` parameter).
+own: it shows the manifest of the model version it serves (its `serves` parameter). An optional model of the policy
+that this repository does not have (the TensorRT variant, built on GPU hosts) is shown as absent, with its uses.
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ from typing import Any
 from tierserve.experiment_spec import ExperimentsFile
 from tierserve.manifest import MANIFEST_FILE, Manifest, ManifestError
 from tierserve.policy import Policy
-from tierserve.promotions import Promotions, Use, describe, stored_promotions, version_uses
+from tierserve.promotions import ModelVersion, Promotions, Use, describe, stored_promotions, version_uses
 from tierserve.router_files import ROUTER_MODEL, router_policy
 from tierserve.state_store import StateStore
 from tierserve.tools.lifecycle import (
     CONFIG_FILE,
     Lifecycle,
+    absent_models,
     repository_config,
     repository_versions,
     running_experiments,
 )
 
 ON_DISK = "on disk"  # the state of a version read from the repository instead of the server
+ABSENT = "not in this repository"  # the state of an optional model of the policy that the repository does not have
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class ServedVersion:
     note: str  # why there is no manifest
     uses: tuple[Use, ...]
     experiment_model: bool  # listed under the policy's experiment_models: experiments may name it
+    optional: bool = False  # listed under the policy's optional_models: a server may not have it
 
     @property
     def name(self) -> str:
@@ -66,6 +70,7 @@ class ServedVersion:
             "note": self.note,
             "routing": [use.as_dict() for use in self.uses],
             "experiment_model": self.experiment_model,
+            "optional": self.optional,
         }
 
 
@@ -90,6 +95,8 @@ class Provenance:
 
 def _manifest(repository: Path, model: str, version: int) -> tuple[Manifest | None, str, str]:
     """(manifest, serves, note) of one version: a lane's is that of the version it serves."""
+    if not (repository / model / CONFIG_FILE).is_file():
+        return None, "", f"none: {repository / model} has no {CONFIG_FILE}"
     serves_model = repository_config(repository, model).get("parameters", {}).get("serves", {}).get("string_value")
     folder = repository / (serves_model or model) / str(version)
     serves = f"{serves_model}:{version}" if serves_model else ""
@@ -109,14 +116,30 @@ def provenance(
     experiments: ExperimentsFile,
     promotions: Promotions,
 ) -> Provenance:
-    """Every (model, version, state) in `states` with its manifest and its uses under `policy` and `experiments`."""
+    """Every (model, version, state) in `states`, and every optional model of `policy` that `repository` does not
+    have (state ABSENT), with its manifest and its uses under `policy` and `experiments`."""
+    listed = {(model, version) for model, version, _ in states}
+    absent = [ModelVersion.parse(name) for name in absent_models(repository, policy)]
     versions = []
-    for model, version, state in sorted(states):
-        manifest, serves, note = _manifest(repository, model, version)
+    for model, version, state in sorted([*states, *((m, v, ABSENT) for m, v in absent if (m, v) not in listed)]):
         name = f"{model}:{version}"
+        if state == ABSENT:
+            manifest, serves, note = None, "", "none: an optional model this repository does not have"
+        else:
+            manifest, serves, note = _manifest(repository, model, version)
         uses = tuple(version_uses(policy, experiments, name))
         versions.append(
-            ServedVersion(model, version, state, serves, manifest, note, uses, name in policy.experiment_models)
+            ServedVersion(
+                model,
+                version,
+                state,
+                serves,
+                manifest,
+                note,
+                uses,
+                name in policy.experiment_models,
+                name in policy.optional_models,
+            )
         )
     return Provenance(source, promotions, tuple(versions))
 
@@ -182,6 +205,8 @@ def provenance_text(found: Provenance) -> str:
     lines = [f"source: {found.source}; promotions: {describe(found.promotions)}"]
     for v in found.versions:
         lines += ["", f"{v.name}  {v.state}" + (f"  (a lane: serves {v.serves}'s artifacts)" if v.serves else "")]
+        if v.state == ABSENT:
+            lines[-1] += "  (optional: built on GPU hosts)"
         lines.append(f"  routing    {v.routing()}")
         if (m := v.manifest) is None:
             lines.append(f"  manifest   {v.note}")

@@ -24,12 +24,20 @@ from tierserve.tools.lifecycle import (
     Lifecycle,
     Problem,
     Refused,
+    absent_models,
     repository_config,
     repository_versions,
 )
 from tierserve.tools.model_control import VersionState
 from tierserve.tools.paths import DEFAULT_REPOSITORY
-from tierserve.tools.provenance import ON_DISK, disk_provenance, provenance, provenance_text, server_provenance
+from tierserve.tools.provenance import (
+    ABSENT,
+    ON_DISK,
+    disk_provenance,
+    provenance,
+    provenance_text,
+    server_provenance,
+)
 
 from .heavy_v2 import heavy_v2_router
 
@@ -442,3 +450,48 @@ def test_restore_loads_what_the_promotions_need_after_a_restart(lifecycle, contr
     assert after_restart.restore() == ["digits_heavy:3", "digits_heavy_critical:3"]
     assert restarted.ready["digits_heavy"] == {1, 2, 3} and restarted.ready["digits_heavy_critical"] == {2, 3}
     assert after_restart.restore() == []
+
+
+@pytest.fixture
+def shipped(tmp_path: Path) -> Path:
+    """The model repository as shipped, linked: its policy lists digits_heavy_trt:1 (built on GPU hosts only) under
+    optional_models, and this repository has no such model."""
+    repository = tmp_path / "shipped"
+    repository.mkdir()
+    for model in DEFAULT_REPOSITORY.iterdir():
+        if model.is_dir():
+            (repository / model.name).symlink_to(model)
+    return repository
+
+
+def _shipped_control(shipped: Path) -> FakeControl:
+    control = FakeControl(shipped)
+    control.ready.update({"digits_heavy": {1, 2, 3}, "digits_heavy_critical": {3}})  # what its config files load
+    return control
+
+
+def test_an_optional_model_the_repository_lacks_is_absent_for_restore_and_promote(shipped, store):
+    assert absent_models(shipped, router_policy(shipped)) == ("digits_heavy_trt:1",)
+    control = _shipped_control(shipped)
+    lifecycle = Lifecycle(control, store, shipped)  # type: ignore[arg-type]
+    assert lifecycle.restore() == []  # neither loaded nor read: the repository has no config for it
+    lifecycle.promote("digits_heavy:2")
+    restarted = _shipped_control(shipped)
+    restarted.configs[ROUTER_MODEL] = control.configs[ROUTER_MODEL]
+    assert Lifecycle(restarted, store, shipped).restore() == ["digits_heavy_critical:2"]  # type: ignore[arg-type]
+    assert all(model != "digits_heavy_trt" for _, model, _ in restarted.calls)
+    with pytest.raises(Refused) as refused:
+        lifecycle.retire("digits_heavy_trt:1")
+    assert refused.value.problem == Problem.UNKNOWN_MODEL and "optional_models" in str(refused.value)
+
+
+def test_models_shows_an_optional_model_the_repository_lacks_as_absent_with_its_uses(shipped, store):
+    lifecycle = Lifecycle(_shipped_control(shipped), store, shipped)  # type: ignore[arg-type]
+    for found in (server_provenance(lifecycle, "the test server"), disk_provenance(shipped, store, "not asked")):
+        (trt,) = [v for v in found.versions if v.model == "digits_heavy_trt"]
+        assert (trt.version, trt.state, trt.optional, trt.manifest) == (1, ABSENT, True, None)
+        assert [u.kind for u in trt.uses] == [UseKind.LISTED, UseKind.CASCADE_ESCALATION, UseKind.FALLBACK_CHAIN]
+        assert "digits_heavy_trt:1  not in this repository  (optional: built on GPU hosts)" in provenance_text(found)
+    gone = provenance("x", [("gone", 1, "READY")], shipped, router_policy(shipped), ExperimentsFile(), Promotions())
+    (unknown,) = [v for v in gone.versions if v.model == "gone"]  # the server lists it; the repository lacks it
+    assert unknown.manifest is None and "has no config.pbtxt" in unknown.note

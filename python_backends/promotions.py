@@ -139,7 +139,8 @@ def routed_versions(policy: Policy, model: str) -> list[str]:
 
 def promoted_policy(policy: Policy, promotions: Promotions) -> Policy:
     """`policy` routed to the promoted versions: each promoted model's version replaced wherever the policy names
-    it, its lanes moved to the same version, and the version dropped from `experiment_models` (it is routed now).
+    it (`in_process` and `optional_models` included: the promoted version is served and skipped as its predecessor
+    was), its lanes moved to the same version, and the version dropped from `experiment_models` (it is routed now).
     A promotion of a model the policy does not route to exactly one version of is ignored (the file changed since)."""
     versions: dict[str, int] = {}  # the policy's name of a promoted model -> its promoted version
     for model, promotion in promotions.models.items():
@@ -168,6 +169,8 @@ def promoted_policy(policy: Policy, promotions: Promotions) -> Policy:
             for tier, by_model in policy.lanes.items()
         },
         experiment_models=tuple(m for m in policy.experiment_models if m not in promoted),
+        in_process=tuple(rename(m) for m in policy.in_process),
+        optional_models=tuple(rename(m) for m in policy.optional_models),
     )
 
 

@@ -23,7 +23,7 @@ from tierserve.promotions import (
     stored_promotions,
     version_uses,
 )
-from tierserve.router_files import ROUTER_MODEL, load_router
+from tierserve.router_files import ROUTER_MODEL, load_router, router_policy
 from tierserve.state_store import MemoryStore
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 
@@ -85,6 +85,15 @@ def test_promoting_an_experiment_model_takes_it_off_experiment_models():
     assert promoted.cascade.escalate_to == "digits_heavy:1"
     assert "digits_heavy:1" not in promoted.experiment_models
     assert len(promoted.callable_models) == len(set(promoted.callable_models))
+
+
+def test_a_promotion_renames_the_version_under_in_process_and_optional_models():
+    shipped = router_policy(DEFAULT_REPOSITORY)  # digits_light:1 served in-process, digits_heavy_trt:1 optional
+    light = promoted_policy(shipped, Promotions().promoted(ModelVersion("digits_light", 2), serving=1))
+    assert light.in_process == ("digits_light:2",) and light.cascade.first == "digits_light:2"
+    trt = promoted_policy(shipped, Promotions().promoted(ModelVersion("digits_heavy_trt", 2), serving=1))
+    assert trt.optional_models == ("digits_heavy_trt:2",) and trt.cascade.escalate_to == "digits_heavy_trt:2"
+    assert trt.chain("digits_heavy_trt:2") == ("digits_heavy:3", "digits_light:1", "digits_rules:1")
 
 
 def test_no_promotion_and_a_promotion_of_an_unrouted_model_leave_the_policy_as_it_is():

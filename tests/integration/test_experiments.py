@@ -42,7 +42,7 @@ SPLIT = {
     "layer": "models",
     "arms": [
         {"name": "control", "weight": 50},
-        {"name": "v1", "weight": 50, "models": {"digits_heavy:2": "digits_heavy:1"}},
+        {"name": "v1", "weight": 50, "models": {"digits_heavy:3": "digits_heavy:1"}},
     ],
 }
 
@@ -183,7 +183,7 @@ def test_a_growing_canary_only_moves_users_into_the_treatment(sdk, experiments, 
             "name": "canary_v1",
             "kind": "canary",
             "arms": [
-                {"name": "canary", "weight": weight, "models": {"digits_heavy:2": "digits_heavy:1"}},
+                {"name": "canary", "weight": weight, "models": {"digits_heavy:3": "digits_heavy:1"}},
                 {"name": "baseline", "weight": 100 - weight},
             ],
         }
@@ -269,7 +269,7 @@ def test_a_bandit_moves_traffic_to_the_more_accurate_arm_and_explains_it(sdk, ex
                 {"name": "policy"},
                 {
                     "name": "rules_only",
-                    "models": {"digits_light:1": "digits_rules:1", "digits_heavy:2": "digits_rules:1"},
+                    "models": {"digits_light:1": "digits_rules:1", "digits_heavy:3": "digits_rules:1"},
                 },
             ],
         }

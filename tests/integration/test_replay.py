@@ -48,7 +48,7 @@ EXPERIMENTS = [
         "layer": "models",
         "arms": [
             {"name": "control", "weight": 50},
-            {"name": "v1", "weight": 50, "models": {"digits_heavy:2": "digits_heavy:1"}},
+            {"name": "v1", "weight": 50, "models": {"digits_heavy:3": "digits_heavy:1"}},
         ],
     },
     {
@@ -65,7 +65,7 @@ EXPERIMENTS = [
         "bandit": {"strategy": "thompson"},
         "arms": [
             {"name": "policy"},
-            {"name": "rules_only", "models": {"digits_light:1": "digits_rules:1", "digits_heavy:2": "digits_rules:1"}},
+            {"name": "rules_only", "models": {"digits_light:1": "digits_rules:1", "digits_heavy:3": "digits_rules:1"}},
         ],
     },
 ]
@@ -205,7 +205,7 @@ def test_replay_against_one_model_version_directly_reports_its_agreement(served,
 
 def test_a_model_or_version_that_is_not_loaded_is_named_before_anything_is_sent(served):
     server = served[0].server
-    with pytest.raises(ModelNotReady, match=r"digits_heavy:7 is not loaded .*ready versions of digits_heavy: 1, 2"):
+    with pytest.raises(ModelNotReady, match=r"digits_heavy:7 is not loaded .*ready versions of digits_heavy: 1, 2, 3"):
         replay(server.inference_log, url=server.grpc_url, target="digits_heavy:7")
     with pytest.raises(ModelNotReady, match="no_such_model is not loaded"):
         replay(server.inference_log, url=server.http_url, protocol="http", target="no_such_model")

@@ -1,6 +1,7 @@
 """Model versions on a real server of their own: promote, rollback, retire and load under load at concurrency 8 with
 no failed request, retire refused naming what uses the version, experiments and promotions composing, `tierserve
-models` and the audit trail of every action, refused ones included."""
+models` and the audit trail of every action, refused ones included. The shipped policy routes digits_heavy:3; its
+TensorRT variant, an optional model, is not in this repository (the cascade passes over it)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ LANE = "digits_heavy_critical"
 @pytest.fixture(scope="module")
 def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The model repository, linked, plus the critical lane of digits_heavy:1 (digits_heavy_critical:1, a shim
-    like the lane of version 2), so either version of digits_heavy can be promoted with its lane."""
+    like those of its other versions), so digits_heavy:1 can be promoted with its lane."""
     target = tmp_path_factory.mktemp("versions") / "model_repository"
     target.mkdir()
     for model in model_repository.iterdir():
@@ -125,15 +126,15 @@ def test_promote_rollback_retire_and_load_under_load_fail_no_request(server: Sup
         "digits_heavy:1",
         f"{LANE}:1",
     }
-    assert not any("digits_heavy:2" in a.path or f"{LANE}:2" in a.path for a in between)
+    assert not any("digits_heavy:3" in a.path or f"{LANE}:3" in a.path for a in between)
     after = [s.answer for s in sent if s.at > rolled_back_at + 0.5]
-    assert {a.route for a in after if a.route.startswith("digits_heavy")} == {"digits_heavy:2", f"{LANE}:2"}
-    assert _routes(server, hard_images) == {"digits_heavy:2"}
+    assert {a.route for a in after if a.route.startswith("digits_heavy")} == {"digits_heavy:3", f"{LANE}:3"}
+    assert _routes(server, hard_images) == {"digits_heavy:3"}
     assert server.server.model_ready("digits_heavy", "1") and not server.server.model_ready(LANE, "1")
     actions = [(e.action, e.target, e.before, e.after, e.outcome) for e in _audit(server)[-5:]]
     assert actions == [
-        (Action.PROMOTE, "digits_heavy:1", "digits_heavy:2", "digits_heavy:1", Outcome.OK),
-        (Action.ROLLBACK, "digits_heavy", "digits_heavy:1", "digits_heavy:2", Outcome.OK),
+        (Action.PROMOTE, "digits_heavy:1", "digits_heavy:3", "digits_heavy:1", Outcome.OK),
+        (Action.ROLLBACK, "digits_heavy", "digits_heavy:1", "digits_heavy:3", Outcome.OK),
         (Action.RETIRE, "digits_heavy:1", heavy, _served(server, "digits_heavy", without=1), Outcome.OK),
         (Action.RETIRE, f"{LANE}:1", lane, _served(server, LANE), Outcome.OK),
         (Action.LOAD, "digits_heavy:1", _served(server, "digits_heavy", without=1), heavy, Outcome.OK),
@@ -141,32 +142,37 @@ def test_promote_rollback_retire_and_load_under_load_fail_no_request(server: Sup
 
 
 def test_retire_is_refused_while_a_version_is_used_naming_each_use(server: Supervisor, cli):
-    status, _, err = cli("retire", "digits_heavy:2")
+    status, _, err = cli("retire", "digits_heavy:3")
     assert status == 1
-    assert "digits_heavy:2 is still used by: policy models; cascade escalation; fallback chain of digits_light:1" in err
-    status, _, err = cli("retire", f"{LANE}:2")
-    assert status == 1 and "critical lane of digits_heavy:2" in err
+    uses = "policy models; fallback chain of digits_light:1; fallback chain of digits_heavy_trt:1"
+    assert f"digits_heavy:3 is still used by: {uses}" in err
+    status, _, err = cli("retire", f"{LANE}:3")
+    assert status == 1 and "critical lane of digits_heavy:3" in err
     status, _, err = cli("model", "unload", "digits_light")
     assert status == 1 and "digits_light:1 by policy models" in err
-    assert server.server.model_ready("digits_heavy", "2") and server.server.model_ready(LANE, "2")
-    refused = _audit(server)[-3:]
+    status, _, err = cli("retire", "digits_heavy_trt:1")  # the optional model this repository does not have
+    assert status == 1 and "no model 'digits_heavy_trt'" in err and "optional_models" in err
+    assert server.server.model_ready("digits_heavy", "3") and server.server.model_ready(LANE, "3")
+    refused = _audit(server)[-4:]
     assert [(e.action, e.outcome) for e in refused] == [
         (Action.RETIRE, Outcome.REFUSED),
         (Action.RETIRE, Outcome.REFUSED),
         (Action.UNLOAD, Outcome.REFUSED),
+        (Action.RETIRE, Outcome.REFUSED),
     ]
-    assert "cascade escalation" in refused[0].message and refused[0].before == _served(server, "digits_heavy")
+    assert "fallback chain of digits_heavy_trt:1" in refused[0].message
+    assert refused[0].before == _served(server, "digits_heavy")
 
 
 @pytest.mark.parametrize(
     ("args", "named"),
     [
         (("promote", "digits_heavy:9"), "digits_heavy:9 does not exist"),
-        (("promote", "digits_heavy:2"), "digits_heavy:2 is already the version the policy routes to"),
+        (("promote", "digits_heavy:3"), "digits_heavy:3 is already the version the policy routes to"),
         (("promote", f"{LANE}:1"), f"{LANE} is a lane of digits_heavy"),
         (("rollback", "digits_heavy"), "digits_heavy has no earlier version to roll back to"),
         (("retire", "digits_heavy:9"), "digits_heavy:9 does not exist"),
-        (("model", "load", "digits_heavy:2"), "digits_heavy:2 is loaded already"),
+        (("model", "load", "digits_heavy:3"), "digits_heavy:3 is loaded already"),
     ],
 )
 def test_bad_input_is_refused_naming_the_problem_and_changes_nothing(server: Supervisor, cli, args, named: str):
@@ -191,7 +197,7 @@ def test_experiments_and_promotions_compose(server: Supervisor, cli, hard_images
                         "kind": "split",
                         "arms": [
                             {"name": "control", "weight": 50},
-                            {"name": "v1", "weight": 50, "models": {"digits_heavy:2": "digits_heavy:1"}},
+                            {"name": "v1", "weight": 50, "models": {"digits_heavy:3": "digits_heavy:1"}},
                         ],
                     }
                 ]
@@ -200,10 +206,10 @@ def test_experiments_and_promotions_compose(server: Supervisor, cli, hard_images
     )
     try:
         assert cli("experiment", "apply", str(split))[0] == 0
-        status, _, err = cli("promote", "digits_heavy:1")  # the split replaces digits_heavy:2: it must stop first
+        status, _, err = cli("promote", "digits_heavy:1")  # the split replaces digits_heavy:3: it must stop first
         assert status == 1 and "experiment heavy_versions arm v1" in err and "stop it first" in err
         status, _, err = cli("retire", "digits_heavy:1")
-        assert status == 1 and "experiment heavy_versions arm v1 (digits_heavy:2 -> digits_heavy:1)" in err
+        assert status == 1 and "experiment heavy_versions arm v1 (digits_heavy:3 -> digits_heavy:1)" in err
         assert cli("experiment", "apply", str(shadow))[0] == 0
         assert cli("promote", "digits_heavy:1")[0] == 0
         with TierserveClient(server.server.grpc_url) as client:
@@ -212,13 +218,13 @@ def test_experiments_and_promotions_compose(server: Supervisor, cli, hard_images
         assert all(a.arms == {"shadow_light": "mirrored"} for a in answers)  # the experiment still runs
         assert cli("experiment", "stop", "shadow_light")[0] == 0
         assert _routes(server, hard_images) == {"digits_heavy:1"}  # and the promotion stays
-        status, _, err = cli("experiment", "apply", str(split))  # names digits_heavy:2, no longer routed to
-        assert status == 1 and "experiments[0].arms[1].models.digits_heavy:2" in err
+        status, _, err = cli("experiment", "apply", str(split))  # names digits_heavy:3, no longer routed to
+        assert status == 1 and "experiments[0].arms[1].models.digits_heavy:3" in err
     finally:
         cli("experiment", "stop", "heavy_versions")
         cli("experiment", "stop", "shadow_light")
         cli("rollback", "digits_heavy")
-    assert _routes(server, hard_images) == {"digits_heavy:2"}
+    assert _routes(server, hard_images) == {"digits_heavy:3"}
     actions = {(e.action, e.outcome) for e in _audit(server)}
     assert {(Action.EXPERIMENT_APPLY, Outcome.OK), (Action.EXPERIMENT_APPLY, Outcome.REFUSED)} <= actions
     assert {(Action.EXPERIMENT_STOP, Outcome.OK), (Action.PROMOTE, Outcome.REFUSED)} <= actions
@@ -228,19 +234,24 @@ def test_models_shows_every_served_version_with_its_manifest_and_routing(server:
     status, out, _ = cli("models")
     assert status == 0
     assert out.startswith(f"source: the server at {server.server.http_url} (repository index); promotions: ")
-    heavy = json.loads((repository / "digits_heavy" / "2" / "manifest.json").read_text())
-    block = out.split("\ndigits_heavy:2  READY\n")[1].split("\n\n")[0]
-    assert "routing    policy models; cascade escalation; fallback chain of digits_light:1" in block
+    heavy = json.loads((repository / "digits_heavy" / "3" / "manifest.json").read_text())
+    block = out.split("\ndigits_heavy:3  READY\n")[1].split("\n\n")[0]
+    assert "routing    policy models; fallback chain of digits_light:1; fallback chain of digits_heavy_trt:1" in block
     assert f"sha256 {heavy['artifact_sha256']}" in block and f"seed {heavy['seed']}" in block
     assert f"rows sha256 {heavy['split']['rows_sha256']}" in block
     assert f"{heavy['test_accuracy']:.4f} on the test split" in block
     assert all(f"{name} {version}" in block for name, version in heavy["libraries"].items())
-    assert f"{LANE}:2  READY  (a lane: serves digits_heavy:2's artifacts)" in out
+    assert f"{LANE}:3  READY  (a lane: serves digits_heavy:3's artifacts)" in out
+    # the optional TensorRT variant: absent here, shown with its uses instead of failing on its missing config
+    absent = out.split("\ndigits_heavy_trt:1  not in this repository  (optional: built on GPU hosts)\n")[1]
+    assert absent.startswith("  routing    policy models; cascade escalation; fallback chain of digits_light:1\n")
     status, out, _ = cli("models", "--json")
     versions = {(v["model"], v["version"]): v for v in json.loads(out)["versions"]}
     assert versions[("digits_heavy", 1)]["state"] == "READY"
     assert versions[("digits_heavy", 1)]["experiment_model"] is True
-    assert versions[(LANE, 2)]["serves"] == "digits_heavy:2"
+    assert versions[(LANE, 3)]["serves"] == "digits_heavy:3"
+    trt = versions[("digits_heavy_trt", 1)]
+    assert trt["state"] == "not in this repository" and trt["optional"] is True and trt["manifest"] is None
     assert versions[(ROUTER_MODEL, 1)]["manifest"] is None
 
 
@@ -266,7 +277,7 @@ def test_a_restarted_server_keeps_the_promotion_and_restore_loads_its_lane(
         assert _routes(server, hard_images, "critical") == {f"{LANE}:1"}
     finally:
         cli("rollback", "digits_heavy")
-    assert _routes(server, hard_images) == {"digits_heavy:2"}
+    assert _routes(server, hard_images) == {"digits_heavy:3"}
 
 
 def test_the_audit_command_prints_every_action_including_refusals(server: Supervisor, cli):

@@ -18,7 +18,7 @@ from tierserve.policy import Policy
 from tierserve.request_ids import RequestIds
 from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.state_store import STATE_ENV, StateStoreError, default_location, open_store, shared_secret
-from tierserve.triton_router_metrics import LabelledFamily, open_inference_log
+from tierserve.triton_router_metrics import LabelledFamily, MetricBatch, open_inference_log
 from tierserve.user_adaptation import UserStates
 from tierserve.warmup import WarmUp
 
@@ -49,17 +49,20 @@ class TritonPythonModel:
         accepted = pb_utils.get_output_config_by_name(config, "ACCEPTED")
         self.accepted_dtype = pb_utils.triton_string_to_numpy(accepted["data_type"])
         instance, counter = args["model_instance_name"], pb_utils.MetricFamily.COUNTER
+        self.metrics = MetricBatch()  # sent at the end of each execute (feedback is not on the inference path)
         self.learned = LabelledFamily(
             "tierserve_feedback_total",
             "Fed-back rows per experiment arm, by whether its answer was correct",
             counter,
             instance,
+            self.metrics,
         )
         self.refused = LabelledFamily(
             "tierserve_feedback_refused_total",
             "Feedback requests refused, by why: unknown or expired REQUEST_ID, duplicate feedback, LABEL not 0-9",
             counter,
             instance,
+            self.metrics,
         )
 
     def finalize(self) -> None:
@@ -101,6 +104,7 @@ class TritonPythonModel:
                 responses.append(_error("feedback: the request could not be read", pb_utils.TritonError.INVALID_ARG))
         for arm, count in learned.items():  # one metric update per series: each is a message to tritonserver
             self.learned(experiment=arm.experiment, arm=arm.arm, correct=str(arm.correct).lower()).increment(count)
+        self.metrics.flush()
         return responses
 
     def _accepted(self, request) -> pb_utils.InferenceResponse:

@@ -43,6 +43,7 @@ QUEUE_POLL_S = 0.05  # how often an instance reads Triton's queue statistics of 
 FAULT_HOLD_S = 1.0  # readings this soon after a stuck downstream call are not load (the queue it left drains)
 STATS_GRACE_S = 10.0  # unreadable statistics are an error after this long (the HTTP endpoint starts last)
 FLUSH_S = 0.5  # how often experiment counts are written to the state store (off the hot path)
+METRICS_FLUSH_S = 0.1  # how often the metrics executes recorded are sent to tritonserver (scrapes see them this late)
 
 
 def _error(message: str, code: int) -> pb_utils.InferenceResponse:
@@ -112,6 +113,7 @@ class TritonPythonModel:
             threading.Thread(target=self._watch_models, name="router-model-states", daemon=True).start()
         self._flusher = threading.Thread(target=self._flush, name="router-experiment-counts", daemon=True)
         self._flusher.start()
+        threading.Thread(target=self._send_metrics, name="router-metrics", daemon=True).start()
 
     def _flush(self) -> None:
         """Experiment counts go to the state store from here, never from an execute."""
@@ -126,6 +128,11 @@ class TritonPythonModel:
                 reported = dropped
             if self.inference_log is not None:
                 self.metrics.inference_log(self.inference_log.dropped, self.inference_log.lost)
+
+    def _send_metrics(self) -> None:
+        """What executes recorded in the metrics goes to tritonserver from here (tierserve.triton_router_metrics)."""
+        while not self._stopping.wait(METRICS_FLUSH_S):
+            self.metrics.batch.flush()
 
     def _watch_queue(self) -> None:
         """Feed the load gauge from Triton's queue statistics: the mean wait of the requests dispatched since the
@@ -168,6 +175,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self._stopping.set()
+        self.metrics.batch.flush()
         self._flusher.join(timeout=5)
         self.experimenter.flush()
         self.store.close()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
 from tierserve.tools.server import TritonServer
 
 
 def metric_values(server: TritonServer, name: str, **labels: str) -> list[float]:
-    """Values of the series of metric `name` whose labels include `labels` (one per router instance, ...)."""
+    """Values of the series of metric `name` whose labels include `labels` (one per router instance, ...), once what
+    was recorded until now has been sent: the router sends its metrics every 0.1 s (METRICS_FLUSH_S)."""
+    time.sleep(0.3)
     with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=5) as response:
         text = response.read().decode()
     values = []

@@ -34,6 +34,8 @@ def pixel_problem(pixels: np.ndarray, accepts_missing: bool) -> str | None:
 
 def infinity_problem(pixels: np.ndarray) -> str | None:
     """Infinite values are never a valid pixel; NaN is (it means missing)."""
+    if np.isfinite(pixels).all():  # the common case, in one pass
+        return None
     infinite = int(np.isinf(pixels).sum())
     if infinite:
         return f"PIXELS has {infinite} infinite value(s); pixels must be finite (0-16) or NaN for missing"

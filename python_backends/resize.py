@@ -49,12 +49,16 @@ def source_stats(images: np.ndarray) -> np.ndarray:
     """[N, 4] facts about the images as sent, before resizing: height, width, missing and out-of-range
     fractions (values outside 0-16 among the observed pixels)."""
     flat = images.reshape(len(images), -1)
+    stats = np.empty((len(images), 4), np.float32)
+    stats[:, 0], stats[:, 1] = images.shape[1], images.shape[2]
+    if not np.isnan(flat).any():  # the common case: every pixel observed (a third of the work for one image)
+        stats[:, 2] = 0.0
+        stats[:, 3] = ((flat < 0) | (flat > 16)).mean(axis=1)
+        return stats
     observed = ~np.isnan(flat)
     count = np.maximum(observed.sum(axis=1), 1)
     with np.errstate(invalid="ignore"):
         out_of_range = (observed & ((flat < 0) | (flat > 16))).sum(axis=1) / count
-    stats = np.empty((len(images), 4), np.float32)
-    stats[:, 0], stats[:, 1] = images.shape[1], images.shape[2]
     stats[:, 2] = 1.0 - observed.mean(axis=1)
     stats[:, 3] = out_of_range
     return stats

@@ -414,7 +414,11 @@ class Router:
             self.latency_measured[model] = self.clock()
             return probs
 
-        results = await asyncio.gather(*(call(model, members) for model, members in groups.items()))
+        if len(groups) == 1:  # one model this round (the usual case): no tasks to create and gather
+            ((model, members),) = groups.items()
+            results = [await call(model, members)]
+        else:
+            results = await asyncio.gather(*(call(model, members) for model, members in groups.items()))
         for (model, members), result in zip(groups.items(), results, strict=True):
             if isinstance(result, HopFailure):
                 outcomes.update(dict.fromkeys(members, result))

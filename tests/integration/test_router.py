@@ -22,6 +22,8 @@ from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.server import TritonServer
 from tierserve.tools.workload import pure_noise, upscaled, with_missing
 
+from .prometheus import metric_values
+
 
 @pytest.fixture(params=["grpc", "http"])
 def client(request: pytest.FixtureRequest, triton: TritonServer):
@@ -91,6 +93,20 @@ def test_the_cascade_escalates_exactly_when_the_policy_says(
         assert 0 < escalated.sum() < len(answers)
         for answer, was_escalated in zip(answers, escalated, strict=True):
             assert answer.route == ("digits_heavy:3" if was_escalated else "digits_light:1")
+
+
+def test_the_tensorrt_variant_this_server_lacks_is_passed_over_to_the_onnx_model_and_said(
+    grpc_sdk: TierserveClient, triton: TritonServer, split: DigitsSplit
+):
+    """The policy lists digits_heavy_trt:1 first for escalations; no CPU host has it, so digits_heavy:3 answers."""
+    assert not any(m["name"] == "digits_heavy_trt" for m in triton.models()), "a CPU host has no TensorRT model"
+    (answer,) = grpc_sdk.classify(split.test.images[0])  # light confidence 0.86: it escalates
+    assert answer.path == "digits_light:1 low_confidence>digits_heavy_trt:1 unavailable>digits_heavy:3 ok"
+    assert answer.route == "digits_heavy:3"
+    assert "digits_heavy_trt:1 is not loaded on this server; escalated to digits_heavy:3" in answer.reason
+    for _ in range(3):  # a call to a model the server lacks fails; three in a row would open its breaker
+        grpc_sdk.classify(split.test.images[:8])
+    assert max(metric_values(triton, "tierserve_breaker_state", model="digits_heavy_trt:1")) == 0.0, "never called"
 
 
 def test_stricter_tiers_escalate_more(grpc_sdk: TierserveClient, split: DigitsSplit):

@@ -564,3 +564,21 @@ def test_an_optional_model_not_loaded_is_passed_over_for_its_fallbacks_and_path_
     states.update("gpu:1", TritonState(ready=True))
     (escalated,) = _route(router, _images(0.5), [_signature()], models)
     assert escalated.path == "light:1 low_confidence>gpu:1 ok"
+
+
+def test_an_escalation_is_judged_by_the_model_it_reaches_past_an_optional_model_this_server_lacks():
+    clock = Clock()
+    policy = dict(
+        CHAINED,
+        models=[*CHAINED["models"], "gpu:1"],
+        optional_models=["gpu:1"],
+        cascade={**CHAINED["cascade"], "escalate_to": "gpu:1"},
+        fallbacks={**CHAINED["fallbacks"], "gpu:1": ["heavy:1"]},
+    )
+    states = ModelStates(optional=["gpu:1"])
+    router = Router(parse_policy(policy), {**ACCEPTS_MISSING, "gpu:1": False}, None, clock=clock, states=states)
+    router.latency_ewma["heavy:1"], router.latency_measured["heavy:1"] = 0.040, clock.now
+    models = FakeModels(latency_s={"light:1": 0.020}, clock=clock)
+    (tight,) = _route(router, _images(0.5), [_signature(deadline_ms=50)], models)
+    assert tight.path == "light:1 ok"
+    assert "escalation skipped: 30 ms left of the standard budget, heavy:1 takes ~40 ms" in tight.reason

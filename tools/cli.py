@@ -9,6 +9,7 @@ import ipaddress
 import os
 import sys
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 from tierserve.experiment_spec import ExperimentsFile, ExperimentSpecError
@@ -334,6 +335,7 @@ def _ipv4(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tierserve {metadata.version('tierserve')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build", help="train and export the reference models that are missing or stale")

@@ -4,13 +4,12 @@ configuration of them."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar
 
 import pytest
 
 from tierserve.model_states import ModelStates, TritonState, TritonStateProbe, injects_faults
+
+from .http_stub import http_stub
 
 
 def _config(**parameters: str) -> bytes:
@@ -49,36 +48,17 @@ def test_a_configuration_that_injects_or_may_inject_faults_counts_as_faulted(bod
     assert injects_faults(body) is faulted
 
 
-class _Triton(BaseHTTPRequestHandler):
-    replies: ClassVar[dict[str, tuple[int, bytes]]] = {}
-
-    def do_GET(self) -> None:
-        status, body = self.replies.get(self.path, (400, b'{"error":"unknown"}'))
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_the_probe_reads_readiness_then_configuration_from_the_server():
-    _Triton.replies = {
+    replies = {
         "/v2/models/digits_light/versions/1/ready": (200, b""),
         "/v2/models/digits_light/versions/1/config": (200, _config(fault_error_rate="0.5")),
         "/v2/models/digits_heavy/versions/3/ready": (200, b""),
         "/v2/models/digits_heavy/versions/3/config": (200, _config()),
     }
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Triton)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    probe = TritonStateProbe(address=f"127.0.0.1:{server.server_address[1]}")
-    try:
+    with http_stub(lambda path: replies.get(path, (400, b'{"error":"unknown"}'))) as (address, _):
+        probe = TritonStateProbe(address=address)
         assert probe.read("digits_light:1") == TritonState(ready=True, faulted=True)
         assert probe.read("digits_heavy:3") == TritonState(ready=True, faulted=False)
         assert probe.read("digits_heavy_trt:1") == TritonState(ready=False)
-    finally:
-        server.shutdown()
-        server.server_close()
     with pytest.raises(OSError, match="digits_light/versions/1/ready"):
         probe.read("digits_light:1")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar
 
 import pytest
 
 from tierserve.queue_wait import QueueProbe, QueueReading, QueueWaitMeter, parse_queue_reading
+
+from .http_stub import http_stub
 
 
 def _stats(version: str, count: int, ns: int) -> bytes:
@@ -42,34 +41,13 @@ def test_a_reading_is_taken_from_its_own_version_only():
         parse_queue_reading(body, "3")
 
 
-class _Statistics(BaseHTTPRequestHandler):
-    replies: ClassVar[list[tuple[int, bytes]]] = []
-    paths: ClassVar[list[str]] = []
-
-    def do_GET(self) -> None:
-        self.paths.append(self.path)
-        status, body = self.replies.pop(0)
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_the_probe_reads_the_servers_statistics_and_says_when_it_cannot():
-    _Statistics.replies = [(200, _stats("1", 3, 6_000_000)), (400, b'{"error":"no such model"}')]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Statistics)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    probe = QueueProbe("router", "1", address=f"127.0.0.1:{server.server_address[1]}")
-    try:
+    replies = [(200, _stats("1", 3, 6_000_000)), (400, b'{"error":"no such model"}')]
+    with http_stub(lambda path: replies.pop(0)) as (address, paths):
+        probe = QueueProbe("router", "1", address=address)
         assert probe.read() == QueueReading(3, 6_000_000)
         with pytest.raises(ValueError, match="HTTP 400"):
             probe.read()
-        assert _Statistics.paths == ["/v2/models/router/versions/1/stats"] * 2
-    finally:
-        server.shutdown()
-        server.server_close()
+        assert paths == ["/v2/models/router/versions/1/stats"] * 2
     with pytest.raises(OSError, match="/v2/models/router/versions/1/stats"):
         probe.read()  # nobody listens there any more

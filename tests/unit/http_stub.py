@@ -1,0 +1,36 @@
+"""A stand-in for tritonserver's HTTP endpoint on loopback: GET answers from a function of the path."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+Reply = Callable[[str], tuple[int, bytes]]  # path -> (status, body)
+
+
+@contextlib.contextmanager
+def http_stub(reply: Reply) -> Iterator[tuple[str, list[str]]]:
+    """Serve GETs with `reply` until the block ends; yields the address (host:port) and the paths asked for."""
+    paths: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            paths.append(self.path)
+            status, body = reply(self.path)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", paths
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -14,12 +14,11 @@ and optional models are unavailable.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tierserve.faults import FaultSpec
-from tierserve.queue_wait import DEFAULT_STATS_URL, STATS_URL_ENV, server_get
+from tierserve.queue_wait import own_address, server_get
 
 POLL_S = 0.25  # how often an instance reads the state of these models; a change takes effect this late at most
 
@@ -63,7 +62,7 @@ class TritonStateProbe:
     """Reads a model version's readiness and configuration from the server's HTTP endpoint."""
 
     def __init__(self, address: str | None = None, timeout_s: float = 1.0) -> None:
-        self.address = address or os.environ.get(STATS_URL_ENV) or DEFAULT_STATS_URL
+        self.address = own_address(address)
         self._timeout_s = timeout_s
 
     def read(self, model: str) -> TritonState:

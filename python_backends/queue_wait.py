@@ -60,7 +60,7 @@ class QueueProbe:
     stops (up to its exit timeout, then it exits without unloading its models)."""
 
     def __init__(self, model: str, version: str, address: str | None = None, timeout_s: float = 1.0) -> None:
-        self.address = address or os.environ.get(STATS_URL_ENV) or DEFAULT_STATS_URL
+        self.address = own_address(address)
         self.path = f"/v2/models/{model}/versions/{version}/stats"
         self.version = version
         self._timeout_s = timeout_s
@@ -71,6 +71,11 @@ class QueueProbe:
         if status != 200:
             raise ValueError(f"statistics from {self.address}{self.path}: HTTP {status}")
         return parse_queue_reading(body, self.version)
+
+
+def own_address(address: str | None = None) -> str:
+    """This server's HTTP endpoint (host:port): `address`, else $TIERSERVE_STATS_URL, else Triton's default."""
+    return address or os.environ.get(STATS_URL_ENV) or DEFAULT_STATS_URL
 
 
 def server_get(address: str, path: str, timeout_s: float) -> tuple[int, bytes]:

@@ -15,7 +15,7 @@ import asyncio
 import enum
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -343,17 +343,15 @@ class Router:
         """Point the row at the first candidate it has not tried, can use, and whose breaker lets it through. An
         optional model this server does not have is passed over for its own fallbacks."""
         row.next_model = None
-        queue = deque(candidates)
-        while queue:
-            model = queue.popleft()
-            if model in row.tried or not self._can_serve(model, row.signature, row.variant):
-                continue
+
+        def untried(model: str) -> bool:
+            return model not in row.tried and self._can_serve(model, row.signature, row.variant)
+
+        for model, target, available in self._past_unavailable(candidates, row, untried):
             row.tried.add(model)
-            target = self.target(model, row.signature.tier, row.variant)
-            if self.states.unavailable(target):
+            if not available:
                 row.hops.append(f"{target} unavailable")
                 row.notes.append(f"{target} is not loaded on this server")
-                queue.extendleft(reversed(self.policy.fallbacks.get(model, ())))
                 continue
             breaker = self.breakers[target]
             if breaker.allow():
@@ -482,17 +480,27 @@ class Router:
         else:
             row.hops.append(f"{model} ok")
 
+    def _past_unavailable(
+        self, candidates: Iterable[str], row: _Row, eligible: Callable[[str], bool] = lambda model: True
+    ) -> Iterator[tuple[str, str, bool]]:
+        """The `eligible` candidates in order, each with its target for this row and whether this server has it: an
+        optional model it lacks is followed by its own fallbacks (eligibility is judged as each comes up)."""
+        queue = deque(candidates)
+        while queue:
+            model = queue.popleft()
+            if not eligible(model):
+                continue
+            target = self.target(model, row.signature.tier, row.variant)
+            available = not self.states.unavailable(target)
+            yield model, target, available
+            if not available:
+                queue.extendleft(reversed(self.policy.fallbacks.get(model, ())))
+
     def _reached(self, model: str, row: _Row) -> str:
         """The model:version a call for `model` reaches for this row: past optional models this server does not
         have, to the first of their fallbacks it has (`model`'s own target when none is)."""
-        candidates = deque([model])
-        while candidates:
-            candidate = candidates.popleft()
-            target = self.target(candidate, row.signature.tier, row.variant)
-            if not self.states.unavailable(target):
-                return target
-            candidates.extendleft(reversed(self.policy.fallbacks.get(candidate, ())))
-        return self.target(model, row.signature.tier, row.variant)
+        reached = (target for _, target, available in self._past_unavailable([model], row) if available)
+        return next(reached, self.target(model, row.signature.tier, row.variant))
 
     def _expected_latency(self, model: str) -> float:
         """The model's moving-average latency, or 0 once it is LATENCY_STALE_S old: an estimate that only calls

@@ -38,19 +38,12 @@ from tierserve.tools.supervisor import Supervisor
 from tierserve.tools.workload import noisy, pure_noise, upscaled, with_missing
 
 from .conftest import supervised_server
+from .test_experiments import SPLIT
 
 ROWS = 200
 FLUSH_WAIT_S = 2.5  # the router's inference log is written every second (inference_log.yaml)
 EXPERIMENTS = [
-    {
-        "name": "heavy_versions",
-        "kind": "split",
-        "layer": "models",
-        "arms": [
-            {"name": "control", "weight": 50},
-            {"name": "v1", "weight": 50, "models": {"digits_heavy:3": "digits_heavy:1"}},
-        ],
-    },
+    SPLIT,
     {
         "name": "shadow_v1",
         "kind": "shadow",

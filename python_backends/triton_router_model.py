@@ -175,8 +175,8 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self._stopping.set()
-        self.metrics.batch.flush()
         self._flusher.join(timeout=5)
+        self.metrics.batch.flush()  # after the flusher's last inference-log counts
         self.experimenter.flush()
         self.store.close()
         if self.inference_log is not None:

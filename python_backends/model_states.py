@@ -9,6 +9,10 @@ from the server's HTTP endpoint (the one its queue statistics come from):
   the router skips it: PATH says `<model> unavailable` and the next model of its chain answers.
 Until the first reading (the HTTP endpoint starts after the models), in-process models are served in-process
 and optional models are unavailable.
+
+Every model the router may call is also read every DRILL_POLL_S for a fault drill (`tierserve fault`): time the
+router spends waiting on a drilled model's calls is the drill's, not load, so the load gauge leaves it out and a
+slow canary candidate under a latency drill does not get healthy traffic shed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from tierserve.faults import FaultSpec
 from tierserve.queue_wait import own_address, server_get
 
 POLL_S = 0.25  # how often an instance reads the state of these models; a change takes effect this late at most
+DRILL_POLL_S = 1.0  # how often an instance reads whether the models it calls inject faults
 
 
 @dataclass(frozen=True)
@@ -34,11 +39,16 @@ class TritonState:
 class ModelStates:
     """The router's view of its in-process and optional models, updated from Triton's."""
 
-    def __init__(self, in_process: Iterable[str] = (), optional: Iterable[str] = ()) -> None:
+    def __init__(
+        self, in_process: Iterable[str] = (), optional: Iterable[str] = (), called: Iterable[str] = ()
+    ) -> None:
         self.in_process_models = tuple(in_process)
         self.optional_models = tuple(optional)
+        # the names (not versions: a fault drill reloads a whole model) of every model the router may call
+        self.called_names = tuple(dict.fromkeys(model.split(":")[0] for model in called))
         self._serving = set(self.in_process_models)
         self._ready: set[str] = set()
+        self._drilled: set[str] = set()
 
     @property
     def watched(self) -> tuple[str, ...]:
@@ -51,6 +61,13 @@ class ModelStates:
     def unavailable(self, model: str) -> bool:
         """Whether `model` is an optional model this server does not have READY now."""
         return model in self.optional_models and model not in self._ready
+
+    def drilled(self, model: str) -> bool:
+        """Whether `model` ('name:version') injects faults now, as of the last reading."""
+        return model.split(":")[0] in self._drilled
+
+    def update_drill(self, name: str, drilled: bool) -> None:
+        (self._drilled.add if drilled else self._drilled.discard)(name)
 
     def update(self, model: str, state: TritonState) -> None:
         (self._ready.add if state.ready else self._ready.discard)(model)
@@ -73,6 +90,12 @@ class TritonStateProbe:
             return TritonState(ready=False)
         status, body = server_get(self.address, f"/v2/models/{name}/versions/{version}/config", self._timeout_s)
         return TritonState(ready=True, faulted=status != 200 or injects_faults(body))
+
+    def drilled(self, name: str) -> bool:
+        """Whether model `name`'s configuration injects faults; a model not loaded is not drilled (its calls fail,
+        and failed calls are the router's stalls anyway). OSError when the server does not answer."""
+        status, body = server_get(self.address, f"/v2/models/{name}/config", self._timeout_s)
+        return status == 200 and injects_faults(body)
 
 
 def injects_faults(config_body: bytes) -> bool:

@@ -40,7 +40,12 @@ def load_router(router_dir: Path, version: str, promotions: Promotions | None = 
         for model in (*policy.models, *policy.experiment_models)
     }
     learned = LearnedRouter.load(router_dir / version / LEARNED_ROUTER_FILE)
-    router = Router(policy, accepts_missing, learned, states=ModelStates(policy.in_process, policy.optional_models))
+    router = Router(
+        policy,
+        accepts_missing,
+        learned,
+        states=ModelStates(policy.in_process, policy.optional_models, policy.callable_models),
+    )
     return router, TrainingStats.load(router_dir / version / STATS_FILE)
 
 

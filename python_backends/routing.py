@@ -73,7 +73,7 @@ class HopFailure:
 
 
 class StallLog:
-    """When this router was stuck waiting on failing downstream calls (recent intervals only).
+    """When this router was stuck waiting on failing or fault-drilled downstream calls (recent intervals only).
 
     Requests that queued for the router meanwhile waited because of a fault, not because of load: the
     load gauge must not read a dead or slow model as overload and shed healthy traffic."""
@@ -406,6 +406,8 @@ class Router:
                 self.stalls.add(started, self.clock())
                 return HopFailure(Failure.ERROR, f"{model} failed: {error}")
             elapsed = self.clock() - started
+            if self.states.drilled(model):  # a latency drill's wait is not load
+                self.stalls.add(started, started + elapsed)
             self.breakers[model].record(True, elapsed)
             previous = self.latency_ewma.get(model, elapsed)
             self.latency_ewma[model] = 0.8 * previous + 0.2 * elapsed

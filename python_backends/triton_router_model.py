@@ -21,7 +21,7 @@ from tierserve.experimenter import EXPERIMENTS_PARAMETER, Experimenter, RowPlan,
 from tierserve.healing import Healer, ReloadLog
 from tierserve.inference_log import LOG_DIR_ENV, inference_record, load_settings
 from tierserve.load_shedding import SHED, shed_message
-from tierserve.model_states import POLL_S, TritonStateProbe
+from tierserve.model_states import DRILL_POLL_S, POLL_S, TritonStateProbe
 from tierserve.pixels import NUM_CLASSES, infinity_problem
 from tierserve.promotions import describe, served_promotions
 from tierserve.queue_wait import QueueProbe, QueueWaitMeter
@@ -109,8 +109,7 @@ class TritonPythonModel:
         self._last_execute: float | None = time.monotonic()  # when the latest execute ended; None during one
         self._stopping = threading.Event()
         threading.Thread(target=self._watch_queue, name="router-queue-wait", daemon=True).start()
-        if self.router.states.watched:
-            threading.Thread(target=self._watch_models, name="router-model-states", daemon=True).start()
+        threading.Thread(target=self._watch_models, name="router-model-states", daemon=True).start()
         self._flusher = threading.Thread(target=self._flush, name="router-experiment-counts", daemon=True)
         self._flusher.start()
         threading.Thread(target=self._send_metrics, name="router-metrics", daemon=True).start()
@@ -163,8 +162,9 @@ class TritonPythonModel:
 
     def _watch_models(self) -> None:
         """Keep the router's view of its in-process and optional models as Triton has them (readiness, injected
-        faults); a reading that fails leaves the view as it is."""
-        probe, states = TritonStateProbe(), self.router.states
+        faults), and of which models it calls are under a fault drill; a reading that fails leaves the view as it
+        is."""
+        probe, states, drills_read = TritonStateProbe(), self.router.states, float("-inf")
         while not self._stopping.wait(POLL_S):
             for model in states.watched:
                 try:
@@ -172,6 +172,13 @@ class TritonPythonModel:
                 except OSError:
                     continue
             self.metrics.in_process_state(states)
+            if (now := time.monotonic()) - drills_read >= DRILL_POLL_S:
+                drills_read = now
+                for name in states.called_names:
+                    try:
+                        states.update_drill(name, probe.drilled(name))
+                    except OSError:
+                        continue
 
     def finalize(self) -> None:
         self._stopping.set()

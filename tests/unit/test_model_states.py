@@ -62,3 +62,21 @@ def test_the_probe_reads_readiness_then_configuration_from_the_server():
         assert probe.read("digits_heavy_trt:1") == TritonState(ready=False)
     with pytest.raises(OSError, match="digits_light/versions/1/ready"):
         probe.read("digits_light:1")
+
+
+def test_every_model_the_router_calls_is_read_for_a_fault_drill_by_name():
+    states = ModelStates(called=["digits_heavy:1", "digits_heavy:3", "digits_light_critical:1"])
+    assert states.called_names == ("digits_heavy", "digits_light_critical")
+    states.update_drill("digits_heavy", True)
+    assert states.drilled("digits_heavy:1") and states.drilled("digits_heavy:3")
+    assert not states.drilled("digits_light_critical:1")
+    states.update_drill("digits_heavy", False)
+    assert not states.drilled("digits_heavy:3")
+    replies = {
+        "/v2/models/digits_heavy/config": (200, _config(fault_latency_ms="100")),
+        "/v2/models/digits_light/config": (200, _config()),
+    }
+    with http_stub(lambda path: replies.get(path, (400, b'{"error":"unknown"}'))) as (address, _):
+        probe = TritonStateProbe(address=address)
+        assert probe.drilled("digits_heavy") and not probe.drilled("digits_light")
+        assert not probe.drilled("digits_missing"), "not loaded: its calls fail, which is a stall anyway"

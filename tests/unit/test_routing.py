@@ -508,6 +508,20 @@ def test_refusals_of_the_input_do_not_count_against_the_model():
     assert router.breakers["light:1"].state == "closed"
 
 
+def test_time_waiting_on_a_model_under_a_fault_drill_is_a_stall_not_load():
+    clock = Clock()
+    states = ModelStates(called=["light:1", "heavy:1"])
+    router = Router(parse_policy(CHAINED), ACCEPTS_MISSING, learned=None, clock=clock, states=states)
+    models = FakeModels(latency_s={"heavy:1": 0.04}, clock=clock)
+    _route(router, _images(0.5), [_signature()], models)
+    assert router.stalls.overlap(0.0, clock.now) == 0.0, "a slow model with no drill: its wait may be load"
+    states.update_drill("heavy", True)  # `tierserve fault heavy --latency-ms 40`: every version of heavy
+    start = clock.now
+    (answer,) = _route(router, _images(0.5), [_signature()], models)
+    assert answer.path == "light:1 low_confidence>heavy:1 ok"
+    assert router.stalls.overlap(start, clock.now) == pytest.approx(0.04), "only the drilled call's wait"
+
+
 def test_the_stall_log_counts_overlapping_stalls_once():
     log = StallLog()
     log.add(1.0, 2.0)

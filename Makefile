@@ -11,9 +11,8 @@ $(INSTALLED): pyproject.toml tools/bootstrap.sh
 serve: $(INSTALLED)
 	$(VENV)/bin/tierserve serve $(ARGS)
 
-## test: lint, then the whole suite against a real tritonserver (PYTEST_ARGS=... passes flags)
-test: $(INSTALLED)
-	$(VENV)/bin/ruff check .
+## test: lint (what `make lint` checks), then the whole suite against a real tritonserver (PYTEST_ARGS=... passes flags)
+test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 ## build: (re)build the reference models into model_repository/

@@ -16,6 +16,7 @@ from tierserve.signature import TrainingStats
 
 ROUTER_MODEL = "router"  # the router's Python model, the one step of `digits` (its folder: policy, experiments)
 POLICY_FILE = "policy.yaml"
+CONFIG_FILE = "config.pbtxt"  # a Triton model folder's configuration
 STATS_FILE = "stats.json"
 LEARNED_ROUTER_FILE = "learned_router.json"
 
@@ -35,8 +36,9 @@ def load_router(router_dir: Path, version: str, promotions: Promotions | None = 
 
     Which models take missing pixels comes from their manifests, in the same model repository."""
     policy = _policy(router_dir, promotions)
+    absent = set(absent_models(router_dir.parent, policy))
     accepts_missing = {
-        model: _accepts_missing(router_dir.parent, model, optional=model in policy.optional_models)
+        model: model not in absent and Manifest.read(version_dir(router_dir.parent, model)).accepts_missing
         for model in (*policy.models, *policy.experiment_models)
     }
     learned = LearnedRouter.load(router_dir / version / LEARNED_ROUTER_FILE)
@@ -49,13 +51,16 @@ def load_router(router_dir: Path, version: str, promotions: Promotions | None = 
     return router, TrainingStats.load(router_dir / version / STATS_FILE)
 
 
-def _accepts_missing(repository: Path, model: str, optional: bool) -> bool:
-    """From the model's manifest; an optional model this repository has not built (a GPU variant on a CPU host)
-    takes no missing pixels."""
-    folder = version_dir(repository, model)
-    if optional and not (folder / MANIFEST_FILE).is_file():
-        return False
-    return Manifest.read(folder).accepts_missing
+def absent_models(repository: Path, policy: Policy) -> tuple[str, ...]:
+    """The policy's optional models this repository has not built (no config.pbtxt, or no version folder with its
+    manifest: the TensorRT variant on a host without a GPU). They are absent, not an error: the router passes over
+    them (they take no missing pixels) and the tools neither load nor read them."""
+    return tuple(
+        model
+        for model in policy.optional_models
+        if not (repository / model.split(":")[0] / CONFIG_FILE).is_file()
+        or not (version_dir(repository, model) / MANIFEST_FILE).is_file()
+    )
 
 
 def in_process_runners(router_dir: Path, policy: Policy) -> dict[str, Runner]:

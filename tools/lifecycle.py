@@ -39,12 +39,10 @@ from tierserve.promotions import (
     store_promotions,
     version_uses,
 )
-from tierserve.router_files import POLICY_FILE, ROUTER_MODEL, router_policy
+from tierserve.router_files import CONFIG_FILE, POLICY_FILE, ROUTER_MODEL, absent_models, router_policy
 from tierserve.state_store import StateStore
 from tierserve.tools.audit import Step
 from tierserve.tools.model_control import ModelControl
-
-CONFIG_FILE = "config.pbtxt"
 
 
 class Problem(str, Enum):
@@ -90,18 +88,6 @@ def repository_versions(repository: Path, model: str) -> list[int]:
     folder = repository / model
     found = (int(d.name) for d in folder.iterdir() if d.is_dir() and d.name.isdigit()) if folder.is_dir() else ()
     return sorted(found)
-
-
-def absent_models(repository: Path, policy: Policy) -> tuple[str, ...]:
-    """The policy's optional models this repository does not have (no config.pbtxt or no version folder: the
-    TensorRT variant on a host without a GPU). They are absent, not an error: the router passes over them and the
-    tools neither load nor read them."""
-    return tuple(
-        name
-        for name in policy.optional_models
-        if not (repository / (version := ModelVersion.parse(name)).model / CONFIG_FILE).is_file()
-        or version.version not in repository_versions(repository, version.model)
-    )
 
 
 def _versions_text(model: str, versions: set[int] | list[int]) -> str:

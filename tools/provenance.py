@@ -19,12 +19,10 @@ from tierserve.experiment_spec import ExperimentsFile
 from tierserve.manifest import MANIFEST_FILE, Manifest, ManifestError
 from tierserve.policy import Policy
 from tierserve.promotions import ModelVersion, Promotions, Use, describe, stored_promotions, version_uses
-from tierserve.router_files import ROUTER_MODEL, router_policy
+from tierserve.router_files import CONFIG_FILE, ROUTER_MODEL, absent_models, router_policy
 from tierserve.state_store import StateStore
 from tierserve.tools.lifecycle import (
-    CONFIG_FILE,
     Lifecycle,
-    absent_models,
     repository_config,
     repository_versions,
     running_experiments,

@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from tierserve.experiment_spec import ExperimentsFile, experiments_json, parse_experiments
 from tierserve.experimenter import EXPERIMENTS_KEY
 from tierserve.promotions import PROMOTIONS_PARAMETER, Promotion, Promotions, UseKind, stored_promotions
-from tierserve.router_files import ROUTER_MODEL, router_policy
+from tierserve.router_files import ROUTER_MODEL, absent_models, router_policy
 from tierserve.state_store import MemoryStore
 from tierserve.tools.audit import Step
 from tierserve.tools.lifecycle import (
@@ -24,7 +24,6 @@ from tierserve.tools.lifecycle import (
     Lifecycle,
     Problem,
     Refused,
-    absent_models,
     repository_config,
     repository_versions,
 )

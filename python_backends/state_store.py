@@ -1,11 +1,13 @@
-"""State that outlives a request (feedback claims, experiment counts, user records, the shared secret), shared by
-every process of a server: router instances, the `feedback` model and the CLI.
+"""State that outlives a request (feedback claims, experiment counts, user records, the experiments served, the
+shared secret), shared by every process of a server (router instances, the `feedback` model, the CLI) and, on
+Redis, by every server that names the same Redis.
 
-It lives behind one small interface, `StateStore`, shaped like Redis so that a later issue can put it on Redis for
-several servers: each method is one Redis command (or one MULTI/EXEC pipeline of them). Until then it is SQLite, one
-file that all processes open (WAL mode, so readers never wait for a writer; writers queue for up to BUSY_TIMEOUT_S),
-or a dict for tests and a server run without a state file. As in Redis, a key holds one kind of value (a string,
-a hash of counts, or a sorted set of members) and `delete` removes it whatever its kind.
+It lives behind one small interface, `StateStore`, shaped like Redis: each method is one Redis command (or one
+MULTI/EXEC pipeline of them). It is Redis for several servers that share one state (tierserve.redis_store), SQLite
+for one server (the default: one file that all its processes open, in WAL mode, so readers never wait for a writer;
+writers queue for up to BUSY_TIMEOUT_S), or a dict for tests and a server run without a state file. As in Redis, a
+key holds one kind of value (a string, a hash of counts, or a sorted set of members) and `delete` removes it
+whatever its kind.
 
 Where the store is: `$TIERSERVE_STATE` (STATE_ENV), set for tritonserver and its stubs by whoever launches it, else
 a file under the user's state directory (`default_location()`).
@@ -23,7 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-STATE_ENV = "TIERSERVE_STATE"  # "sqlite:///abs/path.db", a plain absolute path, or "memory:" (one process only)
+STATE_ENV = "TIERSERVE_STATE"  # "redis://host:port/db", "sqlite:///abs/path.db", an absolute path, or "memory:"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SECRET_KEY = "secret"
 SECRET_BYTES = 32
 BUSY_TIMEOUT_S = 5.0  # a writer waits this long for another process's transaction before giving up
@@ -94,18 +97,19 @@ def default_location() -> str:
 
 
 def open_store(location: str) -> StateStore:
-    """The store at `location`: "memory:", "sqlite:///abs/path.db" or "/abs/path.db"."""
+    """The store at `location`: "redis://host:port/db" (also rediss:// and unix://; several servers can share it),
+    "sqlite:///abs/path.db" or "/abs/path.db" (the processes of one server), or "memory:" (one process)."""
     if location == "memory:":
         return MemoryStore()
-    if location.startswith(("redis://", "rediss://", "unix://")):
-        raise StateStoreError(
-            f"state store {location!r}: Redis comes with the several-servers issue; "
-            f"for one server set {STATE_ENV} to a SQLite file path"
-        )
+    if location.startswith(REDIS_SCHEMES):
+        from tierserve.redis_store import RedisStore  # redis-py only where Redis is used
+
+        return RedisStore(location)
     path = location.removeprefix("sqlite://")
     if "://" in path:
         raise StateStoreError(
-            f"state store {location!r}: expected 'sqlite:///abs/path.db', '/abs/path.db' or 'memory:'"
+            f"state store {location!r}: expected 'redis://host:port/db', 'sqlite:///abs/path.db', '/abs/path.db' "
+            "or 'memory:'"
         )
     if not Path(path).expanduser().is_absolute():
         raise StateStoreError(
@@ -126,14 +130,14 @@ def shared_secret(store: StateStore) -> bytes:
     return secret
 
 
-def _finite(key: str, field: str, amount: float) -> float:
+def finite_amount(key: str, field: str, amount: float) -> float:
     amount = float(amount)
     if not math.isfinite(amount):
         raise ValueError(f"add {key!r} {field!r}: amount must be finite, got {amount}")
     return amount
 
 
-def _ttl(ttl_s: float | None) -> float | None:
+def positive_ttl(ttl_s: float | None) -> float | None:
     if ttl_s is not None and not ttl_s > 0:
         raise ValueError(f"ttl_s must be positive, got {ttl_s}")
     return ttl_s
@@ -227,7 +231,7 @@ class SqliteStore:
 
     def set(self, key: str, value: bytes, *, ttl_s: float | None = None, only_if_absent: bool = False) -> bool:
         now = self._clock()
-        expires = None if _ttl(ttl_s) is None else now + ttl_s
+        expires = None if positive_ttl(ttl_s) is None else now + ttl_s
         condition = "WHERE strings.expires IS NOT NULL AND strings.expires <= :now" if only_if_absent else ""
         with self._errors(), self._write() as connection:
             written = connection.execute(
@@ -248,7 +252,9 @@ class SqliteStore:
                     connection.execute(f"DELETE FROM {table} WHERE key IN ({marks})", chunk)
 
     def add(self, counts: Mapping[str, Mapping[str, float]]) -> None:
-        rows = [(key, field, _finite(key, field, n)) for key, fields in counts.items() for field, n in fields.items()]
+        rows = [
+            (key, field, finite_amount(key, field, n)) for key, fields in counts.items() for field, n in fields.items()
+        ]
         if not rows:
             return
         with self._errors(), self._write() as connection:
@@ -368,7 +374,7 @@ class MemoryStore:
 
     def set(self, key: str, value: bytes, *, ttl_s: float | None = None, only_if_absent: bool = False) -> bool:
         now = self._clock()
-        expires = None if _ttl(ttl_s) is None else now + ttl_s
+        expires = None if positive_ttl(ttl_s) is None else now + ttl_s
         with self._lock:
             if only_if_absent and self._live(key, now) is not None:
                 return False
@@ -386,7 +392,7 @@ class MemoryStore:
 
     def add(self, counts: Mapping[str, Mapping[str, float]]) -> None:
         amounts = [
-            (key, field, _finite(key, field, n)) for key, fields in counts.items() for field, n in fields.items()
+            (key, field, finite_amount(key, field, n)) for key, fields in counts.items() for field, n in fields.items()
         ]
         with self._lock:
             for key, field, amount in amounts:

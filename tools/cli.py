@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--no-build", action="store_true", help="serve the repository as it is")
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     serve.add_argument(
+        "--state", help=f"redis://host:port/db (servers share it) or a SQLite file; default ${STATE_ENV}"
+    )
+    serve.add_argument(
         "--address",
         type=_ipv4,
         default="127.0.0.1",

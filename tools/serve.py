@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 from tierserve.private_file import write_private
-from tierserve.state_store import STATE_ENV
+from tierserve.state_store import STATE_ENV, StateStoreError, open_store, shared_secret
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key
 from tierserve.tools.build_models import build_all
 from tierserve.tools.paths import (
@@ -68,6 +68,18 @@ def _tier_keys(explicit: Path | None) -> Path:
     return path
 
 
+def _state(explicit: str | None) -> str:
+    """Where the state store is (--state, $TIERSERVE_STATE, or .tierserve/state.db), checked now: a Redis that does
+    not answer is better said once here than by every router that fails to load."""
+    location = explicit or os.environ.get(STATE_ENV) or str(STATE_FILE.resolve())
+    store = open_store(location)
+    try:
+        shared_secret(store)  # made here, before any router or feedback instance races for it
+    finally:
+        store.close()
+    return location
+
+
 def _bound(server: TritonServer, port: int) -> str:
     addresses = server.listening().get(port, [])
     every = " (every interface)" if any(a in ("0.0.0.0", "::") for a in addresses) else ""
@@ -103,7 +115,6 @@ def _print_event(event: Event) -> None:
 
 def _restore_promotions(server: TritonServer) -> None:
     """Load what the promoted routing needs and the configs do not list (a promoted version's lane)."""
-    from tierserve.state_store import open_store
     from tierserve.tools.lifecycle import Lifecycle
     from tierserve.tools.model_control import ModelControl
 
@@ -122,7 +133,8 @@ def serve(args: argparse.Namespace) -> int:
         build_all(args.model_repository)
     try:
         tier_keys = _tier_keys(args.tier_keys)
-    except TierKeyError as error:
+        state = _state(args.state)
+    except (TierKeyError, StateStoreError) as error:
         print(f"tierserve: {error}", file=sys.stderr)
         return 1
     server = TritonServer(
@@ -134,7 +146,7 @@ def serve(args: argparse.Namespace) -> int:
         admin_key=_admin_key(),
         address=args.address,
         tier_keys=tier_keys,
-        state=os.environ.get(STATE_ENV) or str(STATE_FILE),
+        state=state,
     )
     supervisor = Supervisor(server, report=_print_event, on_ready=lambda: _restore_promotions(server))
     signal.signal(signal.SIGTERM, _stop_on_sigterm)

@@ -1,15 +1,17 @@
-"""The state store: SqliteStore and MemoryStore keep the same Redis-shaped semantics; several SqliteStore objects
-and processes on one file share state and lose no increment."""
+"""The state store: SqliteStore, MemoryStore and RedisStore (on a redis-server of the test's own) keep the same
+Redis-shaped semantics; several stores and processes on one file or one Redis share state and lose no increment."""
 
 from __future__ import annotations
 
 import multiprocessing
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tierserve.redis_store import RedisStore, shown_location
 from tierserve.state_store import (
     STATE_ENV,
     MemoryStore,
@@ -20,24 +22,52 @@ from tierserve.state_store import (
     open_store,
     shared_secret,
 )
+from tierserve.tools.redis_server import RedisServer
 
 
 class Clock:
-    def __init__(self) -> None:
+    """The stores' clock: a fake one that `advance` moves at once, or (`real`, for Redis, which keeps its own time)
+    the wall clock, which `advance` sleeps for, in `unit`s of 0.1 s so that TTL tests stay short."""
+
+    def __init__(self, real: bool = False) -> None:
         self.now = 1_000_000.0
+        self.real = real
+        self.unit = 0.1 if real else 1.0
 
     def __call__(self) -> float:
         return self.now
 
+    def advance(self, seconds: float) -> None:
+        if self.real:
+            time.sleep(seconds)
+        else:
+            self.now += seconds
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock(backend: str) -> Clock:
+    return Clock(real=backend == "redis")
 
 
-@pytest.fixture(params=["sqlite", "memory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[StateStore]:
-    made = SqliteStore(tmp_path / "state.db", clock=clock) if request.param == "sqlite" else MemoryStore(clock=clock)
+@pytest.fixture
+def store(backend: str, request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[StateStore]:
+    if backend == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        server.flush()  # each test starts from an empty database
+        made: StateStore = RedisStore(server.url)
+    else:
+        made = SqliteStore(tmp_path / "state.db", clock=clock) if backend == "sqlite" else MemoryStore(clock=clock)
     yield made
     made.close()
 
@@ -52,16 +82,17 @@ def test_set_get_and_only_if_absent(store: StateStore):
 
 
 def test_ttl_expiry_hides_the_value_and_frees_the_key(store: StateStore, clock: Clock):
-    assert store.set("claim", b"1", ttl_s=10, only_if_absent=True)
-    clock.now += 9.9
+    ttl_s = 10 * clock.unit
+    assert store.set("claim", b"1", ttl_s=ttl_s, only_if_absent=True)
+    clock.advance(ttl_s / 2)
     assert store.get("claim") == b"1"
-    assert not store.set("claim", b"2", ttl_s=10, only_if_absent=True)
-    clock.now += 0.1
+    assert not store.set("claim", b"2", ttl_s=ttl_s, only_if_absent=True)
+    clock.advance(ttl_s * 0.6)
     assert store.get("claim") is None
-    assert store.set("claim", b"2", ttl_s=10, only_if_absent=True)
+    assert store.set("claim", b"2", ttl_s=ttl_s, only_if_absent=True)
     assert store.get("claim") == b"2"
     store.set("claim", b"forever")  # a plain SET drops the TTL, as in Redis
-    clock.now += 100
+    clock.advance(ttl_s * 1.1)
     assert store.get("claim") == b"forever"
     with pytest.raises(ValueError, match="ttl_s"):
         store.set("x", b"", ttl_s=0)
@@ -107,8 +138,18 @@ def test_shared_secret_is_made_once(store: StateStore):
     assert shared_secret(store) == secret
 
 
-def test_two_sqlite_stores_on_one_file_share_state(tmp_path: Path):
-    first, second = SqliteStore(tmp_path / "state.db"), SqliteStore(tmp_path / "state.db")
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where several stores (and processes) find one state: a SQLite file, or a Redis database emptied first."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state.db")
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.flush()
+    return server.url
+
+
+def test_two_stores_on_one_location_share_state(shared_location: str):
+    first, second = open_store(shared_location), open_store(shared_location)
     assert shared_secret(first) == shared_secret(second)
     assert first.set("claim", b"1", only_if_absent=True)
     assert not second.set("claim", b"1", only_if_absent=True)
@@ -135,8 +176,8 @@ def test_the_file_is_private_and_reopens_with_its_state(tmp_path: Path):
         reopened.get("secret")
 
 
-def _add_many(path: str, times: int, start) -> None:
-    store = SqliteStore(Path(path))
+def _add_many(location: str, times: int, start) -> None:
+    store = open_store(location)
     start.wait(30)  # all writers at once, so their transactions interleave
     for _ in range(times):
         store.add({"h": {"n": 1}, "g": {"n": 2}})
@@ -144,19 +185,18 @@ def _add_many(path: str, times: int, start) -> None:
     store.close()
 
 
-def test_concurrent_processes_lose_no_increment(tmp_path: Path):
-    path = tmp_path / "state.db"
-    SqliteStore(path).close()
+def test_concurrent_processes_lose_no_increment(shared_location: str):
+    open_store(shared_location).close()
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(3)
-    workers = [context.Process(target=_add_many, args=(str(path), 1000, start)) for _ in range(2)]
+    workers = [context.Process(target=_add_many, args=(shared_location, 1000, start)) for _ in range(2)]
     for worker in workers:
         worker.start()
-    _add_many(str(path), 1000, start)
+    _add_many(shared_location, 1000, start)
     for worker in workers:
         worker.join(60)
         assert worker.exitcode == 0
-    store = SqliteStore(path)
+    store = open_store(shared_location)
     assert store.counts_many(["h", "g"]) == {"h": {"n": 3000.0}, "g": {"n": 6000.0}}
     store.close()
 
@@ -167,8 +207,12 @@ def test_open_store_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         store = open_store(location)
         assert isinstance(store, SqliteStore) and store.path.parent == tmp_path
         store.close()
-    with pytest.raises(StateStoreError, match="Redis comes with the several-servers issue"):
-        open_store("redis://localhost:6379/0")
+    for location in ("redis://localhost:6379/0", "unix:///run/redis.sock?db=2"):
+        store = open_store(location)
+        assert isinstance(store, RedisStore)  # no connection until the first command
+        store.close()
+    with pytest.raises(StateStoreError, match="redis://nowhere"):
+        open_store("redis://nowhere:port/0")
     with pytest.raises(StateStoreError, match="absolute"):
         open_store("state.db")
     with pytest.raises(StateStoreError, match="expected"):
@@ -178,3 +222,29 @@ def test_open_store_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv(STATE_ENV)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     assert default_location() == str(tmp_path / "tierserve" / "state.db")
+
+
+def test_a_redis_password_is_never_shown():
+    assert shown_location("redis://:hunter2@db:6380/1") == "redis://:***@db:6380/1"
+    assert shown_location("redis://app:hunter2@db/1") == "redis://app:***@db/1"
+    assert shown_location("redis://db:6380/1") == "redis://db:6380/1"
+    assert "hunter2" not in repr(RedisStore("redis://:hunter2@db:6380/1"))
+
+
+def test_a_redis_that_is_gone_or_hung_is_an_error_naming_it(redis_server: RedisServer, tmp_path: Path):
+    with RedisServer(tmp_path) as gone:
+        url = gone.url
+    store = RedisStore(url)
+    with pytest.raises(StateStoreError, match=f"state store {url}: ConnectionError"):
+        store.get("secret")
+    store.close()
+    store = RedisStore(redis_server.url)
+    store.set("k", b"v")
+    redis_server.pause()
+    try:
+        with pytest.raises(StateStoreError, match="TimeoutError"):
+            store.add({"h": {"a": 1}})
+    finally:
+        redis_server.resume()
+    assert store.get("k") == b"v"  # the pool's broken connection is replaced
+    store.close()

@@ -135,7 +135,8 @@ class ExperimentStats:
         return math.floor(at / self.bucket_s) * self.bucket_s
 
     def record_rows(self, rows: Iterable[ArmRow]) -> None:
-        """Count a batch of rows: one store.add for all of it, and one mark per arm for the users it saw."""
+        """Count a batch of rows: one mark per arm for the users it saw, then one store.add for all of it (whole or
+        not at all: a batch whose write failed can be recorded again without counting a row twice)."""
         cells: Counter[tuple[str, str, float, int]] = Counter()  # (experiment, arm, bucket, latency bucket)
         users: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
         for row in rows:
@@ -149,10 +150,10 @@ class ExperimentStats:
             for span in (TOTAL, _span(bucket)):
                 fields[f"{_name('arm', arm)}{_SEP}{span}{_SEP}rows"] += n
                 fields[f"{arm}{_SEP}{span}{_SEP}lat{latency}"] += n
+        for (experiment, arm), seen in users.items():  # first: marks are idempotent, so a failed batch can be retried
+            self.store.mark(self._users_key(experiment, arm), seen)
         if counts:
             self.store.add(counts)
-        for (experiment, arm), seen in users.items():
-            self.store.mark(self._users_key(experiment, arm), seen)
 
     def record_shadow(self, experiment: str, outcome: ShadowOutcome | str, latency_s: float | None, at: float) -> None:
         """Count one shadow call (`at` is accepted for symmetry; shadow counts have no timeline)."""

@@ -4,10 +4,14 @@ row, the REQUEST_ID and ARMS of each answer, and the per-arm counts the report a
 Pure Python (no Triton): the router glue calls `plan` before routing a batch and `finish` after it. Nothing here
 writes to the state store on the hot path: per-arm rows are queued and written by `flush`, which the glue calls
 from a background thread; posteriors and user records are read at most once per REFRESH_S.
+
+A store that fails is no outage: `plan` answers from the posteriors and user records it read last (the bandits
+freeze), and `flush` keeps the rows it could not write (up to MAX_PENDING_ROWS) for the next flush.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -30,7 +34,7 @@ from tierserve.replay_tokens import ReplayRow
 from tierserve.request_ids import IssuedRow, RequestIds, new_seeds, user_key
 from tierserve.routing import BASE, Answer, Variant
 from tierserve.signature import RequestContext
-from tierserve.state_store import StateStore, shared_secret
+from tierserve.state_store import SECRET_KEY, StateStore, StateStoreError, shared_secret
 from tierserve.user_adaptation import UserRecord, UserStates, adapted_threshold
 
 REFRESH_S = 1.0  # posteriors and user records are at most this old
@@ -99,7 +103,9 @@ class Experimenter:
         self.assigner = Assigner(spec)
         self.stats = ExperimentStats(store)
         self.users = UserStates(store, policy.adaptation.max_users)
+        self.store = store
         self.secret = shared_secret(store)
+        self._served = experiments_json(spec).encode()
         self.ids = RequestIds(self.secret)
         self.clock = clock
         self._bandits = [e.name for e in spec.experiments if e.kind == "bandit"]
@@ -178,26 +184,54 @@ class Experimenter:
                 queued.extend((outcome, latency_s) for outcome in outcomes)
 
     def flush(self) -> None:
-        """Write the queued per-arm rows and shadow outcomes to the store; called off the hot path."""
+        """Write the queued per-arm rows and shadow outcomes to the store; called off the hot path. When the store
+        fails, what was not written is queued again (rows beyond MAX_PENDING_ROWS are dropped and counted) and the
+        StateStoreError raised. Each write is whole or not at all (one MULTI/EXEC), so none is counted twice."""
         with self._lock:
             rows, self._pending = self._pending, []
             shadowed, self._shadowed = self._shadowed, {}
-        if rows:
-            self.stats.record_rows(rows)
-        for experiment, outcomes in shadowed.items():
-            self.stats.record_shadows(experiment, outcomes)
+        try:
+            if rows:
+                self.stats.record_rows(rows)
+                rows = []
+            while shadowed:
+                experiment, outcomes = next(iter(shadowed.items()))
+                self.stats.record_shadows(experiment, outcomes)
+                del shadowed[experiment]
+        finally:
+            if rows or shadowed:
+                self._queue_again(rows, shadowed)
+
+    def _queue_again(self, rows: list[ArmRow], shadowed: dict[str, list[tuple[ShadowOutcome, float | None]]]) -> None:
+        with self._lock:
+            kept = (rows + self._pending)[:MAX_PENDING_ROWS]
+            self.dropped_rows += len(rows) + len(self._pending) - len(kept)
+            self._pending = kept
+            for experiment, outcomes in shadowed.items():
+                queued = self._shadowed.setdefault(experiment, [])
+                queued[:0] = outcomes[: max(MAX_PENDING_ROWS - len(queued), 0)]
+
+    def restore_shared(self) -> None:
+        """Write back what every server must agree on when the store lost it (a Redis restarted without its data):
+        the shared secret and the experiments this instance serves, each only where absent (SET NX)."""
+        self.store.set(SECRET_KEY, self.secret, only_if_absent=True)
+        self.store.set(EXPERIMENTS_KEY, self._served, only_if_absent=True)
 
     def _current_posteriors(self) -> dict[str, dict[str, tuple[float, float]]]:
         if self._bandits and time.monotonic() - self._posteriors_at >= REFRESH_S:
-            self._posteriors = self.stats.posteriors(self._bandits)
             self._posteriors_at = time.monotonic()
+            with contextlib.suppress(StateStoreError):  # the bandits freeze on the posteriors read last
+                self._posteriors = self.stats.posteriors(self._bandits)
         return self._posteriors
 
     def _user_records(self, users: list[str]) -> dict[str, UserRecord]:
         now = time.monotonic()
         stale = [u for u in users if now - self._records.get(u, (None, float("-inf")))[1] >= REFRESH_S]
         if stale:
-            fresh = self.users.get(stale)
+            try:
+                fresh = self.users.get(stale)
+            except StateStoreError:  # the records read last still hold; a user never read has none for now
+                fresh, stale = {}, [u for u in stale if u not in self._records]
             for user in stale:
                 self._records[user] = (fresh.get(user), now)
             if len(self._records) > USER_CACHE:  # a bound on this cache, not on the users the store holds

@@ -16,7 +16,7 @@ from tierserve.experiment_spec import MIRRORED
 from tierserve.experiment_stats import ExperimentStats
 from tierserve.pixels import NUM_CLASSES
 from tierserve.request_ids import ExpiredRequestId, IssuedRow, RequestIds, UnknownRequestId, shown_id
-from tierserve.state_store import StateStore
+from tierserve.state_store import StateStore, StateStoreError
 from tierserve.user_adaptation import UserStates
 
 CLAIM_MARGIN_S = 3600.0  # a claim outlives its id's retention by this much (clocks of several processes differ)
@@ -29,6 +29,7 @@ class Refusal(Enum):
     EXPIRED = "expired"  # issued longer ago than the retention
     DUPLICATE = "duplicate"  # feedback for that id was taken already
     LABEL = "label"  # LABEL is not a digit 0-9
+    UNAVAILABLE = "unavailable"  # the state store does not answer: nothing is taken, the client sends it again later
 
 
 @dataclass(frozen=True)
@@ -80,18 +81,26 @@ class FeedbackBook:
         learned: list[Learned] = []
         for index, (row, label) in enumerate(zip(rows, labels, strict=True)):
             ttl_s = self.ids.retention_s - (now - row.issued_at) + CLAIM_MARGIN_S
-            if not self.store.set(f"feedback:{row.seed}", b"1", ttl_s=ttl_s, only_if_absent=True):
-                recorded = {0: "", 1: "; row 0 of this request was recorded"}.get(
-                    index, f"; rows 0-{index - 1} of this request were recorded"
-                )
+            recorded = {0: "", 1: "; row 0 of this request was recorded"}.get(
+                index, f"; rows 0-{index - 1} of this request were recorded"
+            )
+            try:
+                if not self.store.set(f"feedback:{row.seed}", b"1", ttl_s=ttl_s, only_if_absent=True):
+                    raise FeedbackRefused(
+                        Refusal.DUPLICATE,
+                        index,
+                        f"duplicate feedback for REQUEST_ID {shown_id(request_ids[index])}: "
+                        f"an answer takes feedback once{recorded}",
+                        learned,
+                    )
+                learned.extend(self._learn(row, int(label), now))
+            except StateStoreError:
                 raise FeedbackRefused(
-                    Refusal.DUPLICATE,
+                    Refusal.UNAVAILABLE,
                     index,
-                    f"duplicate feedback for REQUEST_ID {shown_id(request_ids[index])}: "
-                    f"an answer takes feedback once{recorded}",
+                    f"the state store is unavailable, so this feedback was not taken{recorded}; send it again later",
                     learned,
-                )
-            learned.extend(self._learn(row, int(label), now))
+                ) from None
         return learned
 
     def _checked(self, index: int, request_id: str, label: int, now: float) -> IssuedRow:

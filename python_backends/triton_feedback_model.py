@@ -12,15 +12,25 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tierserve.experiment_stats import ExperimentStats
-from tierserve.feedback import FeedbackBook, FeedbackRefused, Learned
+from tierserve.feedback import FeedbackBook, FeedbackRefused, Learned, Refusal
+from tierserve.guarded_store import GuardedStore
 from tierserve.inference_log import LOG_DIR_ENV, FeedbackRecord, load_settings
 from tierserve.policy import Policy
 from tierserve.request_ids import RequestIds
 from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
-from tierserve.state_store import STATE_ENV, StateStoreError, default_location, open_store, shared_secret
-from tierserve.triton_router_metrics import LabelledFamily, MetricBatch, open_inference_log
+from tierserve.state_store import STATE_ENV, default_location, open_store, shared_secret
+from tierserve.triton_router_metrics import LabelledFamily, MetricBatch, StateStoreMetrics, open_inference_log
 from tierserve.user_adaptation import UserStates
 from tierserve.warmup import WarmUp
+
+STORE_RETRY_S = 1.0  # while the state store fails, feedback tries it again at most this often
+
+
+def _store_changed(up: bool, why: str) -> None:
+    if up:
+        pb_utils.Logger.log_info(f"feedback: the state store {why}")
+    else:
+        pb_utils.Logger.log_error(f"feedback: the state store failed ({why}); feedback is refused until it answers")
 
 
 def _error(message: str, code: int) -> pb_utils.InferenceResponse:
@@ -37,7 +47,12 @@ class TritonPythonModel:
         # feedback taken is recorded beside the answers, for `tierserve log query` to join by REQUEST_ID
         log_settings = load_settings(router_dir, os.environ.get(LOG_DIR_ENV))
         self.inference_log = open_inference_log(log_settings, "feedback")
-        self.store = open_store(os.environ.get(STATE_ENV) or default_location())
+        # tried again at most once per STORE_RETRY_S while it fails: feedback is refused UNAVAILABLE meanwhile
+        self.store = GuardedStore(
+            open_store(os.environ.get(STATE_ENV) or default_location()),
+            retry_after_s=STORE_RETRY_S,
+            on_change=_store_changed,
+        )
         self.book = FeedbackBook(
             self.store,
             RequestIds(shared_secret(self.store)),
@@ -59,11 +74,13 @@ class TritonPythonModel:
         )
         self.refused = LabelledFamily(
             "tierserve_feedback_refused_total",
-            "Feedback requests refused, by why: unknown or expired REQUEST_ID, duplicate feedback, LABEL not 0-9",
+            "Feedback requests refused, by why: unknown or expired REQUEST_ID, duplicate feedback, LABEL not 0-9, "
+            "state store unavailable",
             counter,
             instance,
             self.metrics,
         )
+        self.store_metrics = StateStoreMetrics(instance, self.metrics)
 
     def finalize(self) -> None:
         self.store.close()
@@ -90,20 +107,15 @@ class TritonPythonModel:
             except FeedbackRefused as error:
                 learned.update(error.learned)
                 self.refused(why=error.why.value).increment(1)
-                responses.append(_error(f"feedback: {error}", pb_utils.TritonError.INVALID_ARG))
-            except StateStoreError as error:  # not the client's fault: the store is busy or gone
-                pb_utils.Logger.log_error(f"feedback: request {index}: {error}")
-                responses.append(
-                    _error(
-                        "feedback: the state store is unavailable; send it again later",
-                        pb_utils.TritonError.UNAVAILABLE,
-                    )
-                )
+                # not the client's fault when the store is busy or gone: UNAVAILABLE says send it again
+                code = pb_utils.TritonError.UNAVAILABLE if error.why is Refusal.UNAVAILABLE else None
+                responses.append(_error(f"feedback: {error}", code or pb_utils.TritonError.INVALID_ARG))
             except Exception as error:  # logged here, never sent to the client with a traceback
                 pb_utils.Logger.log_error(f"feedback: request {index} could not be read: {error!r}")
                 responses.append(_error("feedback: the request could not be read", pb_utils.TritonError.INVALID_ARG))
         for arm, count in learned.items():  # one metric update per series: each is a message to tritonserver
             self.learned(experiment=arm.experiment, arm=arm.arm, correct=str(arm.correct).lower()).increment(count)
+        self.store_metrics.update(self.store)
         self.metrics.flush()
         return responses
 

@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb_utils
 from tierserve.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from tierserve.experiment_stats import ShadowOutcome
 from tierserve.experimenter import RowPlan
+from tierserve.guarded_store import GuardedStore
 from tierserve.inference_log import InferenceLog, InferenceLogSettings
 from tierserve.model_states import ModelStates
 from tierserve.routing import Answer, Shed
@@ -147,6 +148,41 @@ class LabelledFamily:
         return self._series[key]
 
 
+class StateStoreMetrics:
+    """tierserve_state_store_up (1 while the state store answers this instance) and
+    tierserve_state_store_errors_total{operation} (calls that failed, or were not made because the store was
+    down), from a GuardedStore; the router and `feedback` both report them."""
+
+    def __init__(self, instance: str, batch: MetricBatch) -> None:
+        kind = pb_utils.MetricFamily
+        self.up = LabelledFamily(
+            "tierserve_state_store_up",
+            "1 while the state store answers, 0 from a failed call until it answers again",
+            kind.GAUGE,
+            instance,
+            batch,
+        )
+        self.errors = LabelledFamily(
+            "tierserve_state_store_errors_total",
+            "State store calls that failed, or were not made because the store was down, by operation",
+            kind.COUNTER,
+            instance,
+            batch,
+        )
+        self._sent: Counter[str] = Counter()
+        self._up: bool | None = None
+
+    def update(self, store: GuardedStore) -> None:
+        """Send what grew since the last update, and the gauge when it changed."""
+        for operation, total in store.errors().items():
+            if total > self._sent[operation]:
+                self.errors(operation=operation).increment(total - self._sent[operation])
+                self._sent[operation] = total
+        if store.up != self._up:
+            self._up = store.up
+            self.up().set(1.0 if store.up else 0.0)
+
+
 def open_inference_log(settings: InferenceLogSettings, model: str) -> InferenceLog | None:
     """The model's inference log, or None when it is off or cannot be opened (a log that cannot be written costs
     its records, said in the server log, never the model's load or a request)."""
@@ -167,6 +203,7 @@ class RouterMetrics:
     arm}, tierserve_shadow_rows_total{experiment,outcome} (agree, disagree, error, dropped),
     tierserve_shadow_latency_seconds{experiment}; tierserve_inference_log_records_total{outcome} (dropped, lost);
     tierserve_in_process_rows_total{model,outcome} and tierserve_in_process{model} (1: the router serves it itself);
+    tierserve_state_store_up and tierserve_state_store_errors_total{operation} (StateStoreMetrics);
     every series also carries `instance`, the router instance (each keeps its own breakers and signals). Feedback
     counts come from the `feedback` model."""
 
@@ -278,6 +315,7 @@ class RouterMetrics:
             instance,
             self.batch,
         )
+        self.state_store = StateStoreMetrics(instance, self.batch)
         self._in_process_states: dict[str, bool] = {}
         self._log_counts = {"dropped": 0, "lost": 0}
         self._burns = {tier: BudgetBurn(slo) for tier, slo in tiers.items()}

@@ -18,6 +18,7 @@ from tierserve.batching import Rejected, infer_rows
 from tierserve.experiment_spec import EXPERIMENTS_FILE
 from tierserve.experiment_stats import ShadowOutcome
 from tierserve.experimenter import EXPERIMENTS_PARAMETER, Experimenter, RowPlan, served_experiments
+from tierserve.guarded_store import GuardedStore
 from tierserve.healing import Healer, ReloadLog
 from tierserve.inference_log import LOG_DIR_ENV, inference_record, load_settings
 from tierserve.load_shedding import SHED, shed_message
@@ -33,7 +34,7 @@ from tierserve.routing import Answer, ModelCallError, ModelDown, ModelRefused, M
 from tierserve.server_scratch import LANE_TOKEN_PARAMETER, lane_token, server_scratch, server_secret
 from tierserve.shadow import BATCH_ROWS, GATHER_S, Mirror, ShadowQueue, outcomes
 from tierserve.signature import RequestContext, signatures
-from tierserve.state_store import STATE_ENV, default_location, open_store
+from tierserve.state_store import STATE_ENV, StateStoreError, default_location, open_store
 from tierserve.tier_keys import TIER_KEYS_ENV, TierKeyError, TierKeys, presented_key
 from tierserve.triton_router_metrics import RouterMetrics, open_inference_log
 from tierserve.warmup import WarmUp
@@ -44,6 +45,16 @@ FAULT_HOLD_S = 1.0  # readings this soon after a stuck downstream call are not l
 STATS_GRACE_S = 10.0  # unreadable statistics are an error after this long (the HTTP endpoint starts last)
 FLUSH_S = 0.5  # how often experiment counts are written to the state store (off the hot path)
 METRICS_FLUSH_S = 0.1  # how often the metrics executes recorded are sent to tritonserver (scrapes see them this late)
+
+
+def _store_changed(up: bool, why: str) -> None:
+    if up:
+        pb_utils.Logger.log_info(f"router: the state store {why}; experiment counts catch up")
+    else:
+        pb_utils.Logger.log_error(
+            f"router: the state store failed ({why}); answering from the state read last (bandits frozen, "
+            "experiment counts kept for later) until it answers again"
+        )
 
 
 def _error(message: str, code: int) -> pb_utils.InferenceResponse:
@@ -58,7 +69,8 @@ class TritonPythonModel:
     """Routes every row of a dynamic batch; one BLS call per model per round, all models concurrently."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        self.store = open_store(os.environ.get(STATE_ENV) or default_location())
+        # a store that fails is no outage: executes answer from what was read last; _flush probes until it is back
+        self.store = GuardedStore(open_store(os.environ.get(STATE_ENV) or default_location()), on_change=_store_changed)
         # promoted versions: as the tools reloaded this model (config parameter), else as the state store says
         promotions = served_promotions(self.store, json.loads(args["model_config"]))
         self.router, self.stats = load_router(Path(args["model_repository"]), args["model_version"], promotions)
@@ -115,13 +127,20 @@ class TritonPythonModel:
         threading.Thread(target=self._send_metrics, name="router-metrics", daemon=True).start()
 
     def _flush(self) -> None:
-        """Experiment counts go to the state store from here, never from an execute."""
+        """Experiment counts go to the state store from here, never from an execute; while the store is down they
+        wait here (bounded) and this thread probes it. A store that answers without the shared secret lost its data
+        (a Redis restarted empty): what the servers must agree on is written back first."""
         reported = 0
         while not self._stopping.wait(FLUSH_S):
             try:
+                if self.store.probe() is None:
+                    self.experimenter.restore_shared()
                 self.experimenter.flush()
-            except Exception as error:  # a store that fails costs counts, never answers
+            except StateStoreError:
+                pass  # kept for the next flush; the guard logged the outage and counts it in the metrics
+            except Exception as error:  # a bug here costs counts, never answers
                 pb_utils.Logger.log_error(f"router: experiment counts not written: {error!r}")
+            self.metrics.state_store.update(self.store)
             if (dropped := self.experimenter.dropped_rows) > reported:
                 pb_utils.Logger.log_warn(f"router: {dropped} experiment rows not counted (the state store fell behind)")
                 reported = dropped
@@ -184,7 +203,10 @@ class TritonPythonModel:
         self._stopping.set()
         self._flusher.join(timeout=5)
         self.metrics.batch.flush()  # after the flusher's last inference-log counts
-        self.experimenter.flush()
+        try:
+            self.experimenter.flush()
+        except StateStoreError as error:
+            pb_utils.Logger.log_error(f"router: experiment counts lost at unload: {error}")
         self.store.close()
         if self.inference_log is not None:
             self.inference_log.close()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,12 +21,12 @@ from tierserve.tools.supervisor import Supervisor
 
 
 @contextlib.contextmanager
-def supervised_server(model_repository: Path, workdir: Path) -> Iterator[Supervisor]:
+def supervised_server(model_repository: Path, workdir: Path, **options: Any) -> Iterator[Supervisor]:
     """A supervised tritonserver of its own on free ports, logging to `workdir`/tritonserver.log: for tests that
-    kill, restart or reconfigure it, away from the session's server."""
+    kill, restart or reconfigure it, away from the session's server. `options` go to TritonServer (state, ...)."""
     with (
         (workdir / "tritonserver.log").open("wb") as log,
-        Supervisor(TritonServer(model_repository, Ports.free(), workdir, output=log)) as supervisor,
+        Supervisor(TritonServer(model_repository, Ports.free(), workdir, output=log, **options)) as supervisor,
     ):
         yield supervisor
 

@@ -18,6 +18,9 @@ queue: it never blocks on the sink and never raises; when the queue is full the 
 Layout: DIRECTORY/inferences/*.parquet and DIRECTORY/feedback/*.parquet, named `{UTC time}-{writer}-p{seq}.parquet`
 (one flush) or `{UTC time}-{writer}-c{first}-{last}.parquet` (that writer's parts first..last rolled up), where the
 writer is `host.pid.random`: unique per process, so any number of processes write into one directory at once.
+Several servers share one log root as hive partitions: a server given a `replica` name writes that layout under
+DIRECTORY/replica=NAME/ (each partition a whole log of its own, rolled up and aged out by its own server), and
+`tierserve log query` reads the root's partitions as one log with a `replica` column.
 
 A process killed without `close()` loses the records still in its queue: at most those offered during the last
 `flush_interval_s`, plus those offered while the last flush was being written (milliseconds); every renamed file
@@ -495,6 +498,12 @@ class InferenceLogSettings(_Settings):
     retention_age_s: float | None = Field(
         30 * 86400.0, gt=0, description="files older than this are deleted (None: kept however old)"
     )
+    replica: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="this server's name when several share one log root: its files go under "
+        "directory/replica=NAME/ (sink parquet), which `tierserve log query` reads with the others as one log",
+    )
     sink: Literal["parquet", "kafka"] = Field(
         "parquet", description="parquet: files in `directory` (one machine); kafka: records to `kafka` (several)"
     )
@@ -536,14 +545,21 @@ def parse_settings(data: Mapping[str, Any] | None, where: str = "inference_log")
 
 
 LOG_DIR_ENV = "TIERSERVE_LOG_DIR"  # the log's directory when its settings file names none (tools/server.py sets it)
+REPLICA_ENV = "TIERSERVE_REPLICA"  # the server's partition of a shared log when the file names none (tools/server.py)
+PARTITION_KEY = "replica"  # a partition's folder is `replica=NAME` (hive style)
 SETTINGS_FILE = "inference_log.yaml"  # beside the router's policy
 
 
-def load_settings(router_dir: Path, log_dir: str | None = None) -> InferenceLogSettings:
+def partition_dir(directory: Path, replica: str | None) -> Path:
+    """Where a server writes its files in a log rooted at `directory`: the root itself, or its partition."""
+    return directory if replica is None else directory / f"{PARTITION_KEY}={replica}"
+
+
+def load_settings(router_dir: Path, log_dir: str | None = None, replica: str | None = None) -> InferenceLogSettings:
     """The router's inference log settings: `router_dir`/inference_log.yaml (absent: the defaults, log off), with
-    `directory` from `log_dir` ($TIERSERVE_LOG_DIR) when the file names none. Enabled with no directory at all, the
-    log is off: a tritonserver started by hand records nothing until told where. InferenceLogSettingsError names a
-    bad key."""
+    `directory` from `log_dir` ($TIERSERVE_LOG_DIR) and `replica` from `replica`, else $TIERSERVE_REPLICA, when the
+    file names none. Enabled with no directory at all, the log is off: a tritonserver started by hand records nothing
+    until told where. InferenceLogSettingsError names a bad key."""
     path = router_dir / SETTINGS_FILE
     try:
         data = yaml.safe_load(path.read_text()) if path.exists() else None
@@ -557,6 +573,8 @@ def load_settings(router_dir: Path, log_dir: str | None = None) -> InferenceLogS
             data["enabled"] = False
         else:
             data["directory"] = log_dir
+    if data.get(PARTITION_KEY) is None and (replica := replica or os.environ.get(REPLICA_ENV)):
+        data[PARTITION_KEY] = replica
     try:
         return parse_settings(data)
     except InferenceLogSettingsError as error:
@@ -736,7 +754,7 @@ class ParquetSink:
                 writer: pq.ParquetWriter | None = None
                 for index, part in enumerate(parts):
                     try:
-                        table = pq.read_table(part.path)
+                        table = pq.read_table(part.path, partitioning=None)  # not replica=NAME as a column
                     except FileNotFoundError:  # deleted by retention meanwhile: nothing left to keep
                         continue
                     except (OSError, pa.ArrowException) as error:
@@ -848,7 +866,7 @@ def open_sink(settings: InferenceLogSettings, clock: Callable[[], float] = time.
         return KafkaSink(settings.kafka)
     if settings.directory is None:
         raise InferenceLogSettingsError("inference_log.directory: required with sink parquet")
-    return ParquetSink(settings.directory, settings, clock)
+    return ParquetSink(partition_dir(settings.directory, settings.replica), settings, clock)
 
 
 # --------------------------------------------------------------------------------------------------------- the log

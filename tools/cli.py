@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tierserve.experiment_spec import ExperimentsFile, ExperimentSpecError
 from tierserve.faults import FaultConfigError, FaultSpec
-from tierserve.inference_log import LOG_DIR_ENV
+from tierserve.inference_log import LOG_DIR_ENV, REPLICA_ENV
 from tierserve.policy import PolicyError
 from tierserve.promotions import PromotionError
 from tierserve.signature import TIERS
@@ -358,6 +358,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     serve.add_argument(
         "--state", help=f"redis://host:port/db (servers share it) or a SQLite file; default ${STATE_ENV}"
+    )
+    serve.add_argument(
+        "--log-dir",
+        type=Path,
+        default=Path(os.environ.get(LOG_DIR_ENV) or LOG_DIR),
+        help=f"the inference log's directory, or the root several servers share (default: ${LOG_DIR_ENV}, else "
+        f"{LOG_DIR})",
+    )
+    serve.add_argument(
+        "--replica",
+        default=os.environ.get(REPLICA_ENV),
+        help=f"this server's name among several sharing one log root: it writes LOG_DIR/replica=NAME/, which "
+        f"`tierserve log query` reads with the others' (default: ${REPLICA_ENV})",
     )
     serve.add_argument(
         "--address",

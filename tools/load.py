@@ -63,18 +63,20 @@ class SteadyLoad(LoadThreads):
         tiers: tuple[str, ...] = ("critical", "standard"),
         pause_s: float = 0.005,
         tier_key: str | None = None,
+        protocol: str = "grpc",
         **parameters: Any,
     ) -> None:
         super().__init__()
         self.sent: list[Sent] = []
         self._tier_key = tier_key  # sent with every request (tiers above standard need one)
+        self._protocol = protocol
         self._threads = [
             threading.Thread(target=self._run, args=(url, images, tier, pause_s, parameters)) for tier in tiers
         ]
 
     def _run(self, url: str, images: np.ndarray, tier: str, pause_s: float, parameters: dict[str, Any]) -> None:
         started = time.monotonic()
-        with TierserveClient(url, tier_key=self._tier_key) as client:
+        with TierserveClient(url, self._protocol, tier_key=self._tier_key) as client:
             i = 0
             while not self._stop.is_set() and time.monotonic() - started < LOAD_LIMIT_S:
                 try:

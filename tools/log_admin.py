@@ -4,6 +4,10 @@ replay.
 Three views: `inferences` (one row per answered row, the columns of inference_log.INFERENCE_SCHEMA), `feedback`
 (request_id, label, received_at) and `answers` (inferences LEFT JOIN feedback ON request_id, with `feedback_label`
 and `feedback_at`). Times are UTC TIMESTAMPs, and the session's time zone is UTC, so `now()::TIMESTAMP` compares.
+A log root that several servers share holds one hive partition per server (`replica=NAME/`, each a whole log): the
+views read every partition as one log (DuckDB's hive partitioning), with the partition's name in a `replica` column
+(NULL for files at the root, which a server without a replica name writes); feedback taken by one server joins the
+answer another gave.
 
 A corrupt file is refused by default: one whose footer or schema is wrong before the query runs, one whose data
 DuckDB cannot decode when the query reads it. The error names every such file with what is wrong, and nothing is
@@ -26,6 +30,7 @@ from tierserve.inference_log import (
     FEEDBACK,
     INFERENCE_SCHEMA,
     INFERENCES,
+    PARTITION_KEY,
     SCHEMAS,
     InferenceRecord,
     inference_records,
@@ -83,21 +88,47 @@ class QueryResult:
     skipped: tuple[tuple[Path, str], ...] = field(default=())  # (file, what is wrong with it)
 
 
-def _folders(log_dir: Path) -> dict[str, Path]:
-    """The log's folders; LogDirectoryError when `log_dir` is not a log."""
+@dataclass(frozen=True)
+class Partition:
+    """One server's part of the log: the root itself (replica None) or a `replica=NAME` folder under it."""
+
+    replica: str | None
+    folders: dict[str, Path]  # kind (inferences, feedback) -> its folder
+
+
+def _log_folders(directory: Path) -> dict[str, Path] | None:
+    """The kinds' folders of a log in `directory`; None when it holds neither; LogDirectoryError when only one."""
+    folders = {kind: directory / kind for kind in (INFERENCES, FEEDBACK)}
+    present = [kind for kind, folder in folders.items() if folder.is_dir()]
+    if not present and not any(folder.exists() for folder in folders.values()):
+        return None
+    for kind, folder in folders.items():
+        if kind not in present:
+            raise _not_a_log(directory, kind, "is not a directory" if folder.exists() else "is missing")
+    return folders
+
+
+def _not_a_log(directory: Path, kind: str, what: str) -> LogDirectoryError:
+    return LogDirectoryError(
+        f"{directory} is not an inference log: {kind}/ {what} (a log holds inferences/ and feedback/ folders of "
+        f"Parquet files, or {PARTITION_KEY}=NAME/ folders that each hold them)"
+    )
+
+
+def _partitions(log_dir: Path) -> list[Partition]:
+    """The log's partitions: its own folders and each `replica=NAME` folder's; LogDirectoryError when it has none."""
     if not log_dir.exists():
         raise LogDirectoryError(f"no inference log at {log_dir}: the directory does not exist")
     if not log_dir.is_dir():
         raise LogDirectoryError(f"no inference log at {log_dir}: it is a file, not a directory")
-    folders = {kind: log_dir / kind for kind in (INFERENCES, FEEDBACK)}
-    for kind, folder in folders.items():
-        if not folder.is_dir():
-            what = "is not a directory" if folder.exists() else "is missing"
-            raise LogDirectoryError(
-                f"{log_dir} is not an inference log: {kind}/ {what} (a log holds inferences/ and feedback/ folders "
-                "of Parquet files)"
-            )
-    return folders
+    own = _log_folders(log_dir)
+    partitions = [] if own is None else [Partition(None, own)]
+    for folder in sorted(log_dir.glob(f"{PARTITION_KEY}=*")):
+        if folder.is_dir() and (folders := _log_folders(folder)) is not None:
+            partitions.append(Partition(folder.name.partition("=")[2], folders))
+    if not partitions:
+        raise _not_a_log(log_dir, INFERENCES, "is missing")
+    return partitions
 
 
 def _problem(path: Path, schema: pa.Schema) -> str | None:
@@ -117,34 +148,59 @@ def _problem(path: Path, schema: pa.Schema) -> str | None:
     return None
 
 
-def _readable(folders: dict[str, Path], excluded: set[Path]) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
+@dataclass
+class _Files:
+    """The readable files of one kind: at the log's root, and in its partitions."""
+
+    root: list[Path] = field(default_factory=list)
+    partitioned: list[Path] = field(default_factory=list)
+
+    def all(self) -> list[Path]:
+        return self.root + self.partitioned
+
+
+def _readable(partitions: list[Partition], excluded: set[Path]) -> tuple[dict[str, _Files], list[tuple[Path, str]]]:
     """The files to read per view, and those whose footer or schema is wrong (with what is wrong)."""
-    files: dict[str, list[Path]] = {}
+    files = {kind: _Files() for kind in SCHEMAS}
     corrupt: list[tuple[Path, str]] = []
-    for kind, folder in folders.items():
-        files[kind] = []
-        for path in live_files(folder):
-            if path in excluded:
-                continue
-            try:
-                problem = _problem(path, SCHEMAS[kind])
-            except FileNotFoundError:  # deleted meanwhile: not part of the log any more
-                continue
-            (corrupt.append((path, problem)) if problem else files[kind].append(path))
+    for partition in partitions:
+        for kind, folder in partition.folders.items():
+            for path in live_files(folder):
+                if path in excluded:
+                    continue
+                try:
+                    problem = _problem(path, SCHEMAS[kind])
+                except FileNotFoundError:  # deleted meanwhile: not part of the log any more
+                    continue
+                if problem:
+                    corrupt.append((path, problem))
+                else:
+                    (files[kind].root if partition.replica is None else files[kind].partitioned).append(path)
     return files, corrupt
 
 
-def _connect(files: dict[str, list[Path]]) -> duckdb.DuckDBPyConnection:
-    """A DuckDB session with the three views over `files`."""
+def _listed(paths: list[Path]) -> str:
+    return ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
+
+
+def _connect(files: dict[str, _Files]) -> duckdb.DuckDBPyConnection:
+    """A DuckDB session with the three views over `files`, `replica` naming each row's partition."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
-    for kind, paths in files.items():
-        if paths:
-            listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
-            con.execute(f"CREATE VIEW {kind} AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
-        else:  # no file yet: an empty view with the log's columns
-            con.register(f"_{kind}_empty", SCHEMAS[kind].empty_table())
-            con.execute(f"CREATE VIEW {kind} AS SELECT * FROM _{kind}_empty")
+    for kind, found in files.items():
+        con.register(f"_{kind}_empty", SCHEMAS[kind].empty_table())  # no file yet: the log's columns, no rows
+        reads = [f"SELECT *, NULL::VARCHAR AS {PARTITION_KEY} FROM _{kind}_empty"]
+        if found.root:
+            reads.append(
+                f"SELECT *, NULL::VARCHAR AS {PARTITION_KEY} FROM read_parquet([{_listed(found.root)}], "
+                "union_by_name = true, hive_partitioning = false)"
+            )
+        if found.partitioned:  # replica=NAME in each file's path gives its `replica`
+            reads.append(
+                f"SELECT * FROM read_parquet([{_listed(found.partitioned)}], union_by_name = true, "
+                f"hive_partitioning = true, hive_types = {{'{PARTITION_KEY}': VARCHAR}})"
+            )
+        con.execute(f"CREATE VIEW {kind} AS {' UNION ALL BY NAME '.join(reads)}")
     # feedback is taken once per REQUEST_ID; the earliest is kept should a log hold two
     con.execute(
         "CREATE VIEW answers AS SELECT i.*, f.label AS feedback_label, f.received_at AS feedback_at "
@@ -163,11 +219,11 @@ def _run(
     """`fetch` applied to the result of `sql` over the log's views. A file whose data DuckDB cannot read (its footer
     was fine) is corrupt like one whose footer is not; a file a writer deletes meanwhile (rolled up or aged out)
     makes the files be listed again, up to LIST_RETRIES times."""
-    folders = _folders(log_dir)
+    partitions = _partitions(log_dir)
     unreadable: list[tuple[Path, str]] = []  # found by DuckDB while reading
     relisted = 0
     while True:
-        files, corrupt = _readable(folders, {path for path, _ in unreadable})
+        files, corrupt = _readable(partitions, {path for path, _ in unreadable})
         corrupt += unreadable
         if corrupt and not skip_corrupt:
             raise CorruptLogFile(corrupt)
@@ -175,7 +231,7 @@ def _run(
         try:
             return fetch(con.sql(sql), tuple(corrupt))
         except duckdb.Error as error:
-            listed = [path for paths in files.values() for path in paths]
+            listed = [path for found in files.values() for path in found.all()]
             if any(not path.exists() for path in listed) and relisted < LIST_RETRIES:
                 relisted += 1
                 continue

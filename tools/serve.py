@@ -147,6 +147,8 @@ def serve(args: argparse.Namespace) -> int:
         address=args.address,
         tier_keys=tier_keys,
         state=state,
+        inference_log=args.log_dir.resolve(),
+        replica=args.replica,
     )
     supervisor = Supervisor(server, report=_print_event, on_ready=lambda: _restore_promotions(server))
     signal.signal(signal.SIGTERM, _stop_on_sigterm)

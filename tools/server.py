@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tierserve.inference_log import LOG_DIR_ENV
+from tierserve.inference_log import LOG_DIR_ENV, REPLICA_ENV
 from tierserve.queue_wait import STATS_URL_ENV
 from tierserve.server_scratch import server_scratch
 from tierserve.state_store import STATE_ENV
@@ -153,6 +153,7 @@ class TritonServer:
         tier_keys: Path | None = None,
         state: str | None = None,
         inference_log: Path | None = None,
+        replica: str | None = None,
     ) -> None:
         self.repository = repository.resolve()
         self.ports = ports
@@ -170,6 +171,8 @@ class TritonServer:
         self.state = state or str(workdir.resolve() / "state.db")
         # where the routers write the inference log (model_repository/router/inference_log.yaml may name another)
         self.inference_log = (inference_log or workdir / "inference_log").resolve()
+        # this server's name among several sharing one log root: it writes inference_log/replica=NAME/
+        self.replica = replica
         # Python backend shared-memory regions get a prefix of their own so stop() can sweep leftovers.
         self.shm_prefix = f"tierserve_{os.getpid()}_{ports.http}_"
         self._process: subprocess.Popen[bytes] | None = None
@@ -239,6 +242,10 @@ class TritonServer:
         environment[STATE_ENV] = self.state
         environment[STATS_URL_ENV] = self.http_url  # the routers read their own queue statistics there
         environment[LOG_DIR_ENV] = str(self.inference_log)
+        if self.replica is not None:
+            environment[REPLICA_ENV] = self.replica
+        else:
+            environment.pop(REPLICA_ENV, None)
         self._process = subprocess.Popen(
             self.command(),
             env=environment,

@@ -162,12 +162,52 @@ def test_a_file_rolled_up_while_a_query_starts_is_read_in_its_new_place(log_dir,
     def then_rolled_up(files):
         con = connect(files)
         if not renamed:  # a writer renames a listed file before DuckDB opens it
-            first = files[INFERENCES][0]
+            first = files[INFERENCES].root[0]
             renamed.append(first.rename(first.with_name("rolled-up.parquet")))
         return con
 
     monkeypatch.setattr(log_admin, "_connect", then_rolled_up)
     assert query(log_dir, "SELECT count(*) FROM inferences").rows == [(6,)]
+
+
+def _replica_log(root: Path, replica: str | None, records: list, feedback: list) -> None:
+    """What one server writes into the log root `root` with `replica` as its name (None: at the root)."""
+    log = InferenceLog(InferenceLogSettings(enabled=True, directory=root, replica=replica, flush_interval_s=60))
+    log.offer(records)
+    log.offer(feedback)
+    log.close()
+
+
+def test_the_partitions_of_several_servers_are_read_as_one_log_with_their_replica(tmp_path):
+    """Each server writes replica=NAME/ under one root; feedback one server took joins the answer another gave."""
+    records = [make_record(i, (8, 8)) for i in range(5)]
+    on_b = FeedbackRecord(records[0].request_id, records[0].label, T0 + 100)  # answered by a, fed back through b
+    _replica_log(tmp_path, "a", records[:3], [])
+    _replica_log(tmp_path, "b", records[3:], [on_b])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replica=a", "replica=b"]
+    per_replica = query(tmp_path, "SELECT replica, count(*) FROM inferences GROUP BY replica ORDER BY replica")
+    assert per_replica.rows == [("a", 3), ("b", 2)]
+    joined = query(tmp_path, "SELECT request_id, replica, feedback_label FROM answers WHERE feedback_label IS NOT NULL")
+    assert joined.rows == [(records[0].request_id, "a", records[0].label)]
+    assert query(tmp_path, "SELECT replica FROM feedback").rows == [("b",)]
+    assert query(tmp_path / "replica=a", "SELECT count(*), any_value(replica) FROM inferences").rows == [(3, None)]
+    assert all(same(a, b) for a, b in zip(read_rows(tmp_path), records, strict=True))
+
+
+def test_files_at_the_root_and_in_partitions_are_read_together(tmp_path):
+    """A server that wrote without a replica name before: its rows have replica NULL."""
+    records = [make_record(i, (8, 8)) for i in range(3)]
+    _replica_log(tmp_path, None, records[:1], [])
+    _replica_log(tmp_path, "a", records[1:], [])
+    result = query(tmp_path, "SELECT replica, count(*) FROM inferences GROUP BY replica ORDER BY replica NULLS FIRST")
+    assert result.rows == [(None, 1), ("a", 2)]
+
+
+def test_a_partition_missing_a_folder_is_named(tmp_path):
+    _replica_log(tmp_path, "a", [make_record(0, (8, 8))], [])
+    (tmp_path / "replica=b" / INFERENCES).mkdir(parents=True)
+    with pytest.raises(LogDirectoryError, match=r"replica=b is not an inference log: feedback/ is missing"):
+        query(tmp_path, "SELECT 1")
 
 
 def test_temporary_files_of_a_write_in_progress_are_not_read(log_dir):

@@ -208,13 +208,19 @@ SECTIONS: dict[str, tuple[Graph, ...]] = {
             ),
         ),
         Graph(
+            "Feedback refused",
+            "Feedback refused, by why: unknown or expired REQUEST_ID, duplicate, bad LABEL, state store unavailable.",
+            "reqps",
+            (Query(rate("tierserve_feedback_refused_total", "why"), "{{why}}"),),
+        ),
+        Graph(
             "Shadow rows by outcome",
             "Rows mirrored to a shadow candidate: agree or disagree with the answer sent, error, dropped.",
             "rowsps",
             (Query(rate("tierserve_shadow_rows_total", "experiment, outcome"), "{{experiment}} {{outcome}}"),),
         ),
     ),
-    "Triton": (
+    "Server": (
         Graph(
             "Inference requests by model",
             "Triton's own counts: every model's requests, the router's calls to the models included.",
@@ -235,6 +241,16 @@ SECTIONS: dict[str, tuple[Graph, ...]] = {
                     + rate("nv_inference_request_success", "model"),
                     "{{model}}",
                 ),
+            ),
+        ),
+        Graph(
+            "State store",
+            "Whether the state store answers every router and feedback instance (1), and calls that failed or were "
+            "not made while it was down, by operation.",
+            "none",
+            (
+                Query("min(tierserve_state_store_up)", "up (worst instance)"),
+                Query(rate("tierserve_state_store_errors_total", "operation"), "{{operation}} errors/s"),
             ),
         ),
         Graph(

@@ -271,6 +271,13 @@ class ExperimentsFile(_Settings):
     """Every running experiment, in file order (later experiments win where two change the same setting)."""
 
     experiments: tuple[ExperimentSpec, ...] = Field((), description="the experiments; [] when none runs")
+    revision: int = Field(
+        0,
+        ge=0,
+        description="set by `tierserve experiment apply` (microseconds since the epoch, above the revision it "
+        "replaces): the routers of every server sharing the state store serve the highest revision they have seen; "
+        "a file leaves it out",
+    )
 
     @field_validator("experiments", mode="before")
     @classmethod

@@ -45,27 +45,72 @@ MAX_PENDING_ROWS = 100_000  # per-arm rows waiting for `flush`; beyond this they
 USER_CACHE = 10_000  # user records an instance keeps between reads
 
 
+def next_revision(spec: ExperimentsFile, clock: Callable[[], float] = time.time) -> ExperimentsFile:
+    """`spec` with a revision above its own and above every earlier one (microseconds since the epoch): what
+    `tierserve experiment apply` serves, so that every server's routers take it over what they serve."""
+    return spec.model_copy(update={"revision": max(int(clock() * 1_000_000), spec.revision + 1)})
+
+
+def stored_experiments(store: StateStore, policy: Policy) -> ExperimentsFile | None:
+    """The experiments the store holds (None when none); ExperimentSpecError if they do not validate against
+    `policy`."""
+    stored = store.get(EXPERIMENTS_KEY)
+    return None if stored is None else parse_experiments(json.loads(stored), policy)
+
+
 def served_experiments(
     store: StateStore, policy: Policy, repository_file: Path, applied: str | None
 ) -> tuple[ExperimentsFile, str]:
     """The experiments to serve and where they came from: `applied` (a config parameter set by `tierserve experiment
-    apply`), else the repository file when it changed since it was last taken, else what the store holds (applied
-    earlier: it outlives a restart), else the file. Whatever is served is written to the store for `list`.
-    ExperimentSpecError names the bad key; nothing is written then."""
+    apply`) unless the store holds a higher revision (applied on another server since, or this parameter is a stale
+    one a reload kept), else the repository file when it changed since it was last taken, else what the store holds
+    (applied earlier: it outlives a restart), else the file. What is taken anew (applied, or the file, given a
+    revision above the store's) is written to the store, for `list` and for the routers of every server, which
+    follow it (`ExperimentsFollower`). ExperimentSpecError names the bad key; nothing is written then."""
     file_digest = hashlib.sha256(repository_file.read_bytes()).hexdigest() if repository_file.exists() else ""
-    stored = store.get(EXPERIMENTS_KEY)
+    stored = stored_experiments(store, policy)
     file_changed = (store.get(EXPERIMENTS_FILE_KEY) or b"").decode() != file_digest
-    if applied is not None:
-        spec, source = parse_experiments(json.loads(applied), policy), "applied"
-    elif stored is not None and not file_changed:
-        spec, source = parse_experiments(json.loads(stored), policy), "state store"
+    newest = -1 if stored is None else stored.revision
+    taken: ExperimentsFile | None = None
+    if applied is not None and (spec := parse_experiments(json.loads(applied), policy)).revision > newest:
+        taken, source = spec, "applied"
+    elif stored is not None and (applied is not None or not file_changed):
+        return stored, "state store" if applied is None else "state store (a newer revision than the applied one)"
     elif repository_file.exists():
-        spec, source = load_experiments(repository_file, policy), str(repository_file.name)
+        taken, source = load_experiments(repository_file, policy), str(repository_file.name)
     else:
-        spec, source = ExperimentsFile(), "none"
-    store.set(EXPERIMENTS_KEY, experiments_json(spec).encode())
+        taken, source = ExperimentsFile(), "none"
+    if taken.revision <= newest:
+        taken = taken.model_copy(update={"revision": newest + 1})
+    store.set(EXPERIMENTS_KEY, experiments_json(taken).encode())
     store.set(EXPERIMENTS_FILE_KEY, file_digest.encode())
-    return spec, source
+    return taken, source
+
+
+class ExperimentsFollower:
+    """Watches the experiments in the store for a higher revision than a router instance serves: how an apply on one
+    server reaches the routers of every server sharing the store. One stored value is the whole set, so a router
+    takes all of a new revision or none of it."""
+
+    def __init__(self, store: StateStore, policy: Policy, serving: ExperimentsFile) -> None:
+        self.store = store
+        self.policy = policy
+        self.revision = serving.revision
+        self._seen: bytes | None = None
+
+    def newer(self) -> ExperimentsFile | None:
+        """The stored experiments when their revision is above the one served (then served from now on), else None.
+        ExperimentSpecError (once per stored value) when they do not validate here: the served ones stay;
+        StateStoreError when the store fails."""
+        stored = self.store.get(EXPERIMENTS_KEY)
+        if stored is None or stored == self._seen:
+            return None
+        self._seen = stored
+        spec = parse_experiments(json.loads(stored), self.policy)
+        if spec.revision <= self.revision:
+            return None
+        self.revision = spec.revision
+        return spec
 
 
 @dataclass(frozen=True)
@@ -89,6 +134,21 @@ class RowPlan:
         return [(a.experiment, a.shadow_to) for a in self.assignments if a.shadow_to]
 
 
+@dataclass(frozen=True)
+class _Serving:
+    """The experiments a router instance serves, as one value: a batch is planned with one of them, whole."""
+
+    spec: ExperimentsFile
+    assigner: Assigner
+    bandits: tuple[str, ...]
+    stored: bytes  # as written to the state store
+
+    @classmethod
+    def of(cls, spec: ExperimentsFile) -> _Serving:
+        bandits = tuple(e.name for e in spec.experiments if e.kind == "bandit")
+        return cls(spec, Assigner(spec), bandits, experiments_json(spec).encode())
+
+
 class Experimenter:
     """One router instance's experiments, bandit posteriors and per-user records, all kept in `store`."""
 
@@ -100,15 +160,13 @@ class Experimenter:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.policy = policy
-        self.assigner = Assigner(spec)
         self.stats = ExperimentStats(store)
         self.users = UserStates(store, policy.adaptation.max_users)
         self.store = store
         self.secret = shared_secret(store)
-        self._served = experiments_json(spec).encode()
         self.ids = RequestIds(self.secret)
         self.clock = clock
-        self._bandits = [e.name for e in spec.experiments if e.kind == "bandit"]
+        self._serving = _Serving.of(spec)
         self._posteriors: dict[str, dict[str, tuple[float, float]]] = {}
         self._posteriors_at = float("-inf")
         self._records: dict[str, tuple[UserRecord | None, float]] = {}
@@ -126,14 +184,15 @@ class Experimenter:
         hashes = {c.user_id: user_key(self.secret, c.user_id) for c in contexts}
         rows = list(replays) or [None] * len(contexts)
         users = [hashes[c.user_id] if r is None else r.user for c, r in zip(contexts, rows, strict=True)]
-        posteriors = self._current_posteriors()
+        serving = self._serving
+        posteriors = self._current_posteriors(serving.bandits)
         adapting = adapt and self.policy.adaptation.enabled
         records = self._user_records(sorted({u for u in users if u})) if adapting else {}
         plans = []
         for context, seed, user, replay in zip(contexts, seeds, users, rows, strict=True):
             seed = seed if replay is None else replay.seed
             unit = Unit(context.tier, user, context.attributes, seed)
-            assignments = tuple(self.assigner.assign(unit, posteriors))
+            assignments = tuple(serving.assigner.assign(unit, posteriors))
             changes = Assigner.changes(assignments)
             reasons = [a.reason for a in assignments]
             threshold, escalate_when = changes.thresholds.get(context.tier), changes.escalate_when
@@ -215,13 +274,19 @@ class Experimenter:
         """Write back what every server must agree on when the store lost it (a Redis restarted without its data):
         the shared secret and the experiments this instance serves, each only where absent (SET NX)."""
         self.store.set(SECRET_KEY, self.secret, only_if_absent=True)
-        self.store.set(EXPERIMENTS_KEY, self._served, only_if_absent=True)
+        self.store.set(EXPERIMENTS_KEY, self._serving.stored, only_if_absent=True)
 
-    def _current_posteriors(self) -> dict[str, dict[str, tuple[float, float]]]:
-        if self._bandits and time.monotonic() - self._posteriors_at >= REFRESH_S:
+    def serve(self, spec: ExperimentsFile) -> None:
+        """Serve `spec` from the next batch on (a newer revision another server applied); the per-arm counts queued
+        so far are kept, and the posteriors are read afresh for its bandits."""
+        self._serving = _Serving.of(spec)
+        self._posteriors_at = float("-inf")
+
+    def _current_posteriors(self, bandits: tuple[str, ...]) -> dict[str, dict[str, tuple[float, float]]]:
+        if bandits and time.monotonic() - self._posteriors_at >= REFRESH_S:
             self._posteriors_at = time.monotonic()
             with contextlib.suppress(StateStoreError):  # the bandits freeze on the posteriors read last
-                self._posteriors = self.stats.posteriors(self._bandits)
+                self._posteriors = self.stats.posteriors(list(bandits))
         return self._posteriors
 
     def _user_records(self, users: list[str]) -> dict[str, UserRecord]:

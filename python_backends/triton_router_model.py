@@ -15,9 +15,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tierserve.batching import Rejected, infer_rows
-from tierserve.experiment_spec import EXPERIMENTS_FILE
+from tierserve.experiment_spec import EXPERIMENTS_FILE, ExperimentSpecError
 from tierserve.experiment_stats import ShadowOutcome
-from tierserve.experimenter import EXPERIMENTS_PARAMETER, Experimenter, RowPlan, served_experiments
+from tierserve.experimenter import (
+    EXPERIMENTS_PARAMETER,
+    Experimenter,
+    ExperimentsFollower,
+    RowPlan,
+    served_experiments,
+)
 from tierserve.guarded_store import GuardedStore
 from tierserve.healing import Healer, ReloadLog
 from tierserve.inference_log import LOG_DIR_ENV, inference_record, load_settings
@@ -104,6 +110,8 @@ class TritonPythonModel:
             self.store, self.policy, Path(args["model_repository"]) / EXPERIMENTS_FILE, applied
         )
         self.experimenter = Experimenter(spec, self.policy, self.store)
+        # what another server's apply writes to the shared store: taken whole from the next flush on
+        self.follower = ExperimentsFollower(self.store, self.policy, spec)
         self.replay_secret = self.experimenter.secret  # replay tokens are signed with the state's secret
         log_settings = load_settings(Path(args["model_repository"]), os.environ.get(LOG_DIR_ENV))
         self.inference_log = open_inference_log(log_settings, "router")
@@ -136,6 +144,7 @@ class TritonPythonModel:
                 if self.store.probe() is None:
                     self.experimenter.restore_shared()
                 self.experimenter.flush()
+                self._follow_experiments()
             except StateStoreError:
                 pass  # kept for the next flush; the guard logged the outage and counts it in the metrics
             except Exception as error:  # a bug here costs counts, never answers
@@ -146,6 +155,20 @@ class TritonPythonModel:
                 reported = dropped
             if self.inference_log is not None:
                 self.metrics.inference_log(self.inference_log.dropped, self.inference_log.lost)
+
+    def _follow_experiments(self) -> None:
+        """Serve the experiments a newer revision in the state store holds (applied on any server sharing it)."""
+        try:
+            spec = self.follower.newer()
+        except ExperimentSpecError as error:  # said once per stored value; the served experiments stay
+            pb_utils.Logger.log_error(f"router: the experiments in the state store are not served here: {error}")
+            return
+        if spec is not None:
+            self.experimenter.serve(spec)
+            pb_utils.Logger.log_info(
+                f"router: experiments revision {spec.revision} from the state store: "
+                f"{', '.join(e.name for e in spec.experiments) or 'none'}"
+            )
 
     def _send_metrics(self) -> None:
         """What executes recorded in the metrics goes to tritonserver from here (tierserve.triton_router_metrics)."""

@@ -9,11 +9,10 @@ The routers write what they serve to the state store, which `list` and `stop` re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from tierserve.experiment_spec import ExperimentsFile, experiments_json, load_experiments, parse_experiments
-from tierserve.experimenter import EXPERIMENTS_KEY, EXPERIMENTS_PARAMETER
+from tierserve.experiment_spec import ExperimentsFile, experiments_json, load_experiments
+from tierserve.experimenter import EXPERIMENTS_PARAMETER, next_revision, stored_experiments
 from tierserve.policy import Policy
 from tierserve.promotions import stored_promotions
 from tierserve.router_files import ROUTER_MODEL, router_policy
@@ -36,10 +35,12 @@ def read_spec(path: Path, repository: Path, store: StateStore) -> ExperimentsFil
 
 
 def apply(control: ModelControl, spec: ExperimentsFile) -> None:
-    """Reload the router with `spec`; on failure (InferenceServerException) the running experiments keep serving."""
+    """Reload the router with `spec` under a new revision; on failure (InferenceServerException) the running
+    experiments keep serving. The reloaded router writes it to the state store, from which the routers of every
+    server sharing that store take it within experimenter.FOLLOW_S."""
     config = control.config(ROUTER_MODEL)
     parameters = dict(config.get("parameters", {}))
-    parameters[EXPERIMENTS_PARAMETER] = {"string_value": experiments_json(spec)}
+    parameters[EXPERIMENTS_PARAMETER] = {"string_value": experiments_json(next_revision(spec))}
     config["parameters"] = parameters
     control.load_with(ROUTER_MODEL, config)
 
@@ -56,10 +57,7 @@ def serve_experiments(http_url: str, admin_key: str, spec: ExperimentsFile) -> N
 
 def served(store: StateStore, repository: Path) -> ExperimentsFile:
     """What the routers serve, as they last wrote it to the state store (nothing before a server first ran)."""
-    stored = store.get(EXPERIMENTS_KEY)
-    if stored is None:
-        return ExperimentsFile()
-    return parse_experiments(json.loads(stored), served_policy(store, repository))
+    return stored_experiments(store, served_policy(store, repository)) or ExperimentsFile()
 
 
 def without(spec: ExperimentsFile, name: str) -> ExperimentsFile:

@@ -14,20 +14,57 @@ from pathlib import Path
 import pytest
 
 from tierserve.client import TierserveClient, TierserveError
+from tierserve.experiment_spec import parse_experiments
+from tierserve.policy import Policy
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.tools.balancer import Nginx
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.experiment_admin import serve_experiments
 from tierserve.tools.load import Sent, SteadyLoad
 from tierserve.tools.log_admin import query
 from tierserve.tools.server import TritonServer
 
+from .prometheus import metric_values
 from .replicas import ReplicaSet, replica_set
+from .test_experiments import SPLIT
+
+STRICT = {  # a second layer: an answer carries both arms or neither
+    "name": "strict_cascade",
+    "kind": "split",
+    "layer": "cascade",
+    "arms": [
+        {"name": "control", "weight": 50},
+        {"name": "strict", "weight": 50, "cascade": {"thresholds": {"standard": 0.97}}},
+    ],
+}
+BANDIT = {
+    "name": "bandit_rules",
+    "kind": "bandit",
+    "unit": "request",
+    "layer": "cascade",
+    "bandit": {"strategy": "thompson"},
+    "arms": [
+        {"name": "policy"},
+        {"name": "rules_only", "models": {"digits_light:1": "digits_rules:1", "digits_heavy:3": "digits_rules:1"}},
+    ],
+}
 
 
 @pytest.fixture(scope="module")
 def replicas(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaSet]:
     with replica_set(model_repository, tmp_path_factory.mktemp("replicas")) as started:
         yield started
+
+
+@pytest.fixture(scope="module")
+def policy(model_repository: Path) -> Policy:
+    return Policy.load(model_repository / ROUTER_MODEL / POLICY_FILE)
+
+
+def _apply(server: TritonServer, policy: Policy, *experiments: dict) -> None:
+    """`tierserve experiment apply` on this one server."""
+    serve_experiments(server.http_url, server.admin_key, parse_experiments({"experiments": list(experiments)}, policy))
 
 
 def _wait(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.1) -> bool:
@@ -129,20 +166,95 @@ def test_a_replica_killed_under_load_costs_no_request_and_takes_traffic_again(re
     assert sum(_answered_by(nginx, survivor, killed_wall).values()) > 0
 
 
-def _arm_of(client: TierserveClient, image, user: str, experiment: str) -> str:
+def _arms(client: TierserveClient, image, user: str) -> dict[str, str]:
     (answer,) = client.classify(image, user_id=user)
-    return answer.arms.get(experiment, "")
+    return dict(answer.arms)
 
 
-def test_feedback_for_an_answer_of_one_replica_is_taken_by_the_other_once(replicas: ReplicaSet, split: DigitsSplit):
+def _all_with_arms(sent: list[Sent], at_least: int) -> bool:
+    return len(sent) >= at_least and all(s.answer and s.answer.arms for s in sent)
+
+
+def test_an_experiment_applied_on_one_server_is_served_whole_by_both_and_a_user_keeps_their_arm(
+    replicas: ReplicaSet, policy: Policy, split: DigitsSplit
+):
+    """Applied on a, two experiments reach b's routers through the shared state store: b answers with both or
+    neither, never one (each router takes a revision whole), and every user has one arm per experiment on a, on b
+    and through nginx over either protocol."""
+    a, b, nginx = replicas.server("a"), replicas.server("b"), replicas.nginx
+    image = split.test.images[0]
+    with SteadyLoad(b.grpc_url, split.test.images[:50], ("standard",) * 2, user_id="watcher") as on_b:
+        assert on_b.wait_until(lambda sent: len(sent) >= 20, 10)
+        started = time.monotonic()
+        _apply(a, policy, SPLIT, STRICT)
+        applied = time.monotonic()
+        # every router instance of b has taken it once the last 20 answers all carry arms
+        assert on_b.wait_until(lambda sent: _all_with_arms([s for s in sent if s.at > applied][-20:], 20), 15)
+    after = [s for s in on_b.sent if s.at > applied]
+    taken = next(s.at for i, s in enumerate(after) if _all_with_arms(after[i:], 1))
+    seen = Counter(frozenset(s.answer.arms) for s in on_b.sent if s.answer)
+    print(f"apply on a took {applied - started:.2f} s; b served it {taken - applied:.2f} s later; arms on b {seen}")
+    assert [s.error for s in on_b.sent if s.error] == []
+    assert set(seen) == {frozenset(), frozenset({"heavy_versions", "strict_cascade"})}, "both experiments or none"
+    with (
+        TierserveClient(a.grpc_url) as on_a,
+        TierserveClient(b.grpc_url) as on_b,
+        TierserveClient(nginx.grpc_url) as grpc,
+        TierserveClient(nginx.http_url, "http") as http,
+    ):
+        for user in (f"user-{i}" for i in range(30)):
+            arms = [_arms(client, image, user) for client in (on_a, on_b, grpc, http, grpc, http)]
+            assert all(x == arms[0] for x in arms) and set(arms[0]) == {"heavy_versions", "strict_cascade"}, arms
+
+
+def _feedback_counted(replicas: ReplicaSet, experiment: str) -> float:
+    """Feedback rows counted for `experiment`'s arms, over every server."""
+    return sum(
+        sum(metric_values(s.server, "tierserve_feedback_total", experiment=experiment))
+        for s in replicas.servers.values()
+    )
+
+
+def test_feedback_for_an_answer_of_one_replica_is_taken_by_the_other_once(
+    replicas: ReplicaSet, policy: Policy, split: DigitsSplit
+):
     a, b = replicas.server("a"), replicas.server("b")
+    label = int(split.test.labels[0])
+    _apply(b, policy, SPLIT)
     with TierserveClient(a.grpc_url) as on_a, TierserveClient(b.grpc_url) as on_b:
+        assert _wait(lambda: "heavy_versions" in _arms(on_a, split.test.images[0], "fed-back"), 15)
+        counted = _feedback_counted(replicas, "heavy_versions")
         (answer,) = on_a.classify(split.test.images[0], user_id="fed-back")
-        on_b.feedback(answer.request_id, int(split.test.labels[0]))
+        on_b.feedback(answer.request_id, label)
         for client in (on_a, on_b):
             with pytest.raises(TierserveError, match="duplicate feedback"):
-                client.feedback(answer.request_id, int(split.test.labels[0]))
+                client.feedback(answer.request_id, label)
+    assert _feedback_counted(replicas, "heavy_versions") == counted + 1
     joined = f"SELECT replica, feedback_label FROM answers WHERE request_id = '{answer.request_id}'"
-    assert _wait(lambda: query(replicas.log_root, joined).rows == [("a", int(split.test.labels[0]))], 10)
+    assert _wait(lambda: query(replicas.log_root, joined).rows == [("a", label)], 10)
     taken_by = f"SELECT replica FROM feedback WHERE request_id = '{answer.request_id}'"
     assert query(replicas.log_root, taken_by).rows == [("b",)]
+
+
+def test_a_bandit_fed_through_both_replicas_moves_traffic_to_the_more_accurate_arm(
+    replicas: ReplicaSet, policy: Policy, split: DigitsSplit
+):
+    """Rows answered and fed back through nginx, so by both servers: their posteriors are one (the shared store)."""
+    a, b, nginx = replicas.server("a"), replicas.server("b"), replicas.nginx
+    _apply(a, policy, BANDIT)
+    images, labels = split.test.images, split.test.labels
+    started = time.time()
+    with TierserveClient(nginx.grpc_url) as grpc, TierserveClient(nginx.http_url, "http") as http:
+        assert _wait(
+            lambda: "bandit_rules" in _arms(http, images[0], "x") and "bandit_rules" in _arms(grpc, images[0], "x"), 15
+        )
+        for i in range(400):
+            client = (grpc, http)[i % 2]
+            (answer,) = client.classify(images[i % len(images)])
+            client.feedback(answer.request_id, int(labels[i % len(labels)]))
+        time.sleep(1.2)  # posteriors are read once a second
+        arms = Counter(_arms((grpc, http)[i % 2], images[i % len(images)], "late")["bandit_rules"] for i in range(200))
+    assert arms["policy"] / sum(arms.values()) >= 0.8, arms
+    for server in (a, b):
+        assert sum(_answered_by(nginx, server, started).values()) > 100, "both servers answered and took feedback"
+    _apply(a, policy)

@@ -24,6 +24,7 @@ from tierserve.tools import trainers
 from tierserve.tools.build_router import build_router_artifacts, router_artifacts_missing
 from tierserve.tools.dataset import DigitsSplit, load_split, mask_pixels
 from tierserve.tools.onnx_export import to_onnx, torch_to_onnx
+from tierserve.tools.perf_analyzer import write_input_data_files
 
 MISSING_FRACTIONS = (0.3, 0.6)
 MISSING_MASK_SEED = 4242  # the held-out masks; the trainers use their own seeds
@@ -238,7 +239,8 @@ def build_all(
     log: Callable[[str], None] = print,
     specs: Sequence[ModelSpec] = MODEL_SPECS,
 ) -> list[Manifest]:
-    """Build every reference model (of `specs`) that is missing or out of date (all of them with `force`)."""
+    """Build every reference model (of `specs`) that is missing or out of date (all of them with `force`), and
+    perf_analyzer's input-data files (tools/perf_analyzer.py) where they differ."""
     split = load_split()
     rebuilt: set[str] = set()
     manifests = []
@@ -258,4 +260,6 @@ def build_all(
         manifests.append(manifest)
     if rebuilt or router_artifacts_missing(repository):
         build_router_artifacts(repository, split, log=log)
+    for path in write_input_data_files(repository, split):
+        log(f"wrote {path.name:<22} perf_analyzer input data: {len(split.test.images)} held-out test images")
     return manifests

@@ -33,6 +33,7 @@ from tierserve.tools.paths import (
     TIER_KEY_FILE,
     TIER_KEYS_FILE,
 )
+from tierserve.tools.perf_command import add_perf_command
 
 
 class NoAdminKey(PermissionError):
@@ -561,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     replay.set_defaults(run=_replay)
 
+    add_perf_command(commands)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -574,12 +577,14 @@ def _operator_errors() -> tuple[type[BaseException], ...]:
     from tritonclient.utils import InferenceServerException
 
     from tierserve.tools.lifecycle import Failed
+    from tierserve.tools.perf_command import PerfError
     from tierserve.tools.replay import ReplayError
 
     return (
         *_refusals(),
         Failed,
         ReplayError,
+        PerfError,
         InferenceServerException,
         TierKeyError,
         PolicyError,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
 
 from tierserve.client import Classification, TierserveClient
 from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.progress import ProgressCallback, no_progress
 from tierserve.tools.workload import noisy, pure_noise, shifted, upscaled, with_missing
 
 # kind of image -> share of the workload
@@ -57,9 +58,15 @@ def build_workload(split: DigitsSplit, count: int, seed: int) -> list[Sample]:
 
 
 def run_workload(
-    url: str, protocol: str, samples: list[Sample], concurrency: int = 4, tier_key: str | None = None
+    url: str,
+    protocol: str,
+    samples: list[Sample],
+    concurrency: int = 4,
+    tier_key: str | None = None,
+    progress: ProgressCallback = no_progress,
 ) -> list[Outcome]:
-    """Send every sample as its own request, `concurrency` at a time, timing each."""
+    """Send every sample as its own request, `concurrency` at a time, timing each, calling `progress(done, total)`
+    as answers arrive. The first failed request ends the run (the samples not sent yet are not sent) and is raised."""
     with TierserveClient(url, protocol, tier_key=tier_key) as client:
 
         def send(sample: Sample) -> Outcome:
@@ -68,7 +75,15 @@ def run_workload(
             return Outcome(sample, answer, (time.perf_counter() - start) * 1000)
 
         with ThreadPoolExecutor(concurrency) as pool:
-            return list(pool.map(send, samples))
+            sent = [pool.submit(send, sample) for sample in samples]
+            try:
+                for done, answered in enumerate(as_completed(sent), 1):
+                    answered.result()
+                    progress(done, len(sent))
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+        return [answered.result() for answered in sent]
 
 
 def reason_kind(reason: str) -> str:

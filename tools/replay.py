@@ -49,13 +49,12 @@ from tierserve.signature import TIERS
 from tierserve.state_store import SECRET_KEY, StateStoreError, open_store
 from tierserve.tier_keys import KEYLESS_TIER
 from tierserve.tools.log_admin import query, read_rows
+from tierserve.tools.progress import ProgressCallback, no_progress
 
 TIMEOUT_S = 10.0  # per row: far above any answer the router gives, far below "hung"
 SHOWN_DIFFERENCES = 20  # rows listed under the summary when they were not reproduced
 INVALID = (grpc.StatusCode.INVALID_ARGUMENT, HTTPStatus.BAD_REQUEST)  # a refusal of the request itself
 _TARGET = re.compile(r"^(?P<model>[A-Za-z0-9_][A-Za-z0-9_.-]*)(?::(?P<version>[0-9]+))?$")
-
-Progress = Callable[[int, int], None]  # (rows done, rows in all)
 
 
 class ReplayError(RuntimeError):
@@ -267,7 +266,7 @@ def replay(
     tier_key: str | None = None,
     concurrency: int = 1,
     skip_corrupt: bool = False,
-    progress: Progress | None = None,
+    progress: ProgressCallback = no_progress,
 ) -> ReplayReport:
     """Replay the rows of the log in `log_dir` (those `where`, a DuckDB condition over log_admin's `answers` view,
     selects; the oldest `limit`) against `target` on the server at `url`, `concurrency` rows at a time, calling
@@ -302,7 +301,7 @@ def replay(
             open_sender,
             lambda: _live(url, protocol),
             concurrency,
-            progress or (lambda done, total: None),
+            progress,
         )
     return ReplayReport(parsed, url, protocol, tuple(replayed), skipped)
 
@@ -512,7 +511,7 @@ def _send_all(
     open_sender: OpenSender,
     alive: Callable[[], bool],
     concurrency: int,
-    progress: Progress,
+    progress: ProgressCallback,
 ) -> list[ReplayedRow]:
     """Every record sent, `concurrency` at a time, the results in the records' order. A ReplayError from a row
     stops the others (no further row is sent) and is raised."""

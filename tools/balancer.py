@@ -22,13 +22,18 @@ tried again with live traffic; the try that fails meanwhile goes on to the next 
 every model is loaded (ready) and closes its ports at once on SIGTERM, so a replica that is starting, restarting under
 its supervisor, or stopping refuses connections: it is out, without a failed request, until it is ready again.
 `Nginx.reload` with a replica marked `down` takes one out by hand (to drain it before maintenance).
+
+The configuration for an nginx of the operator's: `python -m tierserve.tools.balancer --replica a=10.0.0.1:8000:8001
+--replica b=10.0.0.2:8000:8001 --http-port 8000 --grpc-port 8001 --prefix /var/lib/tierserve-nginx > nginx.conf`.
 """
 
 from __future__ import annotations
 
+import argparse
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,7 +111,6 @@ def nginx_config(replicas: Sequence[Replica], settings: BalancerSettings, prefix
         "        }"
     )
     return f"""# {len(replicas)} tierserve replica(s) behind nginx: see tierserve.tools.balancer
-daemon off;
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
@@ -204,7 +208,7 @@ class Nginx:
     def _command(self, *extra: str) -> list[str]:
         # -e: the error log before the configuration is read (else Debian's /var/log/nginx/error.log)
         paths = ["-p", f"{self.prefix}/", "-c", str(self.config_path), "-e", str(self.error_log)]
-        return [str(self.binary), *paths, *extra]
+        return [str(self.binary), *paths, "-g", "daemon off;", *extra]  # in the foreground: its parent stops it
 
     def check(self) -> None:
         """`nginx -t` on the written configuration; BalancerError with nginx's words if it refuses it."""
@@ -275,3 +279,37 @@ class Nginx:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _replica(text: str) -> Replica:
+    """NAME=HOST:HTTP_PORT:GRPC_PORT"""
+    name, _, address = text.partition("=")
+    parts = address.split(":")
+    if not name or len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected NAME=HOST:HTTP_PORT:GRPC_PORT, got {text!r}")
+    try:
+        return Replica(name=name, host=parts[0], http_port=int(parts[1]), grpc_port=int(parts[2]))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print nginx.conf for the replicas named on the command line."""
+    parser = argparse.ArgumentParser(prog="python -m tierserve.tools.balancer", description=main.__doc__)
+    parser.add_argument("--replica", type=_replica, action="append", required=True, help="NAME=HOST:HTTP:GRPC")
+    parser.add_argument("--address", default="0.0.0.0", help="the address nginx listens on")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--prefix", type=Path, required=True, help="where nginx writes its pid, logs, temp files")
+    args = parser.parse_args(argv)
+    try:
+        settings = BalancerSettings(address=args.address, http_port=args.http_port, grpc_port=args.grpc_port)
+        sys.stdout.write(nginx_config(args.replica, settings, args.prefix))
+    except ValueError as error:
+        print(f"tierserve balancer: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,20 +14,18 @@ from pathlib import Path
 import pytest
 
 from tierserve.client import TierserveClient, TierserveError
-from tierserve.experiment_spec import parse_experiments
 from tierserve.policy import Policy
 from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.tools.balancer import Nginx
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
-from tierserve.tools.experiment_admin import serve_experiments
 from tierserve.tools.load import Sent, SteadyLoad
 from tierserve.tools.log_admin import query
 from tierserve.tools.server import TritonServer
 
 from .prometheus import metric_values
 from .replicas import ReplicaSet, replica_set
-from .test_experiments import SPLIT
+from .test_experiments import SPLIT, _apply
 
 STRICT = {  # a second layer: an answer carries both arms or neither
     "name": "strict_cascade",
@@ -60,11 +58,6 @@ def replicas(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def policy(model_repository: Path) -> Policy:
     return Policy.load(model_repository / ROUTER_MODEL / POLICY_FILE)
-
-
-def _apply(server: TritonServer, policy: Policy, *experiments: dict) -> None:
-    """`tierserve experiment apply` on this one server."""
-    serve_experiments(server.http_url, server.admin_key, parse_experiments({"experiments": list(experiments)}, policy))
 
 
 def _wait(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.1) -> bool:
@@ -190,10 +183,9 @@ def test_an_experiment_applied_on_one_server_is_served_whole_by_both_and_a_user_
         applied = time.monotonic()
         # every router instance of b has taken it once the last 20 answers all carry arms
         assert on_b.wait_until(lambda sent: _all_with_arms([s for s in sent if s.at > applied][-20:], 20), 15)
-    after = [s for s in on_b.sent if s.at > applied]
-    taken = next(s.at for i, s in enumerate(after) if _all_with_arms(after[i:], 1))
+    taken = next(s.at for i, s in enumerate(on_b.sent) if s.at > started and _all_with_arms(on_b.sent[i:], 1))
     seen = Counter(frozenset(s.answer.arms) for s in on_b.sent if s.answer)
-    print(f"apply on a took {applied - started:.2f} s; b served it {taken - applied:.2f} s later; arms on b {seen}")
+    print(f"apply on a returned after {applied - started:.2f} s; b served it from {taken - started:.2f} s; {seen}")
     assert [s.error for s in on_b.sent if s.error] == []
     assert set(seen) == {frozenset(), frozenset({"heavy_versions", "strict_cascade"})}, "both experiments or none"
     with (

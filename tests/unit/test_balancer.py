@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tierserve.tools.balancer import NGINX, BalancerSettings, Nginx, Replica, nginx_config
+from tierserve.tools.balancer import NGINX, BalancerSettings, Nginx, Replica, main, nginx_config
 
 REPLICAS = [Replica(name="a", http_port=8000, grpc_port=8001), Replica(name="b", http_port=9000, grpc_port=9001)]
 SETTINGS = BalancerSettings(http_port=7000, grpc_port=7001)
@@ -44,3 +44,12 @@ def test_no_replicas_or_the_same_name_twice_is_refused(tmp_path: Path):
 @pytest.mark.skipif(not NGINX.exists(), reason="nginx is not installed (tools/bootstrap.sh installs it)")
 def test_nginx_accepts_the_configuration(tmp_path: Path):
     Nginx(REPLICAS, SETTINGS, tmp_path / "ok").check()
+
+
+def test_the_command_line_prints_the_configuration_or_names_a_bad_replica(tmp_path: Path, capsys):
+    replicas = ["--replica", "a=10.0.0.1:8000:8001", "--replica", "b=10.0.0.2:8000:8001"]
+    assert main([*replicas, "--prefix", str(tmp_path)]) == 0
+    assert "server 10.0.0.2:8001 max_fails=1 fail_timeout=2s;  # b" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--replica", "a=10.0.0.1:8000", "--prefix", str(tmp_path)])
+    assert "expected NAME=HOST:HTTP_PORT:GRPC_PORT, got 'a=10.0.0.1:8000'" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.test_experiments import SPLIT
 from tierserve.experiment_spec import ExperimentSpecError, experiments_json, parse_experiments
 from tierserve.experimenter import (
     EXPERIMENTS_KEY,
@@ -26,15 +27,6 @@ from tierserve.state_store import MemoryStore
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 
 POLICY = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
-SPLIT = {
-    "name": "heavy_versions",
-    "kind": "split",
-    "layer": "models",
-    "arms": [
-        {"name": "control", "weight": 50},
-        {"name": "v1", "weight": 50, "models": {"digits_heavy:3": "digits_heavy:1"}},
-    ],
-}
 SHADOW = {
     "name": "shadow_v1",
     "kind": "shadow",

@@ -25,6 +25,7 @@ from tierserve.tools.build_router import build_router_artifacts, router_artifact
 from tierserve.tools.dataset import DigitsSplit, load_split, mask_pixels
 from tierserve.tools.onnx_export import to_onnx, torch_to_onnx
 from tierserve.tools.perf_analyzer import write_input_data_files
+from tierserve.tools.progress import ProgressCallback, no_progress
 
 MISSING_FRACTIONS = (0.3, 0.6)
 MISSING_MASK_SEED = 4242  # the held-out masks; the trainers use their own seeds
@@ -238,13 +239,15 @@ def build_all(
     force: bool = False,
     log: Callable[[str], None] = print,
     specs: Sequence[ModelSpec] = MODEL_SPECS,
+    progress: ProgressCallback = no_progress,
 ) -> list[Manifest]:
     """Build every reference model (of `specs`) that is missing or out of date (all of them with `force`), and
     perf_analyzer's input-data files (tools/perf_analyzer.py) where they differ."""
     split = load_split()
     rebuilt: set[str] = set()
     manifests = []
-    for spec in specs:
+    for done, spec in enumerate(specs):
+        progress(done, len(specs))
         folder = version_dir(repository, spec.name)
         stale_teacher = spec.recipe.get("teacher") in rebuilt
         if not force and not stale_teacher and _is_current(spec, folder, split):
@@ -258,6 +261,7 @@ def build_all(
             f"{manifest.ops_per_sample:>7} ops/sample  {time.perf_counter() - start:5.1f} s"
         )
         manifests.append(manifest)
+    progress(len(specs), len(specs))
     if rebuilt or router_artifacts_missing(repository):
         build_router_artifacts(repository, split, log=log)
     for path in write_input_data_files(repository, split):

@@ -8,6 +8,7 @@ import contextlib
 import ipaddress
 import os
 import sys
+import textwrap
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +24,7 @@ from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, Ti
 from tierserve.tools.audit import Action, AuditError, audited
 from tierserve.tools.build_models import build_all
 from tierserve.tools.canary import add_canary_options
+from tierserve.tools.exit_codes import MEANINGS, UNREACHABLE_ERRORS, ExitCode, failure
 from tierserve.tools.log_admin import LogAdminError
 from tierserve.tools.paths import (
     AUDIT_ENV,
@@ -34,6 +36,7 @@ from tierserve.tools.paths import (
     TIER_KEYS_FILE,
 )
 from tierserve.tools.perf_command import add_perf_command
+from tierserve.tools.progress import progress_bar
 
 
 class NoAdminKey(PermissionError):
@@ -41,8 +44,9 @@ class NoAdminKey(PermissionError):
 
 
 def _build(args: argparse.Namespace) -> int:
-    build_all(args.model_repository, force=args.force)
-    return 0
+    with progress_bar("models") as progress:
+        build_all(args.model_repository, force=args.force, progress=progress)
+    return ExitCode.OK
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -56,9 +60,23 @@ def _demo(args: argparse.Namespace) -> int:
     from tierserve.tools.demo import build_workload, run_workload, summarize
 
     samples = build_workload(load_split(), args.count, args.seed)
-    tier_key = args.tier_key_file.read_text().strip() if args.tier_key_file.exists() else None
-    print(summarize(run_workload(args.url, args.protocol, samples, args.concurrency, tier_key)))
-    return 0
+    tier_key = _tier_key(args.tier_key_file)
+    with progress_bar("requests") as progress:
+        outcomes = run_workload(args.url, args.protocol, samples, args.concurrency, tier_key, progress)
+    print(summarize(outcomes))
+    return ExitCode.OK
+
+
+def _tier_key(path: Path) -> str | None:
+    """The tier key to send with every request: the one word in `path`, when the file exists."""
+    if not path.exists():
+        return None
+    words = path.read_text().split()
+    if len(words) != 1:
+        raise TierKeyError(
+            f"{path}: expected one tier key, as `tierserve tier-key add` prints it, got {len(words)} words"
+        )
+    return words[0]
 
 
 def _admin_key() -> str:
@@ -202,20 +220,21 @@ def _lifecycle_action(action: Action, method: str):
 
 
 def _models(args: argparse.Namespace) -> int:
-    from tritonclient.utils import InferenceServerException
-
-    from tierserve.tools.model_control import AdminKeyRefused
+    """Exits with why the server was not asked (unreachable, no admin key, ...) when the listing is from the disk."""
     from tierserve.tools.provenance import disk_provenance, provenance_text, server_provenance
 
+    status = ExitCode.OK
     with _store(args) as store:
         try:
             with _lifecycle(args) as lifecycle:
                 found = server_provenance(lifecycle, f"the server at {args.url}")
-        except (NoAdminKey, AdminKeyRefused, InferenceServerException, OSError) as error:
-            why = error.message() if isinstance(error, InferenceServerException) else str(error)
-            found = disk_provenance(args.model_repository, store, f"server at {args.url} not asked: {why}")
+        except _operator_errors() as error:
+            why = failure(error)
+            found = disk_provenance(args.model_repository, store, f"server at {args.url} not asked: {why.message}")
+            print(f"tierserve: {why.message}; listed the repository on disk instead", file=sys.stderr)
+            status = why.code
     print(found.as_json() if args.json else provenance_text(found))
-    return 0
+    return status
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -233,7 +252,7 @@ def _audit(args: argparse.Namespace) -> int:
         print(f"no actions recorded in {args.log}")
     for problem in log.problems:
         print(f"tierserve: {problem}; the line was skipped", file=sys.stderr)
-    return 1 if log.problems else 0
+    return ExitCode.FAILED if log.problems else ExitCode.OK
 
 
 def _canary(args: argparse.Namespace) -> int:
@@ -249,7 +268,12 @@ def _canary(args: argparse.Namespace) -> int:
         raise
     with _lifecycle(args) as lifecycle:
         result = run_canary(args.target, lifecycle, args.metrics_url, settings)
-    return 0 if result.promoted else 130 if result.outcome == CanaryOutcome.INTERRUPTED else 1
+    exits = {
+        CanaryOutcome.PROMOTED: ExitCode.OK,
+        CanaryOutcome.INTERRUPTED: ExitCode.INTERRUPTED,
+        CanaryOutcome.SERVER_LOST: ExitCode.UNREACHABLE,
+    }
+    return exits.get(result.outcome, ExitCode.FAILED)  # rolled back, or a step the server did not take
 
 
 def _log_query(args: argparse.Namespace) -> int:
@@ -260,15 +284,10 @@ def _log_query(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from tierserve.tools.replay import replay, report_png, report_table
 
-    tier_key = args.tier_key_file.read_text().strip() if args.tier_key_file.exists() else None
-    columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        rows = bar.add_task("replay", total=None)
+    tier_key = _tier_key(args.tier_key_file)
+    with progress_bar("replaying") as progress:
         report = replay(
             args.log,
             url=args.url,
@@ -280,7 +299,7 @@ def _replay(args: argparse.Namespace) -> int:
             tier_key=tier_key,
             concurrency=args.concurrency,
             skip_corrupt=args.skip_corrupt,
-            progress=lambda done, total: bar.update(rows, completed=done, total=total),
+            progress=progress,
         )
     print(report_table(report))
     if args.png is not None:
@@ -334,8 +353,30 @@ def _ipv4(text: str) -> str:
         ) from None
 
 
+def _address(text: str) -> str:
+    """A server address as tritonclient takes it: host:port, no scheme."""
+    host, _, port = text.rpartition(":")
+    if "/" in text or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"host:port without a scheme, such as localhost:8000, got {text!r}")
+    return text
+
+
+def _exit_codes() -> str:
+    """The exit statuses, for `tierserve --help`."""
+    lines = (
+        textwrap.fill(f"{code.value:>3}  {meaning}", 100, subsequent_indent=" " * 5)
+        for code, meaning in MEANINGS.items()
+    )
+    return "exit status:\n" + textwrap.indent("\n".join(lines), "  ")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tierserve",
+        description=__doc__,
+        epilog=_exit_codes(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"tierserve {metadata.version('tierserve')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -389,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(run=_serve)
 
     demo = commands.add_parser("demo", help="send a seeded mixed workload to a running server; print routes")
-    demo.add_argument("--url", default="localhost:8001", help="server address (gRPC port by default)")
+    demo.add_argument("--url", type=_address, default="localhost:8001", help="server address (gRPC port by default)")
     demo.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     demo.add_argument("--count", type=int, default=400)
     demo.add_argument("--seed", type=int, default=0)
@@ -409,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     fault.add_argument("--error-rate", type=float, default=0.0, help="share of batches that fail, 0-1")
     fault.add_argument("--hard-failure", action="store_true", help="every batch fails")
     fault.add_argument("--off", action="store_true", help="remove all faults")
-    fault.add_argument("--url", default="localhost:8000", help="the server's HTTP address")
+    fault.add_argument("--url", type=_address, default="localhost:8000", help="the server's HTTP address")
     fault.set_defaults(run=_fault)
 
     tier_key = commands.add_parser("tier-key", help="add, list or remove the keys that may claim tiers above standard")
@@ -438,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"default: ${STATE_ENV}, else {STATE_FILE}",
     )
     server = argparse.ArgumentParser(add_help=False)
-    server.add_argument("--url", default="localhost:8000", help="the server's HTTP address (admin key needed)")
+    server.add_argument(
+        "--url", type=_address, default="localhost:8000", help="the server's HTTP address (admin key needed)"
+    )
     steps = experiment.add_subparsers(dest="action", required=True)
     apply = steps.add_parser(
         "apply", parents=[where, server], help="validate FILE and serve its experiments (replaces the running ones)"
@@ -540,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         help="replay against this model (version) directly, the pixels resized as the router does (default: "
         "digits, through the router, reproducing each row's decisions from its logged seed)",
     )
-    replay.add_argument("--url", default="localhost:8001", help="server address (gRPC port by default)")
+    replay.add_argument("--url", type=_address, default="localhost:8001", help="server address (gRPC port by default)")
     replay.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     replay.add_argument(
         "--state",
@@ -567,15 +610,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except _operator_errors() as error:
-        print(f"tierserve: {_message(error)}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print("tierserve: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except _operator_errors() as error:  # anything else is unexpected: its traceback is shown
+        known = failure(error, getattr(args, "url", None))
+        print(f"tierserve: {known.message}", file=sys.stderr)
+        return known.code
 
 
 def _operator_errors() -> tuple[type[BaseException], ...]:
-    """What a command may raise that is the operator's to act on: printed in a line, no traceback."""
+    """What a command may raise that is the operator's to act on: a line on stderr, an exit code, no traceback."""
     from tritonclient.utils import InferenceServerException
 
+    from tierserve.client import TierserveError
     from tierserve.tools.lifecycle import Failed
     from tierserve.tools.perf_command import PerfError
     from tierserve.tools.replay import ReplayError
@@ -591,20 +639,9 @@ def _operator_errors() -> tuple[type[BaseException], ...]:
         AuditError,
         LogAdminError,
         StateStoreError,
-        ConnectionError,
+        TierserveError,
+        *UNREACHABLE_ERRORS,
     )
-
-
-def _message(error: BaseException) -> str:
-    from tritonclient.utils import InferenceServerException
-
-    from tierserve.tools.lifecycle import Refused
-
-    if isinstance(error, InferenceServerException):
-        return f"the server did not take it: {error.message()}"
-    if isinstance(error, Refused):
-        return f"refused, nothing changed: {error}"
-    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 from tierserve.client import TierserveClient
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.exit_codes import ExitCode
 from tierserve.tools.log_admin import query, read_rows
 from tierserve.tools.server import TritonServer
 from tierserve.tools.workload import noisy
@@ -85,6 +86,6 @@ def test_tierserve_replay_reproduces_logged_rows_and_names_a_version_that_is_not
     printed = capsys.readouterr().out
     reproduced = [line for line in printed.splitlines() if line.strip().startswith("reproduced (route and label)")]
     assert reproduced and "6 / 6" in reproduced[0] and "100.0%" in reproduced[0], printed
-    assert main(["replay", *common, "--model", "digits_heavy:7"]) == 1
+    assert main(["replay", *common, "--model", "digits_heavy:7"]) == ExitCode.NOT_FOUND
     error = capsys.readouterr().err.strip()
     assert "digits_heavy" in error and "7" in error and "\n" not in error and "Traceback" not in error

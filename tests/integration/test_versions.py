@@ -21,6 +21,7 @@ from tierserve.state_store import open_store
 from tierserve.tools.audit import Action, Outcome, read_audit
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.exit_codes import ExitCode
 from tierserve.tools.lifecycle import Lifecycle
 from tierserve.tools.load import SteadyLoad
 from tierserve.tools.model_control import ModelControl
@@ -151,7 +152,7 @@ def test_retire_is_refused_while_a_version_is_used_naming_each_use(server: Super
     status, _, err = cli("model", "unload", "digits_light")
     assert status == 1 and "digits_light:1 by policy models" in err
     status, _, err = cli("retire", "digits_heavy_trt:1")  # the optional model this repository does not have
-    assert status == 1 and "no model 'digits_heavy_trt'" in err and "optional_models" in err
+    assert status == ExitCode.NOT_FOUND and "no model 'digits_heavy_trt'" in err and "optional_models" in err
     assert server.server.model_ready("digits_heavy", "3") and server.server.model_ready(LANE, "3")
     refused = _audit(server)[-4:]
     assert [(e.action, e.outcome) for e in refused] == [
@@ -165,20 +166,22 @@ def test_retire_is_refused_while_a_version_is_used_naming_each_use(server: Super
 
 
 @pytest.mark.parametrize(
-    ("args", "named"),
+    ("args", "named", "exit_code"),
     [
-        (("promote", "digits_heavy:9"), "digits_heavy:9 does not exist"),
-        (("promote", "digits_heavy:3"), "digits_heavy:3 is already the version the policy routes to"),
-        (("promote", f"{LANE}:1"), f"{LANE} is a lane of digits_heavy"),
-        (("rollback", "digits_heavy"), "digits_heavy has no earlier version to roll back to"),
-        (("retire", "digits_heavy:9"), "digits_heavy:9 does not exist"),
-        (("model", "load", "digits_heavy:3"), "digits_heavy:3 is loaded already"),
+        (("promote", "digits_heavy:9"), "digits_heavy:9 does not exist", ExitCode.NOT_FOUND),
+        (("promote", "digits_heavy:3"), "digits_heavy:3 is already the version the policy routes to", ExitCode.FAILED),
+        (("promote", f"{LANE}:1"), f"{LANE} is a lane of digits_heavy", ExitCode.FAILED),
+        (("rollback", "digits_heavy"), "digits_heavy has no earlier version to roll back to", ExitCode.FAILED),
+        (("retire", "digits_heavy:9"), "digits_heavy:9 does not exist", ExitCode.NOT_FOUND),
+        (("model", "load", "digits_heavy:3"), "digits_heavy:3 is loaded already", ExitCode.FAILED),
     ],
 )
-def test_bad_input_is_refused_naming_the_problem_and_changes_nothing(server: Supervisor, cli, args, named: str):
+def test_bad_input_is_refused_naming_the_problem_and_changes_nothing(
+    server: Supervisor, cli, args, named: str, exit_code: ExitCode
+):
     index = server.server.models()
     status, _, err = cli(*args)
-    assert status == 1 and named in err
+    assert status == exit_code and named in err
     assert server.server.models() == index
     assert _audit(server)[-1].outcome == Outcome.REFUSED
 

@@ -27,6 +27,7 @@ from tierserve.tools.audit import (
     record,
 )
 from tierserve.tools.cli import main
+from tierserve.tools.exit_codes import ExitCode
 from tierserve.tools.paths import ADMIN_KEY_ENV, AUDIT_ENV, AUDIT_FILE
 
 NOON = datetime(2026, 1, 2, 12, 0, tzinfo=timezone.utc)
@@ -172,20 +173,20 @@ NO_SERVER = ["--url", "127.0.0.1:9"]  # nothing listens there: these refusals ar
 
 
 @pytest.mark.parametrize(
-    ("argv", "action", "named"),
+    ("argv", "action", "named", "status"),
     [
-        (["promote", "digits_heavy:99"], Action.PROMOTE, "digits_heavy:99 does not exist"),
-        (["promote", "digits_heavy"], Action.PROMOTE, "expected MODEL:VERSION"),
-        (["retire", "digits_huge:1"], Action.RETIRE, "no model 'digits_huge'"),
-        (["rollback", "digits_heavy:2"], Action.ROLLBACK, "rollback takes a model name"),
-        (["model", "unload", "digits heavy"], Action.UNLOAD, "expected a model name"),
-        (["model", "load", "digits_heavy:0"], Action.LOAD, "expected MODEL:VERSION"),
+        (["promote", "digits_heavy:99"], Action.PROMOTE, "digits_heavy:99 does not exist", ExitCode.NOT_FOUND),
+        (["promote", "digits_heavy"], Action.PROMOTE, "expected MODEL:VERSION", ExitCode.FAILED),
+        (["retire", "digits_huge:1"], Action.RETIRE, "no model 'digits_huge'", ExitCode.NOT_FOUND),
+        (["rollback", "digits_heavy:2"], Action.ROLLBACK, "rollback takes a model name", ExitCode.FAILED),
+        (["model", "unload", "digits heavy"], Action.UNLOAD, "expected a model name", ExitCode.FAILED),
+        (["model", "load", "digits_heavy:0"], Action.LOAD, "expected MODEL:VERSION", ExitCode.FAILED),
     ],
 )
 def test_the_cli_records_a_refused_action_and_says_why(
-    operator_env: Path, capsys: pytest.CaptureFixture, argv: list[str], action: Action, named: str
+    operator_env: Path, capsys: pytest.CaptureFixture, argv: list[str], action: Action, named: str, status: ExitCode
 ):
-    assert main([*argv, *NO_SERVER]) == 1
+    assert main([*argv, *NO_SERVER]) == status
     error = capsys.readouterr().err
     assert error.startswith("tierserve: refused, nothing changed: ") and named in error
     (entry,) = read_audit(operator_env).entries
@@ -198,14 +199,14 @@ def test_without_an_admin_key_an_action_is_refused_and_recorded(
 ):
     monkeypatch.delenv(ADMIN_KEY_ENV)
     monkeypatch.setattr("tierserve.tools.paths.ADMIN_KEY_FILE", operator_env.parent / "no_admin_key")
-    assert main(["promote", "digits_heavy:1", *NO_SERVER]) == 1
+    assert main(["promote", "digits_heavy:1", *NO_SERVER]) == ExitCode.UNAUTHORIZED
     assert "no admin key" in capsys.readouterr().err
     (entry,) = read_audit(operator_env).entries
     assert entry.outcome == Outcome.REFUSED and "no admin key" in entry.message
 
 
 def test_an_action_the_server_never_answered_is_recorded_as_failed(operator_env: Path, capsys):
-    assert main(["fault", "digits_light", "--hard-failure", *NO_SERVER]) == 1
+    assert main(["fault", "digits_light", "--hard-failure", *NO_SERVER]) == ExitCode.UNREACHABLE
     assert capsys.readouterr().err.startswith("tierserve: ")
     (entry,) = read_audit(operator_env).entries
     assert (entry.action, entry.target, entry.outcome) == (Action.FAULT, "digits_light", Outcome.FAILED)

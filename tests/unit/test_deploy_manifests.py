@@ -1,15 +1,14 @@
 """The deployment files in docker/, checked offline: every Kubernetes manifest against the API schemas that
 kubernetes-validate ships, the compose files against the Compose Specification schema that check-jsonschema
-vendors, nginx.conf with `nginx -t`, and the facts that tie them to the server: ports, probe paths, the pinned
+vendors, nginx.conf as the project's balancer writes it for the compose replicas (and `nginx -t` on it), and
+the facts that tie them to the server: ports, probe paths, the pinned
 image, environment names, Redis and the replicas, the HPA's metric. No Docker engine or cluster is needed, and
 none of it is run here (docker/README.md says what that leaves unchecked)."""
 
 from __future__ import annotations
 
 import copy
-import os
 import re
-import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -25,12 +24,16 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tierserve.policy import Policy
 from tierserve.state_store import STATE_ENV
 from tierserve.tier_keys import TIER_KEYS_ENV
-from tierserve.tools import cli
+from tierserve.tools import balancer, cli
+from tierserve.tools.balancer import BalancerSettings, Nginx, Replica
 from tierserve.tools.paths import ADMIN_KEY_ENV, DEFAULT_REPOSITORY, PROJECT_ROOT
 
 DOCKER = PROJECT_ROOT / "docker"
 K8S = DOCKER / "k8s"
 COMPOSE_FILES = (DOCKER / "compose.yaml", DOCKER / "compose.gpu.yaml")
+# nginx.conf's pid, logs and temporary files: in the nginx image, access.log and error.log there lead to stdout and
+# stderr, and compose mounts a tmpfs at tmp/
+NGINX_PREFIX = "/var/log/nginx"
 # The release docker/README.md justifies: the August 2025 security fixes (25.07 on) and model readiness that
 # reflects Python stub health (25.12 on).
 PINNED_BASE = "nvcr.io/nvidia/tritonserver:25.12-py3"
@@ -137,17 +140,30 @@ def test_the_compose_check_refuses_a_misspelled_key(tmp_path: Path):
     assert result.returncode == 1 and "shm_sise" in result.stdout
 
 
+def _compose_replicas() -> list[Replica]:
+    """The tierserve containers of compose.yaml, by the names compose gives them (PROJECT-SERVICE-N), which
+    Docker's DNS answers, on the server's ports."""
+    compose, defaults = _compose(), _server_defaults()
+    count = compose["services"]["tierserve"]["deploy"]["replicas"]
+    names = [f"{compose['name']}-tierserve-{i}" for i in range(1, count + 1)]
+    return [Replica(name=n, host=n, http_port=defaults.http_port, grpc_port=defaults.grpc_port) for n in names]
+
+
+def test_the_load_balancer_is_the_projects_balancer_for_the_compose_replicas(capsys: pytest.CaptureFixture[str]):
+    """docker/nginx.conf is what `python -m tierserve.tools.balancer` (docker/README.md) writes for them."""
+    replicas = [f"--replica={r.name}={r.host}:{r.http_port}:{r.grpc_port}" for r in _compose_replicas()]
+    assert balancer.main([*replicas, "--prefix", NGINX_PREFIX]) == 0
+    assert (DOCKER / "nginx.conf").read_text() == capsys.readouterr().out, "regenerate docker/nginx.conf"
+    assert _compose()["services"]["lb"]["tmpfs"] == [f"{NGINX_PREFIX}/tmp"]  # its temporary files' folder
+
+
 def test_nginx_accepts_the_load_balancers_configuration(tmp_path: Path):
-    nginx = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
-    if nginx is None:
-        pytest.skip("no nginx (tools/bootstrap.sh installs Debian's)")
-    result = subprocess.run(
-        [nginx, "-t", "-q", "-p", str(tmp_path), "-c", str(DOCKER / "nginx.conf")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stderr
+    if not balancer.NGINX.exists():
+        pytest.skip(f"no {balancer.NGINX} (tools/bootstrap.sh installs Debian's nginx)")
+    # the same configuration with addresses nginx can look up here: only Docker's DNS knows the container names
+    replicas = [r.model_copy(update={"host": "127.0.0.1"}) for r in _compose_replicas()]
+    defaults = _server_defaults()
+    Nginx(replicas, BalancerSettings(http_port=defaults.http_port, grpc_port=defaults.grpc_port), tmp_path).check()
 
 
 # --- facts that tie the files to the server ----------------------------------------------------------------
@@ -182,8 +198,9 @@ def test_ports_are_the_servers():
     published = {int(mapping.rsplit(":", 2)[-2]): int(mapping.rsplit(":", 1)[-1]) for mapping in compose["lb"]["ports"]}
     assert published == {ports["http"]: ports["http"], ports["grpc"]: ports["grpc"]}
     nginx = (DOCKER / "nginx.conf").read_text()
-    assert sorted(int(port) for port in re.findall(r"^\s*listen (\d+)", nginx, re.M)) == sorted(published.values())
-    assert sorted(int(port) for port in re.findall(r"set \$\w+ tierserve:(\d+);", nginx)) == sorted(published.values())
+    assert sorted(int(port) for port in re.findall(r"^\s*listen [\d.]+:(\d+)", nginx, re.M)) == sorted(
+        published.values()
+    )
 
 
 def test_probes_ask_triton_about_the_model_behind_digits():

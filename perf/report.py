@@ -23,6 +23,7 @@ from typing import Any
 import bench_chaos
 import bench_models
 import bench_router
+import bench_state
 import bench_tiers
 import report_io
 
@@ -58,6 +59,9 @@ SECTIONS = {
         throughput_label="answered / s",
         title="P4 kill -9 under load",
         timeline=lambda report: report.with_name(report.name.replace("p4_", "p4_timeline_", 1)).with_suffix(".png"),
+    ),
+    "state": Section(
+        (bench_state.REPORT,), lambda reports: bench_state.table(reports[0]), title="State store: Redis vs embedded"
     ),
 }
 

@@ -46,7 +46,7 @@ from tierserve.inference_log import Hop, InferenceRecord, hops
 from tierserve.replay_tokens import REPLAY_PARAMETER, ReplayRow, replay_token
 from tierserve.resize import resize_to_native
 from tierserve.signature import TIERS
-from tierserve.state_store import SECRET_KEY, StateStoreError, open_store
+from tierserve.state_store import REDIS_SCHEMES, SECRET_KEY, StateStoreError, open_store
 from tierserve.tier_keys import KEYLESS_TIER
 from tierserve.tools.log_admin import query, read_rows
 from tierserve.tools.progress import ProgressCallback, no_progress
@@ -320,8 +320,9 @@ def _replay_secret(state_path: str | Path | None) -> bytes:
     where = "the state store the server runs with ($TIERSERVE_STATE; `tierserve serve`: .tierserve/state.db)"
     if state_path is None or str(state_path) == "memory:":
         raise ReplaySecretError(f"replay signs each row with the secret of {where}: name it with --state")
-    path = Path(str(state_path).removeprefix("sqlite://")).expanduser().resolve()
-    if not path.is_file():
+    location = str(state_path)
+    path = location if location.startswith(REDIS_SCHEMES) else Path(location.removeprefix("sqlite://")).expanduser()
+    if isinstance(path, Path) and not (path := path.resolve()).is_file():
         raise ReplaySecretError(f"no state store at {path}: replay signs each row with the secret of {where}")
     try:
         store = open_store(str(path))

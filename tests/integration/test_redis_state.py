@@ -28,16 +28,8 @@ from tierserve.tools.supervisor import Supervisor
 
 from .conftest import supervised_server
 from .prometheus import metric_values
+from .test_experiments import SPLIT
 
-SPLIT = {
-    "name": "redis_split",
-    "kind": "split",
-    "unit": "request",
-    "arms": [
-        {"name": "control", "weight": 50},
-        {"name": "rules", "weight": 50, "models": {"digits_light:1": "digits_rules:1"}},
-    ],
-}
 OUTAGE_S = 2.0  # each outage under load: long enough for many executes and flushes, short for the suite
 
 

@@ -70,14 +70,6 @@ class Breakable(MemoryStore):
 NOW = 1_800_000_000.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def backend() -> Breakable:
     return Breakable()
@@ -111,15 +103,15 @@ def test_after_a_failure_the_guard_calls_nothing_until_a_probe_finds_the_store_b
 
 
 def test_with_retry_after_one_call_per_interval_tries_the_store(backend: Breakable):
-    clock = Clock()
-    store = GuardedStore(backend, retry_after_s=1.0, clock=clock)
+    now = [100.0]
+    store = GuardedStore(backend, retry_after_s=1.0, clock=lambda: now[0])
     backend.broken = True
     with pytest.raises(StateStoreError):
         store.get("k")
     calls = backend.calls
     with pytest.raises(StoreUnavailable):
         store.get("k")
-    clock.now += 1.0
+    now[0] += 1.0
     backend.broken = False
     assert store.get("k") is None and store.up
     assert backend.calls == calls + 1

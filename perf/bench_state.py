@@ -83,6 +83,16 @@ def _server(repository: Path, workdir: Path, state: str | None) -> Iterator[Trit
         yield server
 
 
+def experiment_repository(folder: Path) -> Path:
+    """The shipped repository with the benchmark policy (standard never shed) and EXPERIMENT running, in `folder`."""
+    files = {
+        POLICY_FILE: yaml.safe_dump(bench_policy()),
+        EXPERIMENTS_FILE: yaml.safe_dump({"experiments": [EXPERIMENT]}),
+    }
+    folder.mkdir()
+    return router_variant(DEFAULT_REPOSITORY, folder, files)
+
+
 def _counted_rows(location: str) -> int:
     store = open_store(location)
     try:
@@ -121,12 +131,7 @@ def measure(runs: int, window_ms: int, reports: Path) -> dict:
         },
     )
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis:
-        files = {
-            POLICY_FILE: yaml.safe_dump(bench_policy()),
-            EXPERIMENTS_FILE: yaml.safe_dump({"experiments": [EXPERIMENT]}),
-        }
-        (Path(tmp) / "repository").mkdir()
-        repository = router_variant(DEFAULT_REPOSITORY, Path(tmp) / "repository", files)
+        repository = experiment_repository(Path(tmp) / "repository")
         with contextlib.ExitStack() as stack:
             servers = {
                 "embedded": stack.enter_context(_server(repository, Path(tmp) / "embedded", None)),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bench_capacity
 import bench_chaos
 import bench_models
 import bench_router
@@ -62,6 +63,11 @@ SECTIONS = {
     ),
     "state": Section(
         (bench_state.REPORT,), lambda reports: bench_state.table(reports[0]), title="State store: Redis vs embedded"
+    ),
+    "capacity": Section(
+        (bench_capacity.REPORT,),
+        lambda reports: bench_capacity.table(reports[0]),
+        throughput=None,  # one server's figures, no conditions to compare
     ),
 }
 

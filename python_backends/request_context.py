@@ -12,6 +12,10 @@ from tierserve.signature import TIERS, RequestContext
 from tierserve.tier_keys import TIER_KEY_HEADER
 
 KNOWN_PARAMETERS = ("tier", "user_id", "deadline_ms")
+# Any parameter may come as the HTTP header or gRPC metadata `tierserve-param-NAME` ('-' for '_' in NAME), which
+# tritonserver forwards as a request parameter (tools/server.py): for clients that send headers but no parameters,
+# such as perf_analyzer over HTTP. The same value as a parameter and as a header is one; two values are refused.
+PARAMETER_HEADER_PREFIX = "tierserve-param-"
 MAX_DEADLINE_MS = 3_600_000  # an hour: anything longer is a mistake, not a deadline
 MAX_USER_ID_CHARS = 256
 ECHO_CHARS = 40  # a refused value is echoed at most this long: a client's payload never fills a log line
@@ -57,6 +61,24 @@ def _attribute(attribute: Attribute, value: Any) -> str | int:
     raise ParameterError(f"parameter {attribute.name!r} must be a whole number, got {echo(value)}")
 
 
+def _with_headers(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters with every `tierserve-param-NAME` header taken as parameter NAME."""
+    merged = {str(name): value for name, value in parameters.items()}
+    for name, value in parameters.items():
+        lowered = str(name).lower()
+        if not lowered.startswith(PARAMETER_HEADER_PREFIX):
+            continue
+        del merged[str(name)]
+        key = lowered.removeprefix(PARAMETER_HEADER_PREFIX).replace("-", "_")
+        if key in merged and merged[key] != value:
+            raise ParameterError(
+                f"parameter {echo(key)} was sent twice with different values ({echo(merged[key])} and header "
+                f"{echo(str(name))}: {echo(value)}); send one"
+            )
+        merged[key] = value
+    return merged
+
+
 def parse_context(
     parameters: Mapping[str, Any], default_tier: str, attributes: Mapping[str, Attribute] | None = None
 ) -> RequestContext:
@@ -64,6 +86,7 @@ def parse_context(
     key (forwarded from the tierserve-tier-key header, in any case) is not part of it: tier_keys judges it.
     `attributes` are the policy's declared request attributes; any other parameter is refused."""
     attributes = attributes or {}
+    parameters = _with_headers(parameters)
     names = {str(name) for name in parameters if str(name).lower() != TIER_KEY_HEADER}
     if unknown := sorted(names - set(KNOWN_PARAMETERS) - set(attributes)):
         accepted = ", ".join([*KNOWN_PARAMETERS, *attributes])

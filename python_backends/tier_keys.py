@@ -253,3 +253,15 @@ class TierKeys:
             if hmac.compare_digest(key.sha256, digest):
                 found = key
         return found
+
+
+def read_key_file(path: Path) -> str | None:
+    """A client's tier key: the one word in `path` (as `tierserve tier-key add` prints it), None when no such file."""
+    if not path.exists():
+        return None
+    words = path.read_text().split()
+    if len(words) != 1:
+        raise TierKeyError(
+            f"{path}: expected one tier key, as `tierserve tier-key add` prints it, got {len(words)} words"
+        )
+    return words[0]

@@ -20,7 +20,7 @@ from tierserve.policy import PolicyError
 from tierserve.promotions import PromotionError
 from tierserve.signature import TIERS
 from tierserve.state_store import STATE_ENV, StateStore, StateStoreError
-from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key
+from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key, read_key_file
 from tierserve.tools.audit import Action, AuditError, audited
 from tierserve.tools.build_models import build_all
 from tierserve.tools.canary import add_canary_options
@@ -60,23 +60,11 @@ def _demo(args: argparse.Namespace) -> int:
     from tierserve.tools.demo import build_workload, run_workload, summarize
 
     samples = build_workload(load_split(), args.count, args.seed)
-    tier_key = _tier_key(args.tier_key_file)
+    tier_key = read_key_file(args.tier_key_file)
     with progress_bar("requests") as progress:
         outcomes = run_workload(args.url, args.protocol, samples, args.concurrency, tier_key, progress)
     print(summarize(outcomes))
     return ExitCode.OK
-
-
-def _tier_key(path: Path) -> str | None:
-    """The tier key to send with every request: the one word in `path`, when the file exists."""
-    if not path.exists():
-        return None
-    words = path.read_text().split()
-    if len(words) != 1:
-        raise TierKeyError(
-            f"{path}: expected one tier key, as `tierserve tier-key add` prints it, got {len(words)} words"
-        )
-    return words[0]
 
 
 def _admin_key() -> str:
@@ -286,7 +274,7 @@ def _log_query(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from tierserve.tools.replay import replay, report_png, report_table
 
-    tier_key = _tier_key(args.tier_key_file)
+    tier_key = read_key_file(args.tier_key_file)
     with progress_bar("replaying") as progress:
         report = replay(
             args.log,

@@ -1,10 +1,11 @@
 """`tierserve perf MODEL`: perf_analyzer against a running server, with the held-out test images `tierserve build`
 wrote, a tier and request parameters, over gRPC or HTTP, with no environment to set by hand.
 
-What perf_analyzer 2.51 itself cannot send decides what is refused here, before it starts: request parameters go
-over gRPC only (`--request-parameter`, lowercased, name:value:type), and headers over HTTP only (`-H`), so a tier
-key (case-sensitive, sent as a header) never travels with a tier, and tiers that need one cannot be load-tested
-with it."""
+What perf_analyzer 2.51 itself can send decides how: over gRPC, request parameters (`--request-parameter`,
+lowercased, name:value:type) and no headers; over HTTP, headers (`-H`) and no parameters, so there the tier and the
+other parameters go as `tierserve-param-NAME` headers, which the server forwards as parameters
+(tierserve.request_context), with the tier key as its header. A tier that needs a key is therefore load-tested over
+HTTP: over gRPC the key could not be sent (and perf_analyzer would lowercase it)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tierserve.request_context import PARAMETER_HEADER_PREFIX
 from tierserve.signature import TIERS
-from tierserve.tier_keys import KEYLESS_TIER
-from tierserve.tools.paths import DEFAULT_REPOSITORY
+from tierserve.tier_keys import KEYLESS_TIER, TIER_KEY_HEADER, read_key_file
+from tierserve.tools.paths import DEFAULT_REPOSITORY, TIER_KEY_FILE
 from tierserve.tools.perf_analyzer import (
     ANY_SPREAD,
     INPUT_DATA_8X8,
@@ -46,6 +48,7 @@ class PerfRun:
     url: str | None = None  # default: DEFAULT_URLS[protocol]
     tier: str | None = None  # None: the policy's default tier
     parameters: dict[str, str] = field(default_factory=dict)  # further request parameters (digits' attributes, ...)
+    tier_key: str | None = None  # sent over HTTP as the tier key header (tiers above standard need one)
     concurrency: str = "1"  # perf_analyzer's --concurrency-range: N or START:END[:STEP]
     seconds: float = 3.0  # measured per concurrency level, in WINDOWS windows
     input_data: Path | None = None  # default: the model repository's file for the model's input
@@ -61,18 +64,33 @@ class PerfRun:
         """The request parameters to send, checked against what perf_analyzer can send (PerfError if not)."""
         sent = {"tier": self.tier} if self.tier else {}
         sent |= self.parameters
-        if sent and self.protocol == "http":
-            raise PerfError(
-                f"perf_analyzer sends request parameters over gRPC only, so over HTTP {', '.join(sent)} cannot be "
-                "sent: use --protocol grpc, or leave them out (HTTP requests get the policy's default tier)"
-            )
         if self.tier and TIERS.index(self.tier) < TIERS.index(KEYLESS_TIER):
-            raise PerfError(
-                f"tier {self.tier!r} needs a tier key, which perf_analyzer cannot send with a tier: it lowercases "
-                "--request-parameter values and sends -H headers over HTTP only, where it sends no parameters. "
-                f"Load-test {self.tier!r} with the SDK (TierserveClient(..., tier_key=...)) or `tierserve demo`"
-            )
+            if self.protocol == "grpc":
+                raise PerfError(
+                    f"tier {self.tier!r} needs a tier key, which perf_analyzer cannot send over gRPC (it sends no "
+                    "headers there): use --protocol http, which sends the key from --tier-key-file"
+                )
+            if self.tier_key is None:
+                raise PerfError(
+                    f"tier {self.tier!r} needs a tier key: --tier-key-file names no file (`tierserve serve` writes "
+                    "the local one to .tierserve/tier_key; `tierserve tier-key add` makes others)"
+                )
         return sent
+
+    def sent_as(self) -> list[str]:
+        """perf_analyzer's options that send the parameters (and over HTTP the tier key)."""
+        if self.protocol == "grpc":  # the router reads every parameter as text
+            return [
+                o
+                for name, value in self.request_parameters().items()
+                for o in ("--request-parameter", f"{name}:{value}:string")
+            ]
+        headers = {
+            f"{PARAMETER_HEADER_PREFIX}{name.replace('_', '-')}": v for name, v in self.request_parameters().items()
+        }
+        if self.tier_key is not None:
+            headers[TIER_KEY_HEADER] = self.tier_key
+        return [o for name, value in headers.items() for o in ("-H", f"{name}:{value}")]
 
 
 def parameter(text: str) -> tuple[str, str]:
@@ -116,8 +134,8 @@ def add_perf_options(parser: argparse.ArgumentParser) -> None:
         "--tier",
         choices=TIERS,
         default=None,
-        help=f"the request parameter tier (gRPC only; tiers above {KEYLESS_TIER} need a key perf_analyzer cannot "
-        "send); default: the policy's",
+        help=f"the request's tier (default: the policy's); tiers above {KEYLESS_TIER} need a tier key, which "
+        "perf_analyzer sends over HTTP only: --protocol http",
     )
     parser.add_argument(
         "--parameter",
@@ -125,7 +143,13 @@ def add_perf_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="another request parameter (gRPC only), e.g. deadline_ms=50, region=eu; repeat for more",
+        help="another request parameter, e.g. deadline_ms=50, region=eu; repeat for more",
+    )
+    parser.add_argument(
+        "--tier-key-file",
+        type=Path,
+        default=TIER_KEY_FILE,
+        help="the tier key sent over HTTP, when the file exists (default: the local key `tierserve serve` made)",
     )
     parser.add_argument(
         "--concurrency", type=concurrency, default="1", help="requests in flight: N, or START:END[:STEP] (default 1)"
@@ -157,24 +181,24 @@ def add_perf_options(parser: argparse.ArgumentParser) -> None:
 def perf_run(args: argparse.Namespace) -> PerfRun:
     return PerfRun(
         args.model,
-        args.protocol,
-        args.url,
-        args.tier,
-        dict(args.parameter),
-        args.concurrency,
-        args.seconds,
-        args.input_data,
-        args.model_repository,
-        args.csv,
-        tuple(args.extra),
+        protocol=args.protocol,
+        url=args.url,
+        tier=args.tier,
+        parameters=dict(args.parameter),
+        tier_key=read_key_file(args.tier_key_file) if args.protocol == "http" else None,
+        concurrency=args.concurrency,
+        seconds=args.seconds,
+        input_data=args.input_data,
+        model_repository=args.model_repository,
+        csv=args.csv,
+        extra=tuple(args.extra),
     )
 
 
 def perf_analyzer_command(run: PerfRun, input_data: Path) -> list[str]:
     """The perf_analyzer command line for `run`, sending `input_data`."""
     command = [str(binary()), "-m", run.model, "-u", run.address, "-i", run.protocol, "--input-data", str(input_data)]
-    for name, value in run.request_parameters().items():
-        command += ["--request-parameter", f"{name}:{value}:string"]  # the router reads every parameter as text
+    command += run.sent_as()
     command += [
         "--concurrency-range",
         run.concurrency,

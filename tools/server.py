@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from tierserve.inference_log import LOG_DIR_ENV, REPLICA_ENV
 from tierserve.queue_wait import STATS_URL_ENV
+from tierserve.request_context import PARAMETER_HEADER_PREFIX
 from tierserve.server_scratch import server_scratch
 from tierserve.state_store import STATE_ENV
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeys, new_key
@@ -33,6 +34,7 @@ EXIT_TIMEOUT_S = 10  # how long tritonserver lets in-flight requests finish afte
 ADMIN_HEADER = "tierserve-admin-key"  # the HTTP header every admin API requires
 # Over gRPC Triton looks for the restricted-protocol key with this prefix (Triton 2.51 to 2.64 at least).
 GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+FORWARDED_HEADERS = f"^({TIER_KEY_HEADER}|{PARAMETER_HEADER_PREFIX}[a-z0-9-]+)$"  # never the admin key
 # Every API that changes server state needs the admin key (Triton's names, the same for HTTP and gRPC). Open:
 # inference, health, metadata, model-config and statistics (read-only; the same numbers as the metrics port).
 ADMIN_APIS = ("model-repository", "logging", "trace", "shared-memory")
@@ -219,9 +221,10 @@ class TritonServer:
             # Triton 2.51 takes the key only here, so it is on the command line (README: Trust boundary)
             f"--http-restricted-api={','.join(ADMIN_APIS)}:{ADMIN_HEADER}={self.admin_key}",
             f"--grpc-restricted-protocol={','.join(ADMIN_APIS)}:{ADMIN_HEADER}={self.admin_key}",
-            # the tier key reaches the router as a request parameter (Triton adds (?i): any case matches)
-            f"--http-header-forward-pattern=^{TIER_KEY_HEADER}$",
-            f"--grpc-header-forward-pattern=^{TIER_KEY_HEADER}$",
+            # the tier key and tierserve-param-* headers reach the router as request parameters (Triton adds (?i):
+            # any case matches; tierserve.request_context)
+            f"--http-header-forward-pattern={FORWARDED_HEADERS}",
+            f"--grpc-header-forward-pattern={FORWARDED_HEADERS}",
             "--disable-auto-complete-config",  # config.pbtxt is the whole truth about each model
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             f"--log-verbose={self.log_verbose}",

@@ -41,6 +41,22 @@ def _perf(*args: str) -> subprocess.CompletedProcess[str]:
         ),
         pytest.param("http", "digits", [], "tierserve_rows_total", {"tier": "standard"}, id="http-digits"),
         pytest.param(
+            "http",
+            "digits",
+            ["--tier", "best_effort", "--parameter", "deadline_ms=400"],
+            "tierserve_rows_total",
+            {"tier": "best_effort"},
+            id="http-digits-best_effort",
+        ),
+        pytest.param(
+            "http",
+            "digits",
+            ["--tier", "critical"],
+            "tierserve_rows_total",
+            {"tier": "critical"},
+            id="http-digits-critical",
+        ),
+        pytest.param(
             "grpc", "digits_heavy", [], "nv_inference_count", {"model": "digits_heavy"}, id="grpc-digits_heavy"
         ),
     ],
@@ -57,7 +73,10 @@ def test_perf_measures_and_the_server_counts_what_it_sent(
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     before = sum(metric_values(triton, metric, **labels))
     report = tmp_path / "report.csv"
-    run = _perf(model, "--protocol", protocol, "--url", url, "--seconds", "1.5", "--csv", str(report), *options)
+    key_file = tmp_path / "tier_key"  # sent over HTTP (the session server's key for critical)
+    key_file.write_text(triton.tier_key)
+    common = ("--protocol", protocol, "--url", url, "--seconds", "1.5", "--csv", str(report))
+    run = _perf(model, *common, "--tier-key-file", str(key_file), *options)
     after = sum(metric_values(triton, metric, **labels))
 
     assert run.returncode == 0, run.stdout + run.stderr

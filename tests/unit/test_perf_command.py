@@ -45,17 +45,22 @@ def test_the_command_sends_the_images_parameters_and_measures_for_the_seconds_as
     assert command[-4:] == ["--percentile", "99", "--stability-percentage", "10"]  # last: they override
 
 
-def test_http_sends_no_request_parameters_and_defaults_to_port_8000():
-    command = perf_analyzer_command(PerfRun("digits", protocol="http"), Path("images.json"))
+def test_http_sends_parameters_and_the_tier_key_as_headers_and_defaults_to_port_8000():
+    run = PerfRun("digits", protocol="http", tier="critical", parameters={"deadline_ms": "50"}, tier_key="Key-1")
+    command = perf_analyzer_command(run, Path("images.json"))
     assert _options(command, "-u") == ["localhost:8000"] and "--request-parameter" not in command
+    assert _options(command, "-H") == [
+        "tierserve-param-tier:critical",
+        "tierserve-param-deadline-ms:50",
+        "tierserve-tier-key:Key-1",
+    ]
 
 
 @pytest.mark.parametrize(
     ("run", "says"),
     [
-        (PerfRun("digits", protocol="http", url=UNREACHABLE, tier="best_effort"), "over gRPC only"),
-        (PerfRun("digits", protocol="http", url=UNREACHABLE, parameters={"region": "eu"}), "over gRPC only"),
-        (PerfRun("digits", url=UNREACHABLE, tier="critical"), "needs a tier key"),
+        (PerfRun("digits", url=UNREACHABLE, tier="critical"), "cannot send over gRPC"),
+        (PerfRun("digits", protocol="http", url=UNREACHABLE, tier="critical"), "--tier-key-file names no file"),
     ],
 )
 def test_what_perf_analyzer_cannot_send_is_refused_before_the_server_is_asked(run: PerfRun, says: str):

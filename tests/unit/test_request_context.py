@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tierserve.policy import Attribute
 from tierserve.request_context import ParameterError, parse_context
 from tierserve.signature import RequestContext
 
@@ -22,6 +23,24 @@ def test_the_forwarded_tier_key_is_not_an_unknown_parameter():
     """Triton forwards the tierserve-tier-key header into the parameters, named as the client spelled it."""
     for name in ("tierserve-tier-key", "TierServe-Tier-Key"):
         assert parse_context({"tier": "critical", name: "k"}, "standard") == RequestContext("critical", "", None)
+
+
+def test_parameters_sent_as_tierserve_param_headers_are_read_as_parameters():
+    """For clients that send headers but no parameters (perf_analyzer over HTTP); Triton forwards them as sent."""
+    attributes = {"region": Attribute("region", ("eu", "us"))}
+    headers = {
+        "Tierserve-Param-Tier": "best_effort",
+        "tierserve-param-deadline-ms": "40",
+        "tierserve-param-region": "eu",
+    }
+    context = parse_context(headers, "standard", attributes)
+    assert context == RequestContext("best_effort", "", 40, {"region": "eu"})
+    both = parse_context({"tier": "best_effort", "tierserve-param-tier": "best_effort"}, "standard")
+    assert both.tier == "best_effort", "the same value twice is one"
+    with pytest.raises(ParameterError, match="'tier' was sent twice with different values"):
+        parse_context({"tier": "critical", "tierserve-param-tier": "best_effort"}, "standard")
+    with pytest.raises(ParameterError, match="unknown parameter 'colour'"):
+        parse_context({"tierserve-param-colour": "red"}, "standard")
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ files `tierserve serve` makes: checked without starting a server."""
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 
@@ -57,10 +58,18 @@ def test_the_server_binds_loopback_unless_told_otherwise(tmp_path: Path):
         _server(tmp_path, address="::")
 
 
-def test_the_tier_key_header_is_forwarded_into_request_parameters(tmp_path: Path):
+def test_the_tier_key_and_parameter_headers_are_forwarded_into_request_parameters_never_the_admin_key(
+    tmp_path: Path,
+):
     command = _server(tmp_path).command()
-    assert "--http-header-forward-pattern=^tierserve-tier-key$" in command
-    assert "--grpc-header-forward-pattern=^tierserve-tier-key$" in command
+    (http,) = [a.split("=", 1)[1] for a in command if a.startswith("--http-header-forward-pattern=")]
+    (grpc,) = [a.split("=", 1)[1] for a in command if a.startswith("--grpc-header-forward-pattern=")]
+    assert http == grpc
+    forwarded = re.compile(http, re.IGNORECASE)  # Triton matches headers in any case
+    for header in ("tierserve-tier-key", "tierserve-param-tier", "TierServe-Param-Deadline-Ms"):
+        assert forwarded.fullmatch(header), header
+    for header in ("tierserve-admin-key", "tierserve-param-", "authorization", "tierserve-tier-key-x"):
+        assert not forwarded.fullmatch(header), header
 
 
 def test_a_server_without_an_operators_keys_file_makes_its_own_key(tmp_path: Path):

@@ -1,4 +1,5 @@
-"""The learned router: predicts from the signature and the first model's answer whether that answer is wrong."""
+"""The learned router: predicts from the signature, the first model's answer and the image whether that answer is
+wrong."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tierserve.pixels import IMAGE_SHAPE, NUM_CLASSES, PIXEL_MAX
 from tierserve.signature import Signature
 
 FEATURES = (
@@ -20,6 +22,13 @@ FEATURES = (
     "sparsity",
     "ood_score",
     "log_area",
+)
+# what the learned router reads per row: the signature's features, the first model's probabilities and the native
+# pixels (scaled to 0-1, missing as 0): noise and shifts the light model answers confidently wrong show in the pixels
+INPUTS = (
+    *FEATURES,
+    *(f"prob_{k}" for k in range(NUM_CLASSES)),
+    *(f"pixel_{i}" for i in range(IMAGE_SHAPE[0] * IMAGE_SHAPE[1])),
 )
 
 
@@ -37,34 +46,46 @@ def escalation_features(signatures: list[Signature], probs: np.ndarray) -> np.nd
     return features
 
 
+def escalation_inputs(signatures: list[Signature], probs: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """[N, len(INPUTS)]: the escalation features, the first model's probabilities and the native images' pixels."""
+    pixels = np.nan_to_num(images.reshape(len(images), -1), nan=0.0) / PIXEL_MAX
+    return np.concatenate([escalation_features(signatures, probs), probs, pixels], axis=1, dtype=np.float32)
+
+
+_ARRAYS = ("mean", "scale", "hidden_weights", "hidden_bias", "output_weights")  # LearnedRouter's, as stored
+
+
 @dataclass(frozen=True)
 class LearnedRouter:
-    """Standardised logistic regression over FEATURES; trained by `tierserve build`, evaluated in numpy."""
+    """A small MLP (standardised INPUTS, one ReLU hidden layer, logistic output) that predicts whether the cascade's
+    first model answered a row wrongly; trained by `tierserve build`, evaluated in numpy."""
 
-    mean: np.ndarray  # [len(FEATURES)]
-    scale: np.ndarray
-    coef: np.ndarray
-    intercept: float
+    mean: np.ndarray  # [len(INPUTS)]
+    scale: np.ndarray  # [len(INPUTS)]
+    hidden_weights: np.ndarray  # [len(INPUTS), H]
+    hidden_bias: np.ndarray  # [H]
+    output_weights: np.ndarray  # [H]
+    output_bias: float
 
     @classmethod
     def load(cls, path: Path) -> LearnedRouter:
         data = json.loads(path.read_text())
-        if tuple(data["features"]) != FEATURES:
-            raise ValueError(f"{path} was trained on features {data['features']}, not {list(FEATURES)}: rebuild")
-        return cls(*(np.asarray(data[key], np.float32) for key in ("mean", "scale", "coef")), float(data["intercept"]))
+        if tuple(data.get("inputs", ())) != INPUTS:
+            raise ValueError(f"{path} was trained on other inputs than this router reads: rebuild (tierserve build)")
+        arrays = (np.asarray(data[key], np.float32) for key in _ARRAYS)
+        return cls(*arrays, float(data["output_bias"]))
 
     def to_json(self) -> str:
         return json.dumps(
             {
-                "features": FEATURES,
-                "mean": self.mean.tolist(),
-                "scale": self.scale.tolist(),
-                "coef": self.coef.tolist(),
-                "intercept": self.intercept,
+                "inputs": INPUTS,
+                **{key: getattr(self, key).tolist() for key in _ARRAYS},
+                "output_bias": self.output_bias,
             }
         )
 
-    def wrong_probability(self, features: np.ndarray) -> np.ndarray:
-        """[N] probability that the first model's answer is wrong."""
-        logits = ((features - self.mean) / self.scale) @ self.coef + self.intercept
+    def wrong_probability(self, inputs: np.ndarray) -> np.ndarray:
+        """[N] probability that the first model's answer is wrong, from escalation_inputs."""
+        hidden = np.maximum(((inputs - self.mean) / self.scale) @ self.hidden_weights + self.hidden_bias, 0.0)
+        logits = hidden @ self.output_weights + self.output_bias
         return 1.0 / (1.0 + np.exp(-logits))

@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from tierserve.circuit_breaker import CircuitBreaker
-from tierserve.learned_router import LearnedRouter, escalation_features
+from tierserve.learned_router import LearnedRouter, escalation_inputs
 from tierserve.load_shedding import DEGRADE, SHED, LoadMonitor
 from tierserve.model_states import ModelStates
 from tierserve.policy import Policy
@@ -235,14 +235,15 @@ class Router:
         return Decision(self.policy.fallback, "fallback: no listed route takes images with missing pixels")
 
     def escalations(
-        self, signatures: list[Signature], probs: np.ndarray, variants: Sequence[Variant] = ()
+        self, signatures: list[Signature], probs: np.ndarray, images: np.ndarray, variants: Sequence[Variant] = ()
     ) -> list[tuple[bool, str]]:
-        """For rows answered by the cascade's first model: escalate or not, and why."""
+        """For rows answered by the cascade's first model (`probs`, on the native `images`): escalate or not, and
+        why."""
         cascade = self.policy.cascade
         variants = list(variants) or [BASE] * len(signatures)
         confidence = probs.max(axis=1)
         wrong = (
-            self.learned.wrong_probability(escalation_features(signatures, probs))
+            self.learned.wrong_probability(escalation_inputs(signatures, probs, images))
             if self.learned is not None and cascade.learned_escalate_above is not None
             else None
         )
@@ -325,6 +326,7 @@ class Router:
                     self.escalations(
                         [signatures[i] for i in cascading],
                         np.stack([outcomes[i] for i in cascading]),
+                        images[cascading],
                         [rows[i].variant for i in cascading],
                     )
                     if cascading

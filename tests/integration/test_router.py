@@ -12,7 +12,7 @@ from grpc import StatusCode
 from tritonclient.utils import InferenceServerException
 
 from tierserve.client import AsyncTierserveClient, Classification, TierserveClient, TierserveError
-from tierserve.learned_router import LearnedRouter, escalation_features
+from tierserve.learned_router import LearnedRouter, escalation_inputs
 from tierserve.policy import Policy
 from tierserve.resize import source_stats
 from tierserve.router_files import LEARNED_ROUTER_FILE, POLICY_FILE, ROUTER_MODEL, STATS_FILE
@@ -82,7 +82,8 @@ def test_the_cascade_escalates_exactly_when_the_policy_says(
         stats = TrainingStats.load(model_repository / ROUTER_MODEL / "1" / STATS_FILE)
         learned = LearnedRouter.load(model_repository / ROUTER_MODEL / "1" / LEARNED_ROUTER_FILE)
         rows = signatures(images, source_stats(images), [RequestContext(tier=tier)] * len(images), stats)
-        doubt = learned.wrong_probability(escalation_features(rows, light)) > policy.cascade.learned_escalate_above
+        wrong = learned.wrong_probability(escalation_inputs(rows, light, images))
+        doubt = wrong > policy.cascade.learned_escalate_above
         low = light.max(axis=1) < policy.cascade.thresholds[tier]
         cascaded = np.array([a.reason.startswith("cascade") for a in answers])
         # the router's in-process copy of digits_light decides exactly as the Triton model's answers predict

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from tierserve.learned_router import FEATURES, LearnedRouter
+from tierserve.learned_router import INPUTS, LearnedRouter
 from tierserve.model_states import ModelStates, TritonState
 from tierserve.policy import parse_policy
 from tierserve.routing import ModelCallError, ModelRefused, ModelTimeout, Router, StallLog, merged_parameters
@@ -168,10 +168,11 @@ def test_the_learned_router_can_escalate_a_confident_row():
     policy = dict(
         POLICY, cascade=dict(POLICY["cascade"], escalate_when="either", learned_router={"escalate_above": 0.5})
     )
-    # a learned router that distrusts sparse images: weight only on sparsity
-    coef = [0.0] * len(FEATURES)
-    coef[FEATURES.index("sparsity")] = 10.0
-    learned = LearnedRouter([0.0] * len(FEATURES), [1.0] * len(FEATURES), coef, -5.0)
+    # a learned router that distrusts sparse images: one hidden unit, reading only sparsity
+    hidden = np.zeros((len(INPUTS), 1), np.float32)
+    hidden[INPUTS.index("sparsity")] = 10.0
+    ones = np.ones(len(INPUTS), np.float32)
+    learned = LearnedRouter(0 * ones, ones, hidden, np.zeros(1, np.float32), np.ones(1, np.float32), -5.0)
     router = Router(parse_policy(policy), ACCEPTS_MISSING, learned)
     answers = _route(router, _images(0.99, 0.99), [_signature(sparsity=0.9), _signature(sparsity=0.1)], FakeModels())
     assert [a.path for a in answers] == ["light:1 low_confidence>heavy:1 ok", "light:1 ok"]

@@ -1,0 +1,80 @@
+"""The learned router's artifact: what it reads, how it is stored, and what happens to one from an older build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierserve.learned_router import INPUTS, LearnedRouter, escalation_inputs
+from tierserve.resize import source_stats
+from tierserve.router_files import LEARNED_ROUTER_FILE, ROUTER_MODEL, STATS_FILE
+from tierserve.signature import RequestContext, TrainingStats, signatures
+from tierserve.tools.build_router import router_artifacts_missing
+
+
+def _router(hidden: int = 3, seed: int = 0) -> LearnedRouter:
+    rng = np.random.default_rng(seed)
+    return LearnedRouter(
+        rng.normal(size=len(INPUTS)).astype(np.float32),
+        rng.uniform(0.5, 2.0, len(INPUTS)).astype(np.float32),
+        rng.normal(size=(len(INPUTS), hidden)).astype(np.float32),
+        rng.normal(size=hidden).astype(np.float32),
+        rng.normal(size=hidden).astype(np.float32),
+        0.25,
+    )
+
+
+def _inputs(count: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 16, (count, 8, 8)).astype(np.float32)
+    images[0, 0, 0] = np.nan  # a missing pixel reads as blank
+    stats = TrainingStats.fit(images, images)
+    rows = signatures(images, source_stats(images), [RequestContext()] * count, stats)
+    probs = rng.dirichlet(np.ones(10), count).astype(np.float32)
+    return escalation_inputs(rows, probs, images)
+
+
+def test_inputs_are_the_features_the_probabilities_and_the_scaled_pixels() -> None:
+    inputs = _inputs(4)
+    assert inputs.shape == (4, len(INPUTS))
+    assert np.isfinite(inputs).all()
+    pixels = inputs[:, INPUTS.index("pixel_0") :]
+    assert pixels.min() >= 0.0 and pixels.max() <= 1.0
+    assert pixels[0, 0] == 0.0
+
+
+def test_a_stored_router_answers_as_the_one_that_was_stored(tmp_path: Path) -> None:
+    learned, inputs = _router(), _inputs(5)
+    path = tmp_path / LEARNED_ROUTER_FILE
+    path.write_text(learned.to_json())
+    loaded = LearnedRouter.load(path)
+    np.testing.assert_allclose(loaded.wrong_probability(inputs), learned.wrong_probability(inputs), rtol=1e-6)
+    probabilities = loaded.wrong_probability(inputs)
+    assert probabilities.shape == (5,) and ((probabilities > 0) & (probabilities < 1)).all()
+
+
+def test_the_hidden_layer_is_rectified() -> None:
+    # one hidden unit with a weight of -1 on confidence: a positive pre-activation passes, a negative one is cut to 0
+    hidden = np.zeros((len(INPUTS), 1), np.float32)
+    hidden[INPUTS.index("confidence")] = -1.0
+    ones = np.ones(len(INPUTS), np.float32)
+    learned = LearnedRouter(0 * ones, ones, hidden, np.zeros(1, np.float32), np.ones(1, np.float32), 0.0)
+    inputs = np.zeros((2, len(INPUTS)), np.float32)
+    inputs[:, INPUTS.index("confidence")] = [-2.0, 2.0]
+    np.testing.assert_allclose(learned.wrong_probability(inputs), [1 / (1 + np.exp(-2.0)), 0.5], rtol=1e-6)
+
+
+def test_a_router_from_an_older_build_is_refused_and_rebuilt(tmp_path: Path) -> None:
+    folder = tmp_path / ROUTER_MODEL / "1"
+    folder.mkdir(parents=True)
+    (folder / STATS_FILE).write_text("{}")
+    old = {"features": ["confidence"], "mean": [0.0], "scale": [1.0], "coef": [1.0], "intercept": 0.0}
+    (folder / LEARNED_ROUTER_FILE).write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="rebuild"):
+        LearnedRouter.load(folder / LEARNED_ROUTER_FILE)
+    assert router_artifacts_missing(tmp_path)
+    (folder / LEARNED_ROUTER_FILE).write_text(_router().to_json())
+    assert not router_artifacts_missing(tmp_path)

@@ -22,6 +22,7 @@ from typing import Any
 
 import bench_capacity
 import bench_chaos
+import bench_decision
 import bench_models
 import bench_router
 import bench_state
@@ -47,6 +48,7 @@ SECTIONS = {
     "models": Section(("models.json",), lambda reports: bench_models.table(reports[0]), throughput=None),
     "p1": Section(("p1.json",), lambda reports: bench_router.p1_table(reports[0]), title="P1 routing overhead"),
     "p2": Section(("p2.json",), lambda reports: bench_router.p2_table(reports[0]), title="P2 cascade efficiency"),
+    "p6": Section((bench_decision.REPORT,), lambda reports: bench_decision.table(reports[0]), throughput=None),
     "p3": Section(
         ("p3.json",),
         lambda reports: bench_tiers.table(reports[0]),

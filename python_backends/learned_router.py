@@ -3,6 +3,7 @@ wrong."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -48,8 +49,15 @@ def escalation_features(signatures: list[Signature], probs: np.ndarray) -> np.nd
 
 def escalation_inputs(signatures: list[Signature], probs: np.ndarray, images: np.ndarray) -> np.ndarray:
     """[N, len(INPUTS)]: the escalation features, the first model's probabilities and the native images' pixels."""
-    pixels = np.nan_to_num(images.reshape(len(images), -1), nan=0.0) / PIXEL_MAX
-    return np.concatenate([escalation_features(signatures, probs), probs, pixels], axis=1, dtype=np.float32)
+    inputs = np.empty((len(images), len(INPUTS)), np.float32)
+    first_pixel = len(FEATURES) + NUM_CLASSES
+    inputs[:, : len(FEATURES)] = escalation_features(signatures, probs)
+    inputs[:, len(FEATURES) : first_pixel] = probs
+    pixels = inputs[:, first_pixel:]
+    np.multiply(images.reshape(len(images), -1), 1.0 / PIXEL_MAX, out=pixels)
+    if np.isnan(pixels).any():  # missing pixels read as blank (the cascade's first model never gets them)
+        np.nan_to_num(pixels, copy=False, nan=0.0)
+    return inputs
 
 
 _ARRAYS = ("mean", "scale", "hidden_weights", "hidden_bias", "output_weights")  # LearnedRouter's, as stored
@@ -84,8 +92,15 @@ class LearnedRouter:
             }
         )
 
+    @functools.cached_property
+    def _folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """The hidden layer with the standardisation folded in: ((x - mean) / scale) @ W + b = x @ W' + b'."""
+        weights = self.hidden_weights / self.scale[:, None]
+        return weights.astype(np.float32), (self.hidden_bias - (self.mean / self.scale) @ self.hidden_weights)
+
     def wrong_probability(self, inputs: np.ndarray) -> np.ndarray:
         """[N] probability that the first model's answer is wrong, from escalation_inputs."""
-        hidden = np.maximum(((inputs - self.mean) / self.scale) @ self.hidden_weights + self.hidden_bias, 0.0)
+        weights, bias = self._folded
+        hidden = np.maximum(inputs @ weights + bias, 0.0)
         logits = hidden @ self.output_weights + self.output_bias
         return 1.0 / (1.0 + np.exp(-logits))

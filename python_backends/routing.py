@@ -241,9 +241,9 @@ class Router:
         why."""
         cascade = self.policy.cascade
         variants = list(variants) or [BASE] * len(signatures)
-        confidence = probs.max(axis=1)
+        confidence = probs.max(axis=1).tolist()  # Python floats: numpy scalars cost µs each to compare and format
         wrong = (
-            self.learned.wrong_probability(escalation_inputs(signatures, probs, images))
+            self.learned.wrong_probability(escalation_inputs(signatures, probs, images)).tolist()
             if self.learned is not None and cascade.learned_escalate_above is not None
             else None
         )

@@ -94,11 +94,8 @@ def experiment_repository(folder: Path) -> Path:
 
 
 def _counted_rows(location: str) -> int:
-    store = open_store(location)
-    try:
-        return sum(arm.rows for arm in ExperimentStats(store).report(EXPERIMENT["name"]).arms)
-    finally:
-        store.close()
+    with contextlib.closing(open_store(location)) as store:
+        return ExperimentStats(store).rows(EXPERIMENT["name"])
 
 
 def _store_errors(server: TritonServer) -> dict[str, int]:

@@ -198,6 +198,10 @@ class ExperimentStats:
             }
         return posteriors
 
+    def rows(self, experiment: str) -> int:
+        """How many rows were counted for `experiment`, all arms together."""
+        return sum(arm.rows for arm in self.report(experiment).arms)
+
     def report(self, experiment: str) -> ExperimentReport:
         """Everything counted for `experiment`, per arm and per time bucket."""
         found = self.store.counts_many([self._arms_key(experiment), self._shadow_key(experiment)])

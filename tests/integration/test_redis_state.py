@@ -6,6 +6,7 @@ experiment counts kept during the outage catch up, and feedback is taken again."
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,11 +53,8 @@ def server(
 
 
 def _counted_rows(url: str) -> int:
-    store = open_store(url)
-    try:
-        return sum(arm.rows for arm in ExperimentStats(store).report(SPLIT["name"]).arms)
-    finally:
-        store.close()
+    with contextlib.closing(open_store(url)) as store:
+        return ExperimentStats(store).rows(SPLIT["name"])
 
 
 def _in_split(sent: list[Sent], start: float, end: float) -> int:

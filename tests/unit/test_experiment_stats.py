@@ -57,6 +57,7 @@ def test_report_counts_rows_users_feedback_and_latency(tmp_path: Path):
     a, b = report.arms
     assert (a.users, a.rows, a.feedback, a.correct) == (5, 101, 3, 2)
     assert (b.users, b.rows, b.feedback, b.correct) == (0, 1, 0, 0)
+    assert stats.rows("exp") == 102 and stats.rows("never_run") == 0
     assert len(a.latency_counts) == len(LATENCY_BUCKETS_MS) + 1
     assert a.latency_counts[2] == 100 and a.latency_counts[7] == 1
     assert 2 < a.p50_ms < 5 and a.p99_ms < 5

@@ -20,14 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bench_assignment
 import bench_capacity
 import bench_chaos
 import bench_decision
+import bench_experiments
+import bench_inference_log
+import bench_inference_log_router
 import bench_models
 import bench_router
 import bench_state
 import bench_tiers
 import report_io
+import soak
 
 README = report_io.ROOT / "README.md"
 
@@ -66,6 +71,28 @@ SECTIONS = {
     "state": Section(
         (bench_state.REPORT,), lambda reports: bench_state.table(reports[0]), title="State store: Redis vs embedded"
     ),
+    "assignment": Section(
+        (bench_assignment.REPORT.name,), lambda reports: bench_assignment.table(reports[0]), throughput=None
+    ),
+    "shadow": Section(
+        (bench_experiments.SHADOW_REPORT.name,),
+        lambda reports: bench_experiments.shadow_table(reports[0]),
+        throughput=None,
+    ),
+    "adaptation": Section(
+        (bench_experiments.ADAPTATION_REPORT.name,),
+        lambda reports: bench_experiments.adaptation_table(reports[0]),
+        throughput=None,
+    ),
+    "inference_log": Section(
+        (bench_inference_log.REPORT.name,), lambda reports: bench_inference_log.table(reports[0]), throughput=None
+    ),
+    "inference_log_router": Section(
+        (bench_inference_log_router.REPORT.name,),
+        lambda reports: bench_inference_log_router.table(reports[0]),
+        throughput=None,
+    ),
+    "soak": Section((soak.REPORT.name,), lambda reports: soak.table(reports[0]), throughput=None),
     "capacity": Section(
         (bench_capacity.REPORT,),
         lambda reports: bench_capacity.table(reports[0]),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,29 +20,42 @@ from tierserve.signature import RequestContext, TrainingStats, signatures
 from tierserve.tools.dataset import DigitsSplit, shifted_copies
 from tierserve.tools.workload import noisy, shifted
 
-LEARNED_ROUTER_SEED = 11
-LEARNED_ROUTER_ROUNDS = 12
-LEARNED_ROUTER_HIDDEN = 32
+
+@dataclass(frozen=True)
+class LearnedRouterRecipe:
+    """How the learned router is trained; stored with it, so that a build with another recipe trains it again."""
+
+    seed: int = 11
+    rounds: int = 12  # rounds of variations of the validation images (learned_router_images)
+    hidden: int = 32  # units of the hidden layer
+    alpha: float = 1e-2  # L2 penalty
+
+
+RECIPE = LearnedRouterRecipe()
 
 
 def router_artifacts_missing(repository: Path) -> bool:
-    """Whether the router's artifacts are absent, or its learned router was trained on other inputs (an older build)."""
+    """Whether the router's artifacts are absent, or its learned router was trained on other inputs or by another
+    recipe (an older build)."""
     router_version = repository / ROUTER_MODEL / "1"
     if not ((router_version / STATS_FILE).is_file() and (router_version / LEARNED_ROUTER_FILE).is_file()):
         return True
+    path = router_version / LEARNED_ROUTER_FILE
     try:
-        LearnedRouter.load(router_version / LEARNED_ROUTER_FILE)
+        LearnedRouter.load(path)
+        return json.loads(path.read_text()).get("recipe") != asdict(RECIPE)
     except (ValueError, KeyError):
         return True
-    return False
 
 
-def learned_router_images(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """What the learned router learns from: `images` as sent and in LEARNED_ROUTER_ROUNDS rounds of variations (noise
-    of 1 to 4 levels, shifts of 1 or 2 pixels, both), each round with seeds of its own; with their labels."""
+def learned_router_images(
+    images: np.ndarray, labels: np.ndarray, recipe: LearnedRouterRecipe = RECIPE
+) -> tuple[np.ndarray, np.ndarray]:
+    """What the learned router learns from: `images` as sent and in `recipe.rounds` rounds of variations (noise of 1
+    to 4 levels, shifts of 1 or 2 pixels, both), each round with seeds of its own; with their labels."""
     variants = [images]
-    for round_ in range(LEARNED_ROUTER_ROUNDS):
-        seed = LEARNED_ROUTER_SEED + 10 * round_
+    for round_ in range(recipe.rounds):
+        seed = recipe.seed + 10 * round_
         variants += [
             noisy(images, 1.0 + round_ % 4, seed),
             shifted(images, seed + 1, max_shift=1 + round_ % 2),
@@ -69,7 +84,7 @@ def build_router_artifacts(
     # one small hidden layer: a logistic regression over the signature features alone let the light model's confident
     # mistakes on noisy and shifted digits through (the demo's perturbed images: 0.92 against always-heavy's 0.98)
     mlp = MLPClassifier(
-        (LEARNED_ROUTER_HIDDEN,), alpha=1e-2, early_stopping=True, max_iter=3000, random_state=LEARNED_ROUTER_SEED
+        (RECIPE.hidden,), alpha=RECIPE.alpha, early_stopping=True, max_iter=3000, random_state=RECIPE.seed
     ).fit(scaler.transform(inputs), wrong)
     (hidden_weights, output_weights), (hidden_bias, output_bias) = mlp.coefs_, mlp.intercepts_
     learned = LearnedRouter(
@@ -80,7 +95,8 @@ def build_router_artifacts(
         output_weights[:, 0].astype(np.float32),
         float(output_bias[0]),
     )
-    (router_version / LEARNED_ROUTER_FILE).write_text(learned.to_json() + "\n")
+    stored = {**json.loads(learned.to_json()), "recipe": asdict(RECIPE)}
+    (router_version / LEARNED_ROUTER_FILE).write_text(json.dumps(stored) + "\n")
     caught = (learned.wrong_probability(inputs) > 0.5)[wrong].mean()
     log(
         f"built router:1        learned router on {len(images)} images, {first_model} wrong on {wrong.sum()}, "

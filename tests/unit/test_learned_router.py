@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from tierserve.learned_router import INPUTS, LearnedRouter, escalation_inputs
 from tierserve.resize import source_stats
 from tierserve.router_files import LEARNED_ROUTER_FILE, ROUTER_MODEL, STATS_FILE
 from tierserve.signature import RequestContext, TrainingStats, signatures
-from tierserve.tools.build_router import router_artifacts_missing
+from tierserve.tools.build_router import RECIPE, router_artifacts_missing
 
 
 def _router(hidden: int = 3, seed: int = 0) -> LearnedRouter:
@@ -67,7 +68,7 @@ def test_the_hidden_layer_is_rectified() -> None:
     np.testing.assert_allclose(learned.wrong_probability(inputs), [1 / (1 + np.exp(-2.0)), 0.5], rtol=1e-6)
 
 
-def test_a_router_from_an_older_build_is_refused_and_rebuilt(tmp_path: Path) -> None:
+def test_a_router_from_an_older_build_or_recipe_is_refused_and_rebuilt(tmp_path: Path) -> None:
     folder = tmp_path / ROUTER_MODEL / "1"
     folder.mkdir(parents=True)
     (folder / STATS_FILE).write_text("{}")
@@ -76,5 +77,10 @@ def test_a_router_from_an_older_build_is_refused_and_rebuilt(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="rebuild"):
         LearnedRouter.load(folder / LEARNED_ROUTER_FILE)
     assert router_artifacts_missing(tmp_path)
-    (folder / LEARNED_ROUTER_FILE).write_text(_router().to_json())
+    current = json.loads(_router().to_json())
+    (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": asdict(RECIPE)}))
     assert not router_artifacts_missing(tmp_path)
+    # the same inputs trained by another recipe (say, more rounds): trained again
+    other = asdict(replace(RECIPE, rounds=RECIPE.rounds + 1))
+    (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": other}))
+    assert router_artifacts_missing(tmp_path)

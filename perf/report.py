@@ -49,11 +49,16 @@ class Section:
     timeline: Callable[[Path], Path] | None = None  # a report's plot of its own (its last run), linked too
 
 
+def _one_table(report: str | Path, table: Callable[[dict], str]) -> Section:
+    """A section that is one report's table (the report's file name, or its path under perf/reports), no plot."""
+    return Section((Path(report).name,), lambda reports: table(reports[0]), throughput=None)
+
+
 SECTIONS = {
     "models": Section(("models.json",), lambda reports: bench_models.table(reports[0]), throughput=None),
     "p1": Section(("p1.json",), lambda reports: bench_router.p1_table(reports[0]), title="P1 routing overhead"),
     "p2": Section(("p2.json",), lambda reports: bench_router.p2_table(reports[0]), title="P2 cascade efficiency"),
-    "p6": Section((bench_decision.REPORT,), lambda reports: bench_decision.table(reports[0]), throughput=None),
+    "p6": _one_table(bench_decision.REPORT, bench_decision.table),
     "p3": Section(
         ("p3.json",),
         lambda reports: bench_tiers.table(reports[0]),
@@ -71,33 +76,13 @@ SECTIONS = {
     "state": Section(
         (bench_state.REPORT,), lambda reports: bench_state.table(reports[0]), title="State store: Redis vs embedded"
     ),
-    "assignment": Section(
-        (bench_assignment.REPORT.name,), lambda reports: bench_assignment.table(reports[0]), throughput=None
-    ),
-    "shadow": Section(
-        (bench_experiments.SHADOW_REPORT.name,),
-        lambda reports: bench_experiments.shadow_table(reports[0]),
-        throughput=None,
-    ),
-    "adaptation": Section(
-        (bench_experiments.ADAPTATION_REPORT.name,),
-        lambda reports: bench_experiments.adaptation_table(reports[0]),
-        throughput=None,
-    ),
-    "inference_log": Section(
-        (bench_inference_log.REPORT.name,), lambda reports: bench_inference_log.table(reports[0]), throughput=None
-    ),
-    "inference_log_router": Section(
-        (bench_inference_log_router.REPORT.name,),
-        lambda reports: bench_inference_log_router.table(reports[0]),
-        throughput=None,
-    ),
-    "soak": Section((soak.REPORT.name,), lambda reports: soak.table(reports[0]), throughput=None),
-    "capacity": Section(
-        (bench_capacity.REPORT,),
-        lambda reports: bench_capacity.table(reports[0]),
-        throughput=None,  # one server's figures, no conditions to compare
-    ),
+    "assignment": _one_table(bench_assignment.REPORT, bench_assignment.table),
+    "shadow": _one_table(bench_experiments.SHADOW_REPORT, bench_experiments.shadow_table),
+    "adaptation": _one_table(bench_experiments.ADAPTATION_REPORT, bench_experiments.adaptation_table),
+    "inference_log": _one_table(bench_inference_log.REPORT, bench_inference_log.table),
+    "inference_log_router": _one_table(bench_inference_log_router.REPORT, bench_inference_log_router.table),
+    "soak": _one_table(soak.REPORT, soak.table),
+    "capacity": _one_table(bench_capacity.REPORT, bench_capacity.table),  # one server's figures: nothing to plot
 }
 
 

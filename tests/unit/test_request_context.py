@@ -41,6 +41,11 @@ def test_parameters_sent_as_tierserve_param_headers_are_read_as_parameters():
         parse_context({"tier": "critical", "tierserve-param-tier": "best_effort"}, "standard")
     with pytest.raises(ParameterError, match="unknown parameter 'colour'"):
         parse_context({"tierserve-param-colour": "red"}, "standard")
+    # a header cannot smuggle in what only the router sends downstream (the lanes' token) or the tier key
+    with pytest.raises(ParameterError, match="unknown parameter 'tierserve_lane_token'"):
+        parse_context({"tierserve-param-tierserve-lane-token": "forged"}, "standard")
+    with pytest.raises(ParameterError, match="unknown parameter 'tierserve_tier_key'"):
+        parse_context({"tierserve-param-tierserve-tier-key": "forged"}, "standard")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from tierserve.learned_router import LearnedRouter, escalation_inputs
 from tierserve.manifest import version_dir
 from tierserve.resize import source_stats
 from tierserve.router_files import LEARNED_ROUTER_FILE, ROUTER_MODEL, STATS_FILE
-from tierserve.runners import load_runner
+from tierserve.runners import Runner, load_runner
 from tierserve.signature import RequestContext, TrainingStats, signatures
 from tierserve.tools.dataset import DigitsSplit, shifted_copies
 from tierserve.tools.workload import noisy, shifted
@@ -64,6 +64,34 @@ def learned_router_images(
     return np.concatenate(variants), np.tile(labels, len(variants))
 
 
+def train_learned_router(
+    first: Runner, stats: TrainingStats, split: DigitsSplit, recipe: LearnedRouterRecipe = RECIPE
+) -> tuple[LearnedRouter, tuple[np.ndarray, np.ndarray]]:
+    """The learned router for the cascade's first model `first`, trained by `recipe` on the validation images and
+    their variations; with, per training image, whether `first` was wrong and whether the router flags it (p > 0.5)."""
+    images, labels = learned_router_images(split.validation.images, split.validation.labels, recipe)
+    probs = first.infer(images)
+    rows = signatures(images, source_stats(images), [RequestContext()] * len(images), stats)
+    inputs = escalation_inputs(rows, probs, images)
+    wrong = probs.argmax(axis=1) != labels
+    scaler = StandardScaler().fit(inputs)
+    # one small hidden layer: a logistic regression over the signature features alone let the light model's confident
+    # mistakes on noisy and shifted digits through (the demo's perturbed images: 0.92 against always-heavy's 0.98)
+    mlp = MLPClassifier(
+        (recipe.hidden,), alpha=recipe.alpha, early_stopping=True, max_iter=3000, random_state=recipe.seed
+    ).fit(scaler.transform(inputs), wrong)
+    (hidden_weights, output_weights), (hidden_bias, output_bias) = mlp.coefs_, mlp.intercepts_
+    learned = LearnedRouter(
+        scaler.mean_.astype(np.float32),
+        scaler.scale_.astype(np.float32),
+        hidden_weights.astype(np.float32),
+        hidden_bias.astype(np.float32),
+        output_weights[:, 0].astype(np.float32),
+        float(output_bias[0]),
+    )
+    return learned, (wrong, learned.wrong_probability(inputs) > 0.5)
+
+
 def build_router_artifacts(
     repository: Path, split: DigitsSplit, first_model: str = "digits_light:1", log: Callable[[str], None] = print
 ) -> None:
@@ -75,30 +103,11 @@ def build_router_artifacts(
     stats = TrainingStats.fit(shifted_copies(split.train.images), split.validation.images)
     (router_version / STATS_FILE).write_text(stats.to_json() + "\n")
 
-    images, labels = learned_router_images(split.validation.images, split.validation.labels)
-    probs = load_runner(version_dir(repository, first_model)).infer(images)
-    rows = signatures(images, source_stats(images), [RequestContext()] * len(images), stats)
-    inputs = escalation_inputs(rows, probs, images)
-    wrong = probs.argmax(axis=1) != labels
-    scaler = StandardScaler().fit(inputs)
-    # one small hidden layer: a logistic regression over the signature features alone let the light model's confident
-    # mistakes on noisy and shifted digits through (the demo's perturbed images: 0.92 against always-heavy's 0.98)
-    mlp = MLPClassifier(
-        (RECIPE.hidden,), alpha=RECIPE.alpha, early_stopping=True, max_iter=3000, random_state=RECIPE.seed
-    ).fit(scaler.transform(inputs), wrong)
-    (hidden_weights, output_weights), (hidden_bias, output_bias) = mlp.coefs_, mlp.intercepts_
-    learned = LearnedRouter(
-        scaler.mean_.astype(np.float32),
-        scaler.scale_.astype(np.float32),
-        hidden_weights.astype(np.float32),
-        hidden_bias.astype(np.float32),
-        output_weights[:, 0].astype(np.float32),
-        float(output_bias[0]),
-    )
+    first = load_runner(version_dir(repository, first_model))
+    learned, (wrong, flagged) = train_learned_router(first, stats, split)
     stored = {**json.loads(learned.to_json()), "recipe": asdict(RECIPE)}
     (router_version / LEARNED_ROUTER_FILE).write_text(json.dumps(stored) + "\n")
-    caught = (learned.wrong_probability(inputs) > 0.5)[wrong].mean()
     log(
-        f"built router:1        learned router on {len(images)} images, {first_model} wrong on {wrong.sum()}, "
-        f"flags {caught:.0%} of those at p>0.5"
+        f"built router:1        learned router on {len(wrong)} images, {first_model} wrong on {wrong.sum()}, "
+        f"flags {flagged[wrong].mean():.0%} of those at p>0.5"
     )

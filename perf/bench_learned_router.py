@@ -1,0 +1,168 @@
+"""The learned router, in-process: how the cascade answers with it, over training seeds, and what it costs per row.
+
+Usage: .venv/bin/python perf/bench_learned_router.py   (about a minute; writes perf/reports/learned_router.json)
+       .venv/bin/python perf/bench_learned_router.py --table   (the README table, from the report)
+
+For the build's recipe (tools/build_router.py) trained with SEEDS, and for the learned router it replaced (a
+logistic regression over the signature's features alone, trained on the same images), the standard tier's cascade is
+computed in-process: digits_light:1 answers, and a row goes to digits_heavy:3 when its confidence is below the
+standard threshold or the learned router's p(wrong) is above each of THRESHOLDS. Accuracy and the share escalated on
+the held-out split and on the demo's perturbed images (bench_models.perturbed_samples), next to always-heavy's
+accuracy. Cost: µs for one row's inputs and p(wrong), the best of 5 timed loops. The server's figures are P2's
+(perf/bench_router.py); these are the spread over seeds that P2's one build does not show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import timeit
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import report_io
+from bench_models import perturbed_samples
+from report_io import spread, spread_text
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from tierserve.learned_router import escalation_features, escalation_inputs
+from tierserve.manifest import version_dir
+from tierserve.policy import Policy
+from tierserve.resize import resize_to_native, source_stats
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL, STATS_FILE
+from tierserve.runners import load_runner
+from tierserve.signature import RequestContext, TrainingStats, signatures
+from tierserve.tools.build_models import build_all
+from tierserve.tools.build_router import RECIPE, learned_router_images, train_learned_router
+from tierserve.tools.dataset import load_split
+from tierserve.tools.paths import DEFAULT_REPOSITORY
+
+REPORT = "learned_router.json"
+SEEDS = (11, 12, 13, 14, 15)
+THRESHOLDS = (0.3, 0.5)
+TIER = "standard"
+
+
+def _image_sets(split) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per set: the native images, the facts of the images as sent, and the labels."""
+    perturbed = [s for chosen in perturbed_samples(split).values() for s in chosen]
+    native = np.concatenate([resize_to_native(s.image[None]) for s in perturbed])
+    sent = np.concatenate([source_stats(s.image[None]) for s in perturbed])
+    test = split.test.images
+    return {
+        "test": (test, source_stats(test), split.test.labels),
+        "perturbed": (native, sent, np.array([s.label for s in perturbed])),
+    }
+
+
+def measure() -> dict:
+    build_all(DEFAULT_REPOSITORY, log=lambda line: None)
+    report = report_io.start(
+        "learned_router", {"seeds": list(SEEDS), "thresholds": list(THRESHOLDS), "tier": TIER, "recipe": asdict(RECIPE)}
+    )
+    split = load_split()
+    router_dir = DEFAULT_REPOSITORY / ROUTER_MODEL / "1"
+    stats = TrainingStats.load(router_dir / STATS_FILE)
+    threshold = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE).cascade.thresholds[TIER]
+    light = load_runner(version_dir(DEFAULT_REPOSITORY, "digits_light:1"))
+    heavy = load_runner(version_dir(DEFAULT_REPOSITORY, "digits_heavy:3"))
+    sets = {}
+    for name, (images, sent, labels) in _image_sets(split).items():
+        rows = signatures(images, sent, [RequestContext(TIER)] * len(images), stats)
+        light_probs = light.infer(images)
+        sets[name] = (images, rows, light_probs, heavy.infer(images).argmax(axis=1), labels)
+    report["always_heavy"] = {name: float((s[3] == s[4]).mean()) for name, s in sets.items()}
+
+    def cascade(wrong_probability) -> dict:
+        figures = {}
+        for name, (images, rows, light_probs, heavy_labels, labels) in sets.items():
+            doubt = wrong_probability(images, rows, light_probs)
+            for above in THRESHOLDS:
+                escalated = (light_probs.max(axis=1) < threshold) | (doubt > above)
+                answers = np.where(escalated, heavy_labels, light_probs.argmax(axis=1))
+                figures[f"{name}_accuracy_above_{above}"] = float((answers == labels).mean())
+                figures[f"{name}_escalated_above_{above}"] = float(escalated.mean())
+        return figures
+
+    for seed in SEEDS:
+        learned, _ = train_learned_router(light, stats, split, replace(RECIPE, seed=seed))
+        figures = cascade(
+            lambda images, rows, probs, m=learned: m.wrong_probability(escalation_inputs(rows, probs, images))
+        )
+        images, rows, probs = sets["test"][0][:1], sets["test"][1][:1], sets["test"][2][:1]
+        loop = timeit.repeat(
+            lambda m=learned, i=images, r=rows, p=probs: m.wrong_probability(escalation_inputs(r, p, i)),
+            number=2000,
+            repeat=5,
+        )
+        figures["us_per_row"] = 1e6 * min(loop) / 2000
+        report["runs"].append({"router": "mlp", "seed": seed, **figures})
+
+    # the learned router before: a logistic regression over the signature's features, on the same training images
+    images, labels = learned_router_images(split.validation.images, split.validation.labels)
+    probs = light.infer(images)
+    features = escalation_features(
+        signatures(images, source_stats(images), [RequestContext()] * len(images), stats), probs
+    )
+    scaler = StandardScaler().fit(features)
+    logistic = LogisticRegression(max_iter=1000).fit(scaler.transform(features), probs.argmax(axis=1) != labels)
+
+    def logistic_doubt(images, rows, probs):
+        return logistic.predict_proba(scaler.transform(escalation_features(rows, probs)))[:, 1]
+
+    report["runs"].append({"router": "logistic (features only)", "seed": None, **cascade(logistic_doubt)})
+    mlp = [run for run in report["runs"] if run["router"] == "mlp"]
+    report["summary"] = {key: spread(run[key] for run in mlp) for key in mlp[0] if key not in ("router", "seed")}
+    return report
+
+
+def table(report: dict) -> str:
+    """The README's table, from the report."""
+    s, heavy = report["summary"], report["always_heavy"]
+    logistic = next(run for run in report["runs"] if run["router"] != "mlp")
+    lines = [
+        f"| learned router ({report['settings']['tier']} tier) | escalates above p(wrong) | test accuracy (escalated) "
+        "| perturbed accuracy (escalated) |",
+        "|---|---:|---:|---:|",
+    ]
+    for above in report["settings"]["thresholds"]:
+        cells = [
+            f"{spread_text(s[f'{name}_accuracy_above_{above}'], '.4f')} "
+            f"({s[f'{name}_escalated_above_{above}']['median']:.1%})"
+            for name in ("test", "perturbed")
+        ]
+        lines.append(f"| MLP, {len(report['settings']['seeds'])} seeds | {above} | {cells[0]} | {cells[1]} |")
+    for above in report["settings"]["thresholds"]:
+        cells = [
+            f"{logistic[f'{name}_accuracy_above_{above}']:.4f} ({logistic[f'{name}_escalated_above_{above}']:.1%})"
+            for name in ("test", "perturbed")
+        ]
+        lines.append(f"| logistic regression over the features (before) | {above} | {cells[0]} | {cells[1]} |")
+    lines.append(f"| always heavy | | {heavy['test']:.4f} (100%) | {heavy['perturbed']:.4f} (100%) |")
+    machine = report["machine"]
+    lines += [
+        "",
+        "In-process, `digits_heavy:3` answering escalated rows; the build trains seed "
+        f"{report['settings']['recipe']['seed']}. "
+        f"MLP inputs and p(wrong) for one row: {spread_text(s['us_per_row'], '.1f')} µs. {report['date'][:10]}, commit "
+        f"{report['commit'][:7]}{' with uncommitted changes' if report['dirty'] else ''}; {machine['cpu_model']}.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reports", type=Path, default=report_io.REPORTS, help="where reports are")
+    parser.add_argument("--table", action="store_true", help="print the README table from the report, measure nothing")
+    args = parser.parse_args()
+    if args.table:
+        print(table(report_io.read(args.reports / REPORT)))
+        return
+    report = measure()
+    report_io.write(report, args.reports / REPORT)
+    print(f"wrote {args.reports / REPORT}\n\n{table(report)}")
+
+
+if __name__ == "__main__":
+    main()

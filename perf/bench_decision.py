@@ -75,13 +75,10 @@ def table(report: dict) -> str:
             f"| signature + rules + cascade verdict | {row['images']} | {spread_text(row['us_per_request'], '.1f')} "
             f"| {row['us_per_image']['median']:.1f} |"
         )
-    machine = report["machine"]
     lines += [
         "",
         report_io.verdicts(report["summary"]["goals"]),
-        f"{len(report['runs'])} runs, each the best of 5 timed loops; {report['date'][:10]}, commit "
-        f"{report['commit'][:7]}{' with uncommitted changes' if report['dirty'] else ''}; {machine['cpu_model']}, "
-        f"Python {machine['python']}.",
+        f"Each run the best of 5 timed loops, in-process. {report_io.provenance(report)}",
     ]
     return "\n".join(lines)
 

@@ -140,13 +140,12 @@ def table(report: dict) -> str:
         ]
         lines.append(f"| logistic regression over the features (before) | {above} | {cells[0]} | {cells[1]} |")
     lines.append(f"| always heavy | | {heavy['test']:.4f} (100%) | {heavy['perturbed']:.4f} (100%) |")
-    machine = report["machine"]
     lines += [
         "",
         "In-process, `digits_heavy:3` answering escalated rows; the build trains seed "
-        f"{report['settings']['recipe']['seed']}. "
-        f"MLP inputs and p(wrong) for one row: {spread_text(s['us_per_row'], '.1f')} µs. {report['date'][:10]}, commit "
-        f"{report['commit'][:7]}{' with uncommitted changes' if report['dirty'] else ''}; {machine['cpu_model']}.",
+        f"{report['settings']['recipe']['seed']}. MLP inputs and p(wrong) for one row: "
+        f"{spread_text(s['us_per_row'], '.1f')} µs. A run per seed and one for the logistic regression: "
+        f"{report_io.provenance(report)}",
     ]
     return "\n".join(lines)
 

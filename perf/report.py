@@ -31,6 +31,7 @@ import bench_learned_router
 import bench_models
 import bench_router
 import bench_state
+import bench_stub_cpu
 import bench_tiers
 import report_io
 import soak
@@ -59,6 +60,7 @@ SECTIONS = {
     "models": Section(("models.json",), lambda reports: bench_models.table(reports[0]), throughput=None),
     "p1": Section(("p1.json",), lambda reports: bench_router.p1_table(reports[0]), title="P1 routing overhead"),
     "p2": Section(("p2.json",), lambda reports: bench_router.p2_table(reports[0]), title="P2 cascade efficiency"),
+    "stub_cpu": _one_table(bench_stub_cpu.REPORT, bench_stub_cpu.table),
     "learned_router": _one_table(bench_learned_router.REPORT, bench_learned_router.table),
     "p6": _one_table(bench_decision.REPORT, bench_decision.table),
     "p3": Section(

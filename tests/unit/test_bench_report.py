@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "perf"))
 
+import bench_stub_cpu
 import report
 import report_io
 
@@ -143,6 +144,49 @@ def test_the_p1_section_from_a_report_file(tmp_path: Path) -> None:
     assert "3 runs, 2025-01-02, commit 0123456; 2 CPUs (a CPU), tritonserver 2.51.0" in text
     assert text.endswith("/p1.png)") and "![P1 routing overhead: p1](" in text
     assert report.plot(section, found[0][1], tmp_path / "p1.png").stat().st_size > 0
+
+
+def test_the_stub_cpu_section_gives_each_process_and_the_ratios_within_a_run(tmp_path: Path) -> None:
+    base = {  # path: wall µs, then CPU µs per request of tritonserver, router, preprocess, digits_light, other stubs
+        "direct": (800.0, (300.0, 50.0, 0.0, 250.0, 0.0)),
+        "static": (1200.0, (500.0, 50.0, 200.0, 250.0, 0.0)),
+        "routed": (2000.0, (600.0, 1350.0, 0.0, 0.0, 50.0)),
+    }
+    runs = []
+    for index, scale in enumerate((1.0, 2.0, 1.5)):  # a machine whose speed drifts between runs
+        measurements = [
+            {
+                "condition": key,
+                "wall_us_per_request": wall * scale,
+                "server_cpu_us_per_request": sum(cpu) * scale,
+                "cpu_us_per_request": {
+                    group: us * scale
+                    for group, us in zip((*bench_stub_cpu.SHOWN, bench_stub_cpu.OTHERS), cpu, strict=True)
+                },
+            }
+            for key, (wall, cpu) in base.items()
+        ]
+        by = {m["condition"]: m for m in measurements}
+        runs.append({"run": index + 1, "measurements": measurements, "ratios": bench_stub_cpu._ratios(by)})
+    settings = {
+        "paths": {key: {"name": f"the {key} path"} for key in base},
+        "requests": 2000,
+        "warm_up": 100,
+        "clock_ticks_per_s": 100,
+        "order": "rotated",
+    }
+    summary = {"conditions": bench_stub_cpu._conditions(runs), "ratios": report_io.ratios(runs)}
+    (tmp_path / bench_stub_cpu.REPORT).write_text(
+        json.dumps({**_p1_report(), "benchmark": "stub_cpu", "settings": settings, "runs": runs, "summary": summary})
+    )
+    found, skipped = report._reports(report.SECTIONS["stub_cpu"], tmp_path)
+    text = report.markdown(report.SECTIONS["stub_cpu"], found)
+    assert skipped == []
+    assert (
+        "| the routed path | 3,000 (2,000 to 4,000) | 3,000 (2,000 to 4,000) | 900 (600 to 1,200) | "
+        "2,025 (1,350 to 2,700) | 0 | 0 | 75 (50 to 100) |" in text
+    )
+    assert "routed / static CPU: 2.00 for the whole server, 3.00 for the Python stubs alone." in text
 
 
 def test_reports_of_the_old_format_and_missing_ones_are_skipped(tmp_path: Path) -> None:

@@ -1,0 +1,221 @@
+"""Where a request's CPU goes: per process of the server (tritonserver and each model's Python stubs), the CPU time
+that one one-image request costs on each of P1's paths. It explains P1's latencies: a request is served by
+tritonserver and one or more Python stubs, and on 2 cores their CPU per request bounds the throughput.
+
+Usage: .venv/bin/python perf/bench_stub_cpu.py [--runs 3] [--requests 2000]   (about 2 min)
+       .venv/bin/python perf/bench_stub_cpu.py --table   (the README table, from perf/reports/stub_cpu.json)
+
+One server (P1's policy). Per run and path, in P1's rotated order: --requests one-image requests over gRPC, one at a
+time (the first 64 test images in turn, as perf_analyzer sends them), after 100 not counted. The CPU time (user +
+system, all threads) of tritonserver and of every stub process is read from /proc before and after, and divided by
+the number of requests; the figure is the median of the runs with min and max. The client runs in this process and
+is not counted. Exit status 1, without a report, when the routed path was not answered by the light model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import report_io
+import tritonclient.grpc as grpcclient
+from bench_router import P1_ORDER, PATHS, ROUTED_TO, _images
+from harness import bench_policy, policy_repository, running_server
+from report_io import cell
+
+from tierserve.client import TierserveClient
+from tierserve.tools.server import TritonServer
+
+REPORT = "stub_cpu.json"
+WARM_UP = 100
+TICKS = os.sysconf("SC_CLK_TCK")
+SERVER = "tritonserver"  # the process group of the server itself (its own threads, not its stubs)
+SHOWN = (SERVER, "router", "preprocess", "digits_light")  # the processes P1's paths run on, in the table's order
+OTHERS = "other stubs"  # every other stub (idle on these paths: lanes, heavy models, feedback), summed
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of every thread of `pid` so far (0 for a process that is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14 and 15 of stat)
+
+
+def _processes(server: TritonServer) -> dict[int, str]:
+    """The server's processes by PID: tritonserver itself, and each Python stub under its model's name."""
+    assert server.pid is not None, "a running server"
+    return {
+        server.pid: SERVER,
+        **{stub.pid: stub.model if stub.model in SHOWN else OTHERS for stub in server.stubs()},
+    }
+
+
+def _cpu_by_group(processes: dict[int, str]) -> dict[str, float]:
+    totals: dict[str, float] = defaultdict(float)
+    for pid, group in processes.items():
+        totals[group] += _cpu_seconds(pid)
+    return totals
+
+
+def _send(client: grpcclient.InferenceServerClient, model: str, parameters: dict, count: int) -> None:
+    images = _images()
+    for i in range(count):
+        tensor = grpcclient.InferInput("PIXELS", [1, *images.shape[1:]], "FP32")
+        tensor.set_data_from_numpy(images[i % len(images)][None])
+        client.infer(model, [tensor], parameters=parameters)
+
+
+def _parameters(key: str) -> dict:
+    """The request parameters of P1's path `key` (perf_analyzer's --request-parameter name:value:type)."""
+    extra, parameters = PATHS[key][2], {}
+    for flag, spec in zip(extra[::2], extra[1::2], strict=True):
+        assert flag == "--request-parameter", flag
+        name, value, kind = spec.split(":")
+        parameters[name] = int(value) if kind == "int" else value
+    return parameters
+
+
+def _measure(server: TritonServer, key: str, requests: int) -> dict:
+    """CPU µs per request of each process group on path `key`, and the wall time per request."""
+    model, parameters = PATHS[key][1], _parameters(key)
+    processes = _processes(server)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        _send(client, model, parameters, WARM_UP)
+        before, started = _cpu_by_group(processes), time.monotonic()
+        _send(client, model, parameters, requests)
+        wall, after = time.monotonic() - started, _cpu_by_group(processes)
+    cpu_us = {group: (after[group] - before[group]) / requests * 1e6 for group in after}
+    return {
+        "condition": key,
+        "wall_us_per_request": wall / requests * 1e6,
+        "cpu_us_per_request": {group: cpu_us.get(group, 0.0) for group in (*SHOWN, OTHERS)},
+        "server_cpu_us_per_request": sum(cpu_us.values()),
+        "load_average_1m_before": report_io.load_average()[0],
+    }
+
+
+def measure(runs: int, requests: int, reports: Path) -> dict:
+    report = report_io.start(
+        "stub_cpu",
+        {
+            "runs": runs,
+            "requests": requests,
+            "warm_up": WARM_UP,
+            "paths": {key: {"name": name, "model": model} for key, (name, model, _) in PATHS.items()},
+            "parameters": {key: _parameters(key) for key in PATHS},
+            "images": "the first 64 test images in turn, one per request, gRPC, one request at a time",
+            "order": "run k: " + ", ".join(P1_ORDER) + " rotated k places",
+            "clock_ticks_per_s": TICKS,
+        },
+    )
+    with policy_repository(bench_policy()) as repository, running_server(repository) as server:
+        report["machine"]["tritonserver"] = report_io.tritonserver_version(server.http_url)
+        with TierserveClient(server.grpc_url) as client:
+            (answer,) = client.classify(_images()[0], **_parameters("routed"))
+        if answer.route != ROUTED_TO:
+            print(f"the routed path answered from {answer.route}, not {ROUTED_TO}: no report", file=sys.stderr)
+            sys.exit(1)
+        for index in range(runs):
+            order = P1_ORDER[index % 3 :] + P1_ORDER[: index % 3]
+            measurements = [_measure(server, key, requests) for key in order]
+            for m in measurements:
+                print(
+                    f"  run {index + 1} {m['condition']}: {m['server_cpu_us_per_request']:,.0f} µs CPU, "
+                    f"{m['wall_us_per_request']:,.0f} µs wall per request",
+                    flush=True,
+                )
+            by = {m["condition"]: m for m in measurements}
+            report["runs"].append(
+                {
+                    "run": index + 1,
+                    "order": list(order),
+                    "measurements": measurements,
+                    "ratios": _ratios(by),
+                }
+            )
+    report_io.finish(
+        report,
+        {"conditions": _conditions(report["runs"]), "ratios": report_io.ratios(report["runs"])},
+        reports / REPORT,
+    )
+    return report
+
+
+def _ratios(by: dict[str, dict]) -> dict[str, float]:
+    """Within one run: the routed path's CPU over the static ensemble's, for the whole server and for the Python
+    stubs alone (the router's against preprocess and digits_light together)."""
+    static, routed = by["static"]["cpu_us_per_request"], by["routed"]["cpu_us_per_request"]
+    return {
+        "routed_over_static_server_cpu": by["routed"]["server_cpu_us_per_request"]
+        / by["static"]["server_cpu_us_per_request"],
+        "routed_over_static_stub_cpu": routed["router"] / (static["preprocess"] + static["digits_light"]),
+    }
+
+
+def _conditions(runs: list[dict]) -> list[dict]:
+    """Per path: the spread over runs of the wall time, the server's CPU, and each process group's CPU."""
+    found = []
+    for key in PATHS:
+        ms = [m for run in runs for m in run["measurements"] if m["condition"] == key]
+        found.append(
+            {
+                "condition": key,
+                "wall_us_per_request": report_io.spread(m["wall_us_per_request"] for m in ms),
+                "server_cpu_us_per_request": report_io.spread(m["server_cpu_us_per_request"] for m in ms),
+                "cpu_us_per_request": {
+                    group: report_io.spread(m["cpu_us_per_request"][group] for m in ms) for group in (*SHOWN, OTHERS)
+                },
+            }
+        )
+    return found
+
+
+def table(report: dict) -> str:
+    """The README table, from the report."""
+    settings, s = report["settings"], report["summary"]
+    groups = (*SHOWN, OTHERS)
+    lines = [
+        "| path | wall µs / request | CPU µs / request, all processes | "
+        + " | ".join(g if g in (SERVER, OTHERS) else f"`{g}` stubs" for g in groups)
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(groups),
+    ]
+    for c in s["conditions"]:
+        cpu = c["cpu_us_per_request"]
+        lines.append(
+            f"| {settings['paths'][c['condition']]['name']} | {cell(c['wall_us_per_request'], ',.0f')} | "
+            f"{cell(c['server_cpu_us_per_request'], ',.0f')} | "
+            + " | ".join(cell(cpu[g], ",.0f") if cpu[g]["max"] > 0 else "0" for g in groups)
+            + " |"
+        )
+    lines += [
+        "",
+        f"Per run, routed / static CPU: {cell(s['ratios']['routed_over_static_server_cpu'], '.2f')} for the whole "
+        f"server, {cell(s['ratios']['routed_over_static_stub_cpu'], '.2f')} for the Python stubs alone. "
+        f"Each figure: {settings['requests']:,} one-image requests over gRPC, one at a time, after "
+        f"{settings['warm_up']} not counted; CPU from /proc (clock ticks of 1/{settings['clock_ticks_per_s']} s), "
+        f"median of the runs (min to max); {settings['order']}. " + report_io.provenance(report),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report_io.add_arguments(parser)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per path and run (default 2000)")
+    args = parser.parse_args()
+    if args.table:
+        print(table(report_io.read(args.reports / REPORT)))
+        return
+    report = measure(args.runs, args.requests, args.reports)
+    print(f"wrote {args.reports / REPORT}\n\n{table(report)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,20 +78,23 @@ class LearnedRouter:
 
     @classmethod
     def load(cls, path: Path) -> LearnedRouter:
-        data = json.loads(path.read_text())
+        return cls.from_dict(json.loads(path.read_text()), path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: Path | str) -> LearnedRouter:
+        """The router stored as `data` (read from `where`); ValueError when it was trained on other inputs."""
         if tuple(data.get("inputs", ())) != INPUTS:
-            raise ValueError(f"{path} was trained on other inputs than this router reads: rebuild (tierserve build)")
+            raise ValueError(f"{where} was trained on other inputs than this router reads: rebuild (tierserve build)")
         arrays = (np.asarray(data[key], np.float32) for key in _ARRAYS)
         return cls(*arrays, float(data["output_bias"]))
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "inputs": INPUTS,
-                **{key: getattr(self, key).tolist() for key in _ARRAYS},
-                "output_bias": self.output_bias,
-            }
-        )
+    def to_dict(self) -> dict[str, Any]:
+        """The router as stored (JSON types), read back by from_dict."""
+        return {
+            "inputs": INPUTS,
+            **{key: getattr(self, key).tolist() for key in _ARRAYS},
+            "output_bias": self.output_bias,
+        }
 
     @functools.cached_property
     def _folded(self) -> tuple[np.ndarray, np.ndarray]:

@@ -42,10 +42,11 @@ def router_artifacts_missing(repository: Path) -> bool:
         return True
     path = router_version / LEARNED_ROUTER_FILE
     try:
-        LearnedRouter.load(path)
-        return json.loads(path.read_text()).get("recipe") != asdict(RECIPE)
+        stored = json.loads(path.read_text())
+        LearnedRouter.from_dict(stored, path)
     except (ValueError, KeyError):
         return True
+    return stored.get("recipe") != asdict(RECIPE)
 
 
 def learned_router_images(
@@ -105,7 +106,7 @@ def build_router_artifacts(
 
     first = load_runner(version_dir(repository, first_model))
     learned, (wrong, flagged) = train_learned_router(first, stats, split)
-    stored = {**json.loads(learned.to_json()), "recipe": asdict(RECIPE)}
+    stored = {**learned.to_dict(), "recipe": asdict(RECIPE)}
     (router_version / LEARNED_ROUTER_FILE).write_text(json.dumps(stored) + "\n")
     log(
         f"built router:1        learned router on {len(wrong)} images, {first_model} wrong on {wrong.sum()}, "

@@ -50,7 +50,7 @@ def test_inputs_are_the_features_the_probabilities_and_the_scaled_pixels() -> No
 def test_a_stored_router_answers_as_the_one_that_was_stored(tmp_path: Path) -> None:
     learned, inputs = _router(), _inputs(5)
     path = tmp_path / LEARNED_ROUTER_FILE
-    path.write_text(learned.to_json())
+    path.write_text(json.dumps(learned.to_dict()))
     loaded = LearnedRouter.load(path)
     np.testing.assert_allclose(loaded.wrong_probability(inputs), learned.wrong_probability(inputs), rtol=1e-6)
     probabilities = loaded.wrong_probability(inputs)
@@ -77,7 +77,7 @@ def test_a_router_from_an_older_build_or_recipe_is_refused_and_rebuilt(tmp_path:
     with pytest.raises(ValueError, match="rebuild"):
         LearnedRouter.load(folder / LEARNED_ROUTER_FILE)
     assert router_artifacts_missing(tmp_path)
-    current = json.loads(_router().to_json())
+    current = _router().to_dict()
     (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": asdict(RECIPE)}))
     assert not router_artifacts_missing(tmp_path)
     # the same inputs trained by another recipe (say, more rounds): trained again

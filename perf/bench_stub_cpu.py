@@ -33,9 +33,17 @@ from tierserve.tools.server import TritonServer
 REPORT = "stub_cpu.json"
 WARM_UP = 100
 TICKS = os.sysconf("SC_CLK_TCK")
-SERVER = "tritonserver"  # the process group of the server itself (its own threads, not its stubs)
-SHOWN = (SERVER, "router", "preprocess", "digits_light")  # the processes P1's paths run on, in the table's order
-OTHERS = "other stubs"  # every other stub (idle on these paths: lanes, heavy models, feedback), summed
+SERVER, OTHERS = "tritonserver", "others"
+# process groups, in the table's order: tritonserver's own threads, the stubs of the models P1's paths run on, and
+# every other stub summed (idle on these paths: lanes, heavy models, feedback)
+GROUPS = {
+    SERVER: "tritonserver",
+    "router": "`router` stubs",
+    "preprocess": "`preprocess` stubs",
+    "digits_light": "`digits_light` stubs",
+    OTHERS: "other stubs",
+}
+METRICS = ("wall_us_per_request", "server_cpu_us_per_request", *(f"cpu_us_{group}" for group in GROUPS))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -52,7 +60,7 @@ def _processes(server: TritonServer) -> dict[int, str]:
     assert server.pid is not None, "a running server"
     return {
         server.pid: SERVER,
-        **{stub.pid: stub.model if stub.model in SHOWN else OTHERS for stub in server.stubs()},
+        **{stub.pid: stub.model if stub.model in GROUPS else OTHERS for stub in server.stubs()},
     }
 
 
@@ -94,8 +102,8 @@ def _measure(server: TritonServer, key: str, requests: int) -> dict:
     return {
         "condition": key,
         "wall_us_per_request": wall / requests * 1e6,
-        "cpu_us_per_request": {group: cpu_us.get(group, 0.0) for group in (*SHOWN, OTHERS)},
         "server_cpu_us_per_request": sum(cpu_us.values()),
+        **{f"cpu_us_{group}": cpu_us.get(group, 0.0) for group in GROUPS},
         "load_average_1m_before": report_io.load_average()[0],
     }
 
@@ -141,7 +149,10 @@ def measure(runs: int, requests: int, reports: Path) -> dict:
             )
     report_io.finish(
         report,
-        {"conditions": _conditions(report["runs"]), "ratios": report_io.ratios(report["runs"])},
+        {
+            "conditions": report_io.conditions(report["runs"], ("condition",), METRICS),
+            "ratios": report_io.ratios(report["runs"]),
+        },
         reports / REPORT,
     )
     return report
@@ -150,48 +161,27 @@ def measure(runs: int, requests: int, reports: Path) -> dict:
 def _ratios(by: dict[str, dict]) -> dict[str, float]:
     """Within one run: the routed path's CPU over the static ensemble's, for the whole server and for the Python
     stubs alone (the router's against preprocess and digits_light together)."""
-    static, routed = by["static"]["cpu_us_per_request"], by["routed"]["cpu_us_per_request"]
+    static, routed = by["static"], by["routed"]
     return {
-        "routed_over_static_server_cpu": by["routed"]["server_cpu_us_per_request"]
-        / by["static"]["server_cpu_us_per_request"],
-        "routed_over_static_stub_cpu": routed["router"] / (static["preprocess"] + static["digits_light"]),
+        "routed_over_static_server_cpu": routed["server_cpu_us_per_request"] / static["server_cpu_us_per_request"],
+        "routed_over_static_stub_cpu": routed["cpu_us_router"]
+        / (static["cpu_us_preprocess"] + static["cpu_us_digits_light"]),
     }
 
 
-def _conditions(runs: list[dict]) -> list[dict]:
-    """Per path: the spread over runs of the wall time, the server's CPU, and each process group's CPU."""
-    found = []
-    for key in PATHS:
-        ms = [m for run in runs for m in run["measurements"] if m["condition"] == key]
-        found.append(
-            {
-                "condition": key,
-                "wall_us_per_request": report_io.spread(m["wall_us_per_request"] for m in ms),
-                "server_cpu_us_per_request": report_io.spread(m["server_cpu_us_per_request"] for m in ms),
-                "cpu_us_per_request": {
-                    group: report_io.spread(m["cpu_us_per_request"][group] for m in ms) for group in (*SHOWN, OTHERS)
-                },
-            }
-        )
-    return found
-
-
 def table(report: dict) -> str:
-    """The README table, from the report."""
+    """The README table, from the report: P1's paths in their order, each process group's CPU per request."""
     settings, s = report["settings"], report["summary"]
-    groups = (*SHOWN, OTHERS)
     lines = [
-        "| path | wall µs / request | CPU µs / request, all processes | "
-        + " | ".join(g if g in (SERVER, OTHERS) else f"`{g}` stubs" for g in groups)
-        + " |",
-        "|---|---:|---:|" + "---:|" * len(groups),
+        "| path | wall µs / request | CPU µs / request, all processes | " + " | ".join(GROUPS.values()) + " |",
+        "|---|---:|---:|" + "---:|" * len(GROUPS),
     ]
-    for c in s["conditions"]:
-        cpu = c["cpu_us_per_request"]
+    for c in sorted(s["conditions"], key=lambda c: list(PATHS).index(c["condition"])):
+        cpu = [c[f"cpu_us_{group}"] for group in GROUPS]
         lines.append(
             f"| {settings['paths'][c['condition']]['name']} | {cell(c['wall_us_per_request'], ',.0f')} | "
             f"{cell(c['server_cpu_us_per_request'], ',.0f')} | "
-            + " | ".join(cell(cpu[g], ",.0f") if cpu[g]["max"] > 0 else "0" for g in groups)
+            + " | ".join(cell(us, ",.0f") if us["max"] > 0 else "0" for us in cpu)
             + " |"
         )
     lines += [

@@ -159,10 +159,7 @@ def test_the_stub_cpu_section_gives_each_process_and_the_ratios_within_a_run(tmp
                 "condition": key,
                 "wall_us_per_request": wall * scale,
                 "server_cpu_us_per_request": sum(cpu) * scale,
-                "cpu_us_per_request": {
-                    group: us * scale
-                    for group, us in zip((*bench_stub_cpu.SHOWN, bench_stub_cpu.OTHERS), cpu, strict=True)
-                },
+                **{f"cpu_us_{group}": us * scale for group, us in zip(bench_stub_cpu.GROUPS, cpu, strict=True)},
             }
             for key, (wall, cpu) in base.items()
         ]
@@ -175,7 +172,10 @@ def test_the_stub_cpu_section_gives_each_process_and_the_ratios_within_a_run(tmp
         "clock_ticks_per_s": 100,
         "order": "rotated",
     }
-    summary = {"conditions": bench_stub_cpu._conditions(runs), "ratios": report_io.ratios(runs)}
+    summary = {
+        "conditions": report_io.conditions(runs, ("condition",), bench_stub_cpu.METRICS),
+        "ratios": report_io.ratios(runs),
+    }
     (tmp_path / bench_stub_cpu.REPORT).write_text(
         json.dumps({**_p1_report(), "benchmark": "stub_cpu", "settings": settings, "runs": runs, "summary": summary})
     )

@@ -227,8 +227,9 @@ def _run(
         corrupt += unreadable
         if corrupt and not skip_corrupt:
             raise CorruptLogFile(corrupt)
-        con = _connect(files)
-        try:
+        con: duckdb.DuckDBPyConnection | None = None
+        try:  # the views read every file's schema as they are made: a file deleted meanwhile fails either step
+            con = _connect(files)
             return fetch(con.sql(sql), tuple(corrupt))
         except duckdb.Error as error:
             listed = [path for found in files.values() for path in found.all()]
@@ -240,7 +241,8 @@ def _run(
                 raise LogQueryError(f"query failed: {str(error).splitlines()[0] if str(error) else error!r}") from None
             unreadable.append((named[0], f"unreadable data ({error})"))
         finally:
-            con.close()
+            if con is not None:
+                con.close()
 
 
 def query(log_dir: Path, sql: str, *, skip_corrupt: bool = False) -> QueryResult:

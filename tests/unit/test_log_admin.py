@@ -170,6 +170,28 @@ def test_a_file_rolled_up_while_a_query_starts_is_read_in_its_new_place(log_dir,
     assert query(log_dir, "SELECT count(*) FROM inferences").rows == [(6,)]
 
 
+def test_a_file_rolled_up_before_the_views_are_made_is_read_in_its_new_place(tmp_path, monkeypatch):
+    """The views open every listed file for its schema: one renamed between listing and then is listed again."""
+    records = [make_record(i, (8, 8)) for i in range(4)]
+    _replica_log(tmp_path, "a", records[:2], [])
+    _replica_log(tmp_path, "b", records[2:], [])
+    connect = log_admin._connect
+    renamed: list[Path] = []
+
+    def rolled_up_first(files):
+        if not renamed:
+            first = files[INFERENCES].partitioned[0]
+            renamed.append(first.rename(first.with_name("rolled-up.parquet")))
+        return connect(files)
+
+    monkeypatch.setattr(log_admin, "_connect", rolled_up_first)
+    assert query(tmp_path, "SELECT replica, count(*) FROM inferences GROUP BY replica ORDER BY replica").rows == [
+        ("a", 2),
+        ("b", 2),
+    ]
+    assert renamed
+
+
 def _replica_log(root: Path, replica: str | None, records: list, feedback: list) -> None:
     """What one server writes into the log root `root` with `replica` as its name (None: at the root)."""
     log = InferenceLog(InferenceLogSettings(enabled=True, directory=root, replica=replica, flush_interval_s=60))

@@ -411,7 +411,10 @@ class Router:
             if self.states.drilled(model):  # a latency drill's wait is not load
                 self.stalls.add(started, started + elapsed)
             self.breakers[model].record(True, elapsed)
-            previous = self.latency_ewma.get(model, elapsed)
+            # an estimate stale when the call began is forgotten, not averaged in: _expected_latency ignored it, and
+            # averaged it would keep escalations skipped for seconds after one slow spell (one call a second)
+            fresh = started - self.latency_measured.get(model, float("-inf")) <= LATENCY_STALE_S
+            previous = self.latency_ewma[model] if fresh and model in self.latency_ewma else elapsed
             self.latency_ewma[model] = 0.8 * previous + 0.2 * elapsed
             self.latency_measured[model] = self.clock()
             return probs

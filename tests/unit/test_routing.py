@@ -329,7 +329,11 @@ def test_one_slow_measurement_does_not_end_escalations_for_good():
     clock.now += 1.5
     (tried,) = _route(router, _images(0.5), [_signature(deadline_ms=50)], models)
     assert tried.path == "light:1 low_confidence>heavy:1 ok"
-    assert router.latency_ewma["heavy:1"] < 0.300
+    # the stale 0.3 s is forgotten, not averaged in: the next row escalates at once (averaged, the estimate stayed
+    # above the budget for several more seconds, one call a second; seen in test_chaos after a reload's CPU burst)
+    assert router.latency_ewma["heavy:1"] == pytest.approx(0.002)
+    (next_one,) = _route(router, _images(0.5), [_signature(deadline_ms=50)], models)
+    assert next_one.path == "light:1 low_confidence>heavy:1 ok"
 
 
 def test_the_safe_default_gets_the_call_timeout_however_little_budget_is_left():

@@ -34,10 +34,12 @@ COMPOSE_FILES = (DOCKER / "compose.yaml", DOCKER / "compose.gpu.yaml")
 # nginx.conf's pid, logs and temporary files: in the nginx image, access.log and error.log there lead to stdout and
 # stderr, and compose mounts a tmpfs at tmp/
 NGINX_PREFIX = "/var/log/nginx"
-# The release docker/README.md justifies: the August 2025 security fixes (25.07 on) and model readiness that
-# reflects Python stub health (25.12 on).
-PINNED_BASE = "nvcr.io/nvidia/tritonserver:25.12-py3"
-IMAGE = f"tierserve:{metadata.version('tierserve')}-ngc25.12"
+# The release docker/README.md justifies: the fixes of every Triton security bulletin up to September 2026 (26.07
+# on) and model readiness that reflects Python stub health (25.12 on).
+PINNED_BASE = "nvcr.io/nvidia/tritonserver:26.11-py3"
+IMAGE = f"tierserve:{metadata.version('tierserve')}-ngc26.11"
+# A release of NGC's Triton named by an image (nvcr.io/...:26.11-py3-sdk), a tierserve tag (-ngc26.11) or in prose
+RELEASE_NAMED = re.compile(r"nvcr\.io/nvidia/tritonserver:(\d+\.\d+)|-ngc(\d+\.\d+)\b|NGC (?:Triton )?(\d+\.\d+) image")
 # The oldest Kubernetes the manifests are meant for, and the newest whose schemas kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 
@@ -175,6 +177,20 @@ def test_the_image_is_built_on_the_pinned_release_and_tagged_with_it():
     ]
     assert _compose()["services"]["tierserve"]["image"] == IMAGE
     assert _container("Deployment", "tierserve")["image"] == IMAGE
+
+
+def test_every_file_names_the_pinned_release():
+    """The SDK image for perf_analyzer, image tags in commands and the prose agree with the FROM line: moving the pin
+    cannot leave the old release in the instructions."""
+    release = PINNED_BASE.rsplit(":", 1)[1].removesuffix("-py3")
+    texts = {
+        path.relative_to(PROJECT_ROOT): path.read_text()
+        for path in [PROJECT_ROOT / "README.md", *DOCKER.rglob("*")]
+        if path.is_file() and path.suffix in {".md", ".yaml", ".yml", ".sh", ""}
+    }
+    named = {(str(path), "".join(found)) for path, text in texts.items() for found in RELEASE_NAMED.findall(text)}
+    assert {path for path, _ in named} >= {"README.md", "docker/README.md", "docker/Dockerfile", "docker/compose.yaml"}
+    assert {(path, found) for path, found in named if found != release} == set()
 
 
 def test_ports_are_the_servers():

@@ -284,7 +284,8 @@ class TritonServer:
         return f"\n--- errors in {name} ---\n" + "\n".join(failures) + "\n--- its end ---\n" + "\n".join(log[-lines:])
 
     def is_ready(self) -> bool:
-        """Whether /v2/health/ready answers 200 now: the server is up and calls every model READY."""
+        """Whether /v2/health/ready answers 200 now: the server is up and calls every model READY (from NGC 26.04
+        also every model's own readiness, so a dead Python stub makes it false)."""
         return self._get("/v2/health/ready") == 200
 
     def models(self) -> list[dict[str, str]]:

@@ -4,8 +4,13 @@ foreground with everything it writes under one directory of its own.
 Where a retry is safe, and so what nginx retries on another replica (at most RETRY_TRIES tries in all):
 - HTTP inference (`POST /v2/models/<m>/infer`, feedback aside) is idempotent: an answer has no side effect a second
   answer would repeat (per-arm counts and the inference log may count a row twice, once on the replica that died). So
-  it is tried on the next replica after a connection error, a timeout, or a 502 or 503 answer, even once it was sent
-  (nginx's `non_idempotent`): a request in flight on a replica that dies is answered by another.
+  it is tried on the next replica after a connection error, a timeout, or a 502 (a replica that closed the connection
+  mid-answer), even once it was sent (nginx's `non_idempotent`): a request in flight on a replica that dies is
+  answered by another. Not after a 503: from a live tritonserver that is UNAVAILABLE, a request shed under overload
+  (or a full queue), and the client is told so. nginx counts every answer it retries as a failed try of the replica,
+  and one (max_fails) takes the replica out: retried, one shed best_effort request took its replica out for
+  fail_timeout_s, and once every replica had shed one, nginx had no replica left and answered 502 to every request,
+  critical ones included, for that long.
 - HTTP feedback (`POST /v2/models/feedback/infer`) is not idempotent, so it goes to another replica only when it never
   reached one (the connection failed). A repeat would do no harm anyway: the replicas share one state store, where
   feedback claims its REQUEST_ID with one SET NX, so a second feedback for an id is refused as a duplicate.
@@ -138,10 +143,10 @@ http {{
             proxy_next_upstream error timeout;
             proxy_next_upstream_tries {RETRY_TRIES};
         }}
-        # inference is idempotent: tried again on the next replica even once sent
+        # inference is idempotent: tried again on the next replica even once sent; a 503 (shed) goes to the client
         location ~ ^/v2/models/[^/]+(/versions/[0-9]+)?/infer$ {{
             proxy_pass http://tierserve_http;
-            proxy_next_upstream error timeout http_502 http_503 non_idempotent;
+            proxy_next_upstream error timeout http_502 non_idempotent;
             proxy_next_upstream_tries {RETRY_TRIES};
         }}
         # health, metadata, configs, statistics: GETs, which nginx retries by itself

@@ -1,6 +1,7 @@
 """Two servers sharing one redis-server behind nginx, as real processes: one inference log read as one, a user's arm
 and feedback the same whichever server answers, an experiment applied on one server served by both, a bandit fed
-by both, and a server killed under load costing no request."""
+by both, a server killed under load costing no request, and a request one server sheds reaching its client without
+taking that server out of the balancer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.load import Sent, SteadyLoad
 from tierserve.tools.log_admin import query
+from tierserve.tools.repository_variants import policy_variant, shipped_policy
 from tierserve.tools.server import TritonServer
 
 from .prometheus import metric_values
@@ -255,3 +258,57 @@ def test_a_bandit_fed_through_both_replicas_moves_traffic_to_the_more_accurate_a
     for server in (a, b):
         assert sum(_answered_by(nginx, server, started).values()) > 100, "both servers answered and took feedback"
     _apply(a, policy)
+
+
+# Every best_effort request is shed once the router's queue wait (Triton's, a few µs even when idle) has stayed past
+# a threshold of 0.1 µs for the policy's sustain_s; standard and critical are never shed.
+SHED_BEST_EFFORT = {"degrade_best_effort_at_ms": 0.0001, "shed_best_effort_at_ms": 0.0001, "shed_standard_at_ms": 1e6}
+
+
+@pytest.fixture(scope="module")
+def shedding_replicas(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaSet]:
+    workdir = tmp_path_factory.mktemp("shedding_replicas")
+    repository = workdir / "repository"
+    repository.mkdir()
+    policy = {**shipped_policy(model_repository), "load_shedding": SHED_BEST_EFFORT}
+    policy_variant(model_repository, repository, policy)
+    with replica_set(repository, workdir) as started:
+        yield started
+
+
+def _shed(error: TierserveError) -> bool:
+    return error.status == HTTPStatus.SERVICE_UNAVAILABLE and "best_effort request shed" in error.message
+
+
+def test_a_request_shed_by_a_replica_reaches_its_client_and_leaves_the_replica_in(
+    shedding_replicas: ReplicaSet, split: DigitsSplit
+):
+    """A shed request is a 503 from a live replica. nginx used to retry it on the other replica and count it as a
+    failed try: one shed took a replica out for 2 s, and once both had shed one, every request got a 502 (no live
+    upstream), critical ones too. Now the client gets the shed with its reason, and critical requests are answered."""
+    nginx, image = shedding_replicas.nginx, split.test.images[0]
+    for name in ("a", "b"):  # each replica's load signal is past the threshold: it sheds best_effort
+        with TierserveClient(shedding_replicas.server(name).http_url, "http") as direct:
+
+            def sheds() -> bool:
+                try:
+                    direct.classify(image, tier="best_effort")
+                except TierserveError as error:
+                    return _shed(error)
+                return False
+
+            assert _wait(sheds, 15, poll_s=0.01), f"replica {name} never shed best_effort"
+    since, shed, answered = time.time(), [], []
+    with TierserveClient(nginx.http_url, "http", tier_key=shedding_replicas.tier_key) as client:
+        for _ in range(40):
+            try:
+                client.classify(image, tier="best_effort")
+            except TierserveError as error:
+                shed.append(error)
+            (answer,) = client.classify(image, tier="critical")  # raises if nginx had no replica left (502)
+            answered.append(answer)
+    assert len(answered) == 40
+    assert len(shed) >= 20 and all(_shed(error) for error in shed), [str(e) for e in shed[:3]]
+    relayed = [line for line in nginx.access_lines() if float(line["at"]) > since and line["status"] == "503"]
+    assert len(relayed) == len(shed)
+    assert all(line["upstream_status"] == "503" for line in relayed), "a shed request is tried on one replica only"

@@ -16,7 +16,11 @@ Status = grpc.StatusCode | int  # an HTTP code is an http.HTTPStatus where the c
 # codes for these cases, and for HTTP the codes a gateway would answer with
 UNREACHABLE: dict[str, Status] = {"grpc": grpc.StatusCode.UNAVAILABLE, "http": HTTPStatus.SERVICE_UNAVAILABLE}
 TIMED_OUT: dict[str, Status] = {"grpc": grpc.StatusCode.DEADLINE_EXCEEDED, "http": HTTPStatus.GATEWAY_TIMEOUT}
-RETRYABLE = frozenset({*UNREACHABLE.values(), *TIMED_OUT.values()})
+# a gateway (nginx in front of several servers) that lost the server's answer: over gRPC nginx says UNAVAILABLE
+LOST_BY_GATEWAY = HTTPStatus.BAD_GATEWAY
+RETRYABLE = frozenset({*UNREACHABLE.values(), *TIMED_OUT.values(), LOST_BY_GATEWAY})
+# tritonclient's words for an HTTP error whose body is not Triton's JSON (a proxy's HTML page, say)
+UNDECODED = "an exception occurred in the client while decoding the response"
 # How Triton (2.51 to 2.64) words a refusal of a call to an API restricted by --http-restricted-api (403) or
 # --grpc-restricted-protocol (UNAVAILABLE, as if the server were down).
 RESTRICTED_REFUSALS = ("This API is restricted, expecting header", "This protocol is restricted, expecting header")
@@ -44,7 +48,8 @@ class TierserveError(RuntimeError):
 
     @property
     def retryable(self) -> bool:
-        """True when the same request may succeed later: the server was unreachable, shed it or timed out."""
+        """True when the same request may succeed later: the server was unreachable, shed it or timed out, or a
+        gateway in between lost its answer."""
         return self.status in RETRYABLE
 
 
@@ -82,6 +87,9 @@ def call_errors(
             message = f"no answer from {url} within {timeout_s:g} s ({message})"
         elif status is grpc.StatusCode.UNAVAILABLE and is_restricted_refusal(message):
             status = grpc.StatusCode.PERMISSION_DENIED  # not retryable, whatever Triton's code says
+        elif protocol == "http" and message.startswith(UNDECODED):  # say what answered, not how parsing it failed
+            body = " ".join((error.debug_details() or "").split())
+            message = f"{url} answered with a body that is not Triton's (a proxy in between?): {body[:200]!r}"
         raise TierserveError(status, message) from None
     except (TimeoutError, asyncio.TimeoutError) as error:
         raise TierserveError(TIMED_OUT[protocol], f"no answer from {url} within {timeout_s:g} s") from error

@@ -43,6 +43,7 @@ def test_tritonclient_status_strings_become_typed_values(protocol: str, raw: str
         (StatusCode.INVALID_ARGUMENT, False),
         (HTTPStatus.SERVICE_UNAVAILABLE, True),
         (504, True),
+        (HTTPStatus.BAD_GATEWAY, True),
         (HTTPStatus.BAD_REQUEST, False),
         (None, False),
     ],
@@ -82,6 +83,22 @@ def test_a_lost_or_refused_http_connection_is_unreachable():
         error = _raised("http", raw, (HTTPConnectionClosed, OSError))
         assert error.status == HTTPStatus.SERVICE_UNAVAILABLE and error.message.startswith("cannot reach host:1: ")
         assert type(raw).__name__ in error.message and error.__cause__ is raw
+
+
+def test_an_http_error_page_of_a_proxy_is_named_as_such_and_a_lost_answer_is_retryable():
+    """nginx's own 502 page when the server behind it died mid-answer: not Triton's JSON."""
+    page = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>nginx</body>\r\n</html>\r\n"
+    raw = InferenceServerException(
+        "an exception occurred in the client while decoding the response: Parse error at offset 0: Invalid value.",
+        status="502",
+        debug_details=page,
+    )
+    error = _raised("http", raw)
+    assert error.status == HTTPStatus.BAD_GATEWAY and error.retryable
+    assert error.message == (
+        "host:1 answered with a body that is not Triton's (a proxy in between?): "
+        "'<html> <head><title>502 Bad Gateway</title></head> <body>nginx</body> </html>'"
+    )
 
 
 def test_a_server_refusal_keeps_the_servers_message():

@@ -50,6 +50,9 @@ class ModelRefused(ModelCallError):
 # tight deadline says nothing about the model, and must not eject it for everyone.
 FAIR_TIMEOUT_FACTOR = 4.0
 FAIR_TIMEOUT_FLOOR_S = 0.02
+# ... while the average is this recent: only answers refresh it, so after a slow spell it would excuse, for good,
+# every timeout of a model that then hangs. Once no call has been answered for this long, the floor alone judges.
+FAIR_ESTIMATE_MAX_AGE_S = 5.0
 # An escalation skipped because the target's measured latency would not fit the budget is tried again once the
 # measurement is this old, so that a single slow call does not end escalations for good.
 LATENCY_STALE_S = 1.0
@@ -393,7 +396,7 @@ class Router:
                     model, images[members], merged_parameters([rows[r].signature for r in members]), timeout_s=timeout
                 )
             except ModelTimeout:
-                if timeout >= max(FAIR_TIMEOUT_FLOOR_S, FAIR_TIMEOUT_FACTOR * self.latency_ewma.get(model, 0.0)):
+                if timeout >= max(FAIR_TIMEOUT_FLOOR_S, FAIR_TIMEOUT_FACTOR * self._fair_latency(model, started)):
                     self.breakers[model].record(False, self.clock() - started)
                 self.stalls.add(started, self.clock())
                 return HopFailure(Failure.TIMEOUT, f"timeout: {model} did not answer within {timeout * 1000:.0f} ms")
@@ -508,6 +511,13 @@ class Router:
         have, to the first of their fallbacks it has (`model`'s own target when none is)."""
         reached = (target for _, target, available in self._past_unavailable([model], row) if available)
         return next(reached, self.target(model, row.signature.tier, row.variant))
+
+    def _fair_latency(self, model: str, at: float) -> float:
+        """The moving-average latency that excuses a timeout of a call started `at`: 0 once the model has answered
+        no call for FAIR_ESTIMATE_MAX_AGE_S."""
+        if at - self.latency_measured.get(model, float("-inf")) > FAIR_ESTIMATE_MAX_AGE_S:
+            return 0.0
+        return self.latency_ewma.get(model, 0.0)
 
     def _expected_latency(self, model: str) -> float:
         """The model's moving-average latency, or 0 once it is LATENCY_STALE_S old: an estimate that only calls

@@ -450,6 +450,24 @@ def test_a_timeout_with_ample_time_still_counts_against_the_model():
     assert router.breakers["light:1"].state == "open"
 
 
+def test_a_model_that_hangs_after_a_slow_spell_is_still_ejected():
+    """With its estimate at 200 ms (a slow spell), a timeout at the standard budget (100 ms) is under 4x the estimate:
+    excused. Only answers refresh the estimate, so a model that then hung was excused for good and never ejected;
+    an estimate FAIR_ESTIMATE_MAX_AGE_S old no longer excuses anything."""
+    clock = Clock()
+    router = _chained_router(clock)
+    router.latency_ewma["light:1"], router.latency_measured["light:1"] = 0.200, clock.now
+    models = FakeModels(latency_s={"light:1": 5.0}, clock=clock)
+    for _ in range(3):
+        (answer,) = _route(router, _images(0.9), [_signature()], models)
+        assert answer.path == "light:1 timeout>rules:1 ok"
+    assert router.breakers["light:1"].state == "closed", "a timeout the slow spell explains is excused"
+    clock.now += 5.0
+    for _ in range(2):
+        _route(router, _images(0.9), [_signature()], models)
+    assert router.breakers["light:1"].state == "open"
+
+
 def test_a_tight_deadline_row_does_not_shorten_the_call_for_its_neighbours():
     clock = Clock()
     router = _chained_router(clock)

@@ -107,8 +107,12 @@ def test_tight_deadlines_of_one_client_never_eject_healthy_models(triton: Triton
     for thread in threads:
         thread.join(10)
     assert hurried, "the tight-deadline client was answered"
-    assert [s.error for s in load.sent if s.error] == [] and load.sent
-    assert not [s for s in load.sent if "ejected" in s.answer.path], "no model was ejected for the standard client"
+    # Five unpaced clients on two cores are load: a loaded box may shed a few standard requests (designed, and said
+    # so). Nothing else may fail, and most must be answered.
+    failed = [s.error for s in load.sent if s.error and "standard request shed" not in s.error]
+    answered = [s for s in load.sent if s.answer]
+    assert failed == [] and len(answered) >= 0.9 * len(load.sent) > 0, (failed[:3], len(answered), len(load.sent))
+    assert not [s for s in answered if "ejected" in s.answer.path], "no model was ejected for the standard client"
     assert max(metric_values(triton, "tierserve_breaker_state")) == 0.0, "every breaker is still closed"
 
 

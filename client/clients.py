@@ -103,7 +103,9 @@ def _request(
         "outputs": [module.InferRequestedOutput(name) for name in outputs],
         "parameters": parameters or None,
         "priority": priority,
-        "headers": headers,
+        # a dict of the call's own: tritonclient.http's infer() writes the call's Inference-Header-Content-Length
+        # into the dict it is given, so calls of several threads sharing one dict sent each other's lengths
+        "headers": None if headers is None else dict(headers),
     }
 
 

@@ -204,13 +204,14 @@ def test_injected_errors_trip_the_breaker_and_it_recovers(chaos, split: DigitsSp
             if recovered.path == "digits_missing:1 ok":
                 break
             time.sleep(0.2)
-    # each of the 2 router instances keeps its own breaker: both trip within 3 failures of their own
+    # each of the 2 router instances keeps its own breaker and trips on the 3rd failure of its own: at most 6 calls
+    # fail, whichever instance Triton gives each request to (a loaded box may give one instance most of them)
     errors = [a for a in failing if a.path == "digits_missing:1 error>digits_rules:1 ok"]
-    assert 3 <= len(errors) <= 6
-    assert all(a.path == "digits_missing:1 ejected>digits_rules:1 ok" for a in failing[6:])
+    ejected = [a for a in failing if a.path == "digits_missing:1 ejected>digits_rules:1 ok"]
+    assert 3 <= len(errors) <= 6 and len(errors) + len(ejected) == len(failing), [a.path for a in failing]
     assert all(a.route == "digits_rules:1" for a in failing)
     assert "injected fault: hard failure" in failing[0].reason
-    assert "digits_missing:1 breaker open (3 consecutive failed calls" in failing[-1].reason
+    assert all("digits_missing:1 breaker open (3 consecutive failed calls" in a.reason for a in ejected)
     assert recovered is not None and recovered.path == "digits_missing:1 ok"
 
 

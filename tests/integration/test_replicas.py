@@ -146,14 +146,14 @@ def test_a_replica_killed_under_load_costs_no_request_and_takes_traffic_again(re
         restarts = killed.restarts
         killed_at, killed_wall = time.monotonic(), time.time()
         os.kill(killed.server.pid, signal.SIGKILL)
-        assert _wait(lambda: killed.restarts > restarts, 30), f"not restarted: {killed.events}"
+        # a liveness bound, not a timing: ~3 s on a quiet box, 30 s seen with a CPU hog beside the steady load
+        assert _wait(lambda: killed.restarts > restarts, 120), f"not restarted: {killed.events}"
         back = time.time()
         # nginx tries it again fail_timeout_s after its last failure there: traffic comes back over both protocols
         assert _wait(lambda: min(_answered_by(nginx, killed.server, back)[p] for p in loads) > 0, 15)
         during = {p: sum(killed_at < s.at for s in load.sent) for p, load in loads.items()}
     failures = {protocol: _in_flight_failures(load, killed_at) for protocol, load in loads.items()}
     beyond = {protocol: [s.error for s in others] for protocol, (_, others) in failures.items()}
-    in_flight = {protocol: len(mine) for protocol, (mine, _) in failures.items()}
     in_flight = {protocol: [s.error for s in mine] for protocol, (mine, _) in failures.items()}
     print(f"requests after the kill {during}; failed while in flight {in_flight}; other failures {beyond}")
     assert beyond == {"http": [], "grpc": []}, "no request failed beyond those in flight on the killed server"

@@ -396,7 +396,8 @@ class Router:
                     model, images[members], merged_parameters([rows[r].signature for r in members]), timeout_s=timeout
                 )
             except ModelTimeout:
-                if timeout >= max(FAIR_TIMEOUT_FLOOR_S, FAIR_TIMEOUT_FACTOR * self._fair_latency(model, started)):
+                excused = self._latency(model, started, FAIR_ESTIMATE_MAX_AGE_S) or 0.0
+                if timeout >= max(FAIR_TIMEOUT_FLOOR_S, FAIR_TIMEOUT_FACTOR * excused):
                     self.breakers[model].record(False, self.clock() - started)
                 self.stalls.add(started, self.clock())
                 return HopFailure(Failure.TIMEOUT, f"timeout: {model} did not answer within {timeout * 1000:.0f} ms")
@@ -416,9 +417,8 @@ class Router:
             self.breakers[model].record(True, elapsed)
             # an estimate stale when the call began is forgotten, not averaged in: _expected_latency ignored it, and
             # averaged it would keep escalations skipped for seconds after one slow spell (one call a second)
-            fresh = started - self.latency_measured.get(model, float("-inf")) <= LATENCY_STALE_S
-            previous = self.latency_ewma[model] if fresh and model in self.latency_ewma else elapsed
-            self.latency_ewma[model] = 0.8 * previous + 0.2 * elapsed
+            previous = self._latency(model, started, LATENCY_STALE_S)
+            self.latency_ewma[model] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
             self.latency_measured[model] = self.clock()
             return probs
 
@@ -512,19 +512,17 @@ class Router:
         reached = (target for _, target, available in self._past_unavailable([model], row) if available)
         return next(reached, self.target(model, row.signature.tier, row.variant))
 
-    def _fair_latency(self, model: str, at: float) -> float:
-        """The moving-average latency that excuses a timeout of a call started `at`: 0 once the model has answered
-        no call for FAIR_ESTIMATE_MAX_AGE_S."""
-        if at - self.latency_measured.get(model, float("-inf")) > FAIR_ESTIMATE_MAX_AGE_S:
-            return 0.0
-        return self.latency_ewma.get(model, 0.0)
+    def _latency(self, model: str, at: float, max_age_s: float) -> float | None:
+        """The model's moving-average latency as of `at`; None when none was measured within `max_age_s` before. Only
+        answered calls refresh it, so an old one must not decide for good (skip escalations, excuse timeouts)."""
+        if at - self.latency_measured.get(model, float("-inf")) > max_age_s:
+            return None
+        return self.latency_ewma.get(model)
 
     def _expected_latency(self, model: str) -> float:
-        """The model's moving-average latency, or 0 once it is LATENCY_STALE_S old: an estimate that only calls
-        refresh must not stop the calls for good (one slow call would otherwise end escalations forever)."""
-        if self.clock() - self.latency_measured.get(model, float("-inf")) > LATENCY_STALE_S:
-            return 0.0
-        return self.latency_ewma.get(model, 0.0)
+        """What a call to `model` is expected to take, 0 when its estimate is LATENCY_STALE_S old: an estimate that
+        only calls refresh must not stop the calls for good (one slow call would otherwise end escalations forever)."""
+        return self._latency(model, self.clock(), LATENCY_STALE_S) or 0.0
 
     def _answer(self, row: _Row) -> Answer | str:
         path = ">".join(row.hops)

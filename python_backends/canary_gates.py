@@ -37,7 +37,12 @@ class CanarySettings(BaseModel):
         600.0, gt=0, description="seconds a step may wait for min_rows and min_calls; then it fails on traffic"
     )
     poll_s: float = Field(1.0, gt=0, description="seconds between two readings of the server's metrics")
-    min_rows: int = Field(100, ge=1, description="rows answered in each arm during a step before latency is judged")
+    min_rows: int = Field(
+        100,
+        ge=1,
+        description="rows answered in each arm during a step before latency is judged (of fewer than 100 rows, the "
+        "p99 is the slowest row's latency: one slow row decides)",
+    )
     min_calls: int = Field(
         20, ge=1, description="rows sent to the candidate (and counted) during a step before its errors are judged"
     )

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import perf_analyzer
 import yaml
-from harness import bench_policy, running_server
+from harness import bench_policy, process_cpu_s, running_server
 from report_io import git_commit, load_average, machine, spread, spread_text
 
 from tierserve.client import TierserveClient
@@ -72,7 +72,6 @@ WARM_UP_REQUESTS = 200  # one at a time, before the bursts
 QUIET_S = 1.0  # after the warm-up: the router's queue-wait gauge falls back
 ACCOUNTED_WITHIN_S = 10.0  # after the load stops, the writer must have flushed every row by then (interval 1 s)
 METRIC = "tierserve_inference_log_records_total"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def workload() -> np.ndarray:
@@ -135,11 +134,7 @@ def _log_records(server: TritonServer) -> dict[str, int]:
 
 def _cpu_s(pids: list[int]) -> float:
     """User + system CPU seconds the processes (every thread) have used."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
-    return total / CLOCK_TICKS
+    return sum(process_cpu_s(pid) for pid in pids)
 
 
 def _processes(server: TritonServer) -> dict[str, list[int]]:

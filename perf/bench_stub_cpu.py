@@ -15,7 +15,7 @@ is not counted. Exit status 1, without a report, when the routed path was not an
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import sys
 import time
 from collections import defaultdict
@@ -24,7 +24,7 @@ from pathlib import Path
 import report_io
 import tritonclient.grpc as grpcclient
 from bench_router import P1_ORDER, PATHS, ROUTED_TO, _images
-from harness import bench_policy, policy_repository, running_server
+from harness import CLOCK_TICKS, bench_policy, policy_repository, process_cpu_s, running_server
 from report_io import cell
 
 from tierserve.client import TierserveClient
@@ -32,7 +32,6 @@ from tierserve.tools.server import TritonServer
 
 REPORT = "stub_cpu.json"
 WARM_UP = 100
-TICKS = os.sysconf("SC_CLK_TCK")
 SERVER, OTHERS = "tritonserver", "others"
 # process groups, in the table's order: tritonserver's own threads, the stubs of the models P1's paths run on, and
 # every other stub summed (idle on these paths: lanes, heavy models, feedback)
@@ -44,15 +43,6 @@ GROUPS = {
     OTHERS: "other stubs",
 }
 METRICS = ("wall_us_per_request", "server_cpu_us_per_request", *(f"cpu_us_{group}" for group in GROUPS))
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of every thread of `pid` so far (0 for a process that is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14 and 15 of stat)
 
 
 def _processes(server: TritonServer) -> dict[int, str]:
@@ -67,7 +57,8 @@ def _processes(server: TritonServer) -> dict[int, str]:
 def _cpu_by_group(processes: dict[int, str]) -> dict[str, float]:
     totals: dict[str, float] = defaultdict(float)
     for pid, group in processes.items():
-        totals[group] += _cpu_seconds(pid)
+        with contextlib.suppress(OSError):  # a process that is gone adds nothing
+            totals[group] += process_cpu_s(pid)
     return totals
 
 
@@ -119,7 +110,7 @@ def measure(runs: int, requests: int, reports: Path) -> dict:
             "parameters": {key: _parameters(key) for key in PATHS},
             "images": "the first 64 test images in turn, one per request, gRPC, one request at a time",
             "order": "run k: " + ", ".join(P1_ORDER) + " rotated k places",
-            "clock_ticks_per_s": TICKS,
+            "clock_ticks_per_s": CLOCK_TICKS,
         },
     )
     with policy_repository(bench_policy()) as repository, running_server(repository) as server:

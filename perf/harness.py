@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,14 @@ from tierserve.tools.build_models import build_all
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 from tierserve.tools.repository_variants import policy_variant, shipped_policy
 from tierserve.tools.server import Ports, TritonServer
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc/<pid>/stat's CPU times
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds process `pid` (every thread) has used so far; OSError once it is gone."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15 of stat(5)
 
 
 @contextlib.contextmanager

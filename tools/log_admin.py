@@ -184,8 +184,18 @@ def _listed(paths: list[Path]) -> str:
 
 
 def _connect(files: dict[str, _Files]) -> duckdb.DuckDBPyConnection:
-    """A DuckDB session with the three views over `files`, `replica` naming each row's partition."""
+    """A DuckDB session with the three views over `files`, `replica` naming each row's partition; closed again when
+    a view cannot be made (they read every file's schema: a file deleted meanwhile fails them)."""
     con = duckdb.connect()
+    try:
+        _make_views(con, files)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _make_views(con: duckdb.DuckDBPyConnection, files: dict[str, _Files]) -> None:
     con.execute("SET TimeZone = 'UTC'")
     for kind, found in files.items():
         con.register(f"_{kind}_empty", SCHEMAS[kind].empty_table())  # no file yet: the log's columns, no rows
@@ -207,7 +217,6 @@ def _connect(files: dict[str, _Files]) -> duckdb.DuckDBPyConnection:
         "FROM inferences i LEFT JOIN (SELECT request_id, arg_min(label, received_at) AS label, "
         "min(received_at) AS received_at FROM feedback GROUP BY request_id) f ON i.request_id = f.request_id"
     )
-    return con
 
 
 def _run(
@@ -227,10 +236,9 @@ def _run(
         corrupt += unreadable
         if corrupt and not skip_corrupt:
             raise CorruptLogFile(corrupt)
-        con: duckdb.DuckDBPyConnection | None = None
-        try:  # the views read every file's schema as they are made: a file deleted meanwhile fails either step
-            con = _connect(files)
-            return fetch(con.sql(sql), tuple(corrupt))
+        try:  # making the views or running the query: a file deleted meanwhile fails either
+            with _connect(files) as con:
+                return fetch(con.sql(sql), tuple(corrupt))
         except duckdb.Error as error:
             listed = [path for found in files.values() for path in found.all()]
             if any(not path.exists() for path in listed) and relisted < LIST_RETRIES:
@@ -240,9 +248,6 @@ def _run(
             if not named:
                 raise LogQueryError(f"query failed: {str(error).splitlines()[0] if str(error) else error!r}") from None
             unreadable.append((named[0], f"unreadable data ({error})"))
-        finally:
-            if con is not None:
-                con.close()
 
 
 def query(log_dir: Path, sql: str, *, skip_corrupt: bool = False) -> QueryResult:

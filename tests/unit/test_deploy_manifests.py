@@ -36,8 +36,9 @@ COMPOSE_FILES = (DOCKER / "compose.yaml", DOCKER / "compose.gpu.yaml")
 NGINX_PREFIX = "/var/log/nginx"
 # The release docker/README.md justifies: the fixes of every Triton security bulletin up to September 2026 (26.07
 # on) and model readiness that reflects Python stub health (25.12 on).
-PINNED_BASE = "nvcr.io/nvidia/tritonserver:26.11-py3"
-IMAGE = f"tierserve:{metadata.version('tierserve')}-ngc26.11"
+RELEASE = "26.11"
+PINNED_BASE = f"nvcr.io/nvidia/tritonserver:{RELEASE}-py3"
+IMAGE = f"tierserve:{metadata.version('tierserve')}-ngc{RELEASE}"
 # A release of NGC's Triton named by an image (nvcr.io/...:26.11-py3-sdk), a tierserve tag (-ngc26.11) or in prose
 RELEASE_NAMED = re.compile(r"nvcr\.io/nvidia/tritonserver:(\d+\.\d+)|-ngc(\d+\.\d+)\b|NGC (?:Triton )?(\d+\.\d+) image")
 # The oldest Kubernetes the manifests are meant for, and the newest whose schemas kubernetes-validate ships.
@@ -182,7 +183,6 @@ def test_the_image_is_built_on_the_pinned_release_and_tagged_with_it():
 def test_every_file_names_the_pinned_release():
     """The SDK image for perf_analyzer, image tags in commands and the prose agree with the FROM line: moving the pin
     cannot leave the old release in the instructions."""
-    release = PINNED_BASE.rsplit(":", 1)[1].removesuffix("-py3")
     texts = {
         path.relative_to(PROJECT_ROOT): path.read_text()
         for path in [PROJECT_ROOT / "README.md", *DOCKER.rglob("*")]
@@ -190,7 +190,7 @@ def test_every_file_names_the_pinned_release():
     }
     named = {(str(path), "".join(found)) for path, text in texts.items() for found in RELEASE_NAMED.findall(text)}
     assert {path for path, _ in named} >= {"README.md", "docker/README.md", "docker/Dockerfile", "docker/compose.yaml"}
-    assert {(path, found) for path, found in named if found != release} == set()
+    assert {(path, found) for path, found in named if found != RELEASE} == set()
 
 
 def test_ports_are_the_servers():

@@ -2,7 +2,8 @@
 
 A canary raises its treatment's weight step by step (`tierserve canary`, tools/canary.py). At every reading the
 figures of the step so far are judged: a gate fails when its figures show, with 95% confidence where they are a
-proportion, that the candidate is worse than allowed; a step passes once it has lasted `step_s` with enough data for
+proportion (the treatment's p99 is one: the share of its rows slower than the limit), that the candidate is worse
+than allowed; a step passes once it has lasted `step_s` with enough data for
 the required gates (errors and latency); a step that cannot gather that data within `max_step_s` fails on traffic.
 Accuracy and shadow agreement are judged once enough of them arrived and never hold a step back. Pure Python.
 """
@@ -17,6 +18,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Z_95 = 1.959963984540054  # two-sided 95% of the standard normal
+P99_TAIL = 0.01  # the share of rows slower than a p99
 Weight = Annotated[float, Field(gt=0, le=100)]
 Share = Annotated[float, Field(ge=0, le=1)]
 
@@ -40,8 +42,8 @@ class CanarySettings(BaseModel):
     min_rows: int = Field(
         100,
         ge=1,
-        description="rows answered in each arm during a step before latency is judged (of fewer than 100 rows, the "
-        "p99 is the slowest row's latency: one slow row decides)",
+        description="rows answered in each arm during a step before latency is judged; the treatment's p99 fails once "
+        "more than 1% of its rows are slower than the limit with 95% confidence (at 100 rows: 3 of them)",
     )
     min_calls: int = Field(
         20, ge=1, description="rows sent to the candidate (and counted) during a step before its errors are judged"
@@ -119,6 +121,21 @@ class Histogram:
                 return 1000 * (lower + (self.bounds_s[index] - lower) * (rank - seen) / count)
             seen += count
         return 1000 * self.bounds_s[-1]
+
+    def rows_above(self, ms: float) -> float:
+        """Rows slower than `ms`, interpolated within its bucket as quantile_ms does, so that the q-quantile lies
+        above `ms` exactly when more than (1 - q) of the rows do. Rows above the last bound count when `ms` is
+        below it (quantile_ms reports them as that bound)."""
+        if not self.bounds_s:
+            return 0.0
+        at, above, lower = ms / 1000, 0.0, 0.0
+        for upper, count in zip(self.bounds_s, self.counts, strict=False):
+            if at < lower:
+                above += count
+            elif at < upper:
+                above += count * (upper - at) / (upper - lower)
+            lower = upper
+        return above + (self.counts[-1] if at < self.bounds_s[-1] else 0.0)
 
 
 NO_LATENCY = Histogram((), (0.0,))
@@ -222,8 +239,9 @@ class Verdict:
         return "; ".join(map(str, self.readings))
 
 
-def wilson(successes: int, trials: int, z: float = Z_95) -> tuple[float, float] | None:
-    """The Wilson score interval of a proportion (95% by default); None without trials."""
+def wilson(successes: float, trials: float, z: float = Z_95) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion (95% by default); None without trials. Counts may be fractions
+    (rows interpolated within a histogram bucket)."""
     if trials <= 0:
         return None
     p, z2 = successes / trials, z * z
@@ -264,7 +282,11 @@ def _errors(f: CanaryFigures, s: CanarySettings) -> Reading:
 def _latency(f: CanaryFigures, s: CanarySettings) -> Reading:
     """The treatment arm's p99 against the control arm's (required), and the candidate's mean call duration against
     the baseline's when both were called min_calls times: a router execute answers all its rows together, so a slow
-    candidate also slows the control rows that shared its executes, which only the call durations tell apart."""
+    candidate also slows the control rows that shared its executes, which only the call durations tell apart.
+
+    The treatment's p99 is above the limit when more than 1% of its rows are: it fails when the 95% interval of that
+    share lies above 1%. Its p99 alone would be decided by its slowest rows, and a step's treatment arm may have
+    only min_rows of them (one stall of a busy box rolled back healthy candidates)."""
     if s.max_latency_ratio is None:
         return Reading(Gate.LATENCY, GateState.OFF)
     t, c = f.treatment, f.control
@@ -278,8 +300,13 @@ def _latency(f: CanaryFigures, s: CanarySettings) -> Reading:
     if p99_known:
         where = f" at {f.control_weight:g}%" if f.control_weight is not None else ""
         shown = (treated, limit(control))
-        texts.append(f"p99 {treated:.1f} ms vs control{where} {control:.1f} ms, limit {shown[1]:.1f} ms")
-        failed = shown if treated > shown[1] else None
+        slower, rows = t.latency.rows_above(shown[1]), t.latency.total
+        low, _ = wilson(slower, rows) or (0.0, 0.0)
+        texts.append(
+            f"p99 {treated:.1f} ms vs control{where} {control:.1f} ms, limit {shown[1]:.1f} ms "
+            f"({slower:.0f}/{rows:.0f} rows above it, at least {_percent(low)}; over {_percent(P99_TAIL)} fails)"
+        )
+        failed = shown if low > P99_TAIL else None
     else:
         texts.append(f"rows {t.rows} treatment, {c.rows} control, of {s.min_rows}")
     called, usual = t.mean_call_ms, c.mean_call_ms

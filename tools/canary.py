@@ -693,7 +693,7 @@ def add_canary_options(parser: argparse.ArgumentParser) -> None:
             dest=name,
             type=_option_type(name, info.annotation),
             default=argparse.SUPPRESS,
-            help=f"{info.description} (default {shown})",
+            help=f"{info.description} (default {shown})".replace("%", "%%"),  # argparse formats help with %
         )
     parser.add_argument(
         "--metrics-url", default=DEFAULT_METRICS_URL, help=f"the server's metrics page (default {DEFAULT_METRICS_URL})"

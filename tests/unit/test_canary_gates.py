@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from tierserve.canary_gates import (
+    NO_LATENCY,
     ArmFigures,
     CanaryFigures,
     CanarySettings,
@@ -104,6 +105,47 @@ def test_latency_fails_past_the_ratio_and_the_slack():
     assert judge(figures(treatment=arm(ms=4), control=arm(rows=5000, ms=1.5)), SETTINGS).decision == Decision.PASS
     off = SETTINGS.model_copy(update={"max_latency_ratio": None})
     assert judge(figures(treatment=arm(ms=40)), off).decision == Decision.PASS
+
+
+def tail(ms: float, rows: int, slow_ms: float, slow: int) -> Histogram:
+    """`rows` rows of which `slow` are in the bucket of `slow_ms` and the rest in the bucket of `ms`."""
+    counts = [a + b for a, b in zip(latency(ms, rows - slow).counts, latency(slow_ms, slow).counts, strict=True)]
+    return Histogram(BOUNDS_S, tuple(counts))
+
+
+def test_a_few_slow_rows_are_not_proof_of_a_slow_candidate_but_a_slow_tail_is():
+    # 2 rows of 100 stalled (a busy box): the p99 is theirs, 150 ms against a 9 ms limit, yet 2% of 100 rows is
+    # not more than 1% with 95% confidence. The step passes; the p99 alone rolled such candidates back.
+    stalled = figures(treatment=replace(arm(rows=100), latency=tail(4, 100, 155, 2)))
+    assert stalled.treatment.p99_ms == pytest.approx(150)
+    reading = judge(stalled, SETTINGS).reading(Gate.LATENCY)
+    assert reading.state == GateState.OK and reading.value > reading.limit
+    assert "2/100 rows above it, at least 0.6%; over 1.0% fails" in reading.text
+    # the same 2% of 1,000 rows is: the tail is the candidate's
+    slow_tail = judge(figures(treatment=replace(arm(rows=1000), latency=tail(4, 1000, 155, 20))), SETTINGS)
+    assert slow_tail.decision == Decision.FAIL and slow_tail.failed.gate == Gate.LATENCY
+    assert "20/1000 rows above it, at least 1.3%" in slow_tail.failed.text
+    # and 5 of 100 already is
+    assert judge(figures(treatment=replace(arm(rows=100), latency=tail(4, 100, 155, 5))), SETTINGS).failed
+
+
+def test_rows_above_a_latency_agree_with_the_quantile_of_the_same_histogram():
+    histograms = [
+        Histogram(BOUNDS_S, (0, 0, 0, 99, 0, 1, 0, 0, 0, 0, 0)),
+        Histogram(BOUNDS_S, (3, 10, 40, 30, 9, 4, 2, 1, 1, 0, 0)),
+        Histogram(BOUNDS_S, (0, 0, 50, 0, 0, 0, 0, 0, 0, 0, 3)),
+    ]
+    for histogram in histograms:
+        for q in (0.5, 0.9, 0.99):
+            at = histogram.quantile_ms(q)
+            if at < 1000:  # a quantile among the rows above every bound is reported as the last bound
+                assert histogram.rows_above(at) == pytest.approx((1 - q) * histogram.total), (histogram, q)
+            for ms in (0.5, 3.0, 7.5, 60.0, 999.0):
+                above = histogram.rows_above(ms) > (1 - q) * histogram.total + 1e-9
+                assert above == (at > ms + 1e-9), (histogram, q, ms)
+    assert Histogram(BOUNDS_S, (0,) * 10 + (7,)).rows_above(999) == 7  # above every bound: above any lower latency
+    assert Histogram(BOUNDS_S, (0,) * 10 + (7,)).rows_above(1000) == 0  # reported as the last bound, as p99 is
+    assert NO_LATENCY.rows_above(5) == 0
 
 
 def test_a_slow_candidate_fails_on_its_call_durations_even_when_both_arms_are_slow():

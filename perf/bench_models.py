@@ -123,7 +123,8 @@ def table(report: dict) -> str:
     lines.append(
         f"\nPerturbed: {sum(counts.values())} images ({', '.join(f'{n} {k}' for k, n in counts.items())}) of "
         f"`tierserve demo`'s mix, seed {report['demo_seed']}, {report['demo_draws']:,} draws. ONNX Runtime "
-        f"{report['onnxruntime']} on one thread, in-process (no Triton), median per image; {report['processor']}."
+        f"{report['onnxruntime']} on one thread, in-process (no Triton), median per image; "
+        + (report_io.measured(report) if "machine" in report else f"{report['processor']}.")
     )
     lines += [
         "",

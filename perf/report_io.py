@@ -207,12 +207,18 @@ def repeated_runs(report: Mapping[str, Any]) -> bool:
 
 
 def provenance(report: Mapping[str, Any]) -> str:
-    """Where and when a report was measured, as the line under its table says it."""
-    m, runs = report["machine"], len(report["runs"])
+    """How often, where and when a report of repeated runs was measured, as the line under its table says it."""
+    runs = len(report["runs"])
+    return f"{runs} run{'s' if runs != 1 else ''}, {measured(report)}"
+
+
+def measured(report: Mapping[str, Any]) -> str:
+    """Where and when a report was measured: the date, the commit, the machine and its load average."""
+    m = report["machine"]
     start, end = m["load_average_at_start"][0], m.get("load_average_at_end", [float("nan")])[0]
     dirty = " with uncommitted changes" if report["dirty"] else ""
     return (
-        f"{runs} run{'s' if runs != 1 else ''}, {report['date'][:10]}, commit {report['commit'][:7]}{dirty}; "
+        f"{report['date'][:10]}, commit {report['commit'][:7]}{dirty}; "
         f"{m['cpus']} CPUs ({m['cpu_model']}), tritonserver {m['tritonserver'] or 'unknown'}, Python {m['python']}; "
         f"1-minute load average {start:g} at the start, {end:g} at the end."
     )

@@ -8,8 +8,10 @@ Usage: .venv/bin/python perf/bench_stub_cpu.py [--runs 3] [--requests 2000]   (a
 One server (P1's policy). Per run and path, in P1's rotated order: --requests one-image requests over gRPC, one at a
 time (the first 64 test images in turn, as perf_analyzer sends them), after 100 not counted. The CPU time (user +
 system, all threads) of tritonserver and of every stub process is read from /proc before and after, and divided by
-the number of requests; the figure is the median of the runs with min and max. The client runs in this process and
-is not counted. Exit status 1, without a report, when the routed path was not answered by the light model.
+the number of requests; the figure is the median of the runs with min and max. The router stubs' CPU is also split
+by thread (the router names its threads for the OS): its executes, Triton's messages on the stub's main thread, and
+its background threads. The client runs in this process and is not counted. Exit status 1, without a report, when
+the routed path was not answered by the light model.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from pathlib import Path
 import report_io
 import tritonclient.grpc as grpcclient
 from bench_router import P1_ORDER, PATHS, ROUTED_TO, _images
-from harness import CLOCK_TICKS, bench_policy, policy_repository, process_cpu_s, running_server
+from harness import CLOCK_TICKS, bench_policy, policy_repository, process_cpu_s, running_server, thread_cpu_s
 from report_io import cell
 
 from tierserve.client import TierserveClient
+from tierserve.thread_names import ROUTER_EXECUTE
 from tierserve.tools.server import TritonServer
 
 REPORT = "stub_cpu.json"
@@ -42,7 +45,18 @@ GROUPS = {
     "digits_light": "`digits_light` stubs",
     OTHERS: "other stubs",
 }
-METRICS = ("wall_us_per_request", "server_cpu_us_per_request", *(f"cpu_us_{group}" for group in GROUPS))
+# the router stubs' threads, by what they do (the router names its threads for the OS: tierserve.thread_names)
+ROUTER_THREADS = {
+    "execute": "executes (the event loop thread)",
+    "main": "Triton's messages (the main thread)",
+    "background": "background threads",
+}
+METRICS = (
+    "wall_us_per_request",
+    "server_cpu_us_per_request",
+    *(f"cpu_us_{group}" for group in GROUPS),
+    *(f"cpu_us_router_{kind}" for kind in ROUTER_THREADS),
+)
 
 
 def _processes(server: TritonServer) -> dict[int, str]:
@@ -60,6 +74,17 @@ def _cpu_by_group(processes: dict[int, str]) -> dict[str, float]:
         with contextlib.suppress(OSError):  # a process that is gone adds nothing
             totals[group] += process_cpu_s(pid)
     return totals
+
+
+def _router_threads(pids: list[int]) -> dict[int, tuple[str, float]]:
+    """Per thread of the router stubs `pids`: what it does (a ROUTER_THREADS key) and its CPU seconds so far."""
+    threads = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):  # a stub that is gone adds nothing
+            for tid, (name, seconds) in thread_cpu_s(pid).items():
+                kind = "main" if tid == pid else "execute" if name == ROUTER_EXECUTE else "background"
+                threads[tid] = (kind, seconds)
+    return threads
 
 
 def _send(client: grpcclient.InferenceServerClient, model: str, parameters: dict, count: int) -> None:
@@ -84,17 +109,22 @@ def _measure(server: TritonServer, key: str, requests: int) -> dict:
     """CPU µs per request of each process group on path `key`, and the wall time per request."""
     model, parameters = PATHS[key][1], _parameters(key)
     processes = _processes(server)
+    routers = [pid for pid, group in processes.items() if group == "router"]
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         _send(client, model, parameters, WARM_UP)
-        before, started = _cpu_by_group(processes), time.monotonic()
+        before, threads_before, started = _cpu_by_group(processes), _router_threads(routers), time.monotonic()
         _send(client, model, parameters, requests)
-        wall, after = time.monotonic() - started, _cpu_by_group(processes)
+        wall, after, threads_after = time.monotonic() - started, _cpu_by_group(processes), _router_threads(routers)
     cpu_us = {group: (after[group] - before[group]) / requests * 1e6 for group in after}
+    by_thread = dict.fromkeys(ROUTER_THREADS, 0.0)
+    for tid, (kind, seconds) in threads_after.items():  # a thread that ended meanwhile is left out
+        by_thread[kind] += (seconds - threads_before.get(tid, (kind, 0.0))[1]) / requests * 1e6
     return {
         "condition": key,
         "wall_us_per_request": wall / requests * 1e6,
         "server_cpu_us_per_request": sum(cpu_us.values()),
         **{f"cpu_us_{group}": cpu_us.get(group, 0.0) for group in GROUPS},
+        **{f"cpu_us_router_{kind}": us for kind, us in by_thread.items()},
         "load_average_1m_before": report_io.load_average()[0],
     }
 
@@ -167,7 +197,8 @@ def table(report: dict) -> str:
         "| path | wall µs / request | CPU µs / request, all processes | " + " | ".join(GROUPS.values()) + " |",
         "|---|---:|---:|" + "---:|" * len(GROUPS),
     ]
-    for c in sorted(s["conditions"], key=lambda c: list(PATHS).index(c["condition"])):
+    conditions = sorted(s["conditions"], key=lambda c: list(PATHS).index(c["condition"]))
+    for c in conditions:
         cpu = [c[f"cpu_us_{group}"] for group in GROUPS]
         lines.append(
             f"| {settings['paths'][c['condition']]['name']} | {cell(c['wall_us_per_request'], ',.0f')} | "
@@ -175,6 +206,18 @@ def table(report: dict) -> str:
             + " | ".join(cell(us, ",.0f") if us["max"] > 0 else "0" for us in cpu)
             + " |"
         )
+    if all(f"cpu_us_router_{kind}" in c for c in conditions for kind in ROUTER_THREADS):  # reports since 2026-11-23
+        lines += [
+            "",
+            "| path | `router` stubs: CPU µs / request | " + " | ".join(ROUTER_THREADS.values()) + " |",
+            "|---|---:|" + "---:|" * len(ROUTER_THREADS),
+        ]
+        for c in conditions:
+            lines.append(
+                f"| {settings['paths'][c['condition']]['name']} | {cell(c['cpu_us_router'], ',.0f')} | "
+                + " | ".join(cell(c[f"cpu_us_router_{kind}"], ",.0f") for kind in ROUTER_THREADS)
+                + " |"
+            )
     lines += [
         "",
         f"Per run, routed / static CPU: {cell(s['ratios']['routed_over_static_server_cpu'], '.2f')} for the whole "

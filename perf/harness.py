@@ -17,10 +17,24 @@ from tierserve.tools.server import Ports, TritonServer
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc/<pid>/stat's CPU times
 
 
+def _cpu_s(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15 of stat(5)
+
+
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds process `pid` (every thread) has used so far; OSError once it is gone."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15 of stat(5)
+    return _cpu_s(Path(f"/proc/{pid}/stat"))
+
+
+def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
+    """Per live thread of process `pid`: its OS name and the user + system CPU seconds it has used so far (a thread
+    that ends while this reads is left out); OSError once the process is gone."""
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            threads[int(task.name)] = ((task / "comm").read_text().strip(), _cpu_s(task / "stat"))
+    return threads
 
 
 @contextlib.contextmanager

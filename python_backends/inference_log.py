@@ -56,6 +56,7 @@ from pydantic_core import PydanticCustomError
 from tierserve.experimenter import RowPlan
 from tierserve.routing import Answer
 from tierserve.signature import RequestContext, Signature
+from tierserve.thread_names import NamedThread
 
 INFERENCES = "inferences"  # folder of the inference records
 FEEDBACK = "feedback"  # folder of the feedback records
@@ -896,7 +897,7 @@ class InferenceLog:
         self._writing = threading.Lock()  # one flush at a time
         self._stop = threading.Event()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="inference-log-writer", daemon=True)
+        self._thread = NamedThread(self._run, "inference-log")
         self._thread.start()
 
     @property

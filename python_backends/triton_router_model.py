@@ -41,6 +41,7 @@ from tierserve.server_scratch import LANE_TOKEN_PARAMETER, lane_token, server_sc
 from tierserve.shadow import BATCH_ROWS, GATHER_S, Mirror, ShadowQueue, outcomes
 from tierserve.signature import RequestContext, signatures
 from tierserve.state_store import STATE_ENV, StateStoreError, default_location, open_store
+from tierserve.thread_names import ROUTER_EXECUTE, NamedThread, name_os_thread
 from tierserve.tier_keys import TIER_KEYS_ENV, TierKeyError, TierKeys, presented_key
 from tierserve.triton_router_metrics import RouterMetrics, open_inference_log
 from tierserve.warmup import WarmUp
@@ -128,11 +129,13 @@ class TritonPythonModel:
         self._healing_until = float("-inf")  # until when this instance's model reload keeps readings out of the gauge
         self._last_execute: float | None = time.monotonic()  # when the latest execute ended; None during one
         self._stopping = threading.Event()
-        threading.Thread(target=self._watch_queue, name="router-queue-wait", daemon=True).start()
-        threading.Thread(target=self._watch_models, name="router-model-states", daemon=True).start()
-        self._flusher = threading.Thread(target=self._flush, name="router-experiment-counts", daemon=True)
+        self._execute_thread_named = False
+        # named for the OS as well (top -H, py-spy, perf/bench_stub_cpu.py tell their CPU apart)
+        NamedThread(self._watch_queue, "router-queue").start()
+        NamedThread(self._watch_models, "router-states").start()
+        self._flusher = NamedThread(self._flush, "router-counts")
         self._flusher.start()
-        threading.Thread(target=self._send_metrics, name="router-metrics", daemon=True).start()
+        NamedThread(self._send_metrics, "router-metrics").start()
 
     def _flush(self) -> None:
         """Experiment counts go to the state store from here, never from an execute; while the store is down they
@@ -252,7 +255,16 @@ class TritonPythonModel:
             responses.append(self._response(self.policy.default_tier, answers, blank, blank))
         return responses
 
+    def _name_execute_thread(self) -> None:
+        """Name the thread executes run on (Triton's stub runs an async execute on an event loop thread of its own)
+        for the OS, once; never the main thread, whose name is the process's."""
+        self._execute_thread_named = True
+        if threading.get_native_id() != os.getpid():
+            name_os_thread(ROUTER_EXECUTE)
+
     async def execute(self, requests: list) -> list:
+        if not self._execute_thread_named:
+            self._name_execute_thread()
         if self.warm_up.take():
             return await self._warm(requests)
         self._last_execute = None  # busy: not idle, however long this execute takes

@@ -244,3 +244,16 @@ def test_the_demo_prints_a_row_per_route(triton: TritonServer, capsys: pytest.Ca
         assert f"| {route} |" in table
     assert "rule out_of_distribution" in table and "rule missing_pixels" in table
     assert "120 requests, accuracy" in table
+
+
+def test_the_routers_threads_are_named_for_the_os(triton: TritonServer, split: DigitsSplit):
+    """top -H, py-spy and perf/bench_stub_cpu.py tell a router stub's threads apart by the names the OS shows."""
+    with TierserveClient(triton.grpc_url) as client:
+        client.classify(split.test.images[0])
+    routers = [stub for stub in triton.stubs() if stub.model == ROUTER_MODEL]
+    assert routers, "the router's stubs run"
+    for stub in routers:
+        names = {(task / "comm").read_text().strip() for task in Path(f"/proc/{stub.pid}/task").iterdir()}
+        # every instance ran executes already: the warm-up's at load
+        expected = {"router-execute", "router-queue", "router-states", "router-counts", "router-metrics"}
+        assert expected <= names, (stub.instance, sorted(names))

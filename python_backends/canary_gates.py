@@ -3,8 +3,8 @@
 A canary raises its treatment's weight step by step (`tierserve canary`, tools/canary.py). At every reading the
 figures of the step so far are judged: a gate fails when its figures show, with 95% confidence where they are a
 proportion (the treatment's p99 is one: the share of its rows slower than the limit), that the candidate is worse
-than allowed; a step passes once it has lasted `step_s` with enough data for
-the required gates (errors and latency); a step that cannot gather that data within `max_step_s` fails on traffic.
+than allowed; a step passes once it has lasted `step_s` with enough data for the required gates (errors and
+latency); a step that cannot gather that data within `max_step_s` fails on traffic.
 Accuracy and shadow agreement are judged once enough of them arrived and never hold a step back. Pure Python.
 """
 

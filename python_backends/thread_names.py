@@ -5,7 +5,6 @@ thread and a few background threads; named, their CPU can be told apart (perf/be
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 from collections.abc import Callable
 from functools import cache
@@ -18,7 +17,7 @@ ROUTER_EXECUTE = "router-execute"  # the thread that runs the router's executes 
 @cache
 def _prctl() -> Callable[..., int] | None:
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+        return ctypes.CDLL(None, use_errno=True).prctl  # the C library this process already runs on
     except (OSError, AttributeError):  # no C library with prctl (not Linux): threads keep their inherited name
         return None
 

@@ -79,11 +79,18 @@ def own_address(address: str | None = None) -> str:
 
 
 def server_get(address: str, path: str, timeout_s: float) -> tuple[int, bytes]:
-    """GET `path` from this server's HTTP endpoint on a connection of its own, closed at once (a kept connection
+    """GET `path` from this server's HTTP endpoint: the status and body; OSError when the server does not answer."""
+    return server_request(address, "GET", path, timeout_s)
+
+
+def server_request(
+    address: str, method: str, path: str, timeout_s: float, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """`method` `path` on this server's HTTP endpoint, on a connection of its own, closed at once (a kept connection
     would hold up tritonserver's shutdown): the status and body; OSError when the server does not answer."""
     connection = http.client.HTTPConnection(address, timeout=timeout_s)
     try:
-        connection.request("GET", path, headers={"Connection": "close"})
+        connection.request(method, path, headers={**(headers or {}), "Connection": "close"})
         reply = connection.getresponse()
         return reply.status, reply.read()
     except (OSError, http.client.HTTPException) as error:

@@ -33,6 +33,7 @@ from tierserve.pixels import NUM_CLASSES, infinity_problem
 from tierserve.promotions import describe, served_promotions
 from tierserve.queue_wait import QueueProbe, QueueWaitMeter
 from tierserve.replay_tokens import REPLAY_PARAMETER, ReplayRow, ReplayTokenError, parse_replay
+from tierserve.repository_api import RepositoryApi
 from tierserve.request_context import ParameterError, parse_context
 from tierserve.resize import resize_to_native, size_problem, source_stats
 from tierserve.router_files import in_process_runners, load_router
@@ -95,6 +96,11 @@ class TritonPythonModel:
         self.lanes = set(self.policy.callable_models) - set(self.policy.models)
         # the load signal: Triton's own count of how long requests queued for this model (tierserve.queue_wait)
         self.queue = QueueProbe(args["model_name"], args["model_version"])
+        try:  # reloads go over HTTP: pb_utils would stop every thread of this stub until the load is done
+            self.repository: RepositoryApi | None = RepositoryApi(os.getppid())
+        except OSError as error:
+            pb_utils.Logger.log_warn(f"router: tritonserver's command line unreadable ({error}); reloads use pb_utils")
+            self.repository = None
         self.healer = Healer(
             self.policy.reload_min_interval_s,
             reload_log,
@@ -512,15 +518,31 @@ class TritonPythonModel:
     def _unload_and_load(self, name: str) -> None:
         self._healing_until = float("inf")  # a reload takes the CPU: the queue it builds is the fault's, not load
         try:
-            pb_utils.unload_model(name)
-            pb_utils.load_model(name)
+            how, ready = self._reload_model(name)
         except Exception as error:  # a failed reload is logged; a later failure retries it
             pb_utils.Logger.log_error(f"router: reloading {name} failed: {error}")
             return
         finally:
             self._healing_until = time.monotonic() + FAULT_HOLD_S
         self.metrics.reloaded(name)
-        pb_utils.Logger.log_info(f"router: reloaded {name}; ready={pb_utils.is_model_ready(name)}")
+        pb_utils.Logger.log_info(f"router: reloaded {name} {how}; ready={ready}")
+
+    def _reload_model(self, name: str) -> tuple[str, bool]:
+        """Unload and load `name`, and whether it is ready then: through the model repository API, while this
+        instance goes on answering; else with pb_utils, which stops every thread of this stub until it is done."""
+        if self.repository is not None:
+            try:
+                self.repository.unload(name)
+                self.repository.load(name)
+                return "through the model repository API", self.repository.ready(name)
+            except OSError as error:
+                pb_utils.Logger.log_warn(
+                    f"router: reloading {name} over HTTP failed ({error}); reloading it with pb_utils, which stops "
+                    "this router instance until the load is done"
+                )
+        pb_utils.unload_model(name)
+        pb_utils.load_model(name)
+        return "with pb_utils", pb_utils.is_model_ready(name)
 
     def _response(
         self, tier: str, answers: list[Answer | Shed | str], ids: list[str], arms: list[str]

@@ -109,6 +109,11 @@ def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(
     assert sum(metric_values(server, "tierserve_model_reloads_total", model="digits_heavy")) >= 1
     assert healed, "escalations did not return to digits_heavy:3"
     assert old_pid not in server.stub_pids("digits_heavy/3")
+    # pb_utils.load_model holds the stub's GIL until the load is done: the healing router instance answered
+    # nothing meanwhile (a critical request waited 0.75 s). It reloads through the model repository API instead.
+    log = (server.workdir / "tritonserver.log").read_text(errors="replace")
+    assert "router: reloaded digits_heavy through the model repository API" in log
+    assert "reloading it with pb_utils" not in log
 
 
 def test_a_killed_stub_of_the_in_process_model_costs_routed_traffic_nothing(chaos, split: DigitsSplit):

@@ -1,4 +1,4 @@
-"""A stand-in for tritonserver's HTTP endpoint on loopback: GET answers from a function of the path."""
+"""A stand-in for tritonserver's HTTP endpoint on loopback: GET and POST answer from a function of the path."""
 
 from __future__ import annotations
 
@@ -11,14 +11,24 @@ Reply = Callable[[str], tuple[int, bytes]]  # path -> (status, body)
 
 
 @contextlib.contextmanager
-def http_stub(reply: Reply) -> Iterator[tuple[str, list[str]]]:
-    """Serve GETs with `reply` until the block ends; yields the address (host:port) and the paths asked for."""
+def http_stub(reply: Reply, headers: list[dict[str, str]] | None = None) -> Iterator[tuple[str, list[str]]]:
+    """Serve GETs and POSTs with `reply` until the block ends; yields the address (host:port) and the paths asked
+    for (a POST's as "POST <path>"); with `headers`, each request's headers are appended there."""
     paths: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            paths.append(self.path)
-            status, body = reply(self.path)
+            self._answer(self.path)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._answer(f"POST {self.path}")
+
+        def _answer(self, asked: str) -> None:
+            paths.append(asked)
+            if headers is not None:
+                headers.append(dict(self.headers))
+            status, body = reply(asked)
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -70,6 +70,14 @@ class _Counter(_Series):
 
 
 class _Gauge(_Series):
+    """Sent only when its value changed: Triton 2.51's python_backend waits for a gauge's `set` holding the stub's
+    GIL (unlike a counter's `increment`), so every thread of the stub, executes included, stops for each one sent;
+    the router sets its gauges (breakers, load) on every execute and every queue reading, mostly to the same value."""
+
+    def __init__(self, batch: MetricBatch, metrics: list) -> None:
+        super().__init__(batch, metrics)
+        self._sent: float | None = None
+
     def set(self, value: float) -> None:
         self._batch.add(self, value)
 
@@ -77,7 +85,9 @@ class _Gauge(_Series):
         return value
 
     def send(self, value: float) -> None:
-        self._metrics[0].set(value)
+        if value != self._sent:
+            self._metrics[0].set(value)
+            self._sent = value
 
 
 class _Histogram(_Series):

@@ -41,12 +41,14 @@ class CircuitBreaker:
         self._ejected_until = 0.0
         self._closed_at = 0.0
         self._probing = False
+        self._held = False  # open until release(), whatever the ejection time (its model is being reloaded)
+        self._before_hold: tuple[int, str] | None = None  # (ejections, why) of a breaker that was closed when held
 
     def allow(self) -> bool:
         """Whether a call may go to the model now; an open breaker past its ejection time lets one probe through."""
         if self.state == CLOSED:
             return True
-        if self.state == OPEN and self._clock() >= self._ejected_until:
+        if self.state == OPEN and not self._held and self._clock() >= self._ejected_until:
             self.state = HALF_OPEN
         if self.state == HALF_OPEN and not self._probing:
             self._probing = True
@@ -55,6 +57,8 @@ class CircuitBreaker:
 
     def record(self, ok: bool, latency_s: float) -> None:
         """The outcome of one call (one BLS request, however many rows it carried)."""
+        if self._held:  # a late outcome of a call sent before the model's reload began: about the old process
+            return
         now = self._clock()
         threshold = self.settings.latency_threshold_ms
         slow = threshold is not None and latency_s * 1000 > threshold
@@ -86,8 +90,31 @@ class CircuitBreaker:
             self._probing = False
             self._eject(self._clock(), why)
 
+    def hold(self, why: str) -> None:
+        """Eject until release(), however long that takes: the model is being reloaded, and a probe would only meet
+        it half-loaded (failing, it doubled the next ejection and kept traffic off the reloaded model longer)."""
+        if not self._held and self.state == CLOSED:
+            self._before_hold = (self.ejections, self.why)
+        self.trip(why)
+        self._held = True
+
+    def release(self) -> None:
+        """End a hold. A breaker that was closed when held closes again (nothing spoke against the model, and its
+        reload has ended); one that was open probes the model with the next call, at once."""
+        if not self._held:
+            return
+        self._held = False
+        if self._before_hold is not None:
+            self.ejections, self.why = self._before_hold
+            self._before_hold = None
+            self._close(self._clock())
+        else:
+            self._ejected_until = min(self._ejected_until, self._clock())
+
     def describe(self) -> str:
         """The state as REASON shows it."""
+        if self.state == OPEN and self._held:
+            return f"breaker open ({self.why}; ejection {self.ejections}, until its reload is done)"
         if self.state == OPEN:
             left = max(self._ejected_until - self._clock(), 0.0)
             return f"breaker open ({self.why}; ejection {self.ejections}, {left:.1f} s left)"

@@ -8,6 +8,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tierserve.experimenter import (
     served_experiments,
 )
 from tierserve.guarded_store import GuardedStore
-from tierserve.healing import Healer, ReloadLog
+from tierserve.healing import RELOAD_WAIT_S, Healer, ReloadLog
 from tierserve.inference_log import LOG_DIR_ENV, inference_record, load_settings
 from tierserve.load_shedding import SHED, shed_message
 from tierserve.model_states import DRILL_POLL_S, POLL_S, TritonStateProbe
@@ -52,6 +53,7 @@ QUEUE_POLL_S = 0.05  # how often an instance reads Triton's queue statistics of 
 FAULT_HOLD_S = 1.0  # readings this soon after a stuck downstream call are not load (the queue it left drains)
 STATS_GRACE_S = 10.0  # unreadable statistics are an error after this long (the HTTP endpoint starts last)
 FLUSH_S = 0.5  # how often experiment counts are written to the state store (off the hot path)
+RELOAD_POLL_S = 0.1  # how often an instance looks whether someone else's reload it waits on has ended
 METRICS_FLUSH_S = 0.1  # how often the metrics executes recorded are sent to tritonserver (scrapes see them this late)
 
 
@@ -91,7 +93,10 @@ class TritonPythonModel:
                 runner.infer(np.zeros((1, 8, 8), np.float32))
         # shared by this server's router instances (their parent process is tritonserver)
         scratch = server_scratch(os.getppid())
-        reload_log = ReloadLog(scratch)
+        self.reload_log = ReloadLog(scratch)
+        self._holding: set[str] = set()  # models whose breakers are held while a reload runs (_hold_while)
+        self._called_names = {model.split(":")[0] for model in self.router.breakers}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop executes run on, once one ran
         self.lane_token = lane_token(server_secret(scratch))
         self.lanes = set(self.policy.callable_models) - set(self.policy.models)
         # the load signal: Triton's own count of how long requests queued for this model (tierserve.queue_wait)
@@ -103,9 +108,10 @@ class TritonPythonModel:
             self.repository = None
         self.healer = Healer(
             self.policy.reload_min_interval_s,
-            reload_log,
+            self.reload_log,
             trip=lambda model, why: self.router.breakers[model].trip(why),
             reload=self._reload,
+            await_reload=self._await_reload,
         )
         self.metrics = RouterMetrics(self.policy.callable_models, self.policy.tiers, args["model_instance_name"])
         self.metrics.in_process_state(self.router.states)
@@ -223,6 +229,7 @@ class TritonPythonModel:
                 except OSError:
                     continue
             self.metrics.in_process_state(states)
+            self._notice_reloads()
             if (now := time.monotonic()) - drills_read >= DRILL_POLL_S:
                 drills_read = now
                 for name in states.called_names:
@@ -271,6 +278,7 @@ class TritonPythonModel:
     async def execute(self, requests: list) -> list:
         if not self._execute_thread_named:
             self._name_execute_thread()
+            self._loop = asyncio.get_running_loop()
         if self.warm_up.take():
             return await self._warm(requests)
         self._last_execute = None  # busy: not idle, however long this execute takes
@@ -511,19 +519,63 @@ class TritonPythonModel:
         return (ModelDown if self.healer.model_down(model, message, sent_at) else ModelCallError)(message)
 
     def _reload(self, name: str) -> None:
-        """Reload a model whose stub died (Triton does not) in a thread of its own, off the hot path."""
+        """Reload a model whose stub died (Triton does not), off the hot path, its breakers held open meanwhile."""
         pb_utils.Logger.log_warn(f"router: {name} has a dead stub; reloading it")
-        threading.Thread(target=self._unload_and_load, args=(name,), name=f"reload-{name}", daemon=True).start()
+        self._hold_while(name, f"{name} is being reloaded", self._unload_and_load)
+
+    def _await_reload(self, name: str) -> None:
+        """Another router instance or the supervisor reloads `name`: its breakers stay open until that ends. Called
+        on the event loop, when a call met the dead stub or when _watch_models saw the reload in the log."""
+        if name not in self._holding:
+            self._hold_while(name, f"{name} is being reloaded elsewhere", self._wait_for_reload)
+
+    def _wait_for_reload(self, name: str) -> None:
+        while self.reload_log.in_progress(name, time.monotonic(), RELOAD_WAIT_S):
+            time.sleep(RELOAD_POLL_S)
+
+    def _notice_reloads(self) -> None:
+        """From _watch_models: a reload of a model this instance calls, which began elsewhere, holds its breakers
+        here too (an instance whose calls to a dead stub only timed out never reads the stub's death)."""
+        if (loop := self._loop) is None:
+            return
+        now = time.monotonic()
+        for name in self._called_names:
+            if name not in self._holding and self.reload_log.in_progress(name, now, RELOAD_WAIT_S):
+                loop.call_soon_threadsafe(self._await_reload, name)
+
+    def _hold_while(self, name: str, why: str, work: Callable[[str], None]) -> None:
+        """Hold the breakers of every version of `name` open while `work(name)` runs in a thread of its own, then
+        release them on the event loop, as every other use of the breakers (their next call probes at once).
+        Called on the event loop (from a call's failure)."""
+        held = [breaker for model, breaker in self.router.breakers.items() if model.split(":")[0] == name]
+        for breaker in held:
+            breaker.hold(why)
+        self._holding.add(name)
+        loop = asyncio.get_running_loop()
+
+        def release() -> None:
+            for breaker in held:
+                breaker.release()
+            self._holding.discard(name)
+
+        def run() -> None:
+            try:
+                work(name)
+            finally:
+                loop.call_soon_threadsafe(release)
+
+        threading.Thread(target=run, name=f"heal-{name}", daemon=True).start()
 
     def _unload_and_load(self, name: str) -> None:
         self._healing_until = float("inf")  # a reload takes the CPU: the queue it builds is the fault's, not load
         try:
             how, ready = self._reload_model(name)
-        except Exception as error:  # a failed reload is logged; a later failure retries it
+        except Exception as error:  # a failed reload is logged; a later failure retries it (after a probe)
             pb_utils.Logger.log_error(f"router: reloading {name} failed: {error}")
             return
         finally:
             self._healing_until = time.monotonic() + FAULT_HOLD_S
+            self.reload_log.finish(name, time.monotonic())  # other instances waiting on it probe the model now
         self.metrics.reloaded(name)
         pb_utils.Logger.log_info(f"router: reloaded {name} {how}; ready={ready}")
 

@@ -241,7 +241,8 @@ class Supervisor:
     def _heal(self, model: str, keys: dict[InstanceKey, float]) -> None:
         """Reload `model`, whose instances `keys` (with when each was last seen alive) lost their stubs."""
         now = time.monotonic()
-        claim = ReloadLog(server_scratch(self.server.pid)).claim(model, max(keys.values()), now, RELOAD_MIN_INTERVAL_S)
+        reloads = ReloadLog(server_scratch(self.server.pid))
+        claim = reloads.claim(model, max(keys.values()), now, RELOAD_MIN_INTERVAL_S)
         if claim == "stale":  # a router began reloading it after the death: wait for that reload
             self._seen.update(dict.fromkeys(keys, now))
             return
@@ -255,6 +256,8 @@ class Supervisor:
         except ServerError as error:  # kept as missing: retried once RELOAD_MIN_INTERVAL_S has passed
             self._emit(Event(EventKind.RELOAD_FAILED, f"{model}: {error}", model=model))
             return
+        finally:
+            reloads.finish(model, time.monotonic())  # routers holding their breakers for it probe the model now
         took_s = time.monotonic() - started
         self.reloads[model] += 1
         self._forget(keys)  # the reloaded instances are learned on the next check

@@ -89,13 +89,17 @@ def test_tight_deadlines_of_one_client_never_eject_healthy_models(triton: Triton
     about the models. Another client's standard requests, during and after, all succeed on their models."""
     stop = threading.Event()
     hurried: list[str] = []
+    hurried_errors: list[str] = []  # a failure in a thread would only be a warning: kept here and asserted
 
     def hurry() -> None:
         with TierserveClient(triton.grpc_url, tier_key=triton.tier_key) as client:
             i = 0
             while not stop.is_set():
-                (answer,) = client.classify(split.test.images[i % 100], deadline_ms=1)
-                hurried.append(answer.path)
+                try:
+                    (answer,) = client.classify(split.test.images[i % 100], deadline_ms=1)
+                    hurried.append(answer.path)
+                except TierserveError as error:
+                    hurried_errors.append(str(error))
                 i += 1
 
     threads = [threading.Thread(target=hurry) for _ in range(4)]
@@ -107,6 +111,7 @@ def test_tight_deadlines_of_one_client_never_eject_healthy_models(triton: Triton
     for thread in threads:
         thread.join(10)
     assert hurried, "the tight-deadline client was answered"
+    assert [e for e in hurried_errors if "standard request shed" not in e] == [], "late beats failed: answered"
     # Five unpaced clients on two cores are load: a loaded box may shed a few standard requests (designed, and said
     # so). Nothing else may fail, and most must be answered.
     failed = [s.error for s in load.sent if s.error and "standard request shed" not in s.error]

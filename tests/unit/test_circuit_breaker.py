@@ -112,3 +112,39 @@ def test_slow_calls_count_as_failures(clock: Clock):
     breaker.allow()
     breaker.record(True, 0.2)
     assert breaker.state == OPEN and breaker.why == "half-open probe was slow"
+
+
+def test_a_breaker_held_for_a_reload_probes_only_once_released_and_then_at_once(clock: Clock):
+    breaker = _breaker(clock)
+    breaker.trip("model down: stub gone")
+    breaker.hold("reloading digits_heavy")
+    clock.now += 10.0  # far past the ejection time: still no probe, the model is loading
+    assert breaker.state == OPEN and not breaker.allow()
+    assert breaker.describe() == "breaker open (model down: stub gone; ejection 1, until its reload is done)"
+    breaker.release()
+    assert breaker.allow() and breaker.state == HALF_OPEN, "the reloaded model is probed at once"
+    breaker.record(True, 0.001)
+    assert breaker.state == CLOSED and breaker.ejections == 1
+
+
+def test_a_breaker_closed_when_held_closes_again_and_late_outcomes_are_ignored_while_held(clock: Clock):
+    breaker = _breaker(clock)
+    breaker.hold("digits_heavy is being reloaded elsewhere")  # no failure seen here: the hold alone ejects
+    assert breaker.state == OPEN and not breaker.allow() and breaker.why == "digits_heavy is being reloaded elsewhere"
+    breaker.record(True, 0.001)  # a late answer of a call sent before the reload: about the old process
+    assert breaker.state == OPEN and not breaker.allow()
+    breaker.release()
+    assert breaker.state == CLOSED and breaker.allow() and breaker.ejections == 0, "no probe needed"
+
+
+def test_a_held_breaker_whose_probe_fails_after_the_release_ejects_again_for_longer(clock: Clock):
+    breaker = _breaker(clock)
+    breaker.trip("model down: stub gone")
+    breaker.hold("digits_heavy is being reloaded")
+    clock.now += 0.5
+    breaker.release()
+    assert breaker.allow()
+    breaker.record(False, 0.001)  # the reload failed: the probe says so, and the next ejection is longer
+    assert breaker.state == OPEN and breaker.ejections == 2
+    breaker.release()  # a release without a hold changes nothing
+    assert not breaker.allow()

@@ -115,3 +115,31 @@ def test_two_router_instances_sharing_the_log_reload_a_dead_model_once(tmp_path)
     assert instances[0].model_down("digits_light:1", DEAD, sent_at=9.0)
     assert not instances[1].model_down("digits_light:1", DEAD, sent_at=9.5), "stale for the second instance"
     assert reloads == ["digits_light"]
+
+
+def test_the_reload_log_says_whether_a_reload_runs_until_its_reloader_says_it_ended(tmp_path):
+    log = ReloadLog(tmp_path)
+    assert not log.in_progress("digits_heavy", 10.0, 30.0), "never reloaded"
+    assert log.claim("digits_heavy", sent_at=9.0, now=10.0, min_interval_s=5.0) == "reload"
+    assert log.in_progress("digits_heavy", 11.0, 30.0)
+    assert not log.in_progress("digits_heavy", 41.0, 30.0), "a reloader that never said it ended is waited 30 s"
+    log.finish("digits_heavy", 12.0)
+    assert not log.in_progress("digits_heavy", 12.5, 30.0)
+    # the record still rate-limits and still tells stale errors apart after it ended
+    assert log.claim("digits_heavy", sent_at=9.5, now=13.0, min_interval_s=5.0) == "stale"
+    assert log.claim("digits_heavy", sent_at=12.8, now=13.0, min_interval_s=5.0) == "recent"
+    assert log.claim("digits_heavy", sent_at=16.0, now=16.0, min_interval_s=5.0) == "reload"
+    assert log.in_progress("digits_heavy", 16.5, 30.0), "a new reload runs until it ends in turn"
+
+
+def test_a_dead_stub_met_during_someone_elses_reload_waits_for_it(tmp_path):
+    log, awaited, reloads = ReloadLog(tmp_path), [], []
+    assert log.claim("digits_heavy", sent_at=9.0, now=10.0, min_interval_s=5.0) == "reload"  # another instance's
+    healer = Healer(5.0, log, lambda model, why: None, reloads.append, clock=lambda: 10.5, await_reload=awaited.append)
+    assert healer.model_down("digits_heavy:3", "Stub process 'digits_heavy_0_0' is not healthy.", sent_at=10.2)
+    assert reloads == [] and awaited == ["digits_heavy"]
+    assert not healer.model_down("digits_heavy:3", "Stub process 'x' is not healthy.", sent_at=9.5)  # stale
+    assert awaited == ["digits_heavy", "digits_heavy"], "a stale error during the reload waits for it too"
+    log.finish("digits_heavy", 11.0)
+    healer.model_down("digits_heavy:3", "Stub process 'x' is not healthy.", sent_at=10.8)
+    assert len(awaited) == 2, "once the reload ended there is nothing to wait for"

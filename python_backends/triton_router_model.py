@@ -95,7 +95,6 @@ class TritonPythonModel:
         scratch = server_scratch(os.getppid())
         self.reload_log = ReloadLog(scratch)
         self._holding: set[str] = set()  # models whose breakers are held while a reload runs (_hold_while)
-        self._called_names = {model.split(":")[0] for model in self.router.breakers}
         self._loop: asyncio.AbstractEventLoop | None = None  # the event loop executes run on, once one ran
         self.lane_token = lane_token(server_secret(scratch))
         self.lanes = set(self.policy.callable_models) - set(self.policy.models)
@@ -539,7 +538,7 @@ class TritonPythonModel:
         if (loop := self._loop) is None:
             return
         now = time.monotonic()
-        for name in self._called_names:
+        for name in self.router.states.called_names:
             if name not in self._holding and self.reload_log.in_progress(name, now, RELOAD_WAIT_S):
                 loop.call_soon_threadsafe(self._await_reload, name)
 

@@ -140,7 +140,6 @@ class TritonPythonModel:
         self._healing_until = float("-inf")  # until when this instance's model reload keeps readings out of the gauge
         self._last_execute: float | None = time.monotonic()  # when the latest execute ended; None during one
         self._stopping = threading.Event()
-        self._execute_thread_named = False
         # named for the OS as well (top -H, py-spy, perf/bench_stub_cpu.py tell their CPU apart)
         NamedThread(self._watch_queue, "router-queue").start()
         NamedThread(self._watch_models, "router-states").start()
@@ -267,17 +266,16 @@ class TritonPythonModel:
             responses.append(self._response(self.policy.default_tier, answers, blank, blank))
         return responses
 
-    def _name_execute_thread(self) -> None:
-        """Name the thread executes run on (Triton's stub runs an async execute on an event loop thread of its own)
-        for the OS, once; never the main thread, whose name is the process's."""
-        self._execute_thread_named = True
+    def _first_execute(self) -> None:
+        """Keep the event loop executes run on (Triton's stub runs an async execute on a thread of its own), and
+        name that thread for the OS; never the main thread, whose name is the process's."""
+        self._loop = asyncio.get_running_loop()
         if threading.get_native_id() != os.getpid():
             name_os_thread(ROUTER_EXECUTE)
 
     async def execute(self, requests: list) -> list:
-        if not self._execute_thread_named:
-            self._name_execute_thread()
-            self._loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._first_execute()
         if self.warm_up.take():
             return await self._warm(requests)
         self._last_execute = None  # busy: not idle, however long this execute takes

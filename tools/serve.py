@@ -36,8 +36,12 @@ from tierserve.tools.server import (
 )
 from tierserve.tools.supervisor import Event, Supervisor
 
+# Both are handled whatever their disposition was at start, as tritonserver does: a shell runs a background job
+# (`tierserve serve &` in a script, a CI step) with SIGINT ignored, and Python then keeps it ignored.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # one shutdown path for Ctrl-C and for `kill`, systemd or Kubernetes
 
 
@@ -151,7 +155,8 @@ def serve(args: argparse.Namespace) -> int:
         replica=args.replica,
     )
     supervisor = Supervisor(server, report=_print_event, on_ready=lambda: _restore_promotions(server))
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _stop_on_signal)
     try:
         supervisor.start()
         print(_banner(server), flush=True)

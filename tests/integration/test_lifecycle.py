@@ -52,8 +52,15 @@ def _processes_with(marker: str) -> list[str]:
     return found
 
 
-def launch_serve(model_repository: Path, ports: Ports, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """`tierserve serve` on `ports` in a process of its own, its output piped (text)."""
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def launch_serve(
+    model_repository: Path, ports: Ports, env: dict[str, str] | None = None, sigint_ignored: bool = False
+) -> subprocess.Popen[str]:
+    """`tierserve serve` on `ports` in a process of its own, its output piped (text); with `sigint_ignored`, started
+    as a shell starts a background job: SIGINT ignored."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -70,37 +77,51 @@ def launch_serve(model_repository: Path, ports: Ports, env: dict[str, str] | Non
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        preexec_fn=_ignore_sigint if sigint_ignored else None,
     )
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_serve_prints_where_it_listens_and_stops_cleanly(model_repository: Path, stop_signal: signal.Signals):
+@pytest.mark.parametrize(
+    ("stop_signal", "sigint_ignored"),
+    [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c", "sigint-to-a-background-job", "sigterm"],
+)
+def test_serve_prints_where_it_listens_and_stops_cleanly(
+    model_repository: Path, stop_signal: signal.Signals, sigint_ignored: bool
+):
+    """A background job of a shell without job control (a script's `tierserve serve &`, a CI step) starts with SIGINT
+    ignored; serve stops on it all the same, as tritonserver does."""
     ports = Ports.free()
-    launcher = launch_serve(model_repository, ports)
-    banner = []
-    deadline = time.monotonic() + 120
-    assert launcher.stdout is not None
-    for line in launcher.stdout:
-        banner.append(line)
-        if "Press Ctrl-C to stop." in line or time.monotonic() > deadline:
-            break
-    text = "".join(banner)
-    assert f"http://127.0.0.1:{ports.http}" in text and f"127.0.0.1:{ports.grpc}" in text
-    assert f"http://127.0.0.1:{ports.metrics}/metrics" in text
-    for port in (ports.http, ports.grpc, ports.metrics):  # what /proc says tritonserver listens on
-        assert f"bound to 127.0.0.1:{port}" in text
-    assert "every interface" not in text
-    assert "tierserve-admin-key" in text and "triton-grpc-protocol-tierserve-admin-key" in text
-    assert "digits_heavy:1" in text and "digits_heavy:2" in text and "digits_rules:1" in text
-    if (outside := _non_loopback_ipv4()) is not None:
-        for port in (ports.http, ports.grpc, ports.metrics):
-            assert not _accepts(outside, port), f"{outside}:{port} must not accept connections"
-        assert _accepts("127.0.0.1", ports.http)
+    launcher = launch_serve(model_repository, ports, sigint_ignored=sigint_ignored)
+    try:
+        banner = []
+        deadline = time.monotonic() + 120
+        assert launcher.stdout is not None
+        for line in launcher.stdout:
+            banner.append(line)
+            if "Press Ctrl-C to stop." in line or time.monotonic() > deadline:
+                break
+        text = "".join(banner)
+        assert f"http://127.0.0.1:{ports.http}" in text and f"127.0.0.1:{ports.grpc}" in text
+        assert f"http://127.0.0.1:{ports.metrics}/metrics" in text
+        for port in (ports.http, ports.grpc, ports.metrics):  # what /proc says tritonserver listens on
+            assert f"bound to 127.0.0.1:{port}" in text
+        assert "every interface" not in text
+        assert "tierserve-admin-key" in text and "triton-grpc-protocol-tierserve-admin-key" in text
+        assert "digits_heavy:1" in text and "digits_heavy:2" in text and "digits_rules:1" in text
+        if (outside := _non_loopback_ipv4()) is not None:
+            for port in (ports.http, ports.grpc, ports.metrics):
+                assert not _accepts(outside, port), f"{outside}:{port} must not accept connections"
+            assert _accepts("127.0.0.1", ports.http)
 
-    shm_prefix = f"tierserve_{launcher.pid}_{ports.http}_"
-    assert _processes_with(shm_prefix), "the Python stubs run with the launcher's shared-memory prefix"
-    launcher.send_signal(stop_signal)
-    launcher.communicate(timeout=60)
+        shm_prefix = f"tierserve_{launcher.pid}_{ports.http}_"
+        assert _processes_with(shm_prefix), "the Python stubs run with the launcher's shared-memory prefix"
+        launcher.send_signal(stop_signal)
+        launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:  # a failed check leaves no server running (its tritonserver gets SIGTERM)
+            launcher.kill()
+            launcher.wait()
     assert launcher.returncode == 0
     assert _processes_with(shm_prefix) == []
     assert list(SHM_DIR.glob(f"{shm_prefix}*")) == []

@@ -84,13 +84,19 @@ def server_get(address: str, path: str, timeout_s: float) -> tuple[int, bytes]:
 
 
 def server_request(
-    address: str, method: str, path: str, timeout_s: float, headers: dict[str, str] | None = None
+    address: str,
+    method: str,
+    path: str,
+    timeout_s: float,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
 ) -> tuple[int, bytes]:
-    """`method` `path` on this server's HTTP endpoint, on a connection of its own, closed at once (a kept connection
-    would hold up tritonserver's shutdown): the status and body; OSError when the server does not answer."""
+    """`method` `path` (with `body`) on this server's HTTP endpoint, on a connection of its own, closed at once (a
+    kept connection would hold up tritonserver's shutdown): the status and body; OSError when the server does not
+    answer."""
     connection = http.client.HTTPConnection(address, timeout=timeout_s)
     try:
-        connection.request(method, path, headers={**(headers or {}), "Connection": "close"})
+        connection.request(method, path, body=body, headers={**(headers or {}), "Connection": "close"})
         reply = connection.getresponse()
         return reply.status, reply.read()
     except (OSError, http.client.HTTPException) as error:

@@ -4,15 +4,19 @@ Triton 2.51's `pb_utils.unload_model` and `load_model` wait for tritonserver whi
 (python_backend binds them without releasing it), so every thread of the calling stub stops until the load is
 done: a router instance that healed a model answered nothing meanwhile (a critical request waited 0.75 s in
 test_chaos, against its 50 ms budget). Over HTTP the wait is on a socket, with the GIL released, and Triton does
-the same (TRITONSERVER_ServerUnloadModel, then ServerLoadModel). The model repository API is restricted to the
+the same load (TRITONSERVER_ServerLoadModelWithParameters). The model repository API is restricted to the
 admin key; the router reads it where tritonserver has it, its command line, which any process of the server's
-user may read (README, Threat model)."""
+user may read (README, Threat model).
+
+A reload loads the configuration the model runs with, not its config.pbtxt: a model that a fault drill reconfigured,
+or whose versions a promotion or retirement changed, keeps that when its stub dies and is healed. The supervisor
+reloads the same way (tools/supervisor.py)."""
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from tierserve.queue_wait import own_address, server_request
@@ -20,6 +24,33 @@ from tierserve.queue_wait import own_address, server_request
 RESTRICTED_API_FLAG = "--http-restricted-api"
 MODEL_REPOSITORY_API = "model-repository"
 LOAD_TIMEOUT_S = 600.0  # a load may take long (a TensorRT engine); the reload thread waits off the hot path
+CONFIG_TIMEOUT_S = 5.0
+# Triton skips a load whose configuration and files are unchanged, so a reload of the running configuration
+# carries this parameter, counting the reloads of the model (models ignore parameters not theirs).
+RELOAD_MARK = "tierserve_reloads"
+
+
+def reload_config(running: dict, serving: Collection[int]) -> dict:
+    """The configuration to load a model again with: `running` (model_config.proto as JSON, as the server reports
+    it) with its reload count one higher and, when `serving` names the versions it serves now, a version policy of
+    exactly those. Triton 2.51 reports config.pbtxt's version policy even for a model loaded with an override of it
+    (a retirement's), so the versions come from the repository index, not from `running`."""
+    parameters = dict(running.get("parameters") or {})
+    count = int(parameters.get(RELOAD_MARK, {}).get("string_value", "0"))
+    parameters[RELOAD_MARK] = {"string_value": str(count + 1)}
+    config = {**running, "parameters": parameters}
+    if serving:
+        config["version_policy"] = {"specific": {"versions": sorted(serving)}}
+    return config
+
+
+def ready_versions(index: Iterable[Mapping[str, str]], model: str) -> set[int]:
+    """The versions of `model` that the repository index (POST /v2/repository/index) says are READY."""
+    return {
+        int(entry["version"])
+        for entry in index
+        if entry.get("name") == model and entry.get("state") == "READY" and entry.get("version", "").isdigit()
+    }
 
 
 def restricted_header(argv: Sequence[str], api: str = MODEL_REPOSITORY_API) -> tuple[str, str] | None:
@@ -55,21 +86,43 @@ class RepositoryApi:
         header = restricted_header(command_line(server_pid))
         self._headers = {header[0]: header[1]} if header else {}
 
-    def _post(self, path: str) -> None:
-        status, body = server_request(self.address, "POST", path, self.timeout_s, self._headers)
+    def _call(self, method: str, path: str, timeout_s: float, body: bytes | None = None) -> bytes:
+        status, reply = server_request(self.address, method, path, timeout_s, self._headers, body)
         if status != 200:
             try:
-                message = json.loads(body).get("error", "")
+                message = json.loads(reply).get("error", "")
             except (ValueError, AttributeError):
-                message = body[:200].decode(errors="replace")
-            raise RepositoryError(f"POST {path}: HTTP {status}: {message}")
+                message = reply[:200].decode(errors="replace")
+            raise RepositoryError(f"{method} {path}: HTTP {status}: {message}")
+        return reply
 
-    def unload(self, model: str) -> None:
-        self._post(f"/v2/repository/models/{model}/unload")
+    def config(self, model: str) -> dict:
+        """The configuration the server runs `model` with (model_config.proto as JSON)."""
+        reply = self._call("GET", f"/v2/models/{model}/config", CONFIG_TIMEOUT_S)
+        try:
+            return json.loads(reply)
+        except ValueError as error:
+            raise RepositoryError(f"GET /v2/models/{model}/config: not JSON: {reply[:200]!r}") from error
 
-    def load(self, model: str) -> None:
-        self._post(f"/v2/repository/models/{model}/load")
+    def load(self, model: str, config: dict) -> None:
+        """Load `model` with `config` in place of its config.pbtxt; if that fails, the loaded version keeps
+        serving."""
+        body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
+        self._call("POST", f"/v2/repository/models/{model}/load", self.timeout_s, body)
+
+    def index(self) -> list[dict[str, str]]:
+        """The repository index: every model version the server knows of, with its state."""
+        reply = self._call("POST", "/v2/repository/index", CONFIG_TIMEOUT_S, b"{}")
+        try:
+            return json.loads(reply)
+        except ValueError as error:
+            raise RepositoryError(f"POST /v2/repository/index: not JSON: {reply[:200]!r}") from error
+
+    def reload(self, model: str) -> None:
+        """Load `model` again with the configuration and versions it runs with: Triton starts new instances, then
+        ends the old ones (a dead stub's among them)."""
+        self.load(model, reload_config(self.config(model), ready_versions(self.index(), model)))
 
     def ready(self, model: str) -> bool:
-        status, _ = server_request(self.address, "GET", f"/v2/models/{model}/ready", 5.0)
+        status, _ = server_request(self.address, "GET", f"/v2/models/{model}/ready", CONFIG_TIMEOUT_S)
         return status == 200

@@ -577,17 +577,17 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"router: reloaded {name} {how}; ready={ready}")
 
     def _reload_model(self, name: str) -> tuple[str, bool]:
-        """Unload and load `name`, and whether it is ready then: through the model repository API, while this
-        instance goes on answering; else with pb_utils, which stops every thread of this stub until it is done."""
+        """Load `name` again, and whether it is ready then: through the model repository API with the
+        configuration it runs with, while this instance goes on answering; else unloaded and loaded from its
+        config.pbtxt with pb_utils, which stops every thread of this stub until it is done."""
         if self.repository is not None:
             try:
-                self.repository.unload(name)
-                self.repository.load(name)
+                self.repository.reload(name)
                 return "through the model repository API", self.repository.ready(name)
             except OSError as error:
                 pb_utils.Logger.log_warn(
-                    f"router: reloading {name} over HTTP failed ({error}); reloading it with pb_utils, which stops "
-                    "this router instance until the load is done"
+                    f"router: reloading {name} over HTTP failed ({error}); reloading it from its config.pbtxt with "
+                    "pb_utils, which stops this router instance until the load is done"
                 )
         pb_utils.unload_model(name)
         pb_utils.load_model(name)

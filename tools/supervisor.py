@@ -13,20 +13,18 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
 from tierserve.healing import ReloadLog
+from tierserve.repository_api import ready_versions, reload_config
 from tierserve.server_scratch import server_scratch
 from tierserve.tools.server import ServerError, Stub, TritonServer
 
 POLL_S = 0.25  # how often /proc and the server process are looked at
 # A model the supervisor reloaded is not reloaded again sooner than this, whoever noticed the next death.
 RELOAD_MIN_INTERVAL_S = 1.0
-# Triton skips a load whose configuration and files are unchanged, so a reload of the running configuration
-# carries this parameter, counting the supervisor's reloads of the model (models ignore parameters not theirs).
-RELOAD_MARK = "tierserve_supervisor_reloads"
 
 
 class EventKind(Enum):
@@ -233,10 +231,12 @@ class Supervisor:
         except ServerError:
             return  # the server did not answer: look again on the next check
         for model, keys in missing.items():
-            if all((model, key.version) in loaded for key in keys):
-                self._heal(model, keys)
-            else:  # unloaded, or being reloaded by unload and load: not a death
-                self._forget(keys)
+            # A version unloaded, or being reloaded by unload and load, lost its stubs to that, not to a death.
+            # Judged per version: one retired as another's stub dies (in one look) must not hide that death.
+            dead = {key: seen_at for key, seen_at in keys.items() if (model, key.version) in loaded}
+            self._forget(key for key in keys if key not in dead)
+            if dead:
+                self._heal(model, dead)
 
     def _heal(self, model: str, keys: dict[InstanceKey, float]) -> None:
         """Reload `model`, whose instances `keys` (with when each was last seen alive) lost their stubs."""
@@ -271,14 +271,12 @@ class Supervisor:
         )
 
     def _reload(self, model: str) -> None:
-        """Load `model` again with the configuration it runs now, marked so that Triton does not skip it."""
-        config = self.server.model_config(model)
-        parameters = config.setdefault("parameters", {})
-        count = int(parameters.get(RELOAD_MARK, {}).get("string_value", "0"))
-        parameters[RELOAD_MARK] = {"string_value": str(count + 1)}
-        self.server.load(model, config)
+        """Load `model` again with the configuration and versions it runs now, marked so that Triton does not skip
+        it."""
+        serving = ready_versions(self.server.models(), model)
+        self.server.load(model, reload_config(self.server.model_config(model), serving))
 
-    def _forget(self, keys: dict[InstanceKey, float]) -> None:
+    def _forget(self, keys: Iterable[InstanceKey]) -> None:
         for key in keys:
             self._seen.pop(key, None)
 

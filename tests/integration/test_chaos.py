@@ -73,9 +73,16 @@ def _recent_escalated_to(sent: list[Sent], model: str, count: int = 10, tier: st
     return len(last) == count and all(s.answer and s.answer.path.endswith(f">{model} ok") for s in last)
 
 
-def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(chaos, split: DigitsSplit):
-    """digits_heavy:3 is called through Triton for every escalation; its stub is killed under load."""
-    server, _ = chaos
+def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(
+    chaos, split: DigitsSplit, model_repository: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """digits_heavy:3 is called through Triton for every escalation; its stub is killed under load. Version 1 was
+    retired first (a load with a version policy override): the heal keeps it retired."""
+    server, control = chaos
+    monkeypatch.setenv("TIERSERVE_ADMIN_KEY", server.admin_key)
+    where = ["--url", server.http_url, "--state", str(server.state), "--model-repository", str(model_repository)]
+    assert main(["retire", "digits_heavy:1", *where]) == 0
+    assert control.ready_versions("digits_heavy") == {2, 3}
     hard = escalated_images(server.grpc_url, split.test.images[:300])
     (old_pid,) = server.stub_pids("digits_heavy/3")
     with SteadyLoad(server.grpc_url, hard, tier_key=server.tier_key) as load:  # critical, standard
@@ -109,11 +116,13 @@ def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(
     assert sum(metric_values(server, "tierserve_model_reloads_total", model="digits_heavy")) >= 1
     assert healed, "escalations did not return to digits_heavy:3"
     assert old_pid not in server.stub_pids("digits_heavy/3")
+    # reloaded with the configuration it ran with, not config.pbtxt's (which serves versions 1, 2 and 3)
+    assert control.ready_versions("digits_heavy") == {2, 3}, "the heal brought a retired version back"
     # pb_utils.load_model holds the stub's GIL until the load is done: the healing router instance answered
     # nothing meanwhile (a critical request waited 0.75 s). It reloads through the model repository API instead.
     log = (server.workdir / "tritonserver.log").read_text(errors="replace")
     assert "router: reloaded digits_heavy through the model repository API" in log
-    assert "reloading it with pb_utils" not in log
+    assert "with pb_utils" not in log
 
 
 def test_a_killed_stub_of_the_in_process_model_costs_routed_traffic_nothing(chaos, split: DigitsSplit):

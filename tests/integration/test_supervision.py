@@ -22,12 +22,13 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tierserve.client import TierserveClient
+from tierserve.repository_api import RELOAD_MARK
 from tierserve.server_scratch import LANE_TOKEN_PARAMETER, lane_token, server_scratch, server_secret
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.model_control import ModelControl
 from tierserve.tools.server import SHM_DIR, Ports, Stub, TritonServer
-from tierserve.tools.supervisor import RELOAD_MARK, EventKind, InstanceKey, Supervisor
+from tierserve.tools.supervisor import EventKind, InstanceKey, Supervisor
 from tierserve.tools.workload import noisy
 
 from .conftest import supervised_server
@@ -219,6 +220,32 @@ def test_a_reload_by_someone_else_is_not_a_death_and_a_heal_keeps_the_running_co
     assert {k: v for k, v in parameters.items() if k in faults} == faults, "the injected fault survives the heal"
     assert int(parameters[RELOAD_MARK]["string_value"]) >= 1
     assert main(["fault", "digits_rules", "--off", "--url", server.http_url]) == 0
+
+
+def test_a_heal_serves_the_versions_served_before_the_death(supervised: Supervisor):
+    """Triton 2.51 reports config.pbtxt's version policy even for a model loaded with another (a retirement's), so
+    the supervisor takes the versions from the repository index: a retired version stays retired. The stub dies
+    as soon as the retired version's stubs are gone, often within one look of the supervisor at /proc: judged per
+    version, the retired one's are no death and this one's is."""
+    server = supervised.server
+    control = ModelControl(server.http_url, server.admin_key)
+    control.load_versions("digits_heavy", [2, 3])  # what `tierserve retire digits_heavy:1` does
+    try:
+        assert server.model_config("digits_heavy")["version_policy"] == {"specific": {"versions": [1, 2, 3]}}
+
+        def retired() -> bool:
+            return not [stub for stub in server.stubs() if stub.model == "digits_heavy" and stub.version == "1"]
+
+        assert _wait_until(retired, RECOVERY_BOUND_S) < RECOVERY_BOUND_S
+        victim = _current_stub(server, "digits_heavy")
+        reloads = supervised.reloads["digits_heavy"]
+        os.kill(victim.pid, signal.SIGKILL)
+        healed = _wait_until(lambda: supervised.reloads["digits_heavy"] > reloads, RECOVERY_BOUND_S)
+        assert healed < RECOVERY_BOUND_S, (victim, supervised.events[-3:])
+        assert control.ready_versions("digits_heavy") == {2, 3}, "the heal brought a retired version back"
+    finally:
+        control.load_versions("digits_heavy", [1, 2, 3])
+        control.close()
 
 
 def test_an_unloaded_model_is_left_unloaded(supervised: Supervisor):

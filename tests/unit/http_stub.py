@@ -11,9 +11,12 @@ Reply = Callable[[str], tuple[int, bytes]]  # path -> (status, body)
 
 
 @contextlib.contextmanager
-def http_stub(reply: Reply, headers: list[dict[str, str]] | None = None) -> Iterator[tuple[str, list[str]]]:
+def http_stub(
+    reply: Reply, headers: list[dict[str, str]] | None = None, bodies: list[bytes] | None = None
+) -> Iterator[tuple[str, list[str]]]:
     """Serve GETs and POSTs with `reply` until the block ends; yields the address (host:port) and the paths asked
-    for (a POST's as "POST <path>"); with `headers`, each request's headers are appended there."""
+    for (a POST's as "POST <path>"); with `headers`, each request's headers are appended there, and with `bodies`
+    each POST's body."""
     paths: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -21,7 +24,9 @@ def http_stub(reply: Reply, headers: list[dict[str, str]] | None = None) -> Iter
             self._answer(self.path)
 
         def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if bodies is not None:
+                bodies.append(body)
             self._answer(f"POST {self.path}")
 
         def _answer(self, asked: str) -> None:

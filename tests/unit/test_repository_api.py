@@ -1,13 +1,23 @@
 """The router's reloads over its server's HTTP model repository API: the admin header read from tritonserver's
-command line however the flag is written, unload then load sent with it, and Triton's refusal said, not hidden."""
+command line however the flag is written, the running configuration and versions loaded again with it, and
+Triton's refusal said, not hidden."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
-from tierserve.repository_api import RepositoryApi, RepositoryError, command_line, restricted_header
+from tierserve.repository_api import (
+    RELOAD_MARK,
+    RepositoryApi,
+    RepositoryError,
+    command_line,
+    ready_versions,
+    reload_config,
+    restricted_header,
+)
 
 from .http_stub import http_stub
 
@@ -53,19 +63,69 @@ def _repository(address: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) 
     return RepositoryApi(12345, address, timeout_s=5.0)
 
 
-def test_a_reload_is_an_unload_then_a_load_with_the_admin_header(monkeypatch: pytest.MonkeyPatch):
+RUNNING = {  # as Triton 2.51 reports it after a retirement of version 1: config.pbtxt's version policy
+    "name": "digits_heavy",
+    "version_policy": {"specific": {"versions": [1, 2, 3]}},
+    "parameters": {"fault_latency_ms": {"string_value": "40"}, RELOAD_MARK: {"string_value": "2"}},
+}
+INDEX = [
+    {"name": "digits_heavy", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"},
+    {"name": "digits_heavy", "version": "2", "state": "READY", "reason": ""},
+    {"name": "digits_heavy", "version": "3", "state": "READY", "reason": ""},
+    {"name": "digits_heavy_critical", "version": "1", "state": "READY", "reason": ""},
+    {"name": "digits_rules"},  # a model never loaded: no version, no state
+]
+
+
+def test_a_reload_loads_the_running_configuration_and_versions_marked_with_the_admin_header(
+    monkeypatch: pytest.MonkeyPatch,
+):
     seen: list[dict[str, str]] = []
-    with http_stub(lambda path: (200, b"{}"), seen) as (address, paths):
+    bodies: list[bytes] = []
+    reply = {
+        "/v2/models/digits_heavy/config": (200, json.dumps(RUNNING).encode()),
+        "POST /v2/repository/index": (200, json.dumps(INDEX).encode()),
+    }
+    with http_stub(lambda path: reply.get(path, (200, b"{}")), seen, bodies) as (address, paths):
         api = _repository(address, ["tritonserver", "--http-restricted-api=model-repository:k=v"], monkeypatch)
-        api.unload("digits_heavy")
-        api.load("digits_heavy")
+        api.reload("digits_heavy")
         assert api.ready("digits_heavy")
     assert paths == [
-        "POST /v2/repository/models/digits_heavy/unload",
+        "/v2/models/digits_heavy/config",
+        "POST /v2/repository/index",
         "POST /v2/repository/models/digits_heavy/load",
         "/v2/models/digits_heavy/ready",
     ]
-    assert [h.get("k") for h in seen] == ["v", "v", None]  # the key goes only where the API needs it
+    assert [h.get("k") for h in seen] == ["v", "v", "v", None]  # the key goes only where the API needs it
+    loaded = json.loads(json.loads(bodies[-1])["parameters"]["config"])
+    assert loaded == {
+        **RUNNING,
+        "version_policy": {"specific": {"versions": [2, 3]}},  # not the retired version 1
+        "parameters": {**RUNNING["parameters"], RELOAD_MARK: {"string_value": "3"}},
+    }
+
+
+def test_the_versions_served_are_the_ready_ones_of_that_model_in_the_index():
+    assert ready_versions(INDEX, "digits_heavy") == {2, 3}
+    assert ready_versions(INDEX, "digits_rules") == set()
+    assert ready_versions([], "digits_heavy") == set()
+
+
+def test_a_reload_mark_counts_from_one_and_leaves_the_configuration_it_was_given_alone():
+    config = {"name": "digits_rules", "max_batch_size": 64, "version_policy": {"latest": {"num_versions": 1}}}
+    assert reload_config(config, set()) == {**config, "parameters": {RELOAD_MARK: {"string_value": "1"}}}
+    assert config == {"name": "digits_rules", "max_batch_size": 64, "version_policy": {"latest": {"num_versions": 1}}}
+    assert reload_config({"parameters": None}, {3})["parameters"] == {RELOAD_MARK: {"string_value": "1"}}
+    assert reload_config(config, {3, 1})["version_policy"] == {"specific": {"versions": [1, 3]}}
+
+
+def test_a_running_configuration_that_is_not_json_is_a_repository_error(monkeypatch: pytest.MonkeyPatch):
+    def not_json(path: str) -> tuple[int, bytes]:
+        return (200, b"<html>") if path.endswith("/config") else (200, b"{}")
+
+    with http_stub(not_json) as (address, paths), pytest.raises(RepositoryError, match="not JSON"):
+        _repository(address, ["tritonserver"], monkeypatch).reload("digits_heavy")
+    assert paths == ["/v2/models/digits_heavy/config"]  # nothing loaded
 
 
 def test_a_refused_load_is_an_error_naming_tritons_reason(monkeypatch: pytest.MonkeyPatch):
@@ -73,7 +133,7 @@ def test_a_refused_load_is_an_error_naming_tritons_reason(monkeypatch: pytest.Mo
     with http_stub(lambda path: (403, refusal) if path.startswith("POST") else (400, b"")) as (address, _):
         api = _repository(address, ["tritonserver"], monkeypatch)
         with pytest.raises(RepositoryError, match="HTTP 403: This API is restricted, expecting header 'k'"):
-            api.load("digits_heavy")
+            api.load("digits_heavy", {"name": "digits_heavy"})
         assert not api.ready("digits_heavy")
 
 
@@ -81,4 +141,4 @@ def test_a_server_that_does_not_answer_is_an_oserror(monkeypatch: pytest.MonkeyP
     with http_stub(lambda path: (200, b"")) as (address, _):
         pass  # closed: nothing listens there any more
     with pytest.raises(OSError):
-        _repository(address, ["tritonserver"], monkeypatch).unload("digits_heavy")
+        _repository(address, ["tritonserver"], monkeypatch).reload("digits_heavy")

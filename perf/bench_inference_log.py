@@ -38,6 +38,7 @@ from tierserve.inference_log import (
     InferenceRecord,
     ParquetSink,
     encode_record,
+    hops,
     inference_record,
     live_files,
 )
@@ -74,7 +75,7 @@ def router_values(count: int, shape: tuple[int, int]) -> list[dict]:
                     "digits_heavy:1",
                     "cascade; digits_light:1 confidence 0.80 < 0.9 (standard threshold); escalated to digits_heavy:1; "
                     "cues: size=8x8 missing=0.00 out_of_range=0.00 sparsity=0.45 ood=0.62 tier=standard deadline=none",
-                    "digits_light:1 low_confidence>digits_heavy:1 ok",
+                    hops("digits_light:1 low_confidence>digits_heavy:1 ok"),
                     "direct",
                     3,
                 ),

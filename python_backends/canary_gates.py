@@ -147,7 +147,7 @@ class ArmFigures:
 
     rows: int = 0  # rows answered in the arm
     latency: Histogram = NO_LATENCY  # the rows' latency from the router taking them to their answer
-    calls: int | None = None  # rows sent to the arm's model version whose outcome was counted (None: not counted)
+    calls: int = 0  # rows sent to the arm's model version (by the router, and by the shadow for the candidate)
     failures: int = 0  # of those rows, failed there
     model_calls: int = 0  # calls to the arm's model version (and its lanes) as the server counts them
     model_call_s: float = 0.0  # their total duration, from arrival to response
@@ -257,7 +257,7 @@ def _percent(share: float) -> str:
 def _errors(f: CanaryFigures, s: CanarySettings) -> Reading:
     t, c = f.treatment, f.control
     if f.candidate_ejected:
-        counted = f" ({t.failures}/{t.calls} rows failed there)" if t.calls is not None else ""
+        counted = f" ({t.failures}/{t.calls} rows failed there)" if t.calls else ""
         text = f"the router's circuit breaker ejected the candidate{counted}"
         return Reading(Gate.ERRORS, GateState.FAILED, t.error_rate, None, text)
     limits = [s.max_error_rate] if s.max_error_rate is not None else []
@@ -265,13 +265,11 @@ def _errors(f: CanaryFigures, s: CanarySettings) -> Reading:
         limits.append((c.error_rate or 0.0) + s.max_error_rate_increase)
     if not limits:
         return Reading(Gate.ERRORS, GateState.OFF)
-    if t.calls is None:
-        return Reading(Gate.ERRORS, GateState.OK, None, None, "no failures counted; the router's breaker holds")
     if t.calls < s.min_calls:
         return Reading(Gate.ERRORS, GateState.NEEDS_DATA, t.error_rate, None, f"{t.calls}/{s.min_calls} rows")
     limit, rate = min(limits), t.failures / t.calls
     low, _ = wilson(t.failures, t.calls) or (0.0, 0.0)
-    baseline = f"baseline {_percent(c.error_rate)}" if c.error_rate is not None else "baseline not counted"
+    baseline = f"baseline {_percent(c.error_rate)}" if c.error_rate is not None else "baseline sent no rows"
     text = (
         f"{t.failures}/{t.calls} rows failed on the candidate ({_percent(rate)}, at least {_percent(low)}; "
         f"{baseline}), limit {_percent(limit)}"

@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from tierserve.experimenter import RowPlan
-from tierserve.routing import Answer
+from tierserve.routing import Answer, Hop, HopOutcome
 from tierserve.signature import RequestContext, Signature
 from tierserve.thread_names import NamedThread
 
@@ -78,18 +78,15 @@ _NAME = re.compile(
 # ---------------------------------------------------------------------------------------------------------- records
 
 
-@dataclass(frozen=True)
-class Hop:
-    """One model tried for a row, in PATH order."""
-
-    model: str  # model:version called
-    outcome: str  # as in PATH: ok, low_confidence, error, timeout or ejected
-
-
-@functools.lru_cache(maxsize=4096)  # few distinct paths (models x outcomes): parsed once each, off the row's cost
+@functools.lru_cache(maxsize=4096)  # few distinct paths (models x outcomes): parsed once each
 def hops(path: str) -> tuple[Hop, ...]:
-    """The hops of an answer's PATH (`model:version outcome` joined by '>')."""
-    return tuple(Hop(*hop.rsplit(" ", 1)) for hop in path.split(">")) if path else ()
+    """The hops of a PATH as `digits` answers it (`model:version outcome` joined by '>'); ValueError for an outcome
+    the router does not write."""
+    return tuple(_hop(*hop.rsplit(" ", 1)) for hop in path.split(">")) if path else ()
+
+
+def _hop(model: str, outcome: str) -> Hop:
+    return Hop(model, HopOutcome(outcome))
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,7 +192,7 @@ def inference_record(
         ood_score=signature.ood_score,
         pixels=np.asarray(pixels, np.float32).copy(),
         route=answer.route,
-        path=hops(answer.path),
+        path=answer.hops,
         outcome=answer.outcome,
         reason=answer.reason,
         label=int(answer.probs.argmax()),
@@ -297,7 +294,7 @@ def inference_table(records: Sequence[InferenceRecord]) -> pa.Table:
         "pixels_sha256": [x.pixels_sha256 for x in r],
         "pixels": _float32_lists([x.pixels for x in r]),
         "route": [x.route for x in r],
-        "path": [[{"model": h.model, "outcome": h.outcome} for h in x.path] for x in r],
+        "path": [[{"model": h.model, "outcome": h.outcome.value} for h in x.path] for x in r],
         "outcome": [x.outcome for x in r],
         "reason": [x.reason for x in r],
         "label": [x.label for x in r],
@@ -340,7 +337,7 @@ def inference_records(table: pa.Table) -> list[InferenceRecord]:
             ood_score=py["ood_score"][i],
             pixels=flat.reshape(height, width),
             route=py["route"][i],
-            path=tuple(Hop(h["model"], h["outcome"]) for h in py["path"][i]),
+            path=tuple(_hop(h["model"], h["outcome"]) for h in py["path"][i]),
             outcome=py["outcome"][i],
             reason=py["reason"][i],
             label=py["label"][i],
@@ -394,7 +391,7 @@ def encode_record(record: LogRecord) -> bytes:
             "width": record.width,
             "pixels": base64.b64encode(_le_float32(record.pixels).tobytes()).decode(),
             "pixels_sha256": record.pixels_sha256,
-            "path": [[hop.model, hop.outcome] for hop in record.path],
+            "path": [[hop.model, hop.outcome.value] for hop in record.path],
         }
     return json.dumps(fields, allow_nan=False, separators=(",", ":"), default=dict).encode()
 
@@ -419,7 +416,7 @@ def decode_record(data: bytes) -> LogRecord:
             **{name: fields[name] for name in InferenceRecord.__dataclass_fields__ if name not in converted},
             seed=int(fields["seed"]),
             pixels=pixels,
-            path=tuple(Hop(model, outcome) for model, outcome in fields["path"]),
+            path=tuple(_hop(model, outcome) for model, outcome in fields["path"]),
             probs=tuple(float(p) for p in fields["probs"]),
         )
     except KeyError as error:

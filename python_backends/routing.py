@@ -135,6 +135,43 @@ class Decision:
     confidence_cap: float | None = None
 
 
+class HopOutcome(enum.Enum):
+    """What became of a row at one model it was sent towards, as PATH says it."""
+
+    OK = "ok"  # answered, and the row stopped there
+    LOW_CONFIDENCE = "low_confidence"  # answered; the cascade escalated the row past it
+    ERROR = "error"  # the call failed, or refused the row, or answered it with non-finite probabilities
+    TIMEOUT = "timeout"  # no answer within the call's bound (or the deadline passed before the call)
+    EJECTED = "ejected"  # not called: its circuit breaker is open
+    UNAVAILABLE = "unavailable"  # not called: this server does not have it
+
+    @property
+    def failed(self) -> bool:
+        """Whether the row went on past this model for a fault (the model's or its breaker's)."""
+        return self in (HopOutcome.ERROR, HopOutcome.TIMEOUT, HopOutcome.EJECTED)
+
+    @property
+    def called(self) -> bool:
+        """Whether the row was sent to the model (in process or through Triton)."""
+        return self not in (HopOutcome.EJECTED, HopOutcome.UNAVAILABLE)
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One model tried for a row, in PATH order."""
+
+    model: str  # model:version
+    outcome: HopOutcome
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.outcome.value}"
+
+
+def path_text(hops: Iterable[Hop]) -> str:
+    """PATH: every hop as `model:version outcome`, joined by '>'."""
+    return ">".join(str(hop) for hop in hops)
+
+
 @dataclass(frozen=True)
 class Answer:
     """What the router returns for one row."""
@@ -143,9 +180,13 @@ class Answer:
     confidence: float
     route: str  # the model:version whose probabilities these are
     reason: str
-    path: str  # every model tried, in order, with its outcome
+    hops: tuple[Hop, ...]  # every model tried, in order, with its outcome
     outcome: str = "direct"  # "direct", "fallback" (a model failed on the way) or "degraded" (by load)
     first_label: int | None = None  # the cascade's first model's label, when it answered the row
+
+    @property
+    def path(self) -> str:
+        return path_text(self.hops)
 
 
 @dataclass(frozen=True)
@@ -162,7 +203,7 @@ class _Row:
     deadline: float | None  # clock time by which the row must be answered
     degraded: str = ""  # why the row may not escalate under load
     next_model: str | None = None
-    hops: list[str] = field(default_factory=list)
+    hops: list[Hop] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)
     best: tuple[str, np.ndarray] | None = None  # the last answer in hand, from which model
@@ -355,14 +396,14 @@ class Router:
         for model, target, available in self._past_unavailable(candidates, row, untried):
             row.tried.add(model)
             if not available:
-                row.hops.append(f"{target} unavailable")
+                row.hops.append(Hop(target, HopOutcome.UNAVAILABLE))
                 row.notes.append(f"{target} is not loaded on this server")
                 continue
             breaker = self.breakers[target]
             if breaker.allow():
                 row.next_model = model
                 return
-            row.hops.append(f"{target} ejected")
+            row.hops.append(Hop(target, HopOutcome.EJECTED))
             row.notes.append(f"{target} {breaker.describe()}")
 
     async def _call(
@@ -445,7 +486,7 @@ class Router:
         model = self.target(logical, row.signature.tier, row.variant)
         row.next_model = None
         if isinstance(outcome, HopFailure):
-            row.hops.append(f"{model} {'timeout' if outcome.kind is Failure.TIMEOUT else 'error'}")
+            row.hops.append(Hop(model, HopOutcome.TIMEOUT if outcome.kind is Failure.TIMEOUT else HopOutcome.ERROR))
             row.notes.append(outcome.message)
             if row.best is not None:
                 row.notes.append(f"answered with {row.best[0]}")
@@ -463,7 +504,7 @@ class Router:
             return
         row.best = (model, outcome)
         if verdict is None:
-            row.hops.append(f"{model} ok")
+            row.hops.append(Hop(model, HopOutcome.OK))
             return
         escalate, why = verdict
         row.first_label = int(np.argmax(outcome))
@@ -472,23 +513,23 @@ class Router:
         target = self._reached(self.policy.cascade.escalate_to, row)
         needed = self._expected_latency(target)
         if escalate and row.degraded:
-            row.hops.append(f"{model} ok")
+            row.hops.append(Hop(model, HopOutcome.OK))
             row.notes.append(f"escalation skipped, {row.degraded}")
         elif escalate and left is not None and left <= needed:
-            row.hops.append(f"{model} ok")
+            row.hops.append(Hop(model, HopOutcome.OK))
             row.notes.append(
                 f"escalation skipped: {max(left, 0) * 1000:.0f} ms left of the "
                 f"{row.signature.tier} budget, {target} takes ~{needed * 1000:.0f} ms"
             )
         elif escalate:
-            row.hops.append(f"{model} low_confidence")
+            row.hops.append(Hop(model, HopOutcome.LOW_CONFIDENCE))
             self._send(row, [self.policy.cascade.escalate_to])
             if row.next_model:
                 row.notes.append(f"escalated to {self.target(row.next_model, row.signature.tier, row.variant)}")
             else:
                 row.notes.append(f"answered with {model}")
         else:
-            row.hops.append(f"{model} ok")
+            row.hops.append(Hop(model, HopOutcome.OK))
 
     def _past_unavailable(
         self, candidates: Iterable[str], row: _Row, eligible: Callable[[str], bool] = lambda model: True
@@ -525,9 +566,8 @@ class Router:
         return self._latency(model, self.clock(), LATENCY_STALE_S) or 0.0
 
     def _answer(self, row: _Row) -> Answer | str:
-        path = ">".join(row.hops)
         if row.best is None:
-            return f"no model could answer ({path}): {'; '.join(row.notes)}"
+            return f"no model could answer ({path_text(row.hops)}): {'; '.join(row.notes)}"
         model, probs = row.best
         confidence = float(probs.max())
         if row.decision.confidence_cap is not None and model == self.target(
@@ -535,6 +575,6 @@ class Router:
         ):
             confidence = min(confidence, row.decision.confidence_cap)
         reason = "; ".join([row.decision.reason, *row.variant.reasons, *row.notes, f"cues: {row.signature.cues()}"])
-        failed_on_the_way = any(hop.endswith((" error", " timeout", " ejected")) for hop in row.hops)
+        failed_on_the_way = any(hop.outcome.failed for hop in row.hops)
         outcome = "fallback" if failed_on_the_way else "degraded" if row.degraded else "direct"
-        return Answer(probs, confidence, model, reason, path, outcome, row.first_label)
+        return Answer(probs, confidence, model, reason, tuple(row.hops), outcome, row.first_label)

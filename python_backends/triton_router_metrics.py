@@ -16,7 +16,7 @@ from tierserve.experimenter import RowPlan
 from tierserve.guarded_store import GuardedStore
 from tierserve.inference_log import InferenceLog, InferenceLogSettings
 from tierserve.model_states import ModelStates
-from tierserve.routing import Answer, Shed
+from tierserve.routing import Answer, Hop, Shed
 from tierserve.slo import BudgetBurn, TierSlo
 
 BREAKER_VALUES = {CLOSED: 0.0, HALF_OPEN: 1.0, OPEN: 2.0}
@@ -206,7 +206,8 @@ def open_inference_log(settings: InferenceLogSettings, model: str) -> InferenceL
 
 
 class RouterMetrics:
-    """tierserve_rows_total{tier,route,outcome}, tierserve_request_latency_seconds{tier,route},
+    """tierserve_rows_total{tier,route,outcome}, tierserve_model_rows_total{model,outcome},
+    tierserve_request_latency_seconds{tier,route},
     tierserve_slo_misses_total{tier}, tierserve_error_budget_burn{tier}, tierserve_router_queue_wait_ms,
     tierserve_breaker_state{model} (0 closed, 1 half-open, 2 open), tierserve_model_reloads_total{model};
     per experiment: tierserve_experiment_rows_total{experiment,arm}, tierserve_experiment_latency_seconds{experiment,
@@ -223,6 +224,15 @@ class RouterMetrics:
         self.rows = LabelledFamily(
             "tierserve_rows_total",
             "Rows by tier, the model that answered, and outcome (direct, fallback, degraded, shed, failed)",
+            kind.COUNTER,
+            instance,
+            self.batch,
+        )
+        self.model_rows = LabelledFamily(
+            "tierserve_model_rows_total",
+            "Rows the router sent to each model version (in process or through Triton), by outcome: ok, "
+            "low_confidence (escalated past), error, timeout; counted for answered rows. Triton 2.51 counts a Python "
+            "model's error responses as successes, so a version's failures show here",
             kind.COUNTER,
             instance,
             self.batch,
@@ -338,12 +348,14 @@ class RouterMetrics:
         wait for the router included). Counts are summed per series first (each metric update is a message to
         tritonserver); a shed request counts as shed, not as an SLO miss."""
         rows: Counter[tuple[str, str, str]] = Counter()
+        model_rows: Counter[Hop] = Counter()
         met: Counter[str] = Counter()
         missed: Counter[str] = Counter()
         for tier, answers, budget_ms, seconds in outcomes:
             for answer in answers:
                 if isinstance(answer, Answer):
                     rows[tier, answer.route, answer.outcome] += 1
+                    model_rows.update(hop for hop in answer.hops if hop.outcome.called)
                 else:
                     rows[tier, "none", "shed" if isinstance(answer, Shed) else "failed"] += 1
             if isinstance(answers[0], Shed):
@@ -353,6 +365,8 @@ class RouterMetrics:
             (missed if seconds * 1000 > budget_ms else met)[tier] += 1
         for (tier, route, outcome), count in rows.items():
             self.rows(tier=tier, route=route, outcome=outcome).increment(count)
+        for hop, count in model_rows.items():
+            self.model_rows(model=hop.model, outcome=hop.outcome.value).increment(count)
         for tier in missed:
             self.misses(tier=tier).increment(missed[tier])
         for tier in met | missed:

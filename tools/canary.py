@@ -12,11 +12,11 @@ baseline, and the candidate is left loaded. Every step and the outcome go to the
 What is read, per arm: rows and their latency histogram from the routers' tierserve_experiment_rows_total and
 tierserve_experiment_latency_seconds, fed-back rows from tierserve_feedback_total, and the calls to the arm's model
 version (and its lanes in the tiers a canary takes) with their duration from Triton's nv_inference_request_success,
-_failure and _duration_us; for the candidate, the rows its shadow sent it and how they fared
+_failure and _duration_us; the rows the routers sent to those versions and how they fared
+(tierserve_model_rows_total: Triton 2.51 counts a Python model's error responses as successes, so its own failure
+count says nothing); for the candidate also the rows its shadow sent it and how they fared
 (tierserve_shadow_rows_total: agree, disagree, error) and its circuit breakers (tierserve_breaker_state). Counters
-are taken as increases since the step (or the canary) started, across resets. Triton 2.51 counts a Python model's
-error responses as successes, and the routers count no failure per arm yet: without a shadow, the candidate's
-errors are seen only when the router's breaker ejects it.
+are taken as increases since the step (or the canary) started, across resets.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ ROWS = "tierserve_experiment_rows_total"
 LATENCY_BUCKETS = "tierserve_experiment_latency_seconds_bucket"
 FEEDBACK = "tierserve_feedback_total"
 SHADOW_ROWS = "tierserve_shadow_rows_total"
+MODEL_ROWS = "tierserve_model_rows_total"
+SENT_OUTCOMES = ("ok", "low_confidence", "error", "timeout")  # a row sent to a model version ends in one of these
 BREAKER = "tierserve_breaker_state"
 CALLS = ("nv_inference_request_success", "nv_inference_request_failure")
 CALL_DURATION = "nv_inference_request_duration_us"
@@ -235,19 +237,21 @@ def arm_figures(
     shadow: str | None = None,
 ) -> ArmFigures:
     """One arm's figures: rows, latency and the calls to its `models` from the step's increases, feedback from the
-    canary's; with `shadow` (the experiment mirroring rows to the arm's model version), the rows it sent there in the
-    step and those that failed."""
-    sent = failed = None
+    canary's. The rows the router sent to `models` and those that failed there (an error: a timeout is the latency
+    gate's) are counted from the step, all traffic's (the candidate serves only the treatment), plus with `shadow`
+    (the experiment mirroring rows to the arm's model version) the rows it sent there and those that failed."""
+    sent = round(sum(_sum(step, MODEL_ROWS, model=m, outcome=o) for m in models for o in SENT_OUTCOMES))
+    failed = round(sum(_sum(step, MODEL_ROWS, model=model, outcome="error") for model in models))
     if shadow is not None:
         outcomes = ("agree", "disagree", "error")
-        sent = round(sum(_sum(step, SHADOW_ROWS, experiment=shadow, outcome=outcome) for outcome in outcomes))
-        failed = round(_sum(step, SHADOW_ROWS, experiment=shadow, outcome="error"))
+        sent += round(sum(_sum(step, SHADOW_ROWS, experiment=shadow, outcome=outcome) for outcome in outcomes))
+        failed += round(_sum(step, SHADOW_ROWS, experiment=shadow, outcome="error"))
     model_calls, model_call_s = _model_calls(step, models)
     return ArmFigures(
         rows=round(_sum(step, ROWS, experiment=experiment, arm=arm)),
         latency=_histogram(step, LATENCY_BUCKETS, experiment=experiment, arm=arm),
         calls=sent,
-        failures=failed or 0,
+        failures=failed,
         model_calls=model_calls,
         model_call_s=model_call_s,
         feedback=round(_sum(canary, FEEDBACK, experiment=experiment, arm=arm)),

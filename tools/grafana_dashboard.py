@@ -138,6 +138,18 @@ SECTIONS: dict[str, tuple[Graph, ...]] = {
             (Query(f"sum by (outcome) (tier_outcome:tierserve_rows:rate5m{{{TIERS}}})", "{{outcome}}"),),
         ),
         Graph(
+            "Rows each model version failed",
+            "Rows the router sent to a model version that failed there (error) or got no answer in time (timeout), "
+            "answered rows only. Triton 2.51 counts a Python model's error responses as successes.",
+            "rowsps",
+            (
+                Query(
+                    rate("tierserve_model_rows_total", "model, outcome", 'outcome=~"error|timeout"'),
+                    "{{model}} {{outcome}}",
+                ),
+            ),
+        ),
+        Graph(
             "Fallback and failed rows per row",
             "Each outcome's share of its tier's rows over 5 minutes.",
             "percentunit",

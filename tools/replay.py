@@ -42,9 +42,10 @@ from tritonclient.utils import InferenceServerException
 from tierserve.client import TierserveClient, TierserveError
 from tierserve.client.classification import MODEL
 from tierserve.client.errors import TIMED_OUT, UNREACHABLE, call_errors, status_from
-from tierserve.inference_log import Hop, InferenceRecord, hops
+from tierserve.inference_log import InferenceRecord, hops
 from tierserve.replay_tokens import REPLAY_PARAMETER, ReplayRow, replay_token
 from tierserve.resize import resize_to_native
+from tierserve.routing import Hop, path_text
 from tierserve.signature import TIERS
 from tierserve.state_store import REDIS_SCHEMES, SECRET_KEY, StateStoreError, open_store
 from tierserve.tier_keys import KEYLESS_TIER
@@ -608,7 +609,7 @@ def _arms(arms: Mapping[str, str] | None) -> str:
 
 
 def _path(path: tuple[Hop, ...] | None) -> str:
-    return "-" if path is None else ">".join(f"{hop.model} {hop.outcome}" for hop in path)
+    return "-" if path is None else path_text(path)
 
 
 def _difference(row: ReplayedRow, router: bool, width: int) -> list[str]:

@@ -38,6 +38,7 @@ from tierserve.tools.repository_variants import policy_variant, shipped_policy
 from tierserve.tools.supervisor import Supervisor
 
 from .conftest import escalated_images, supervised_server
+from .prometheus import metric_values
 
 CANDIDATE = "digits_heavy:1"
 STANDARD_LANE = "digits_heavy_standard"
@@ -208,6 +209,9 @@ def test_a_candidate_with_injected_errors_is_rolled_back_at_the_first_step(
         result = run_canary(CANDIDATE, lifecycle, server.server.metrics_url, settings, console=console)
     _rolled_back(result, Gate.ERRORS, server, lifecycle, since)
     assert _failed(loads) == []  # a failed call to the candidate falls back; no client sees it
+    # what the errors gate counts without a shadow: the rows the routers sent to the candidate and that failed there
+    # (Triton 2.51's own failure count stays 0 for a Python model's error responses)
+    assert sum(metric_values(server.server, "tierserve_model_rows_total", model=CANDIDATE, outcome="error")) > 0
 
 
 def test_a_candidate_with_injected_latency_is_rolled_back_on_the_latency_gate(

@@ -375,6 +375,16 @@ def test_arm_figures_sum_instances_and_turn_cumulative_buckets_into_counts():
         'tierserve_feedback_total{arm="candidate",correct="false",experiment="e",instance="feedback_0_0"} 2',
         'nv_inference_request_success{model="m",version="1"} 40',
         'nv_inference_request_duration_us{model="m",version="1"} 80000',
+        # rows the routers sent to m:1 and its lane, by outcome; m:2 is another version, not the arm's
+        'tierserve_model_rows_total{instance="router_0_0",model="m:1",outcome="ok"} 30',
+        'tierserve_model_rows_total{instance="router_0_1",model="m:1",outcome="low_confidence"} 5',
+        'tierserve_model_rows_total{instance="router_0_0",model="m:1",outcome="error"} 3',
+        'tierserve_model_rows_total{instance="router_0_0",model="m:1",outcome="timeout"} 2',
+        'tierserve_model_rows_total{instance="router_0_1",model="m_lane:1",outcome="error"} 1',
+        'tierserve_model_rows_total{instance="router_0_0",model="m:2",outcome="error"} 50',
+        'tierserve_shadow_rows_total{experiment="e_shadow",instance="router_0_0",outcome="agree"} 7',
+        'tierserve_shadow_rows_total{experiment="e_shadow",instance="router_0_0",outcome="error"} 2',
+        'tierserve_shadow_rows_total{experiment="e_shadow",instance="router_0_0",outcome="dropped"} 4',
     ]
     increases = Increases()
     increases.add({})
@@ -384,7 +394,10 @@ def test_arm_figures_sum_instances_and_turn_cumulative_buckets_into_counts():
     assert figures.latency.bounds_s == (0.01, 0.1) and figures.p99_ms == 100.0
     assert (figures.feedback, figures.correct, figures.accuracy) == (10, 8, 0.8)
     assert figures.model_calls == 40 and figures.mean_call_ms == pytest.approx(2.0)
-    assert figures.calls is None  # no shadow: failures are not counted
+    # the rows sent to m:1 (and its lane) whatever their outcome; failed there: errors (a timeout is latency's)
+    assert (figures.calls, figures.failures) == (30 + 5 + 3 + 2, 3)
+    with_lane = arm_figures(increases.total, increases.total, "e", TREATMENT, ["m:1", "m_lane:1"], "e_shadow")
+    assert (with_lane.calls, with_lane.failures) == (41 + 7 + 2, 4 + 2)  # plus the shadow's sent (not dropped)
     empty = arm_figures({}, {}, "e", CONTROL, [])
     assert empty.rows == 0 and empty.p99_ms is None and empty.mean_call_ms is None
 

@@ -35,7 +35,7 @@ def latency(ms: float, rows: int) -> Histogram:
 def arm(
     rows: int = 500,
     ms: float = 4.0,
-    calls: int | None = 200,
+    calls: int = 200,
     failures: int = 0,
     feedback: int = 0,
     correct: int = 0,
@@ -87,14 +87,13 @@ def test_an_ejected_candidate_fails_the_error_gate_at_once():
     assert "circuit breaker" in verdict.failed.text and "3/3 rows failed" in verdict.failed.text
 
 
-def test_without_counted_failures_only_the_breaker_judges_errors_and_no_step_waits_for_them():
-    uncounted = figures(treatment=arm(calls=None), control=arm(rows=5000, calls=None))
-    verdict = judge(uncounted, SETTINGS)
-    assert verdict.decision == Decision.PASS
-    assert verdict.reading(Gate.ERRORS).state == GateState.OK and verdict.reading(Gate.ERRORS).value is None
-    assert judge(replace(uncounted, candidate_ejected=True), SETTINGS).failed.gate == Gate.ERRORS
-    # the baseline's failures uncounted: the candidate's are held to the increase over none
-    assert "baseline not counted" in judge(figures(control=arm(rows=5000, calls=None)), SETTINGS).readings[0].text
+def test_errors_wait_for_rows_sent_to_the_candidate_and_an_idle_baseline_counts_as_none_failed():
+    few = figures(treatment=arm(calls=5, failures=0), control=arm(rows=5000, calls=0))
+    reading = judge(few, SETTINGS).reading(Gate.ERRORS)
+    assert reading.state == GateState.NEEDS_DATA and reading.text == f"5/{SETTINGS.min_calls} rows"
+    assert judge(replace(few, candidate_ejected=True), SETTINGS).failed.gate == Gate.ERRORS  # the breaker at once
+    # the baseline sent no rows: the candidate's failures are held to the increase over none
+    assert "baseline sent no rows" in judge(figures(control=arm(rows=5000, calls=0)), SETTINGS).readings[0].text
 
 
 def test_latency_fails_past_the_ratio_and_the_slack():

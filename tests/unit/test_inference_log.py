@@ -23,7 +23,6 @@ from tierserve.inference_log import (
     INFERENCES,
     SETTINGS_FILE,
     FeedbackRecord,
-    Hop,
     InferenceLog,
     InferenceLogSettings,
     InferenceLogSettingsError,
@@ -43,7 +42,7 @@ from tierserve.inference_log import (
     load_settings,
     parse_settings,
 )
-from tierserve.routing import Answer, Variant
+from tierserve.routing import Answer, Hop, HopOutcome, Variant
 from tierserve.signature import RequestContext, Signature
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 
@@ -75,7 +74,7 @@ def make_record(index: int, shape: tuple[int, int] = (8, 8), **changes) -> Infer
         ood_score=0.5,
         pixels=pixels,
         route="digits_heavy:2",
-        path=(Hop("digits_light:1", "low_confidence"), Hop("digits_heavy:2", "ok")),
+        path=(Hop("digits_light:1", HopOutcome.LOW_CONFIDENCE), Hop("digits_heavy:2", HopOutcome.OK)),
         outcome="direct",
         reason=f"cascade; escalated {index}",
         label=int(probs.argmax()),
@@ -144,7 +143,9 @@ def test_the_record_of_an_answer_keeps_the_user_hashed_and_the_decision_inputs()
     signature = Signature(4, 4, 0.0, 0.0, 0.5, 0.7, "standard", "alice", 250)
     probs = np.zeros(10, np.float32)
     probs[7] = 1.0
-    answer = Answer(probs, 1.0, "digits_heavy:1", "why", "digits_light:1 low_confidence>digits_heavy:1 ok", "direct", 3)
+    answer = Answer(
+        probs, 1.0, "digits_heavy:1", "why", hops("digits_light:1 low_confidence>digits_heavy:1 ok"), "direct", 3
+    )
     record = inference_record(
         answered_at=T0,
         request_id="rid",
@@ -164,7 +165,7 @@ def test_the_record_of_an_answer_keeps_the_user_hashed_and_the_decision_inputs()
         0.97,
         "threshold",
     )
-    assert record.path == (Hop("digits_light:1", "low_confidence"), Hop("digits_heavy:1", "ok"))
+    assert record.path == (Hop("digits_light:1", HopOutcome.LOW_CONFIDENCE), Hop("digits_heavy:1", HopOutcome.OK))
     assert record.parameters() == {"tier": "standard", "region": "eu", "account_age_days": "45", "deadline_ms": "250"}
     assert record.latency_ms == pytest.approx(4.0) and record.first_label == 3
     assert hops("") == ()

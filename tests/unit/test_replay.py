@@ -20,12 +20,12 @@ from tierserve.client import TierserveError
 from tierserve.inference_log import (
     INFERENCES,
     FeedbackRecord,
-    Hop,
     InferenceLog,
     InferenceLogSettings,
     InferenceRecord,
 )
 from tierserve.replay_tokens import REPLAY_PARAMETER
+from tierserve.routing import Hop, HopOutcome
 from tierserve.state_store import open_store, shared_secret
 from tierserve.tools import replay as replay_module
 from tierserve.tools.log_admin import CorruptLogFile, LogDirectoryError, LogQueryError
@@ -50,7 +50,7 @@ from tierserve.tools.replay import (
 )
 
 ROWS = 9  # make_record's tiers cycle critical, standard, best_effort
-LIGHT_OK = (Hop("digits_light:1", "ok"),)
+LIGHT_OK = (Hop("digits_light:1", HopOutcome.OK),)
 DIRECT = {"route": None, "arms": None, "path": None}  # what a model replayed directly answers besides the label
 FAILED = {"label": None, **DIRECT, "latency_ms": None}  # a call that failed
 
@@ -149,7 +149,7 @@ def test_a_malformed_target_is_refused_naming_what_is_expected(text, named):
 
 
 def test_the_table_shows_totals_and_the_rows_not_reproduced_with_their_paths_and_arms():
-    escalated = (Hop("digits_light:1", "timeout"), Hop("digits_heavy:2", "ok"))
+    escalated = (Hop("digits_light:1", HopOutcome.TIMEOUT), Hop("digits_heavy:2", HopOutcome.OK))
     rows = [_row(0, feedback_label=3), _row(1, label=5, route="digits_heavy:2", arms={"bandit": "b"}, path=escalated)]
     text = report_table(_report(rows))
     assert "replay of 2 logged rows against digits (through the router) at localhost:8001 (grpc)" in text

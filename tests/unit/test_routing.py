@@ -11,7 +11,16 @@ import pytest
 from tierserve.learned_router import INPUTS, LearnedRouter
 from tierserve.model_states import ModelStates, TritonState
 from tierserve.policy import parse_policy
-from tierserve.routing import ModelCallError, ModelRefused, ModelTimeout, Router, StallLog, merged_parameters
+from tierserve.routing import (
+    Hop,
+    HopOutcome,
+    ModelCallError,
+    ModelRefused,
+    ModelTimeout,
+    Router,
+    StallLog,
+    merged_parameters,
+)
 from tierserve.signature import Signature
 
 from .signatures import signature as _signature
@@ -153,6 +162,8 @@ def test_rows_with_missing_pixels_never_reach_a_model_that_needs_complete_images
 def test_a_failed_first_model_falls_back_and_a_failed_escalation_keeps_the_first_answer(router: Router):
     answers = _route(router, _images(0.5), [_signature()], FakeModels(failing=frozenset({"light:1"})))
     assert answers[0].path == "light:1 error>rules:1 ok"
+    assert answers[0].hops == (Hop("light:1", HopOutcome.ERROR), Hop("rules:1", HopOutcome.OK))
+    assert answers[0].outcome == "fallback"
     assert "light:1 failed: light:1 is down" in answers[0].reason
     (answer,) = _route(router, _images(0.5), [_signature()], FakeModels(failing=frozenset({"heavy:1"})))
     assert answer.path == "light:1 low_confidence>heavy:1 error"
@@ -619,3 +630,14 @@ def test_an_escalation_is_judged_by_the_model_it_reaches_past_an_optional_model_
     (tight,) = _route(router, _images(0.5), [_signature(deadline_ms=50)], models)
     assert tight.path == "light:1 ok"
     assert "escalation skipped: 30 ms left of the standard budget, heavy:1 takes ~40 ms" in tight.reason
+
+
+def test_a_hop_outcome_says_whether_the_row_was_sent_there_and_whether_it_went_on_for_a_fault():
+    sent = {outcome for outcome in HopOutcome if outcome.called}
+    assert sent == {HopOutcome.OK, HopOutcome.LOW_CONFIDENCE, HopOutcome.ERROR, HopOutcome.TIMEOUT}
+    assert {outcome for outcome in HopOutcome if outcome.failed} == {
+        HopOutcome.ERROR,
+        HopOutcome.TIMEOUT,
+        HopOutcome.EJECTED,
+    }
+    assert str(Hop("digits_heavy:3", HopOutcome.LOW_CONFIDENCE)) == "digits_heavy:3 low_confidence"

@@ -76,6 +76,10 @@ class RepositoryError(OSError):
     """The server did not do what was asked: its HTTP status and Triton's error message."""
 
 
+class NotLoaded(RepositoryError):
+    """No version of the model is READY any more (it was unloaded meanwhile): there is nothing to reload."""
+
+
 class RepositoryApi:
     """Unload, load and readiness of models on this server over its HTTP endpoint, with the admin header that
     tritonserver (process `server_pid`) was started with, if any."""
@@ -114,14 +118,21 @@ class RepositoryApi:
         """The repository index: every model version the server knows of, with its state."""
         reply = self._call("POST", "/v2/repository/index", CONFIG_TIMEOUT_S, b"{}")
         try:
-            return json.loads(reply)
-        except ValueError as error:
-            raise RepositoryError(f"POST /v2/repository/index: not JSON: {reply[:200]!r}") from error
+            index = json.loads(reply)
+        except ValueError:
+            index = None
+        if not isinstance(index, list) or not all(isinstance(entry, dict) for entry in index):
+            raise RepositoryError(f"POST /v2/repository/index: not a JSON list of models: {reply[:200]!r}")
+        return index
 
     def reload(self, model: str) -> None:
         """Load `model` again with the configuration and versions it runs with: Triton starts new instances, then
-        ends the old ones (a dead stub's among them)."""
-        self.load(model, reload_config(self.config(model), ready_versions(self.index(), model)))
+        ends the old ones (a dead stub's among them). NotLoaded when no version of it is READY: an operator's unload
+        is not undone."""
+        serving = ready_versions(self.index(), model)
+        if not serving:
+            raise NotLoaded(f"no version of {model} is READY in the repository index (unloaded meanwhile)")
+        self.load(model, reload_config(self.config(model), serving))
 
     def ready(self, model: str) -> bool:
         status, _ = server_request(self.address, "GET", f"/v2/models/{model}/ready", CONFIG_TIMEOUT_S)

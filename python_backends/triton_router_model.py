@@ -34,7 +34,7 @@ from tierserve.pixels import NUM_CLASSES, infinity_problem
 from tierserve.promotions import describe, served_promotions
 from tierserve.queue_wait import QueueProbe, QueueWaitMeter
 from tierserve.replay_tokens import REPLAY_PARAMETER, ReplayRow, ReplayTokenError, parse_replay
-from tierserve.repository_api import RepositoryApi
+from tierserve.repository_api import NotLoaded, RepositoryApi, RepositoryError
 from tierserve.request_context import ParameterError, parse_context
 from tierserve.resize import resize_to_native, size_problem, source_stats
 from tierserve.router_files import in_process_runners, load_router
@@ -567,6 +567,9 @@ class TritonPythonModel:
         self._healing_until = float("inf")  # a reload takes the CPU: the queue it builds is the fault's, not load
         try:
             how, ready = self._reload_model(name)
+        except NotLoaded as error:
+            pb_utils.Logger.log_info(f"router: not reloading {name}: {error}")
+            return
         except Exception as error:  # a failed reload is logged; a later failure retries it (after a probe)
             pb_utils.Logger.log_error(f"router: reloading {name} failed: {error}")
             return
@@ -578,13 +581,16 @@ class TritonPythonModel:
 
     def _reload_model(self, name: str) -> tuple[str, bool]:
         """Load `name` again, and whether it is ready then: through the model repository API with the
-        configuration it runs with, while this instance goes on answering; else unloaded and loaded from its
-        config.pbtxt with pb_utils, which stops every thread of this stub until it is done."""
+        configuration it runs with, while this instance goes on answering; when that endpoint does not answer,
+        unloaded and loaded from its config.pbtxt with pb_utils, which stops every thread of this stub until it is
+        done. NotLoaded when it was unloaded meanwhile."""
         if self.repository is not None:
             try:
                 self.repository.reload(name)
                 return "through the model repository API", self.repository.ready(name)
-            except OSError as error:
+            except RepositoryError:
+                raise  # the server answered: its refusal is logged, and config.pbtxt is not loaded in its place
+            except OSError as error:  # the server's HTTP endpoint did not answer
                 pb_utils.Logger.log_warn(
                     f"router: reloading {name} over HTTP failed ({error}); reloading it from its config.pbtxt with "
                     "pb_utils, which stops this router instance until the load is done"

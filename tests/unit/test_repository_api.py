@@ -11,6 +11,7 @@ import pytest
 
 from tierserve.repository_api import (
     RELOAD_MARK,
+    NotLoaded,
     RepositoryApi,
     RepositoryError,
     command_line,
@@ -91,8 +92,8 @@ def test_a_reload_loads_the_running_configuration_and_versions_marked_with_the_a
         api.reload("digits_heavy")
         assert api.ready("digits_heavy")
     assert paths == [
-        "/v2/models/digits_heavy/config",
         "POST /v2/repository/index",
+        "/v2/models/digits_heavy/config",
         "POST /v2/repository/models/digits_heavy/load",
         "/v2/models/digits_heavy/ready",
     ]
@@ -103,6 +104,15 @@ def test_a_reload_loads_the_running_configuration_and_versions_marked_with_the_a
         "version_policy": {"specific": {"versions": [2, 3]}},  # not the retired version 1
         "parameters": {**RUNNING["parameters"], RELOAD_MARK: {"string_value": "3"}},
     }
+
+
+def test_a_model_unloaded_meanwhile_is_not_loaded_again(monkeypatch: pytest.MonkeyPatch):
+    unloaded = [{**entry, "state": "UNAVAILABLE"} if entry.get("name") == "digits_heavy" else entry for entry in INDEX]
+    reply = {"POST /v2/repository/index": (200, json.dumps(unloaded).encode())}
+    refused = pytest.raises(NotLoaded, match="no version of digits_heavy is READY")
+    with http_stub(lambda path: reply.get(path, (200, b"{}"))) as (address, paths), refused:
+        _repository(address, ["tritonserver"], monkeypatch).reload("digits_heavy")
+    assert paths == ["POST /v2/repository/index"]  # nothing loaded
 
 
 def test_the_versions_served_are_the_ready_ones_of_that_model_in_the_index():
@@ -121,11 +131,21 @@ def test_a_reload_mark_counts_from_one_and_leaves_the_configuration_it_was_given
 
 def test_a_running_configuration_that_is_not_json_is_a_repository_error(monkeypatch: pytest.MonkeyPatch):
     def not_json(path: str) -> tuple[int, bytes]:
+        if path == "POST /v2/repository/index":
+            return 200, json.dumps(INDEX).encode()
         return (200, b"<html>") if path.endswith("/config") else (200, b"{}")
 
     with http_stub(not_json) as (address, paths), pytest.raises(RepositoryError, match="not JSON"):
         _repository(address, ["tritonserver"], monkeypatch).reload("digits_heavy")
-    assert paths == ["/v2/models/digits_heavy/config"]  # nothing loaded
+    assert paths == ["POST /v2/repository/index", "/v2/models/digits_heavy/config"]  # nothing loaded
+
+
+@pytest.mark.parametrize("index", [b"<html>", b"{}", b'["digits_heavy"]'])
+def test_an_index_that_is_not_a_list_of_models_is_a_repository_error(monkeypatch: pytest.MonkeyPatch, index: bytes):
+    refused = pytest.raises(RepositoryError, match="not a JSON list of models")
+    with http_stub(lambda path: (200, index)) as (address, paths), refused:
+        _repository(address, ["tritonserver"], monkeypatch).reload("digits_heavy")
+    assert paths == ["POST /v2/repository/index"]  # nothing loaded
 
 
 def test_a_refused_load_is_an_error_naming_tritons_reason(monkeypatch: pytest.MonkeyPatch):

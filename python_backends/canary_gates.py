@@ -58,8 +58,8 @@ class CanarySettings(BaseModel):
     max_latency_ratio: float | None = Field(
         1.5,
         ge=1,
-        description="the treatment arm's p99 latency over the control arm's, and the candidate's mean call duration "
-        "over the baseline's, at most; none (off): latency not judged",
+        description="the treatment arm's p99 latency over the control arm's, and the candidate's typical call "
+        "duration (the median of the readings' means) over the baseline's, at most; none (off): latency not judged",
     )
     latency_slack_ms: float = Field(
         5.0, ge=0, description="a latency within this many ms of the baseline's passes whatever the ratio"
@@ -141,6 +141,9 @@ class Histogram:
 NO_LATENCY = Histogram((), (0.0,))
 
 
+CALL_READINGS = 3  # readings with calls before the calls' duration is judged (a median of fewer is one reading)
+
+
 @dataclass(frozen=True)
 class ArmFigures:
     """One arm's figures: rows, latency and calls during the step; feedback since the canary started."""
@@ -153,6 +156,7 @@ class ArmFigures:
     model_call_s: float = 0.0  # their total duration, from arrival to response
     feedback: int = 0  # fed-back rows of the arm
     correct: int = 0  # of those, answered correctly
+    call_readings: tuple[tuple[int, float], ...] = ()  # (calls, seconds) of those calls between readings of the step
 
     @property
     def p99_ms(self) -> float | None:
@@ -165,6 +169,22 @@ class ArmFigures:
     @property
     def mean_call_ms(self) -> float | None:
         return 1000 * self.model_call_s / self.model_calls if self.model_calls else None
+
+    @property
+    def typical_call_ms(self) -> float | None:
+        """The median call duration over the step's readings: each reading's mean, weighted by its calls (Triton
+        gives only sums). One stalled call moves one reading, not the median, as it moved the step's mean; a
+        version slower on every call moves every reading. None until CALL_READINGS readings had calls: the median
+        of fewer is one reading's mean."""
+        means = sorted((1000 * seconds / calls, calls) for calls, seconds in self.call_readings if calls > 0)
+        if len(means) < CALL_READINGS:
+            return None
+        half, counted = sum(calls for _, calls in means) / 2, 0
+        for mean_ms, calls in means:
+            counted += calls
+            if counted >= half:
+                return mean_ms
+        return None  # not reached: the last reading's calls make up the whole
 
     @property
     def accuracy(self) -> float | None:
@@ -278,9 +298,10 @@ def _errors(f: CanaryFigures, s: CanarySettings) -> Reading:
 
 
 def _latency(f: CanaryFigures, s: CanarySettings) -> Reading:
-    """The treatment arm's p99 against the control arm's (required), and the candidate's mean call duration against
-    the baseline's when both were called min_calls times: a router execute answers all its rows together, so a slow
-    candidate also slows the control rows that shared its executes, which only the call durations tell apart.
+    """The treatment arm's p99 against the control arm's (required), and the candidate's typical call duration (the
+    median of the step's readings, ArmFigures.typical_call_ms) against the baseline's when both were called min_calls
+    times: a router execute answers all its rows together, so a slow candidate also slows the control rows that
+    shared its executes, which only the call durations tell apart.
 
     The treatment's p99 is above the limit when more than 1% of its rows are: it fails when the 95% interval of that
     share lies above 1%. Its p99 alone would be decided by its slowest rows, and a step's treatment arm may have
@@ -307,10 +328,10 @@ def _latency(f: CanaryFigures, s: CanarySettings) -> Reading:
         failed = shown if low > P99_TAIL else None
     else:
         texts.append(f"rows {t.rows} treatment, {c.rows} control, of {s.min_rows}")
-    called, usual = t.mean_call_ms, c.mean_call_ms
+    called, usual = t.typical_call_ms, c.typical_call_ms
     if t.model_calls >= s.min_calls and c.model_calls >= s.min_calls and called is not None and usual is not None:
         calls = (called, limit(usual))
-        texts.append(f"calls {called:.1f} ms vs baseline {usual:.1f} ms, limit {calls[1]:.1f} ms")
+        texts.append(f"calls {called:.1f} ms vs baseline {usual:.1f} ms (medians of readings), limit {calls[1]:.1f} ms")
         failed = failed or (calls if called > calls[1] else None)
     value, bound = failed or shown or (treated, None)
     state = GateState.FAILED if failed else GateState.OK if p99_known else GateState.NEEDS_DATA

@@ -27,7 +27,7 @@ import re
 import time
 import typing
 import urllib.request
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -235,11 +235,13 @@ def arm_figures(
     arm: str,
     models: Collection[str],
     shadow: str | None = None,
+    readings: Sequence[Mapping[Series, float]] = (),
 ) -> ArmFigures:
     """One arm's figures: rows, latency and the calls to its `models` from the step's increases, feedback from the
     canary's. The rows the router sent to `models` and those that failed there (an error: a timeout is the latency
     gate's) are counted from the step, all traffic's (the candidate serves only the treatment), plus with `shadow`
-    (the experiment mirroring rows to the arm's model version) the rows it sent there and those that failed."""
+    (the experiment mirroring rows to the arm's model version) the rows it sent there and those that failed.
+    `readings`: the increases between the step's readings, for the calls' duration reading by reading."""
     sent = round(sum(_sum(step, MODEL_ROWS, model=m, outcome=o) for m in models for o in SENT_OUTCOMES))
     failed = round(sum(_sum(step, MODEL_ROWS, model=model, outcome="error") for model in models))
     if shadow is not None:
@@ -254,6 +256,7 @@ def arm_figures(
         failures=failed,
         model_calls=model_calls,
         model_call_s=model_call_s,
+        call_readings=tuple(_model_calls(reading, models) for reading in readings),
         feedback=round(_sum(canary, FEEDBACK, experiment=experiment, arm=arm)),
         correct=round(_sum(canary, FEEDBACK, experiment=experiment, arm=arm, correct="true")),
     )
@@ -522,12 +525,15 @@ class _Canary:
         started = self.clock()
         self._read()
         step_mark = dict(self.increases.total)
+        readings: list[dict[Series, float]] = []  # the increases between readings: call durations reading by reading
         display.show(index, 0.0, self.settings.step_s, None)
         while True:
             self.sleep(self.settings.poll_s)
+            before = dict(self.increases.total)
             samples = self._read()
+            readings.append(self.increases.since(before))
             elapsed = self.clock() - started
-            figures = self._figures(weight, elapsed, self.increases.since(step_mark), samples)
+            figures = self._figures(weight, elapsed, self.increases.since(step_mark), samples, readings)
             self.verdict = verdict = judge(figures, self.settings)
             display.show(index, elapsed, self.settings.step_s, verdict)
             if verdict.decision == Decision.PASS and figures.control_weight is None:
@@ -536,10 +542,15 @@ class _Canary:
                 return verdict
 
     def _figures(
-        self, weight: float, elapsed_s: float, step: Mapping[Series, float], samples: Mapping[Series, float]
+        self,
+        weight: float,
+        elapsed_s: float,
+        step: Mapping[Series, float],
+        samples: Mapping[Series, float],
+        readings: Sequence[Mapping[Series, float]],
     ) -> CanaryFigures:
         plan, canary = self.plan, self.increases.total
-        control = arm_figures(step, canary, plan.experiment, CONTROL, plan.baseline_models)
+        control = arm_figures(step, canary, plan.experiment, CONTROL, plan.baseline_models, readings=readings)
         control_weight = None
         if weight >= 100 and self.reference is not None:
             control_weight, control = self.reference  # no user is in the control arm any more
@@ -553,6 +564,7 @@ class _Canary:
                 TREATMENT,
                 plan.candidate_models,
                 plan.shadow if self.settings.shadow_fraction > 0 else None,
+                readings,
             ),
             control=control,
             control_weight=control_weight,

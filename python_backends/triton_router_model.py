@@ -50,6 +50,10 @@ from tierserve.warmup import WarmUp
 
 IDLE_S = 0.25  # an instance without an execute for this long, and nothing dispatched, reports no queue wait
 QUEUE_POLL_S = 0.05  # how often an instance reads Triton's queue statistics of this model (its load signal)
+# ... and how often once it has had no execute for IDLE_POLL_AFTER_S (its gauge is at zero by then): idle, 20
+# readings a second cost the two instances and tritonserver ~5% of two cores. Its next execute wakes it at once.
+IDLE_POLL_S = 1.0
+IDLE_POLL_AFTER_S = 2.0
 FAULT_HOLD_S = 1.0  # readings this soon after a stuck downstream call are not load (the queue it left drains)
 STATS_GRACE_S = 10.0  # unreadable statistics are an error after this long (the HTTP endpoint starts last)
 FLUSH_S = 0.5  # how often experiment counts are written to the state store (off the hot path)
@@ -140,6 +144,7 @@ class TritonPythonModel:
         self._healing_until = float("-inf")  # until when this instance's model reload keeps readings out of the gauge
         self._last_execute: float | None = time.monotonic()  # when the latest execute ended; None during one
         self._stopping = threading.Event()
+        self._queue_wake = threading.Event()  # set by an execute after idling: read the load signal now
         # named for the OS as well (top -H, py-spy, perf/bench_stub_cpu.py tell their CPU apart)
         NamedThread(self._watch_queue, "router-queue").start()
         NamedThread(self._watch_models, "router-states").start()
@@ -192,10 +197,18 @@ class TritonPythonModel:
         """Feed the load gauge from Triton's queue statistics: the mean wait of the requests dispatched since the
         last reading, unless this instance was stuck on a failing downstream call meanwhile (a fault is not
         overload: such a reading is left out). An instance that has had nothing for IDLE_S while nothing was
-        dispatched has nobody waiting for it: its gauge falls to zero instead of showing the last flood's wait."""
+        dispatched has nobody waiting for it: its gauge falls to zero instead of showing the last flood's wait. One
+        idle for IDLE_POLL_AFTER_S reads them every IDLE_POLL_S, until its next execute wakes it."""
         meter, said, unreadable_since = QueueWaitMeter(), False, time.monotonic()  # HTTP starts after the models
-        while not self._stopping.wait(QUEUE_POLL_S):
+        interval = QUEUE_POLL_S
+        while not self._stopping.is_set():
+            self._queue_wake.wait(interval)
+            self._queue_wake.clear()
+            if self._stopping.is_set():
+                return
             now = time.monotonic()
+            idle = self._last_execute is not None and now - self._last_execute >= IDLE_POLL_AFTER_S
+            interval = IDLE_POLL_S if idle else QUEUE_POLL_S
             try:
                 wait_ms = meter.mean_wait_ms(self.queue.read())
             except (OSError, ValueError) as error:  # no statistics: no load signal; said once until it returns
@@ -238,6 +251,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self._stopping.set()
+        self._queue_wake.set()
         self._flusher.join(timeout=5)
         self.metrics.batch.flush()  # after the flusher's last inference-log counts
         try:
@@ -278,8 +292,10 @@ class TritonPythonModel:
             self._first_execute()
         if self.warm_up.take():
             return await self._warm(requests)
-        self._last_execute = None  # busy: not idle, however long this execute takes
+        idle_since, self._last_execute = self._last_execute, None  # busy: not idle, however long this execute takes
         started = time.monotonic()  # deadlines and SLO latencies count from here; Triton bounds the queue before
+        if idle_since is not None and started - idle_since >= IDLE_POLL_AFTER_S:
+            self._queue_wake.set()  # the load signal is read slowly while idle: read it at once
         gauge = self.router.load.wait_ms  # the load signal (Triton's queue wait, see _watch_queue), for this execute
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
         images, sources, row_contexts, owners, contexts = [], [], [], [], {}

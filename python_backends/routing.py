@@ -6,7 +6,8 @@ route's chain; a tier with a reserved lane is served by the lane. Every round se
 with the rows that need it concatenated, and all models of a round are called concurrently. Every
 call is bounded by the tightest remaining deadline of its rows (the request's deadline_ms or its
 tier's SLO) and the policy's call timeout. The router never calls a model outside the policy, and
-never calls a model whose circuit breaker is open.
+never calls a model whose circuit breaker is open, but for the safe default when a row has nothing else (Envoy's
+panic routing: an ejected last resort may answer; refusing the row surely fails it).
 """
 
 from __future__ import annotations
@@ -387,7 +388,10 @@ class Router:
 
     def _send(self, row: _Row, candidates: Iterable[str]) -> None:
         """Point the row at the first candidate it has not tried, can use, and whose breaker lets it through. An
-        optional model this server does not have is passed over for its own fallbacks."""
+        optional model this server does not have is passed over for its own fallbacks. The safe default, which
+        ends every chain, is called whatever its breaker says: nothing comes after it, so its breaker could only
+        fail the row (while its half-open probe was out, it refused every other row; a slow spell of a healthy
+        model ejected it and failed rows it would have answered). Its outcome still goes to its breaker."""
         row.next_model = None
 
         def untried(model: str) -> bool:
@@ -401,6 +405,10 @@ class Router:
                 continue
             breaker = self.breakers[target]
             if breaker.allow():
+                row.next_model = model
+                return
+            if model == self.policy.fallback:
+                row.notes.append(f"{target} {breaker.describe()}: called all the same, as the last resort")
                 row.next_model = model
                 return
             row.hops.append(Hop(target, HopOutcome.EJECTED))

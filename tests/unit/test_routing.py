@@ -263,6 +263,28 @@ def test_an_open_breaker_routes_around_the_model_without_calling_it_then_probes(
     assert router.breakers["light:1"].state == "closed"
 
 
+def test_the_safe_default_is_called_whatever_its_breaker_says_since_nothing_comes_after_it():
+    """Envoy's panic routing for the last resort: its open breaker could only fail the rows that reach it (a slow
+    spell of a healthy model ejected it, and its half-open probe refused every other row meanwhile)."""
+    clock = Clock()
+    router = _chained_router(clock)
+    for _ in range(2):
+        router.breakers["rules:1"].record(False, 0.0)
+    assert router.breakers["rules:1"].state == "open"
+    noise, chained = _signature(ood_score=9.0), _signature()  # routed to it; and sent there at the chain's end
+    down = FakeModels(failing=frozenset({"light:1", "heavy:1"}), clock=clock)
+    answers = _route(router, _images(0.9, 0.9), [noise, chained], down)
+    assert [a.path for a in answers] == ["rules:1 ok", "light:1 error>heavy:1 error>rules:1 ok"]
+    assert "rules:1 breaker open (2 consecutive failed calls" in answers[0].reason
+    assert "called all the same, as the last resort" in answers[0].reason
+    assert router.breakers["rules:1"].state == "closed", "its answer closed the breaker"
+    for _ in range(2):
+        router.breakers["rules:1"].record(False, 0.0)
+    (answer,) = _route(router, _images(0.9), [noise], FakeModels(failing=frozenset({"rules:1"})))
+    assert answer.startswith("no model could answer (rules:1 error)")  # tried, and failed: no worse than refused
+    assert router.breakers["rules:1"].state == "open"
+
+
 def test_an_ejected_escalation_target_keeps_the_first_answer():
     clock = Clock()
     router = _chained_router(clock)

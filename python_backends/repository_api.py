@@ -33,8 +33,9 @@ RELOAD_MARK = "tierserve_reloads"
 def reload_config(running: dict, serving: Collection[int]) -> dict:
     """The configuration to load a model again with: `running` (model_config.proto as JSON, as the server reports
     it) with its reload count one higher and, when `serving` names the versions it serves now, a version policy of
-    exactly those. Triton 2.51 reports config.pbtxt's version policy even for a model loaded with an override of it
-    (a retirement's), so the versions come from the repository index, not from `running`."""
+    exactly those. Triton 2.51 reports the configuration of a model's last full load: a load that changed only
+    its version policy (a retirement's, a promotion's) changes the versions served, not the reported policy. So the
+    versions come from the repository index, not from `running`."""
     parameters = dict(running.get("parameters") or {})
     count = int(parameters.get(RELOAD_MARK, {}).get("string_value", "0"))
     parameters[RELOAD_MARK] = {"string_value": str(count + 1)}

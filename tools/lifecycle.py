@@ -361,12 +361,15 @@ class Lifecycle:
                 f"{_uses_text(uses) or error}; stop it first (`tierserve experiment stop NAME`)",
                 tuple(uses),
             ) from None
-        undo: list[tuple[str, dict | None]] = []  # each model reloaded here and its config before (None: unloaded)
+        # each model reloaded here, its config before (None: it was not loaded) and the versions it served: Triton
+        # 2.51 reports the version policy of a model's last full load, not a later retirement's
+        undo: list[tuple[str, dict | None, set[int]]] = []
         try:
             for version in (wanted, *lanes):
                 ready = self.control.ready_versions(version.model)
                 if version.version not in ready:
-                    undo.append((version.model, copy.deepcopy(self.control.config(version.model)) if ready else None))
+                    before = copy.deepcopy(self.control.config(version.model)) if ready else None
+                    undo.append((version.model, before, ready))
                     self._load_versions(version.model, ready | {version.version})
             config = self.control.config(ROUTER_MODEL)
             config["parameters"] = {
@@ -377,7 +380,7 @@ class Lifecycle:
         except Failed as error:
             raise Failed(f"{error}; {self._undo(undo)}") from None
         store_promotions(self.store, after)
-        loaded = [model for model, _ in undo]
+        loaded = [model for model, _, _ in undo]
         return f" (loaded {', '.join(loaded)} with version {wanted.version} first)" if loaded else ""
 
     def _load_versions(self, model: str, versions: set[int]) -> None:
@@ -390,17 +393,18 @@ class Lifecycle:
         if (now := self.control.ready_versions(model)) != versions:
             raise Failed(f"{model} serves versions {sorted(now)} after the load, not {sorted(versions)}")
 
-    def _undo(self, undo: list[tuple[str, dict | None]]) -> str:
-        """Put the models reloaded for a switch back as they were; what was put back, as text."""
+    def _undo(self, undo: list[tuple[str, dict | None, set[int]]]) -> str:
+        """Put the models reloaded for a switch back as they were (config and versions); what was put back, as
+        text."""
         if not undo:
             return "nothing was changed"
         put_back, failed = [], []
-        for model, config in reversed(undo):
+        for model, config, versions in reversed(undo):
             try:
                 if config is None:
                     self.control.unload(model)
                 else:
-                    self.control.load_with(model, config)
+                    self.control.load_versions(model, versions, config)
                 put_back.append(model)
             except InferenceServerException as error:
                 failed.append(f"{model} ({error.message()})")

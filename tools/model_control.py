@@ -67,12 +67,16 @@ class ModelControl:
             self._client.load_model(model, config=json.dumps(config), headers=self._headers)
 
     def set_fault(self, model: str, spec: FaultSpec) -> None:
-        """Reload `model` with its config plus these fault parameters (FaultSpec() switches faults off)."""
+        """Reload `model` with its config plus these fault parameters (FaultSpec() switches faults off), serving the
+        versions it serves (Triton 2.51 reports the version policy of the model's last full load, not a later
+        retirement's)."""
         config = self.config(model)
         parameters = {k: v for k, v in config.get("parameters", {}).items() if k not in FAULT_KEYS}
         if spec.active:
             parameters.update({k: {"string_value": v} for k, v in spec.to_parameters().items()})
         config["parameters"] = parameters
+        if serving := self.ready_versions(model):
+            config["version_policy"] = {"specific": {"versions": sorted(serving)}}
         self.load_with(model, config)
 
     def index(self) -> list[VersionState]:

@@ -77,13 +77,19 @@ def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(
     chaos, split: DigitsSplit, model_repository: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """digits_heavy:3 is called through Triton for every escalation; its stub is killed under load. Version 1 was
-    retired first (a load with a version policy override): the heal keeps it retired."""
+    retired first (a load with a version policy override): fault drills and the heal keep it retired."""
     server, control = chaos
     monkeypatch.setenv("TIERSERVE_ADMIN_KEY", server.admin_key)
     where = ["--url", server.http_url, "--state", str(server.state), "--model-repository", str(model_repository)]
     assert main(["retire", "digits_heavy:1", *where]) == 0
     assert control.ready_versions("digits_heavy") == {2, 3}
+    for drill in (FaultSpec(latency_ms=1), FaultSpec()):  # a drill switched on, then off: a full reload each time
+        control.set_fault("digits_heavy", drill)
+        assert control.ready_versions("digits_heavy") == {2, 3}, "a fault drill brought a retired version back"
     hard = escalated_images(server.grpc_url, split.test.images[:300])
+    deadline = time.monotonic() + 10  # the drills' reloads replaced the stubs: the old ones end in a few seconds
+    while len(server.stub_pids("digits_heavy/3")) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
     (old_pid,) = server.stub_pids("digits_heavy/3")
     with SteadyLoad(server.grpc_url, hard, tier_key=server.tier_key) as load:  # critical, standard
         assert load.wait_until(lambda sent: _recent_escalated_to(sent, "digits_heavy:3"), 10)

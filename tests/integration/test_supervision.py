@@ -223,8 +223,9 @@ def test_a_reload_by_someone_else_is_not_a_death_and_a_heal_keeps_the_running_co
 
 
 def test_a_heal_serves_the_versions_served_before_the_death(supervised: Supervisor):
-    """Triton 2.51 reports config.pbtxt's version policy even for a model loaded with another (a retirement's), so
-    the supervisor takes the versions from the repository index: a retired version stays retired. The stub dies
+    """After a load that changed only the version policy (a retirement's), Triton 2.51 still reports the policy of
+    the model's last full load (config.pbtxt's here), so the supervisor takes the versions from the repository
+    index: a retired version stays retired. The stub dies
     as soon as the retired version's stubs are gone, often within one look of the supervisor at /proc: judged per
     version, the retired one's are no death and this one's is."""
     server = supervised.server

@@ -80,6 +80,7 @@ class FakeControl:
     and every call made, in order. `fail` names the model whose next load the server refuses."""
 
     def __init__(self, repository: Path) -> None:
+        self.repository = repository
         self.configs = {
             model.name: repository_config(repository, model.name)
             for model in repository.iterdir()
@@ -94,7 +95,12 @@ class FakeControl:
         self.fail: str | None = None
 
     def config(self, model: str) -> dict:
-        return copy.deepcopy(self.configs[model])
+        """The running config with config.pbtxt's version policy: Triton 2.51 reports the policy of a model's last
+        full load, and a retirement or a promotion here changes only the versions."""
+        config = copy.deepcopy(self.configs[model])
+        pbtxt = repository_config(self.repository, model) if (self.repository / model).exists() else {}
+        config.pop("version_policy", None)
+        return {**config, **({"version_policy": pbtxt["version_policy"]} if "version_policy" in pbtxt else {})}
 
     def index(self) -> list[VersionState]:
         return [VersionState(m, str(v), "READY", "") for m, versions in self.ready.items() for v in versions]
@@ -343,6 +349,19 @@ def test_a_router_the_server_refuses_puts_the_loaded_versions_back(lifecycle, co
     assert "put digits_heavy_critical, digits_heavy back as it was" in str(failed.value)
     assert control.ready["digits_heavy"] == {1, 2} and control.ready["digits_heavy_critical"] == {2}
     assert store.get("promotions") is None and control.router_promotions() == Promotions()
+
+
+def test_a_promotion_put_back_serves_the_versions_served_before_not_those_triton_reports(lifecycle, control, store):
+    """Triton 2.51 reports the version policy of digits_heavy's last full load (1, 2) after version 1 was retired:
+    the put-back serves what was served, version 2, not the retired version too."""
+    lifecycle.retire("digits_heavy:1")
+    reported = control.config("digits_heavy")["version_policy"]["specific"]["versions"]
+    assert control.ready["digits_heavy"] == {2} and [int(v) for v in reported] == [1, 2]
+    control.fail = ROUTER_MODEL
+    with pytest.raises(Failed, match="put digits_heavy_critical, digits_heavy back as it was"):
+        lifecycle.promote("digits_heavy:3")
+    assert control.ready["digits_heavy"] == {2}, "the put-back brought the retired version back"
+    assert control.ready["digits_heavy_critical"] == {2}
 
 
 def test_a_lane_the_server_refuses_stops_before_the_router(lifecycle, control, store):

@@ -64,7 +64,7 @@ def _repository(address: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) 
     return RepositoryApi(12345, address, timeout_s=5.0)
 
 
-RUNNING = {  # as Triton 2.51 reports it after a retirement of version 1: config.pbtxt's version policy
+RUNNING = {  # as Triton 2.51 reports it after a retirement of version 1: its last full load's version policy
     "name": "digits_heavy",
     "version_policy": {"specific": {"versions": [1, 2, 3]}},
     "parameters": {"fault_latency_ms": {"string_value": "40"}, RELOAD_MARK: {"string_value": "2"}},

@@ -76,8 +76,9 @@ class ModelControl:
             parameters.update({k: {"string_value": v} for k, v in spec.to_parameters().items()})
         config["parameters"] = parameters
         if serving := self.ready_versions(model):
-            config["version_policy"] = {"specific": {"versions": sorted(serving)}}
-        self.load_with(model, config)
+            self.load_versions(model, serving, config)
+        else:
+            self.load_with(model, config)
 
     def index(self) -> list[VersionState]:
         """Every model version the server knows of, loaded or not, with its state (the repository index)."""

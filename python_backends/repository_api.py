@@ -82,8 +82,8 @@ class NotLoaded(RepositoryError):
 
 
 class RepositoryApi:
-    """Unload, load and readiness of models on this server over its HTTP endpoint, with the admin header that
-    tritonserver (process `server_pid`) was started with, if any."""
+    """The configuration, repository index, loads and readiness of models on this server over its HTTP endpoint,
+    with the admin header that tritonserver (process `server_pid`) was started with, if any."""
 
     def __init__(self, server_pid: int, address: str | None = None, timeout_s: float = LOAD_TIMEOUT_S) -> None:
         self.address = own_address(address)

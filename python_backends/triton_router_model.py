@@ -534,7 +534,7 @@ class TritonPythonModel:
     def _reload(self, name: str) -> None:
         """Reload a model whose stub died (Triton does not), off the hot path, its breakers held open meanwhile."""
         pb_utils.Logger.log_warn(f"router: {name} has a dead stub; reloading it")
-        self._hold_while(name, f"{name} is being reloaded", self._unload_and_load)
+        self._hold_while(name, f"{name} is being reloaded", self._heal)
 
     def _await_reload(self, name: str) -> None:
         """Another router instance or the supervisor reloads `name`: its breakers stay open until that ends. Called
@@ -579,7 +579,9 @@ class TritonPythonModel:
 
         threading.Thread(target=run, name=f"heal-{name}", daemon=True).start()
 
-    def _unload_and_load(self, name: str) -> None:
+    def _heal(self, name: str) -> None:
+        """Reload `name` (its breakers held meanwhile, _hold_while), then tell the reload log, the metrics and the
+        log; the load it causes is kept out of the gauge."""
         self._healing_until = float("inf")  # a reload takes the CPU: the queue it builds is the fault's, not load
         try:
             how, ready = self._reload_model(name)

@@ -62,6 +62,7 @@ from tierserve.experimenter import EXPERIMENTS_KEY
 from tierserve.policy import Policy
 from tierserve.promotions import ModelVersion, UseKind, model_of, version_uses
 from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
+from tierserve.routing import HopOutcome
 from tierserve.tools.audit import Action, Outcome, audited, record
 from tierserve.tools.experiment_admin import apply
 from tierserve.tools.lifecycle import Failed, Lifecycle, Problem, Refused, repository_versions
@@ -76,7 +77,7 @@ LATENCY_BUCKETS = "tierserve_experiment_latency_seconds_bucket"
 FEEDBACK = "tierserve_feedback_total"
 SHADOW_ROWS = "tierserve_shadow_rows_total"
 MODEL_ROWS = "tierserve_model_rows_total"
-SENT_OUTCOMES = ("ok", "low_confidence", "error", "timeout")  # a row sent to a model version ends in one of these
+SENT_OUTCOMES = tuple(outcome.value for outcome in HopOutcome if outcome.called)  # how a row sent to a version ends
 BREAKER = "tierserve_breaker_state"
 CALLS = ("nv_inference_request_success", "nv_inference_request_failure")
 CALL_DURATION = "nv_inference_request_duration_us"
@@ -235,15 +236,15 @@ def arm_figures(
     arm: str,
     models: Collection[str],
     shadow: str | None = None,
-    readings: Sequence[Mapping[Series, float]] = (),
+    call_readings: Sequence[tuple[int, float]] = (),
 ) -> ArmFigures:
     """One arm's figures: rows, latency and the calls to its `models` from the step's increases, feedback from the
     canary's. The rows the router sent to `models` and those that failed there (an error: a timeout is the latency
     gate's) are counted from the step, all traffic's (the candidate serves only the treatment), plus with `shadow`
     (the experiment mirroring rows to the arm's model version) the rows it sent there and those that failed.
-    `readings`: the increases between the step's readings, for the calls' duration reading by reading."""
+    `call_readings`: the calls to `models` and their seconds between each two of the step's readings."""
     sent = round(sum(_sum(step, MODEL_ROWS, model=m, outcome=o) for m in models for o in SENT_OUTCOMES))
-    failed = round(sum(_sum(step, MODEL_ROWS, model=model, outcome="error") for model in models))
+    failed = round(sum(_sum(step, MODEL_ROWS, model=model, outcome=HopOutcome.ERROR.value) for model in models))
     if shadow is not None:
         outcomes = ("agree", "disagree", "error")
         sent += round(sum(_sum(step, SHADOW_ROWS, experiment=shadow, outcome=outcome) for outcome in outcomes))
@@ -256,7 +257,7 @@ def arm_figures(
         failures=failed,
         model_calls=model_calls,
         model_call_s=model_call_s,
-        call_readings=tuple(_model_calls(reading, models) for reading in readings),
+        call_readings=tuple(call_readings),
         feedback=round(_sum(canary, FEEDBACK, experiment=experiment, arm=arm)),
         correct=round(_sum(canary, FEEDBACK, experiment=experiment, arm=arm, correct="true")),
     )
@@ -525,15 +526,18 @@ class _Canary:
         started = self.clock()
         self._read()
         step_mark = dict(self.increases.total)
-        readings: list[dict[Series, float]] = []  # the increases between readings: call durations reading by reading
+        # per arm, the calls to its model versions and their seconds between each two readings (taken once a reading)
+        call_readings: dict[str, list[tuple[int, float]]] = {CONTROL: [], TREATMENT: []}
         display.show(index, 0.0, self.settings.step_s, None)
         while True:
             self.sleep(self.settings.poll_s)
             before = dict(self.increases.total)
             samples = self._read()
-            readings.append(self.increases.since(before))
+            reading = self.increases.since(before)
+            call_readings[CONTROL].append(_model_calls(reading, self.plan.baseline_models))
+            call_readings[TREATMENT].append(_model_calls(reading, self.plan.candidate_models))
             elapsed = self.clock() - started
-            figures = self._figures(weight, elapsed, self.increases.since(step_mark), samples, readings)
+            figures = self._figures(weight, elapsed, self.increases.since(step_mark), samples, call_readings)
             self.verdict = verdict = judge(figures, self.settings)
             display.show(index, elapsed, self.settings.step_s, verdict)
             if verdict.decision == Decision.PASS and figures.control_weight is None:
@@ -547,10 +551,12 @@ class _Canary:
         elapsed_s: float,
         step: Mapping[Series, float],
         samples: Mapping[Series, float],
-        readings: Sequence[Mapping[Series, float]],
+        call_readings: Mapping[str, Sequence[tuple[int, float]]],
     ) -> CanaryFigures:
         plan, canary = self.plan, self.increases.total
-        control = arm_figures(step, canary, plan.experiment, CONTROL, plan.baseline_models, readings=readings)
+        control = arm_figures(
+            step, canary, plan.experiment, CONTROL, plan.baseline_models, call_readings=call_readings[CONTROL]
+        )
         control_weight = None
         if weight >= 100 and self.reference is not None:
             control_weight, control = self.reference  # no user is in the control arm any more
@@ -564,7 +570,7 @@ class _Canary:
                 TREATMENT,
                 plan.candidate_models,
                 plan.shadow if self.settings.shadow_fraction > 0 else None,
-                readings,
+                call_readings[TREATMENT],
             ),
             control=control,
             control_weight=control_weight,

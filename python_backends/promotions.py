@@ -107,9 +107,13 @@ class Promotions(BaseModel):
         try:
             return cls.model_validate_json(text)
         except ValidationError as error:
-            first = error.errors(include_url=False)[0]
-            where = ".".join(str(part) for part in first["loc"]) or "promotions"
-            raise PromotionError(f"{source}: {where}: {first['msg']}") from None
+            raise PromotionError(f"{source}: {first_problem(error, 'promotions')}") from None
+
+
+def first_problem(error: ValidationError, whole: str) -> str:
+    """A stored document's first validation problem as 'dotted.key: message' (`whole` where it is the whole)."""
+    first = error.errors(include_url=False)[0]
+    return f"{'.'.join(str(part) for part in first['loc']) or whole}: {first['msg']}"
 
 
 def served_promotions(store: StateStore, model_config: Mapping[str, Any]) -> Promotions:

@@ -16,6 +16,7 @@ from pathlib import Path
 from tierserve.experiment_spec import ExperimentsFile, ExperimentSpecError
 from tierserve.faults import FaultConfigError, FaultSpec
 from tierserve.inference_log import LOG_DIR_ENV, REPLICA_ENV
+from tierserve.operator_unloads import UnloadsError
 from tierserve.policy import PolicyError
 from tierserve.promotions import PromotionError
 from tierserve.signature import TIERS
@@ -91,6 +92,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
         ExperimentNotRunning,
         FaultConfigError,
         PromotionError,
+        UnloadsError,
     )
 
 

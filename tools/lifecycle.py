@@ -7,6 +7,10 @@ version and its lanes' versions) before they reload the router with the promotio
 keeps the running router serving until the new one is ready, so no request fails. Only then are the promotions
 written to the state store, which the router reads after a restart. Retire reloads the model with a version_policy
 without the version. When the server does not take a step (Failed), what was loaded for it is put back.
+
+After a restart, tritonserver loads what its config files list. `restore` loads what the promotions need besides,
+and `reapply_unloads` unloads again what retire and unload had unloaded (tierserve.operator_unloads: their record
+in the state store, which loads take versions off).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 from tierserve.experiment_spec import ExperimentsFile, ExperimentSpecError, parse_experiments
 from tierserve.experimenter import EXPERIMENTS_KEY
 from tierserve.manifest import Manifest, ManifestError
+from tierserve.operator_unloads import OperatorUnloads, UnloadsError, store_unloads, stored_unloads
 from tierserve.policy import Policy
 from tierserve.promotions import (
     MODEL_NAME,
@@ -74,6 +80,14 @@ class Refused(Exception):
 
 class Failed(RuntimeError):
     """The server did not take a step of an action; the message says which, why, and what was put back."""
+
+
+@dataclass
+class Reapplied:
+    """What `reapply_unloads` unloaded again, and what it kept serving with the refusal that kept it."""
+
+    unloaded: list[str] = field(default_factory=list)
+    kept: list[tuple[str, Refused]] = field(default_factory=list)
 
 
 def repository_config(repository: Path, model: str) -> dict:
@@ -197,6 +211,7 @@ class Lifecycle:
                 "unloads the whole model",
             )
         self._load_versions(version.model, remaining)
+        self._record(f"unloaded {version}", lambda unloads: unloads.retired(version))
         step.after = _versions_text(version.model, remaining)
         step.message = f"unloaded {version}"
         return step
@@ -219,7 +234,8 @@ class Lifecycle:
                 raise Refused(Problem.ALREADY, f"{version} is loaded already ({step.before})")
             self._load_versions(version.model, ready | {version.version})
             model = version.model
-        step.after = _versions_text(model, self.control.ready_versions(model))
+        serving = self._record_serving(model, f"loaded {target}")
+        step.after = _versions_text(model, serving)
         step.message = f"loaded {target}"
         return step
 
@@ -245,6 +261,7 @@ class Lifecycle:
                 tuple(use for u in uses.values() for use in u),
             )
         self._call(f"unload {model}", lambda: self.control.unload(model))
+        self._record(f"unloaded {model}", lambda unloads: unloads.unloaded(model))
         step.after = _versions_text(model, self.control.ready_versions(model))
         step.message = f"unloaded {model}"
         return step
@@ -268,6 +285,21 @@ class Lifecycle:
                 self._load_versions(model, ready | missing)
                 loaded += [f"{model}:{version}" for version in sorted(missing)]
         return loaded
+
+    def reapply_unloads(self) -> Reapplied:
+        """After a restart, unload again what retire and unload had unloaded (their record) and the config files
+        loaded, each with the checks of the action itself: what the served routing or a running experiment uses
+        now, or what the repository no longer has, is kept, with the refusal. UnloadsError when the record is
+        malformed; Failed when the server does not take an unload."""
+        done = Reapplied()
+        for target in stored_unloads(self.store).targets():
+            try:
+                (self.retire if ":" in target else self.unload)(target)
+                done.unloaded.append(target)
+            except Refused as refused:
+                if refused.problem != Problem.NOT_LOADED:  # not loaded: nothing to do
+                    done.kept.append((target, refused))
+        return done
 
     # -- checks ---------------------------------------------------------------------------------------------------
 
@@ -381,6 +413,8 @@ class Lifecycle:
             raise Failed(f"{error}; {self._undo(undo)}") from None
         store_promotions(self.store, after)
         loaded = [model for model, _, _ in undo]
+        for model in loaded:
+            self._record_serving(model, f"loaded {model}")
         return f" (loaded {', '.join(loaded)} with version {wanted.version} first)" if loaded else ""
 
     def _load_versions(self, model: str, versions: set[int]) -> None:
@@ -410,6 +444,19 @@ class Lifecycle:
                 failed.append(f"{model} ({error.message()})")
         text = f"put {', '.join(put_back)} back as it was" if put_back else ""
         return "; ".join(filter(None, [text, f"could not put back {', '.join(failed)}" if failed else ""]))
+
+    def _record(self, done: str, change: Callable[[OperatorUnloads], OperatorUnloads]) -> None:
+        """Write `change` into the record of unloads, once the server `done` the change it records."""
+        try:
+            store_unloads(self.store, change(stored_unloads(self.store)))
+        except UnloadsError as error:
+            raise Failed(f"{done}, but did not update the record of unloads: {error}") from None
+
+    def _record_serving(self, model: str, done: str) -> set[int]:
+        """Take what `model` serves after a load off the record of unloads; the versions it serves."""
+        serving = self.control.ready_versions(model)
+        self._record(done, lambda unloads: unloads.serving(model, serving))
+        return serving
 
     @staticmethod
     def _call(what: str, call: Callable[[], None]) -> None:

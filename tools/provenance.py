@@ -17,6 +17,7 @@ from typing import Any
 
 from tierserve.experiment_spec import ExperimentsFile
 from tierserve.manifest import MANIFEST_FILE, Manifest, ManifestError
+from tierserve.operator_unloads import OperatorUnloads, stored_unloads
 from tierserve.policy import Policy
 from tierserve.promotions import ModelVersion, Promotions, Use, describe, stored_promotions, version_uses
 from tierserve.router_files import CONFIG_FILE, ROUTER_MODEL, absent_models, router_policy
@@ -78,6 +79,7 @@ class Provenance:
 
     source: str
     promotions: Promotions
+    unloads: OperatorUnloads
     versions: tuple[ServedVersion, ...]
 
     def as_json(self) -> str:
@@ -85,6 +87,7 @@ class Provenance:
             {
                 "source": self.source,
                 "promotions": self.promotions.model_dump(mode="json"),
+                "operator_unloads": self.unloads.model_dump(mode="json"),
                 "versions": [v.as_dict() for v in self.versions],
             },
             indent=2,
@@ -113,6 +116,7 @@ def provenance(
     policy: Policy,
     experiments: ExperimentsFile,
     promotions: Promotions,
+    unloads: OperatorUnloads | None = None,
 ) -> Provenance:
     """Every (model, version, state) in `states`, and every optional model of `policy` that `repository` does not
     have (state ABSENT), with its manifest and its uses under `policy` and `experiments`."""
@@ -139,7 +143,7 @@ def provenance(
                 name in policy.optional_models,
             )
         )
-    return Provenance(source, promotions, tuple(versions))
+    return Provenance(source, promotions, OperatorUnloads() if unloads is None else unloads, tuple(versions))
 
 
 def server_provenance(lifecycle: Lifecycle, source: str) -> Provenance:
@@ -153,6 +157,7 @@ def server_provenance(lifecycle: Lifecycle, source: str) -> Provenance:
         lifecycle.policy(promotions),
         lifecycle.experiments(),
         promotions,
+        stored_unloads(lifecycle.store),
     )
 
 
@@ -166,6 +171,7 @@ def disk_provenance(repository: Path, store: StateStore, source: str) -> Provena
         router_policy(repository, promotions),
         running_experiments(store),
         promotions,
+        stored_unloads(store),
     )
 
 
@@ -200,7 +206,8 @@ def _split(split: dict[str, Any]) -> str:
 
 def provenance_text(found: Provenance) -> str:
     """Every version as a block: name, state and routing, then its manifest's fields, one a line."""
-    lines = [f"source: {found.source}; promotions: {describe(found.promotions)}"]
+    unloaded = ", ".join(found.unloads.targets()) or "none"
+    lines = [f"source: {found.source}; promotions: {describe(found.promotions)}; retired or unloaded: {unloaded}"]
     for v in found.versions:
         lines += ["", f"{v.name}  {v.state}" + (f"  (a lane: serves {v.serves}'s artifacts)" if v.serves else "")]
         if v.state == ABSENT:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from tierserve.operator_unloads import UnloadsError
 from tierserve.private_file import write_private
 from tierserve.state_store import STATE_ENV, StateStoreError, open_store, shared_secret
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key
@@ -113,19 +114,34 @@ def _banner(server: TritonServer) -> str:
     return "\n".join([*lines, "Press Ctrl-C to stop."])
 
 
+def _say(text: str) -> None:
+    print(f"tierserve: {text}", file=sys.stderr, flush=True)
+
+
 def _print_event(event: Event) -> None:
-    print(f"tierserve: {event}", file=sys.stderr, flush=True)
+    _say(str(event))
 
 
-def _restore_promotions(server: TritonServer) -> None:
-    """Load what the promoted routing needs and the configs do not list (a promoted version's lane)."""
-    from tierserve.tools.lifecycle import Lifecycle
+def restore_operator_changes(server: TritonServer) -> None:
+    """Put back what the config files do not say: load what the promoted routing needs (a promoted version's lane),
+    then unload again what operators retired or unloaded (tierserve.operator_unloads)."""
+    from tierserve.tools.lifecycle import Failed, Lifecycle
     from tierserve.tools.model_control import ModelControl
 
     control, store = ModelControl(server.http_url, server.admin_key), open_store(server.state)
     try:
-        if loaded := Lifecycle(control, store, server.repository).restore():
-            print(f"tierserve: loaded {', '.join(loaded)} for the promoted routing", file=sys.stderr, flush=True)
+        lifecycle = Lifecycle(control, store, server.repository)
+        if loaded := lifecycle.restore():
+            _say(f"loaded {', '.join(loaded)} for the promoted routing")
+        try:
+            reapplied = lifecycle.reapply_unloads()
+        except (UnloadsError, Failed) as error:  # the server serves; what it serves besides is named
+            _say(f"did not unload again what was retired or unloaded before: {error}")
+            return
+        if reapplied.unloaded:
+            _say(f"unloaded {', '.join(reapplied.unloaded)} again, as retired or unloaded before")
+        for target, refused in reapplied.kept:
+            _say(f"kept {target} loaded, though it was retired or unloaded before: {refused}")
     finally:
         control.close()
         store.close()
@@ -154,7 +170,7 @@ def serve(args: argparse.Namespace) -> int:
         inference_log=args.log_dir.resolve(),
         replica=args.replica,
     )
-    supervisor = Supervisor(server, report=_print_event, on_ready=lambda: _restore_promotions(server))
+    supervisor = Supervisor(server, report=_print_event, on_ready=lambda: restore_operator_changes(server))
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, _stop_on_signal)
     try:

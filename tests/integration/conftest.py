@@ -4,7 +4,7 @@ module's own."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -21,14 +21,19 @@ from tierserve.tools.supervisor import Supervisor
 
 
 @contextlib.contextmanager
-def supervised_server(model_repository: Path, workdir: Path, **options: Any) -> Iterator[Supervisor]:
+def supervised_server(
+    model_repository: Path,
+    workdir: Path,
+    on_ready: Callable[[TritonServer], None] | None = None,
+    **options: Any,
+) -> Iterator[Supervisor]:
     """A supervised tritonserver of its own on free ports, logging to `workdir`/tritonserver.log: for tests that
-    kill, restart or reconfigure it, away from the session's server. `options` go to TritonServer (state, ...)."""
-    with (
-        (workdir / "tritonserver.log").open("wb") as log,
-        Supervisor(TritonServer(model_repository, Ports.free(), workdir, output=log, **options)) as supervisor,
-    ):
-        yield supervisor
+    kill, restart or reconfigure it, away from the session's server. `on_ready` runs after every start and restart,
+    as `tierserve serve` runs its own; `options` go to TritonServer (state, ...)."""
+    with (workdir / "tritonserver.log").open("wb") as log:
+        server = TritonServer(model_repository, Ports.free(), workdir, output=log, **options)
+        with Supervisor(server, on_ready=(lambda: on_ready(server)) if on_ready else lambda: None) as supervisor:
+            yield supervisor
 
 
 def escalated_images(grpc_url: str, images: np.ndarray, at_most: int = 32) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Model versions on a real server of their own: promote, rollback, retire and load under load at concurrency 8 with
 no failed request, retire refused naming what uses the version, experiments and promotions composing, `tierserve
-models` and the audit trail of every action, refused ones included. The shipped policy routes digits_heavy:3; its
-TensorRT variant, an optional model, is not in this repository (the cascade passes over it)."""
+models`, a restart after kill -9 that keeps the promotions and what was retired or unloaded, and the audit trail of
+every action, refused ones included. The shipped policy routes digits_heavy:3; its TensorRT variant, an optional
+model, is not in this repository (the cascade passes over it)."""
 
 from __future__ import annotations
 
@@ -17,16 +18,14 @@ import pytest
 
 from tierserve.client import TierserveClient
 from tierserve.router_files import ROUTER_MODEL
-from tierserve.state_store import open_store
 from tierserve.tools.audit import Action, Outcome, read_audit
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.exit_codes import ExitCode
-from tierserve.tools.lifecycle import Lifecycle
 from tierserve.tools.load import SteadyLoad
-from tierserve.tools.model_control import ModelControl
 from tierserve.tools.paths import ADMIN_KEY_ENV, AUDIT_ENV
-from tierserve.tools.supervisor import Supervisor
+from tierserve.tools.serve import restore_operator_changes
+from tierserve.tools.supervisor import EventKind, Supervisor
 
 from .conftest import escalated_images, supervised_server
 
@@ -56,7 +55,10 @@ def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """A server of this module's own: the versions changed here never reach the session server's tests. The CLI
     runs with its admin key and writes to an audit log of this module's own."""
     workdir = tmp_path_factory.mktemp("versions_server")
-    with supervised_server(repository, workdir) as supervisor, pytest.MonkeyPatch.context() as env:
+    with (
+        supervised_server(repository, workdir, on_ready=restore_operator_changes) as supervisor,
+        pytest.MonkeyPatch.context() as env,
+    ):
         env.setenv(ADMIN_KEY_ENV, supervisor.server.admin_key)
         env.setenv(AUDIT_ENV, str(workdir / "audit.jsonl"))
         yield supervisor
@@ -258,29 +260,33 @@ def test_models_shows_every_served_version_with_its_manifest_and_routing(server:
     assert versions[(ROUTER_MODEL, 1)]["manifest"] is None
 
 
-def test_a_restarted_server_keeps_the_promotion_and_restore_loads_its_lane(
-    server: Supervisor, cli, hard_images: np.ndarray, repository: Path
+def test_a_restarted_server_keeps_the_promotion_its_lane_and_what_was_unloaded(
+    server: Supervisor, cli, hard_images: np.ndarray
 ):
+    """After kill -9, the supervisor's restart loads the config files (every version they list), then does what
+    `tierserve serve` does once the server is ready: loads the promoted routing's lane and unloads again what was
+    retired or unloaded."""
     assert cli("promote", "digits_heavy:1")[0] == 0
     try:
-        restarts = server.restarts
+        assert cli("retire", "digits_heavy:3")[0] == 0  # no longer routed to
+        assert cli("model", "unload", "digits_static_light")[0] == 0
+        events = len(server.events)
         os.kill(server.server.pid, signal.SIGKILL)
         deadline = time.monotonic() + 90
-        while not (server.restarts > restarts and server.server.is_ready()) and time.monotonic() < deadline:
+        while not any(e.kind == EventKind.SERVER_RESTARTED for e in server.events[events:]):
+            assert time.monotonic() < deadline, f"no restart: {[str(e) for e in server.events[events:]]}"
             time.sleep(0.2)
+        assert not any(e.kind == EventKind.RESTART_FAILED for e in server.events[events:])
         # the new router read the promotion from the state store; its lane is not in the config files
         assert _routes(server, hard_images) == {"digits_heavy:1"}
-        assert not server.server.model_ready(LANE, "1")
-        control, store = ModelControl(server.server.http_url, server.server.admin_key), open_store(server.server.state)
-        try:
-            assert Lifecycle(control, store, repository).restore() == [f"{LANE}:1"]
-        finally:
-            control.close()
-            store.close()
         assert _routes(server, hard_images, "critical") == {f"{LANE}:1"}
+        assert _served(server, "digits_heavy") == "digits_heavy versions 1, 2"
+        assert server.server.model_ready("digits_static_light", "1") is False
     finally:
-        cli("rollback", "digits_heavy")
+        cli("rollback", "digits_heavy")  # loads digits_heavy:3 again
+        cli("model", "load", "digits_static_light")
     assert _routes(server, hard_images) == {"digits_heavy:3"}
+    assert server.server.model_ready("digits_static_light", "1")
 
 
 def test_the_audit_command_prints_every_action_including_refusals(server: Supervisor, cli):

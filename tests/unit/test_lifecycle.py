@@ -15,7 +15,16 @@ from tritonclient.utils import InferenceServerException
 
 from tierserve.experiment_spec import ExperimentsFile, experiments_json, parse_experiments
 from tierserve.experimenter import EXPERIMENTS_KEY
-from tierserve.promotions import PROMOTIONS_PARAMETER, Promotion, Promotions, UseKind, stored_promotions
+from tierserve.operator_unloads import UNLOADS_KEY, OperatorUnloads, UnloadsError, store_unloads, stored_unloads
+from tierserve.promotions import (
+    PROMOTIONS_PARAMETER,
+    ModelVersion,
+    Promotion,
+    Promotions,
+    UseKind,
+    store_promotions,
+    stored_promotions,
+)
 from tierserve.router_files import ROUTER_MODEL, absent_models, router_policy
 from tierserve.state_store import MemoryStore
 from tierserve.tools.audit import Step
@@ -23,6 +32,7 @@ from tierserve.tools.lifecycle import (
     Failed,
     Lifecycle,
     Problem,
+    Reapplied,
     Refused,
     repository_config,
     repository_versions,
@@ -459,15 +469,100 @@ def test_models_falls_back_to_the_repository_on_disk_and_says_so(repository, sto
     assert never_built.versions[0].manifest is None and "not built" in never_built.versions[0].note
 
 
+def _restarted(control: FakeControl, repository: Path, store: MemoryStore) -> tuple[FakeControl, Lifecycle]:
+    """The server of `control` restarted: its config files loaded again (every version they list), its router with
+    the promotions it had."""
+    restarted = FakeControl(repository)
+    restarted.configs[ROUTER_MODEL] = control.configs[ROUTER_MODEL]
+    return restarted, Lifecycle(restarted, store, repository)  # type: ignore[arg-type]
+
+
 def test_restore_loads_what_the_promotions_need_after_a_restart(lifecycle, control, repository, store):
     lifecycle.promote("digits_heavy:3")
     assert lifecycle.restore() == []  # nothing missing on the server that was promoted on
-    restarted = FakeControl(repository)  # the config files load what they list: no version 3, no lane 3
-    restarted.configs[ROUTER_MODEL] = control.configs[ROUTER_MODEL]
-    after_restart = Lifecycle(restarted, store, repository)  # type: ignore[arg-type]
+    restarted, after_restart = _restarted(control, repository, store)  # no version 3, no lane 3
     assert after_restart.restore() == ["digits_heavy:3", "digits_heavy_critical:3"]
     assert restarted.ready["digits_heavy"] == {1, 2, 3} and restarted.ready["digits_heavy_critical"] == {2, 3}
     assert after_restart.restore() == []
+
+
+def test_a_restart_unloads_again_what_was_retired_or_unloaded(lifecycle, control, repository, store):
+    lifecycle.retire("digits_heavy:1")
+    lifecycle.unload("digits_static_light")
+    found = server_provenance(lifecycle, "the test server")  # `tierserve models` shows the record
+    assert provenance_text(found).startswith(
+        "source: the test server (repository index); promotions: none; "
+        "retired or unloaded: digits_static_light, digits_heavy:1\n"
+    )
+    assert json.loads(found.as_json())["operator_unloads"] == {
+        "models": ["digits_static_light"],
+        "versions": {"digits_heavy": [1]},
+    }
+    restarted, after_restart = _restarted(control, repository, store)
+    assert restarted.ready["digits_heavy"] == {1, 2} and restarted.ready["digits_static_light"] == {1}
+    reapplied = after_restart.reapply_unloads()
+    assert (reapplied.unloaded, reapplied.kept) == (["digits_static_light", "digits_heavy:1"], [])
+    assert restarted.ready["digits_heavy"] == {2} and restarted.ready["digits_static_light"] == set()
+    restarted.calls.clear()
+    assert after_restart.reapply_unloads().unloaded == [] and restarted.calls == []  # nothing loaded it since
+
+
+def test_a_load_takes_what_it_serves_off_the_record_of_unloads(lifecycle, control, repository, store):
+    lifecycle.retire("digits_heavy:1")
+    lifecycle.load("digits_heavy:1")
+    lifecycle.unload("digits_static_light")
+    lifecycle.load("digits_static_light")
+    lifecycle.promote("digits_heavy:3")
+    lifecycle.retire("digits_heavy:2")
+    lifecycle.rollback("digits_heavy")  # loads digits_heavy:2 again
+    assert stored_unloads(store) == OperatorUnloads()
+    restarted, after_restart = _restarted(control, repository, store)
+    assert after_restart.reapply_unloads() == Reapplied() and restarted.calls == []
+
+
+def test_what_the_routing_uses_after_the_restart_stays_loaded_and_is_named(lifecycle, control, repository, store):
+    lifecycle.retire("digits_heavy:1")
+    lifecycle.unload("digits_static_light")
+    # meanwhile another replica sharing the store promoted digits_heavy:1
+    store_promotions(store, Promotions(models={"digits_heavy": Promotion(version=1, history=(2,))}))
+    restarted = FakeControl(repository)  # its router reads the promotions from the store
+    after_restart = Lifecycle(restarted, store, repository)  # type: ignore[arg-type]
+    assert after_restart.restore() == ["digits_heavy_critical:1"]
+    reapplied = after_restart.reapply_unloads()
+    assert reapplied.unloaded == ["digits_static_light"]
+    ((target, refused),) = reapplied.kept
+    assert target == "digits_heavy:1" and refused.problem == Problem.IN_USE
+    assert str(refused).startswith("digits_heavy:1 is still used by: policy models")
+    assert restarted.ready["digits_heavy"] == {1, 2}
+
+
+def test_the_record_of_unloads_is_typed_and_a_malformed_one_is_named(store):
+    unloads = OperatorUnloads().retired(ModelVersion("digits_heavy", 2)).retired(ModelVersion("digits_heavy", 1))
+    assert unloads.versions == {"digits_heavy": (1, 2)}
+    unloads = unloads.unloaded("preprocess").unloaded("digits_heavy")
+    assert unloads == OperatorUnloads(models=("digits_heavy", "preprocess"))
+    assert unloads.retired(ModelVersion("digits_light", 3)).serving("digits_light", {1, 3}).versions == {}
+    assert unloads.serving("preprocess", set()) == unloads  # a load that serves nothing loaded nothing
+    store_unloads(store, unloads)
+    assert stored_unloads(store) == unloads
+    for bad, named in [
+        (b'{"models": ["../etc"]}', "models.0"),
+        (b'{"versions": {"digits_heavy": [0]}}', "versions.digits_heavy.0"),
+        (b'{"retired": []}', "retired"),
+        (b"[", "record"),
+    ]:
+        store.set(UNLOADS_KEY, bad)
+        with pytest.raises(UnloadsError, match=f"state store key 'operator_unloads': {re.escape(named)}"):
+            stored_unloads(store)
+
+
+def test_an_unload_the_record_cannot_take_is_a_failure_that_says_what_was_done(lifecycle, control, store):
+    store.set(UNLOADS_KEY, b'{"models": 3}')
+    with pytest.raises(Failed, match=r"^unloaded digits_heavy:1, but did not update the record of unloads: state"):
+        lifecycle.retire("digits_heavy:1")
+    assert control.ready["digits_heavy"] == {2}
+    with pytest.raises(UnloadsError):
+        lifecycle.reapply_unloads()
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ from tierserve.promotions import (
     version_uses,
 )
 from tierserve.router_files import CONFIG_FILE, POLICY_FILE, ROUTER_MODEL, absent_models, router_policy
-from tierserve.state_store import StateStore
+from tierserve.state_store import StateStore, StateStoreError
 from tierserve.tools.audit import Step
 from tierserve.tools.model_control import ModelControl
 
@@ -449,7 +449,7 @@ class Lifecycle:
         """Write `change` into the record of unloads, once the server `done` the change it records."""
         try:
             store_unloads(self.store, change(stored_unloads(self.store)))
-        except UnloadsError as error:
+        except (UnloadsError, StateStoreError) as error:
             raise Failed(f"{done}, but did not update the record of unloads: {error}") from None
 
     def _record_serving(self, model: str, done: str) -> set[int]:

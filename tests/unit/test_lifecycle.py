@@ -26,7 +26,7 @@ from tierserve.promotions import (
     stored_promotions,
 )
 from tierserve.router_files import ROUTER_MODEL, absent_models, router_policy
-from tierserve.state_store import MemoryStore
+from tierserve.state_store import MemoryStore, StateStoreError
 from tierserve.tools.audit import Step
 from tierserve.tools.lifecycle import (
     Failed,
@@ -563,6 +563,20 @@ def test_an_unload_the_record_cannot_take_is_a_failure_that_says_what_was_done(l
     assert control.ready["digits_heavy"] == {2}
     with pytest.raises(UnloadsError):
         lifecycle.reapply_unloads()
+
+
+class DownStore(MemoryStore):
+    """A state store that takes no write."""
+
+    def set(self, key: str, value: bytes, **options) -> bool:
+        raise StateStoreError("the state store did not answer")
+
+
+def test_an_unload_the_store_does_not_take_is_a_failure_that_says_what_was_done(control, repository):
+    lifecycle = Lifecycle(control, DownStore(), repository)  # type: ignore[arg-type]
+    with pytest.raises(Failed, match=r"^unloaded digits_static_light, but .*: the state store did not answer$"):
+        lifecycle.unload("digits_static_light")
+    assert control.ready["digits_static_light"] == set()
 
 
 @pytest.fixture

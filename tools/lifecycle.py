@@ -411,7 +411,13 @@ class Lifecycle:
             self._call(f"reload {ROUTER_MODEL}", lambda: self.control.load_with(ROUTER_MODEL, config))
         except Failed as error:
             raise Failed(f"{error}; {self._undo(undo)}") from None
-        store_promotions(self.store, after)
+        try:
+            store_promotions(self.store, after)
+        except StateStoreError as error:
+            raise Failed(
+                f"the router routes to {wanted} now, but the state store did not record it ({error}): "
+                f"after a restart it would route to {serving} again"
+            ) from None
         loaded = [model for model, _, _ in undo]
         for model in loaded:
             self._record_serving(model, f"loaded {model}")

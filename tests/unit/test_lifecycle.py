@@ -572,11 +572,14 @@ class DownStore(MemoryStore):
         raise StateStoreError("the state store did not answer")
 
 
-def test_an_unload_the_store_does_not_take_is_a_failure_that_says_what_was_done(control, repository):
+def test_a_change_the_store_does_not_record_is_a_failure_that_says_what_was_done(control, repository):
     lifecycle = Lifecycle(control, DownStore(), repository)  # type: ignore[arg-type]
     with pytest.raises(Failed, match=r"^unloaded digits_static_light, but .*: the state store did not answer$"):
         lifecycle.unload("digits_static_light")
     assert control.ready["digits_static_light"] == set()
+    with pytest.raises(Failed, match=r"^the router routes to digits_heavy:3 now, but the state store did not record"):
+        lifecycle.promote("digits_heavy:3")
+    assert control.router_promotions().models["digits_heavy"].version == 3
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import getpass
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.table import Table
 from rich.text import Text
 
+from tierserve.operator_lock import operator_name
 from tierserve.tools.paths import AUDIT_ENV, AUDIT_FILE
 
 PRIVATE_MODE = 0o600
@@ -76,13 +76,6 @@ def audit_path() -> Path:
     return Path(os.environ.get(AUDIT_ENV) or AUDIT_FILE)
 
 
-def _operator() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name for this uid (e.g. a container)
-        return str(os.getuid())
-
-
 def record(
     action: Action | str,
     target: str,
@@ -104,7 +97,7 @@ def record(
         after=after,
         outcome=Outcome(outcome),
         message=message,
-        operator=_operator(),
+        operator=operator_name(),
     )
     _append(path or audit_path(), entry.model_dump_json() + "\n")
     return entry

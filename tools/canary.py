@@ -22,6 +22,7 @@ are taken as increases since the step (or the canary) started, across resets.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 import time
@@ -666,24 +667,27 @@ def run_canary(
     nothing; otherwise returns how it ended (a KeyboardInterrupt ends it too: INTERRUPTED). Every step, the
     refusal and the outcome are in the audit trail."""
     settings = settings or CanarySettings()
-    try:
-        plan = plan_canary(target, lifecycle, settings)
-    except (Refused, AdminKeyRefused) as error:
-        record(Action.CANARY_STEP, target, outcome=Outcome.REFUSED, message=str(error))
-        raise
-    except Exception as error:
-        record(Action.CANARY_STEP, target, outcome=Outcome.FAILED, message=f"the checks could not be made: {error}")
-        raise
-    canary = _Canary(
-        plan,
-        lifecycle,
-        settings,
-        metrics or (lambda: read_metrics(metrics_url)),
-        console or Console(),
-        clock,
-        sleep,
-    )
-    return canary.run()
+    with contextlib.ExitStack() as lease:
+        try:
+            # the whole canary is one change: no other operator change runs between its steps
+            lease.enter_context(lifecycle.exclusive(f"canary {target}"))
+            plan = plan_canary(target, lifecycle, settings)
+        except (Refused, AdminKeyRefused) as error:
+            record(Action.CANARY_STEP, target, outcome=Outcome.REFUSED, message=str(error))
+            raise
+        except Exception as error:
+            record(Action.CANARY_STEP, target, outcome=Outcome.FAILED, message=f"the checks could not be made: {error}")
+            raise
+        canary = _Canary(
+            plan,
+            lifecycle,
+            settings,
+            metrics or (lambda: read_metrics(metrics_url)),
+            console or Console(),
+            clock,
+            sleep,
+        )
+        return canary.run()
 
 
 # -- the command line -------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 from tierserve.experiment_spec import ExperimentsFile, ExperimentSpecError
 from tierserve.faults import FaultConfigError, FaultSpec
 from tierserve.inference_log import LOG_DIR_ENV, REPLICA_ENV
+from tierserve.operator_lock import ChangeRefused, one_change_at_a_time
 from tierserve.operator_unloads import UnloadsError
 from tierserve.policy import PolicyError
 from tierserve.promotions import PromotionError
@@ -93,6 +94,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
         FaultConfigError,
         PromotionError,
         UnloadsError,
+        ChangeRefused,
     )
 
 
@@ -154,7 +156,11 @@ def _names(spec: ExperimentsFile) -> str:
 def _experiment_apply(args: argparse.Namespace) -> int:
     from tierserve.tools.experiment_admin import apply, describe, read_spec, served
 
-    with audited(Action.EXPERIMENT_APPLY, str(args.file), _refusals()) as step, _store(args) as store:
+    with (
+        audited(Action.EXPERIMENT_APPLY, str(args.file), _refusals()) as step,
+        _store(args) as store,
+        one_change_at_a_time(store, f"experiment apply {args.file}"),
+    ):
         step.before = _names(served(store, args.model_repository))
         spec = read_spec(args.file, args.model_repository, store)  # a malformed file goes no further than here
         with _control(args) as control:
@@ -176,7 +182,11 @@ def _experiment_list(args: argparse.Namespace) -> int:
 def _experiment_stop(args: argparse.Namespace) -> int:
     from tierserve.tools.experiment_admin import apply, describe, served, without
 
-    with audited(Action.EXPERIMENT_STOP, args.name, _refusals()) as step, _store(args) as store:
+    with (
+        audited(Action.EXPERIMENT_STOP, args.name, _refusals()) as step,
+        _store(args) as store,
+        one_change_at_a_time(store, f"experiment stop {args.name}"),
+    ):
         running = served(store, args.model_repository)
         step.before = _names(running)
         spec = without(running, args.name)

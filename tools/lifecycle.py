@@ -15,9 +15,11 @@ in the state store, which loads take versions off).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -29,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 from tierserve.experiment_spec import ExperimentsFile, ExperimentSpecError, parse_experiments
 from tierserve.experimenter import EXPERIMENTS_KEY
 from tierserve.manifest import Manifest, ManifestError
+from tierserve.operator_lock import ChangeRefused, one_change_at_a_time
 from tierserve.operator_unloads import OperatorUnloads, UnloadsError, store_unloads, stored_unloads
 from tierserve.policy import Policy
 from tierserve.promotions import (
@@ -67,6 +70,7 @@ class Problem(str, Enum):
     LAST_VERSION = "last_version"  # retiring it would leave the model without a version
     NOT_LOADED = "not_loaded"  # the server does not serve it
     ROUTER = "router"  # the router itself
+    BUSY = "busy"  # another operator change is under way (tierserve.operator_lock)
 
 
 class Refused(Exception):
@@ -88,6 +92,18 @@ class Reapplied:
 
     unloaded: list[str] = field(default_factory=list)
     kept: list[tuple[str, Refused]] = field(default_factory=list)
+
+
+def _one_change_at_a_time(action: Callable[[Lifecycle, str, Step | None], Step]):
+    """An action that holds the operator lease while it runs (tierserve.operator_lock): refused (BUSY) while
+    another change is under way."""
+
+    @functools.wraps(action)
+    def run(self: Lifecycle, target: str, step: Step | None = None) -> Step:
+        with self.exclusive(f"{action.__name__} {target}"):
+            return action(self, target, step)
+
+    return run
 
 
 def repository_config(repository: Path, model: str) -> dict:
@@ -128,6 +144,26 @@ class Lifecycle:
         self.control = control
         self.store = store
         self.repository = repository
+        self._holding: str | None = None  # the change this Lifecycle holds the operator lease for
+
+    @contextlib.contextmanager
+    def exclusive(self, change: str) -> Iterator[None]:
+        """Hold the operator lease for `change` (tierserve.operator_lock) while the block runs; Refused (BUSY),
+        having changed nothing, while another change is under way. Within a change this Lifecycle holds already
+        (a canary's promotion), it holds on."""
+        if self._holding is not None:
+            yield
+            return
+        with contextlib.ExitStack() as lease:
+            try:
+                lease.enter_context(one_change_at_a_time(self.store, change))
+            except ChangeRefused as refused:
+                raise Refused(Problem.BUSY, str(refused)) from None
+            self._holding = change
+            try:
+                yield
+            finally:
+                self._holding = None
 
     # -- what the server serves -----------------------------------------------------------------------------------
 
@@ -145,6 +181,7 @@ class Lifecycle:
 
     # -- actions --------------------------------------------------------------------------------------------------
 
+    @_one_change_at_a_time
     def promote(self, target: str, step: Step | None = None) -> Step:
         """Route the policy to `target` (MODEL:VERSION) instead of the version it routes to now."""
         step = step or Step()
@@ -169,6 +206,7 @@ class Lifecycle:
             raise Refused(Problem.ALREADY, f"{wanted} is already the version the policy routes to")
         return promotions, serving, wanted
 
+    @_one_change_at_a_time
     def rollback(self, model: str, step: Step | None = None) -> Step:
         """Route the policy back to the version `model` had before its last promotion."""
         step = step or Step()
@@ -188,6 +226,7 @@ class Lifecycle:
         step.message = f"rolled back: the policy routes to {previous} instead of {serving}{loaded}"
         return step
 
+    @_one_change_at_a_time
     def retire(self, target: str, step: Step | None = None) -> Step:
         """Unload one version of a model, refused while the routing or a running experiment uses it."""
         step = step or Step()
@@ -216,6 +255,7 @@ class Lifecycle:
         step.message = f"unloaded {version}"
         return step
 
+    @_one_change_at_a_time
     def load(self, target: str, step: Step | None = None) -> Step:
         """Load a model (MODEL, from its config.pbtxt) or one more version of it (MODEL:VERSION)."""
         step = step or Step()
@@ -239,6 +279,7 @@ class Lifecycle:
         step.message = f"loaded {target}"
         return step
 
+    @_one_change_at_a_time
     def unload(self, model: str, step: Step | None = None) -> Step:
         """Unload every version of a model, refused while the routing or a running experiment uses one of them."""
         step = step or Step()

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from tierserve.client import TierserveClient
+from tierserve.operator_lock import one_change_at_a_time
 from tierserve.router_files import ROUTER_MODEL
+from tierserve.state_store import open_store
 from tierserve.tools.audit import Action, Outcome, read_audit
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
@@ -287,6 +289,26 @@ def test_a_restarted_server_keeps_the_promotion_its_lane_and_what_was_unloaded(
         cli("model", "load", "digits_static_light")
     assert _routes(server, hard_images) == {"digits_heavy:3"}
     assert server.server.model_ready("digits_static_light", "1")
+
+
+def test_a_change_while_another_operators_is_under_way_is_refused_naming_it(server: Supervisor, cli):
+    """Two operators, one server: the second's change is refused while the first's holds the lease in the server's
+    state store, and goes once it ended."""
+    store = open_store(server.server.state)
+    try:
+        with one_change_at_a_time(store, "canary digits_heavy:2"):
+            for args in (("retire", "digits_heavy:1"), ("experiment", "stop", "shadow_light")):
+                status, _, err = cli(*args)
+                assert status == ExitCode.FAILED
+                assert "another change is under way: canary digits_heavy:2 by " in err, err
+                assert "nothing changed" in err
+            assert _served(server, "digits_heavy") == "digits_heavy versions 1, 2, 3"
+    finally:
+        store.close()
+    refused = [e for e in _audit(server)[-2:] if e.outcome == Outcome.REFUSED]
+    assert [e.action for e in refused] == [Action.RETIRE, Action.EXPERIMENT_STOP]
+    assert cli("retire", "digits_heavy:1")[0] == 0  # the lease was given back
+    assert cli("model", "load", "digits_heavy:1")[0] == 0
 
 
 def test_the_audit_command_prints_every_action_including_refusals(server: Supervisor, cli):

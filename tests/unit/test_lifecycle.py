@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from tierserve.experiment_spec import ExperimentsFile, experiments_json, parse_experiments
 from tierserve.experimenter import EXPERIMENTS_KEY
+from tierserve.operator_lock import LEASE_KEY, one_change_at_a_time
 from tierserve.operator_unloads import UNLOADS_KEY, OperatorUnloads, UnloadsError, store_unloads, stored_unloads
 from tierserve.promotions import (
     PROMOTIONS_PARAMETER,
@@ -566,9 +567,11 @@ def test_an_unload_the_record_cannot_take_is_a_failure_that_says_what_was_done(l
 
 
 class DownStore(MemoryStore):
-    """A state store that takes no write."""
+    """A state store that takes the operator lease and then no other write."""
 
     def set(self, key: str, value: bytes, **options) -> bool:
+        if key == LEASE_KEY:
+            return super().set(key, value, **options)
         raise StateStoreError("the state store did not answer")
 
 
@@ -625,3 +628,23 @@ def test_models_shows_an_optional_model_the_repository_lacks_as_absent_with_its_
     gone = provenance("x", [("gone", 1, "READY")], shipped, router_policy(shipped), ExperimentsFile(), Promotions())
     (unknown,) = [v for v in gone.versions if v.model == "gone"]  # the server lists it; the repository lacks it
     assert unknown.manifest is None and "has no config.pbtxt" in unknown.note
+
+
+def test_an_action_while_another_change_is_under_way_is_refused_and_changes_nothing(lifecycle, control, store):
+    with one_change_at_a_time(store, "experiment apply experiments.yaml"):
+        for action, target in [("promote", "digits_heavy:3"), ("retire", "digits_heavy:1"), ("unload", "preprocess")]:
+            with pytest.raises(Refused) as refused:
+                getattr(lifecycle, action)(target)
+            assert refused.value.problem == Problem.BUSY
+            assert "another change is under way: experiment apply experiments.yaml by " in str(refused.value)
+    assert control.calls == [] and store.get("promotions") is None
+    lifecycle.retire("digits_heavy:1")  # once it ended
+
+
+def test_a_change_made_of_actions_holds_the_lease_across_them(lifecycle, control, store):
+    with lifecycle.exclusive("canary digits_heavy:3"):
+        lifecycle.load("digits_heavy:3")  # within the canary's own change
+        lifecycle.promote("digits_heavy:3")
+        with pytest.raises(Refused, match="another change is under way: canary digits_heavy:3 by "):
+            Lifecycle(control, store, lifecycle.repository).retire("digits_heavy:1")  # type: ignore[arg-type]
+    assert control.ready["digits_heavy"] == {1, 2, 3} and store.get(LEASE_KEY) is None

@@ -6,7 +6,9 @@ naming it and, for a version still in use, each use). Promote and rollback load 
 version and its lanes' versions) before they reload the router with the promotions as its config parameter; Triton
 keeps the running router serving until the new one is ready, so no request fails. Only then are the promotions
 written to the state store, which the router reads after a restart. Retire reloads the model with a version_policy
-without the version. When the server does not take a step (Failed), what was loaded for it is put back.
+without the version. When the server does not take a step (Failed), what was loaded for it is put back. Each action
+holds the operator lease while it runs (tierserve.operator_lock: one change at a time), and is refused while another
+change holds it.
 
 After a restart, tritonserver loads what its config files list. `restore` loads what the promotions need besides,
 and `reapply_unloads` unloads again what retire and unload had unloaded (tierserve.operator_unloads: their record

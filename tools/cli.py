@@ -154,7 +154,7 @@ def _names(spec: ExperimentsFile) -> str:
 
 
 def _experiment_apply(args: argparse.Namespace) -> int:
-    from tierserve.tools.experiment_admin import apply, describe, read_spec, served
+    from tierserve.tools.experiment_admin import apply, check_served, describe, read_spec, served
 
     with (
         audited(Action.EXPERIMENT_APPLY, str(args.file), _refusals()) as step,
@@ -164,6 +164,7 @@ def _experiment_apply(args: argparse.Namespace) -> int:
         step.before = _names(served(store, args.model_repository))
         spec = read_spec(args.file, args.model_repository, store)  # a malformed file goes no further than here
         with _control(args) as control:
+            check_served(control, spec)
             apply(control, spec)
         step.after = _names(spec)
         step.message = f"experiments applied from {args.file}"

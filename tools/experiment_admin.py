@@ -14,9 +14,10 @@ from pathlib import Path
 from tierserve.experiment_spec import ExperimentsFile, experiments_json, load_experiments
 from tierserve.experimenter import EXPERIMENTS_PARAMETER, next_revision, stored_experiments
 from tierserve.policy import Policy
-from tierserve.promotions import stored_promotions
+from tierserve.promotions import ModelVersion, stored_promotions
 from tierserve.router_files import ROUTER_MODEL, router_policy
 from tierserve.state_store import StateStore
+from tierserve.tools.lifecycle import Problem, Refused
 from tierserve.tools.model_control import ModelControl
 
 
@@ -43,6 +44,24 @@ def apply(control: ModelControl, spec: ExperimentsFile) -> None:
     parameters[EXPERIMENTS_PARAMETER] = {"string_value": experiments_json(next_revision(spec))}
     config["parameters"] = parameters
     control.load_with(ROUTER_MODEL, config)
+
+
+def check_served(control: ModelControl, spec: ExperimentsFile) -> None:
+    """Refused (NOT_LOADED), having changed nothing, when an arm or a shadow of `spec` sends rows to a version the
+    server does not serve (retired, or never loaded): the router would pass over it to the fallback for every row."""
+    ready = {(v.model, v.version) for v in control.index() if v.state == "READY"}
+    for experiment in spec.experiments:
+        sent_to = [(f"arm {arm.name}", model) for arm in experiment.arms for model in arm.models.values()]
+        if experiment.shadow is not None:
+            sent_to.append(("shadow candidate", experiment.shadow.candidate))
+        for where, name in sent_to:
+            version = ModelVersion.parse(name)
+            if (version.model, str(version.version)) not in ready:
+                raise Refused(
+                    Problem.NOT_LOADED,
+                    f"experiment {experiment.name} {where} sends rows to {name}, which the server does not serve "
+                    f"(retired, or never loaded); `tierserve model load {name}` first",
+                )
 
 
 def serve_experiments(http_url: str, admin_key: str, spec: ExperimentsFile) -> None:

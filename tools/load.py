@@ -17,12 +17,13 @@ LOAD_LIMIT_S = 60.0  # no load loop runs longer than this, whatever happens
 
 @dataclass(frozen=True)
 class Sent:
-    """One request: when it was answered (monotonic clock), its tier, and its answer or error."""
+    """One request: when it was answered (monotonic clock), its tier, its answer or error, and when it was sent."""
 
     at: float
     tier: str
     answer: Classification | None
     error: str | None
+    sent_at: float
 
 
 _Load = TypeVar("_Load", bound="LoadThreads")
@@ -79,11 +80,12 @@ class SteadyLoad(LoadThreads):
         with TierserveClient(url, self._protocol, tier_key=self._tier_key) as client:
             i = 0
             while not self._stop.is_set() and time.monotonic() - started < LOAD_LIMIT_S:
+                sent_at = time.monotonic()
                 try:
                     (answer,) = client.classify(images[i % len(images)], tier=tier, **parameters)
-                    self.sent.append(Sent(time.monotonic(), tier, answer, None))
+                    self.sent.append(Sent(time.monotonic(), tier, answer, None, sent_at))
                 except TierserveError as error:
-                    self.sent.append(Sent(time.monotonic(), tier, None, str(error)))
+                    self.sent.append(Sent(time.monotonic(), tier, None, str(error), sent_at))
                 i += 1
                 time.sleep(pause_s)
 

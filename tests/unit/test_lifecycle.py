@@ -29,6 +29,7 @@ from tierserve.promotions import (
 from tierserve.router_files import ROUTER_MODEL, absent_models, router_policy
 from tierserve.state_store import MemoryStore, StateStoreError
 from tierserve.tools.audit import Step
+from tierserve.tools.experiment_admin import check_served
 from tierserve.tools.lifecycle import (
     Failed,
     Lifecycle,
@@ -174,6 +175,7 @@ SPLIT = {
         {"name": "v1", "weight": 50, "models": {"digits_heavy:2": "digits_heavy:1"}},
     ],
 }
+SHADOW = {"name": "shadow_v1", "kind": "shadow", "layer": "b", "shadow": {"candidate": "digits_heavy:1", "fraction": 1}}
 
 
 def test_repository_config_and_versions_read_the_files(repository: Path):
@@ -299,17 +301,7 @@ def test_retire_is_refused_naming_every_use(lifecycle, control, store, repositor
     with pytest.raises(Refused) as lane:
         lifecycle.retire("digits_heavy_critical:2")
     assert "critical lane of digits_heavy:2" in str(lane.value)
-    _run_experiments(
-        store,
-        repository,
-        {**SPLIT, "layer": "a"},
-        {
-            "name": "shadow_v1",
-            "kind": "shadow",
-            "layer": "b",
-            "shadow": {"candidate": "digits_heavy:1", "fraction": 1.0},
-        },
-    )
+    _run_experiments(store, repository, {**SPLIT, "layer": "a"}, SHADOW)
     with pytest.raises(Refused) as experiment:
         lifecycle.retire("digits_heavy:1")
     assert [u.where for u in experiment.value.uses] == ["heavy_versions", "shadow_v1"]
@@ -648,3 +640,25 @@ def test_a_change_made_of_actions_holds_the_lease_across_them(lifecycle, control
         with pytest.raises(Refused, match="another change is under way: canary digits_heavy:3 by "):
             Lifecycle(control, store, lifecycle.repository).retire("digits_heavy:1")  # type: ignore[arg-type]
     assert control.ready["digits_heavy"] == {1, 2, 3} and store.get(LEASE_KEY) is None
+
+
+def test_experiments_that_send_rows_to_a_version_not_served_are_refused_naming_it(lifecycle, control, repository):
+    spec = parse_experiments(
+        {
+            "experiments": [
+                {**SPLIT, "layer": "a"},
+                SHADOW,
+            ]
+        },
+        router_policy(repository),
+    )
+    check_served(control, spec)  # digits_heavy:1 is served
+    lifecycle.retire("digits_heavy:1")
+    with pytest.raises(Refused) as refused:
+        check_served(control, spec)
+    assert refused.value.problem == Problem.NOT_LOADED
+    assert str(refused.value).startswith(
+        "experiment heavy_versions arm v1 sends rows to digits_heavy:1, which the server does not serve"
+    )
+    with pytest.raises(Refused, match="experiment shadow_v1 shadow candidate sends rows to digits_heavy:1"):
+        check_served(control, spec.model_copy(update={"experiments": spec.experiments[1:]}))

@@ -135,7 +135,7 @@ def restore_operator_changes(server: TritonServer) -> None:
             _say(f"loaded {', '.join(loaded)} for the promoted routing")
         try:
             reapplied = lifecycle.reapply_unloads()
-        except (UnloadsError, Failed) as error:  # the server serves; what it serves besides is named
+        except (UnloadsError, Failed, StateStoreError) as error:  # the server serves; what it serves besides is named
             _say(f"did not unload again what was retired or unloaded before: {error}")
             return
         if reapplied.unloaded:

@@ -197,6 +197,21 @@ class Shed:
     reason: str
 
 
+@dataclass(frozen=True)
+class Unanswered:
+    """A row no model answered (the request gets an error): why, and every model tried, in order, with its
+    outcome, so that a model's failures count even when the whole row failed."""
+
+    message: str
+    hops: tuple[Hop, ...] = ()
+
+    def __str__(self) -> str:
+        return self.message
+
+
+RowResult = Answer | Shed | Unanswered  # what became of one row
+
+
 @dataclass
 class _Row:
     decision: Decision
@@ -320,8 +335,8 @@ class Router:
         waits_ms: Sequence[float] = (),
         spent_ms: Sequence[float] = (),
         variants: Sequence[Variant] = (),
-    ) -> list[Answer | Shed | str]:
-        """An Answer per row, Shed for a row refused under load, or the error that left a row unanswered.
+    ) -> list[RowResult]:
+        """An Answer per row, Shed for a row refused under load, or Unanswered: why no model answered it.
 
         Each row must be answered within its deadline_ms, or its tier's SLO when it sent none, counted from
         when the server started on its request: `spent_ms[i]` of row i's budget went before the router (none
@@ -332,7 +347,7 @@ class Router:
         waits = list(waits_ms) or [0.0] * len(signatures)
         spent = list(spent_ms) or [0.0] * len(signatures)
         row_variants = list(variants) or [BASE] * len(signatures)
-        results: list[Answer | Shed | str] = [""] * len(signatures)
+        results: list[RowResult] = [Unanswered("not routed")] * len(signatures)
         rows, kept = [], []
         for index, (signature, wait_ms, spent_before_ms, variant) in enumerate(
             zip(signatures, waits, spent, row_variants, strict=True)
@@ -352,7 +367,7 @@ class Router:
             results[index] = answer
         return results
 
-    async def _walk(self, rows: list[_Row], images: np.ndarray, infer: InferFn) -> list[Answer | str]:
+    async def _walk(self, rows: list[_Row], images: np.ndarray, infer: InferFn) -> list[Answer | Unanswered]:
         signatures = [row.signature for row in rows]
         while pending := {i: row.next_model for i, row in enumerate(rows) if row.next_model}:
             outcomes = await self._call(pending, images, rows, infer)
@@ -573,9 +588,9 @@ class Router:
         only calls refresh must not stop the calls for good (one slow call would otherwise end escalations forever)."""
         return self._latency(model, self.clock(), LATENCY_STALE_S) or 0.0
 
-    def _answer(self, row: _Row) -> Answer | str:
+    def _answer(self, row: _Row) -> Answer | Unanswered:
         if row.best is None:
-            return f"no model could answer ({path_text(row.hops)}): {'; '.join(row.notes)}"
+            return Unanswered(f"no model could answer ({path_text(row.hops)}): {'; '.join(row.notes)}", tuple(row.hops))
         model, probs = row.best
         confidence = float(probs.max())
         if row.decision.confidence_cap is not None and model == self.target(

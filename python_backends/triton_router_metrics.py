@@ -16,7 +16,7 @@ from tierserve.experimenter import RowPlan
 from tierserve.guarded_store import GuardedStore
 from tierserve.inference_log import InferenceLog, InferenceLogSettings
 from tierserve.model_states import ModelStates
-from tierserve.routing import Answer, Hop, Shed
+from tierserve.routing import Answer, Hop, RowResult, Shed
 from tierserve.slo import BudgetBurn, TierSlo
 
 BREAKER_VALUES = {CLOSED: 0.0, HALF_OPEN: 1.0, OPEN: 2.0}
@@ -231,8 +231,8 @@ class RouterMetrics:
         self.model_rows = LabelledFamily(
             "tierserve_model_rows_total",
             "Rows the router sent to each model version (in process or through Triton), by outcome: ok, "
-            "low_confidence (escalated past), error, timeout; counted for answered rows. Triton 2.51 counts a Python "
-            "model's error responses as successes, so a version's failures show here",
+            "low_confidence (escalated past), error, timeout; counted for every row not shed, answered or not. Triton "
+            "2.51 counts a Python model's error responses as successes, so a version's failures show here",
             kind.COUNTER,
             instance,
             self.batch,
@@ -343,7 +343,7 @@ class RouterMetrics:
         for model in models:
             self.breaker(model=model).set(BREAKER_VALUES[CLOSED])
 
-    def requests(self, outcomes: Iterable[tuple[str, list[Answer | Shed | str], float, float]]) -> None:
+    def requests(self, outcomes: Iterable[tuple[str, list[RowResult], float, float]]) -> None:
         """One execute's requests as (tier, answers, budget_ms, seconds since the server started on it: the
         wait for the router included). Counts are summed per series first (each metric update is a message to
         tritonserver); a shed request counts as shed, not as an SLO miss."""
@@ -355,9 +355,10 @@ class RouterMetrics:
             for answer in answers:
                 if isinstance(answer, Answer):
                     rows[tier, answer.route, answer.outcome] += 1
-                    model_rows.update(hop for hop in answer.hops if hop.outcome.called)
                 else:
                     rows[tier, "none", "shed" if isinstance(answer, Shed) else "failed"] += 1
+                if not isinstance(answer, Shed):  # an unanswered row's hops count too: its models' failures
+                    model_rows.update(hop for hop in answer.hops if hop.outcome.called)
             if isinstance(answers[0], Shed):
                 continue
             route = answers[0].route if isinstance(answers[0], Answer) else "none"

@@ -38,7 +38,17 @@ from tierserve.repository_api import NotLoaded, RepositoryApi, RepositoryError
 from tierserve.request_context import ParameterError, parse_context
 from tierserve.resize import resize_to_native, size_problem, source_stats
 from tierserve.router_files import in_process_runners, load_router
-from tierserve.routing import Answer, ModelCallError, ModelDown, ModelRefused, ModelTimeout, Router, Shed
+from tierserve.routing import (
+    Answer,
+    ModelCallError,
+    ModelDown,
+    ModelRefused,
+    ModelTimeout,
+    Router,
+    RowResult,
+    Shed,
+    Unanswered,
+)
 from tierserve.server_scratch import LANE_TOKEN_PARAMETER, lane_token, server_scratch, server_secret
 from tierserve.shadow import BATCH_ROWS, GATHER_S, Mirror, ShadowQueue, outcomes
 from tierserve.signature import RequestContext, signatures
@@ -303,7 +313,7 @@ class TritonPythonModel:
         replays: list[ReplayRow | None] = []  # per row: its logged seed and user, when `tierserve replay` sent it
         downgrades: dict[int, str] = {}  # per request: why it is served below the tier it asked for, or ""
         # per request: (tier, answers, budget_ms, seconds since it was received)
-        outcomes: list[tuple[str, list[Answer | Shed | str], float, float]] = []
+        outcomes: list[tuple[str, list[RowResult], float, float]] = []
         for index, request in enumerate(requests):
             try:  # one request's problem is answered for that request alone, never for its batch
                 parameters = json.loads(request.parameters())
@@ -342,7 +352,7 @@ class TritonPythonModel:
                 answers, cues = await self._route(images, sources, row_contexts, [gauge] * len(owners), plans)
             except Exception as error:  # a bug must not show a traceback to clients
                 pb_utils.Logger.log_error(f"router: routing failed: {error!r}")
-                plans, answers = [], ["the router failed on this batch (see the server log)"] * len(owners)
+                plans, answers = [], [Unanswered("the router failed on this batch (see the server log)")] * len(owners)
             owners_arr = np.asarray(owners)
             finished, answered_at = time.monotonic(), time.time()
             batch = np.concatenate(images)
@@ -618,11 +628,11 @@ class TritonPythonModel:
         return "with pb_utils", pb_utils.is_model_ready(name)
 
     def _response(
-        self, tier: str, answers: list[Answer | Shed | str], ids: list[str], arms: list[str]
+        self, tier: str, answers: list[RowResult], ids: list[str], arms: list[str]
     ) -> pb_utils.InferenceResponse:
         if shed := [a for a in answers if isinstance(a, Shed)]:
             return _error(shed_message(tier, shed[0].reason), pb_utils.TritonError.UNAVAILABLE)
-        if failures := [a for a in answers if isinstance(a, str)]:
+        if failures := [a for a in answers if isinstance(a, Unanswered)]:
             return _error(f"digits: {failures[0]}", pb_utils.TritonError.INTERNAL)
         probs = np.stack([a.probs for a in answers]).astype(np.float32)
         return pb_utils.InferenceResponse(

@@ -14,7 +14,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tierserve.client import TierserveClient
+from tierserve.client import TierserveClient, TierserveError
 from tierserve.faults import FaultSpec
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
@@ -233,6 +233,29 @@ def test_injected_errors_trip_the_breaker_and_it_recovers(chaos, split: DigitsSp
     assert "injected fault: hard failure" in failing[0].reason
     assert all("digits_missing:1 breaker open (3 consecutive failed calls" in a.reason for a in ejected)
     assert recovered is not None and recovered.path == "digits_missing:1 ok"
+
+
+def test_a_row_no_model_answers_counts_against_the_models_that_failed_it(chaos):
+    """The safe default failing: a request of pure noise (routed to it) gets an error naming every model tried, and
+    the routers count the failed rows in tierserve_model_rows_total, which the canary's errors gate reads."""
+    server, control = chaos
+
+    def errors() -> float:
+        return sum(metric_values(server, "tierserve_model_rows_total", model="digits_rules:1", outcome="error"))
+
+    before = errors()
+    control.set_fault("digits_rules", FaultSpec(hard_failure=True))
+    try:
+        with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
+            for image in pure_noise(3, seed=7):
+                with pytest.raises(TierserveError, match=r"no model could answer \(digits_rules:1 error\)"):
+                    client.classify(image)
+    finally:
+        control.set_fault("digits_rules", FaultSpec())
+    deadline = time.monotonic() + 10  # the routers send their counts from a background thread
+    while errors() < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert errors() == before + 3
 
 
 def test_the_fault_command_switches_faults_on_and_off(chaos, monkeypatch, capsys):

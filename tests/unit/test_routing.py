@@ -19,6 +19,7 @@ from tierserve.routing import (
     ModelTimeout,
     Router,
     StallLog,
+    Unanswered,
     merged_parameters,
 )
 from tierserve.signature import Signature
@@ -172,7 +173,9 @@ def test_a_failed_first_model_falls_back_and_a_failed_escalation_keeps_the_first
 
 def test_a_row_no_model_could_answer_is_an_error(router: Router):
     (answer,) = _route(router, _images(0.5), [_signature(ood_score=9.0)], FakeModels(failing=frozenset({"rules:1"})))
-    assert answer == "no model could answer (rules:1 error): rules:1 failed: rules:1 is down"
+    assert answer == Unanswered(
+        "no model could answer (rules:1 error): rules:1 failed: rules:1 is down", (Hop("rules:1", HopOutcome.ERROR),)
+    )
 
 
 def test_the_learned_router_can_escalate_a_confident_row():
@@ -281,7 +284,8 @@ def test_the_safe_default_is_called_whatever_its_breaker_says_since_nothing_come
     for _ in range(2):
         router.breakers["rules:1"].record(False, 0.0)
     (answer,) = _route(router, _images(0.9), [noise], FakeModels(failing=frozenset({"rules:1"})))
-    assert answer.startswith("no model could answer (rules:1 error)")  # tried, and failed: no worse than refused
+    assert isinstance(answer, Unanswered)  # tried, and failed: no worse than refused
+    assert answer.message.startswith("no model could answer (rules:1 error)")
     assert router.breakers["rules:1"].state == "open"
 
 
@@ -546,7 +550,7 @@ def test_a_row_every_model_answers_non_finitely_is_an_error_not_a_nan_answer():
     images = _images(0.9)
     images[0, 0, 2] = 1.0
     (answer,) = _route(Router(parse_policy(POLICY), ACCEPTS_MISSING, learned=None), images, [_signature()], models)
-    assert isinstance(answer, str) and "non-finite" in answer
+    assert isinstance(answer, Unanswered) and "non-finite" in answer.message
 
 
 def test_refusals_of_the_input_do_not_count_against_the_model():

@@ -60,7 +60,7 @@ class ChangeRefused(RuntimeError):
 
     def __init__(self, change: str, under_way: ChangeUnderWay | None) -> None:
         what = f"another change is under way: {under_way}" if under_way else "another change ended just now"
-        super().__init__(f"{what}; nothing changed: try `{change}` again once it is done (one change at a time)")
+        super().__init__(f"{what}; try `{change}` again once it is done (one change at a time)")
         self.under_way = under_way
 
 

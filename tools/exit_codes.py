@@ -107,11 +107,12 @@ def _status(status: str | None) -> Status | None:
 
 
 def _text(error: BaseException) -> str:
+    from tierserve.operator_lock import ChangeRefused
     from tierserve.tools.lifecycle import Refused
 
     if isinstance(error, InferenceServerException):
         return f"the server did not take it: {error.message()}"
-    if isinstance(error, Refused):
+    if isinstance(error, (Refused, ChangeRefused)):
         return f"refused, nothing changed: {error}"
     if isinstance(error, HTTPException):  # e.g. the gRPC port given to an HTTP client
         return f"its answer is not HTTP ({type(error).__name__}: {error}); is that the server's HTTP port?"

@@ -28,6 +28,7 @@ from tierserve.state_store import StateStore, StateStoreError
 LEASE_KEY = "operator_change"  # in the state store: the change under way (JSON), with a time to live
 LEASE_S = 30.0
 RENEW_S = 5.0
+WAIT_POLL_S = 0.25  # how often a change that waits for the lease asks for it again
 
 
 def operator_name() -> str:
@@ -78,18 +79,22 @@ def one_change_at_a_time(
     store: StateStore,
     change: str,
     *,
+    wait_s: float = 0.0,
     lease_s: float = LEASE_S,
     renew_s: float = RENEW_S,
     clock: Callable[[], float] = time.time,
 ) -> Iterator[ChangeUnderWay]:
     """Hold the lease for `change` (e.g. 'retire digits_heavy:1') while the block runs; ChangeRefused when another
-    change holds it. StateStoreError when the store cannot be asked."""
+    change holds it for `wait_s` more (0: refused at once). StateStoreError when the store cannot be asked."""
     mine = ChangeUnderWay(
         change=change, operator=operator_name(), host=socket.gethostname(), since=clock(), token=secrets.token_hex(8)
     )
     lease = mine.model_dump_json().encode()
-    if not store.set(LEASE_KEY, lease, ttl_s=lease_s, only_if_absent=True):
-        raise ChangeRefused(change, _under_way(store.get(LEASE_KEY)))
+    give_up_at = time.monotonic() + wait_s
+    while not store.set(LEASE_KEY, lease, ttl_s=lease_s, only_if_absent=True):
+        if time.monotonic() >= give_up_at:
+            raise ChangeRefused(change, _under_way(store.get(LEASE_KEY)))
+        time.sleep(min(WAIT_POLL_S, max(give_up_at - time.monotonic(), 0.0)))
     done = threading.Event()
 
     def renew() -> None:

@@ -55,6 +55,9 @@ from tierserve.state_store import StateStore, StateStoreError
 from tierserve.tools.audit import Step
 from tierserve.tools.model_control import ModelControl
 
+# How long a start's reapply_unloads waits for the operator lease (replicas started together take turns).
+REAPPLY_WAIT_S = 30.0
+
 
 class Problem(str, Enum):
     """Why an action was refused."""
@@ -149,16 +152,16 @@ class Lifecycle:
         self._holding: str | None = None  # the change this Lifecycle holds the operator lease for
 
     @contextlib.contextmanager
-    def exclusive(self, change: str) -> Iterator[None]:
+    def exclusive(self, change: str, wait_s: float = 0.0) -> Iterator[None]:
         """Hold the operator lease for `change` (tierserve.operator_lock) while the block runs; Refused (BUSY),
-        having changed nothing, while another change is under way. Within a change this Lifecycle holds already
-        (a canary's promotion), it holds on."""
+        having changed nothing, while another change is under way `wait_s` from now. Within a change this Lifecycle
+        holds already (a canary's promotion), it holds on."""
         if self._holding is not None:
             yield
             return
         with contextlib.ExitStack() as lease:
             try:
-                lease.enter_context(one_change_at_a_time(self.store, change))
+                lease.enter_context(one_change_at_a_time(self.store, change, wait_s=wait_s))
             except ChangeRefused as refused:
                 raise Refused(Problem.BUSY, str(refused)) from None
             self._holding = change
@@ -329,19 +332,26 @@ class Lifecycle:
                 loaded += [f"{model}:{version}" for version in sorted(missing)]
         return loaded
 
-    def reapply_unloads(self) -> Reapplied:
+    def reapply_unloads(self, wait_s: float = REAPPLY_WAIT_S) -> Reapplied:
         """After a restart, unload again what retire and unload had unloaded (their record) and the config files
         loaded, each with the checks of the action itself: what the served routing or a running experiment uses
-        now, or what the repository no longer has, is kept, with the refusal. UnloadsError when the record is
-        malformed; Failed when the server does not take an unload."""
-        done = Reapplied()
-        for target in stored_unloads(self.store).targets():
-            try:
-                (self.retire if ":" in target else self.unload)(target)
-                done.unloaded.append(target)
-            except Refused as refused:
-                if refused.problem != Problem.NOT_LOADED:  # not loaded: nothing to do
-                    done.kept.append((target, refused))
+        now, or what the repository no longer has, is kept, with the refusal. Holds the operator lease throughout,
+        waiting up to `wait_s` for it: replicas that start together take turns instead of refusing each other.
+        UnloadsError when the record is malformed; Failed when the server does not take an unload."""
+        done, targets = Reapplied(), stored_unloads(self.store).targets()
+        if not targets:
+            return done
+        try:
+            with self.exclusive("unload again what was unloaded, after a start", wait_s):
+                for target in targets:
+                    try:
+                        (self.retire if ":" in target else self.unload)(target)
+                        done.unloaded.append(target)
+                    except Refused as refused:
+                        if refused.problem != Problem.NOT_LOADED:  # not loaded: nothing to do
+                            done.kept.append((target, refused))
+        except Refused as busy:  # another change held the lease all that time
+            done.kept = [(target, busy) for target in targets]
         return done
 
     # -- checks ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import copy
 import json
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -662,3 +663,27 @@ def test_experiments_that_send_rows_to_a_version_not_served_are_refused_naming_i
     )
     with pytest.raises(Refused, match="experiment shadow_v1 shadow candidate sends rows to digits_heavy:1"):
         check_served(control, spec.model_copy(update={"experiments": spec.experiments[1:]}))
+
+
+def test_a_start_waits_for_the_lease_to_unload_again_and_names_what_it_kept_when_it_never_came(
+    lifecycle, control, repository, store
+):
+    lifecycle.retire("digits_heavy:1")
+    restarted, after_restart = _restarted(control, repository, store)
+    held, release = threading.Event(), threading.Event()
+
+    def another_replicas_start() -> None:
+        with one_change_at_a_time(store, "unload again what was unloaded, after a start"):
+            held.set()
+            release.wait(5)
+
+    other = threading.Thread(target=another_replicas_start)
+    other.start()
+    assert held.wait(5)
+    kept = after_restart.reapply_unloads(wait_s=0.3)  # held all that time
+    assert kept.unloaded == [] and [(t, r.problem) for t, r in kept.kept] == [("digits_heavy:1", Problem.BUSY)]
+    assert restarted.ready["digits_heavy"] == {1, 2}
+    threading.Timer(0.3, release.set).start()
+    assert after_restart.reapply_unloads(wait_s=5).unloaded == ["digits_heavy:1"]  # its turn came
+    other.join()
+    assert restarted.ready["digits_heavy"] == {2}

@@ -152,11 +152,11 @@ class ArmFigures:
     latency: Histogram = NO_LATENCY  # the rows' latency from the router taking them to their answer
     calls: int = 0  # rows sent to the arm's model version (by the router, and by the shadow for the candidate)
     failures: int = 0  # of those rows, failed there
-    model_calls: int = 0  # calls to the arm's model version (and its lanes) as the server counts them
-    model_call_s: float = 0.0  # their total duration, from arrival to response
     feedback: int = 0  # fed-back rows of the arm
     correct: int = 0  # of those, answered correctly
-    call_readings: tuple[tuple[int, float], ...] = ()  # (calls, seconds) of those calls between readings of the step
+    # calls to the arm's model version (and its lanes) as the server counts them, and their seconds from arrival to
+    # response, between each two readings of the step: (calls, seconds) a reading
+    call_readings: tuple[tuple[int, float], ...] = ()
 
     @property
     def p99_ms(self) -> float | None:
@@ -167,8 +167,14 @@ class ArmFigures:
         return self.failures / self.calls if self.calls else None
 
     @property
+    def model_calls(self) -> int:
+        """Calls to the arm's model version in the step: its readings' together."""
+        return sum(calls for calls, _ in self.call_readings)
+
+    @property
     def mean_call_ms(self) -> float | None:
-        return 1000 * self.model_call_s / self.model_calls if self.model_calls else None
+        seconds = sum(seconds for _, seconds in self.call_readings)
+        return 1000 * seconds / self.model_calls if self.model_calls else None
 
     @property
     def typical_call_ms(self) -> float | None:

@@ -220,7 +220,7 @@ def _histogram(values: Mapping[Series, float], name: str, **labels: str) -> Hist
     return Histogram(tuple(bounds[:-1]), tuple(counts))
 
 
-def _model_calls(values: Mapping[Series, float], models: Collection[str]) -> tuple[int, float]:
+def model_calls(values: Mapping[Series, float], models: Collection[str]) -> tuple[int, float]:
     """Calls to the model versions `models` and their total duration in seconds, as Triton counts them."""
     calls = seconds = 0.0
     for name in models:
@@ -243,21 +243,19 @@ def arm_figures(
     canary's. The rows the router sent to `models` and those that failed there (an error: a timeout is the latency
     gate's) are counted from the step, all traffic's (the candidate serves only the treatment), plus with `shadow`
     (the experiment mirroring rows to the arm's model version) the rows it sent there and those that failed.
-    `call_readings`: the calls to `models` and their seconds between each two of the step's readings."""
+    `call_readings`: the calls to `models` and their seconds between each two of the step's readings (model_calls
+    of each reading's increases), which make up the step's."""
     sent = round(sum(_sum(step, MODEL_ROWS, model=m, outcome=o) for m in models for o in SENT_OUTCOMES))
     failed = round(sum(_sum(step, MODEL_ROWS, model=model, outcome=HopOutcome.ERROR.value) for model in models))
     if shadow is not None:
         outcomes = ("agree", "disagree", "error")
         sent += round(sum(_sum(step, SHADOW_ROWS, experiment=shadow, outcome=outcome) for outcome in outcomes))
         failed += round(_sum(step, SHADOW_ROWS, experiment=shadow, outcome="error"))
-    model_calls, model_call_s = _model_calls(step, models)
     return ArmFigures(
         rows=round(_sum(step, ROWS, experiment=experiment, arm=arm)),
         latency=_histogram(step, LATENCY_BUCKETS, experiment=experiment, arm=arm),
         calls=sent,
         failures=failed,
-        model_calls=model_calls,
-        model_call_s=model_call_s,
         call_readings=tuple(call_readings),
         feedback=round(_sum(canary, FEEDBACK, experiment=experiment, arm=arm)),
         correct=round(_sum(canary, FEEDBACK, experiment=experiment, arm=arm, correct="true")),
@@ -535,8 +533,8 @@ class _Canary:
             before = dict(self.increases.total)
             samples = self._read()
             reading = self.increases.since(before)
-            call_readings[CONTROL].append(_model_calls(reading, self.plan.baseline_models))
-            call_readings[TREATMENT].append(_model_calls(reading, self.plan.candidate_models))
+            call_readings[CONTROL].append(model_calls(reading, self.plan.baseline_models))
+            call_readings[TREATMENT].append(model_calls(reading, self.plan.candidate_models))
             elapsed = self.clock() - started
             figures = self._figures(weight, elapsed, self.increases.since(step_mark), samples, call_readings)
             self.verdict = verdict = judge(figures, self.settings)

@@ -36,6 +36,7 @@ from tierserve.tools.canary import (
     arm_figures,
     canary_settings,
     experiment_names,
+    model_calls,
     parse_metrics,
     run_canary,
 )
@@ -403,7 +404,9 @@ def test_arm_figures_sum_instances_and_turn_cumulative_buckets_into_counts():
     increases = Increases()
     increases.add({})
     increases.add(parse_metrics("\n".join(lines), {*(line.split("{")[0] for line in lines)}))
-    figures = arm_figures(increases.total, increases.total, "e", TREATMENT, ["m:1"])
+    figures = arm_figures(
+        increases.total, increases.total, "e", TREATMENT, ["m:1"], call_readings=[model_calls(increases.total, ["m:1"])]
+    )
     assert figures.rows == 150 and figures.latency.counts == (10, 70, 70)
     assert figures.latency.bounds_s == (0.01, 0.1) and figures.p99_ms == 100.0
     assert (figures.feedback, figures.correct, figures.accuracy) == (10, 8, 0.8)

@@ -42,10 +42,9 @@ def arm(
     model_calls: int = 0,
     call_ms: float = 1.0,
 ) -> ArmFigures:
-    call_s = model_calls * call_ms / 1000
     counts = [model_calls // 4 + (i < model_calls % 4) for i in range(4)]  # the step's calls over 4 readings
     readings = tuple((count, count * call_ms / 1000) for count in counts)
-    return ArmFigures(rows, latency(ms, rows), calls, failures, model_calls, call_s, feedback, correct, readings)
+    return ArmFigures(rows, latency(ms, rows), calls, failures, feedback, correct, readings)
 
 
 def figures(**changes) -> CanaryFigures:
@@ -100,14 +99,14 @@ def test_errors_wait_for_rows_sent_to_the_candidate_and_an_idle_baseline_counts_
 
 def test_the_typical_call_is_the_median_of_the_readings_means_weighted_by_their_calls():
     steady = [(40, 0.12)] * 4  # 40 calls of 3 ms a reading
-    stalled = ArmFigures(call_readings=(*steady, (40, 0.12 + 1.0)), model_calls=200, model_call_s=1.6)
+    stalled = ArmFigures(call_readings=(*steady, (40, 0.12 + 1.0)))  # 200 calls, 1.6 s
     assert stalled.mean_call_ms == pytest.approx(8.0) and stalled.typical_call_ms == pytest.approx(3.0)
     slow = ArmFigures(call_readings=((40, 0.12), (40, 0.4), (40, 0.4)))  # slower on most calls: 10 ms
     assert slow.typical_call_ms == pytest.approx(10.0)
     weighted = ArmFigures(call_readings=((1, 0.5), (100, 0.3), (0, 0.0), (1, 0.5)))  # slow calls alone in readings
     assert weighted.typical_call_ms == pytest.approx(3.0)
     # fewer than CALL_READINGS readings with calls: not judged yet (the median of one reading is its mean)
-    assert ArmFigures(call_readings=((40, 1.12), (0, 0.0)), model_calls=40, model_call_s=1.12).typical_call_ms is None
+    assert ArmFigures(call_readings=((40, 1.12), (0, 0.0))).typical_call_ms is None
 
 
 def test_latency_fails_past_the_ratio_and_the_slack():

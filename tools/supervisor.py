@@ -227,19 +227,21 @@ class Supervisor:
         # The repository index gives each version's lifecycle state. /v2/models/<m>/ready would not do: from
         # Triton 2.64 on it turns false when a stub dies, which would read like an unload.
         try:
-            loaded = {(m["name"], m.get("version")) for m in self.server.models() if m.get("state") == "READY"}
+            index = self.server.models()
         except ServerError:
             return  # the server did not answer: look again on the next check
+        loaded = {(m["name"], m.get("version")) for m in index if m.get("state") == "READY"}
         for model, keys in missing.items():
             # A version unloaded, or being reloaded by unload and load, lost its stubs to that, not to a death.
             # Judged per version: one retired as another's stub dies (in one look) must not hide that death.
             dead = {key: seen_at for key, seen_at in keys.items() if (model, key.version) in loaded}
             self._forget(key for key in keys if key not in dead)
             if dead:
-                self._heal(model, dead)
+                self._heal(model, dead, ready_versions(index, model))
 
-    def _heal(self, model: str, keys: dict[InstanceKey, float]) -> None:
-        """Reload `model`, whose instances `keys` (with when each was last seen alive) lost their stubs."""
+    def _heal(self, model: str, keys: dict[InstanceKey, float], serving: set[int]) -> None:
+        """Reload `model`, whose instances `keys` (with when each was last seen alive) lost their stubs, serving the
+        versions `serving` it serves now."""
         now = time.monotonic()
         reloads = ReloadLog(server_scratch(self.server.pid))
         claim = reloads.claim(model, max(keys.values()), now, RELOAD_MIN_INTERVAL_S)
@@ -252,7 +254,7 @@ class Supervisor:
         self._emit(Event(EventKind.STUB_DIED, f"{model}: no stub process for {names}; reloading {model}", model=model))
         started = time.monotonic()
         try:
-            self._reload(model)
+            self._reload(model, serving)
         except ServerError as error:  # kept as missing: retried once RELOAD_MIN_INTERVAL_S has passed
             self._emit(Event(EventKind.RELOAD_FAILED, f"{model}: {error}", model=model))
             return
@@ -270,10 +272,9 @@ class Supervisor:
             )
         )
 
-    def _reload(self, model: str) -> None:
-        """Load `model` again with the configuration and versions it runs now, marked so that Triton does not skip
-        it."""
-        serving = ready_versions(self.server.models(), model)
+    def _reload(self, model: str, serving: set[int]) -> None:
+        """Load `model` again with the configuration it runs now and the versions `serving`, marked so that Triton
+        does not skip it."""
         self.server.load(model, reload_config(self.server.model_config(model), serving))
 
     def _forget(self, keys: Iterable[InstanceKey]) -> None:

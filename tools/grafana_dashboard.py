@@ -140,7 +140,7 @@ SECTIONS: dict[str, tuple[Graph, ...]] = {
         Graph(
             "Rows each model version failed",
             "Rows the router sent to a model version that failed there (error) or got no answer in time (timeout), "
-            "answered rows only. Triton 2.51 counts a Python model's error responses as successes.",
+            "rows no model answered included. Triton 2.51 counts a Python model's error responses as successes.",
             "rowsps",
             (
                 Query(

@@ -86,12 +86,13 @@ def one_change_at_a_time(
 ) -> Iterator[ChangeUnderWay]:
     """Hold the lease for `change` (e.g. 'retire digits_heavy:1') while the block runs; ChangeRefused when another
     change holds it for `wait_s` more (0: refused at once). StateStoreError when the store cannot be asked."""
-    mine = ChangeUnderWay(
-        change=change, operator=operator_name(), host=socket.gethostname(), since=clock(), token=secrets.token_hex(8)
-    )
-    lease = mine.model_dump_json().encode()
+    who, host, token = operator_name(), socket.gethostname(), secrets.token_hex(8)
     give_up_at = time.monotonic() + wait_s
-    while not store.set(LEASE_KEY, lease, ttl_s=lease_s, only_if_absent=True):
+    while True:  # `since` is when it took the lease, not when it began to wait
+        mine = ChangeUnderWay(change=change, operator=who, host=host, since=clock(), token=token)
+        lease = mine.model_dump_json().encode()
+        if store.set(LEASE_KEY, lease, ttl_s=lease_s, only_if_absent=True):
+            break
         if time.monotonic() >= give_up_at:
             raise ChangeRefused(change, _under_way(store.get(LEASE_KEY)))
         time.sleep(min(WAIT_POLL_S, max(give_up_at - time.monotonic(), 0.0)))

@@ -33,7 +33,7 @@ from tritonclient.utils import InferenceServerException
 from tierserve.experiment_spec import ExperimentsFile, ExperimentSpecError, parse_experiments
 from tierserve.experimenter import EXPERIMENTS_KEY
 from tierserve.manifest import Manifest, ManifestError
-from tierserve.operator_lock import ChangeRefused, one_change_at_a_time
+from tierserve.operator_lock import ChangeRefused, ChangeUnderWay, one_change_at_a_time
 from tierserve.operator_unloads import OperatorUnloads, UnloadsError, store_unloads, stored_unloads
 from tierserve.policy import Policy
 from tierserve.promotions import (
@@ -54,9 +54,6 @@ from tierserve.router_files import CONFIG_FILE, POLICY_FILE, ROUTER_MODEL, absen
 from tierserve.state_store import StateStore, StateStoreError
 from tierserve.tools.audit import Step
 from tierserve.tools.model_control import ModelControl
-
-# How long a start's reapply_unloads waits for the operator lease (replicas started together take turns).
-REAPPLY_WAIT_S = 30.0
 
 
 class Problem(str, Enum):
@@ -79,12 +76,16 @@ class Problem(str, Enum):
 
 
 class Refused(Exception):
-    """An action refused before it changed anything; `problem` says why, `uses` what still uses the version."""
+    """An action refused before it changed anything; `problem` says why, `uses` what still uses the version, and
+    `under_way` the other change that held the operator lease (BUSY; None when it ended as it was read)."""
 
-    def __init__(self, problem: Problem, message: str, uses: tuple[Use, ...] = ()) -> None:
+    def __init__(
+        self, problem: Problem, message: str, uses: tuple[Use, ...] = (), under_way: ChangeUnderWay | None = None
+    ) -> None:
         super().__init__(message)
         self.problem = problem
         self.uses = uses
+        self.under_way = under_way
 
 
 class Failed(RuntimeError):
@@ -93,10 +94,12 @@ class Failed(RuntimeError):
 
 @dataclass
 class Reapplied:
-    """What `reapply_unloads` unloaded again, and what it kept serving with the refusal that kept it."""
+    """What `reapply_unloads` unloaded again, what it kept serving with the refusal that kept it, and, when another
+    change held the operator lease all the time it waited (it then did nothing), that refusal."""
 
     unloaded: list[str] = field(default_factory=list)
     kept: list[tuple[str, Refused]] = field(default_factory=list)
+    busy: Refused | None = None
 
 
 def _one_change_at_a_time(action: Callable[[Lifecycle, str, Step | None], Step]):
@@ -163,7 +166,7 @@ class Lifecycle:
             try:
                 lease.enter_context(one_change_at_a_time(self.store, change, wait_s=wait_s))
             except ChangeRefused as refused:
-                raise Refused(Problem.BUSY, str(refused)) from None
+                raise Refused(Problem.BUSY, str(refused), under_way=refused.under_way) from None
             self._holding = change
             try:
                 yield
@@ -332,12 +335,13 @@ class Lifecycle:
                 loaded += [f"{model}:{version}" for version in sorted(missing)]
         return loaded
 
-    def reapply_unloads(self, wait_s: float = REAPPLY_WAIT_S) -> Reapplied:
+    def reapply_unloads(self, wait_s: float = 0.0) -> Reapplied:
         """After a restart, unload again what retire and unload had unloaded (their record) and the config files
         loaded, each with the checks of the action itself: what the served routing or a running experiment uses
         now, or what the repository no longer has, is kept, with the refusal. Holds the operator lease throughout,
-        waiting up to `wait_s` for it: replicas that start together take turns instead of refusing each other.
-        UnloadsError when the record is malformed; Failed when the server does not take an unload."""
+        waiting up to `wait_s` for it; `busy` when another change held it all that time (nothing was done: ask
+        again once it ends). UnloadsError when the record is malformed; Failed when the server does not take an
+        unload."""
         done, targets = Reapplied(), stored_unloads(self.store).targets()
         if not targets:
             return done
@@ -351,7 +355,7 @@ class Lifecycle:
                         if refused.problem != Problem.NOT_LOADED:  # not loaded: nothing to do
                             done.kept.append((target, refused))
         except Refused as busy:  # another change held the lease all that time
-            done.kept = [(target, busy) for target in targets]
+            done.busy = busy
         return done
 
     # -- checks ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import os
 import secrets
 import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -17,6 +19,8 @@ from tierserve.private_file import write_private
 from tierserve.state_store import STATE_ENV, StateStoreError, open_store, shared_secret
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key
 from tierserve.tools.build_models import build_all
+from tierserve.tools.lifecycle import Failed, Lifecycle, Refused
+from tierserve.tools.model_control import ModelControl
 from tierserve.tools.paths import (
     ADMIN_KEY_ENV,
     ADMIN_KEY_FILE,
@@ -40,6 +44,9 @@ from tierserve.tools.supervisor import Event, Supervisor
 # Both are handled whatever their disposition was at start, as tritonserver does: a shell runs a background job
 # (`tierserve serve &` in a script, a CI step) with SIGINT ignored, and Python then keeps it ignored.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# After a start, how long each try to unload again what was retired or unloaded waits for the operator lease before
+# it looks whether to stop (serve stops, or a restart supersedes it) and tries again.
+RETRY_WAIT_S = 2.0
 
 
 def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
@@ -122,29 +129,100 @@ def _print_event(event: Event) -> None:
     _say(str(event))
 
 
-def restore_operator_changes(server: TritonServer) -> None:
-    """Put back what the config files do not say: load what the promoted routing needs (a promoted version's lane),
-    then unload again what operators retired or unloaded (tierserve.operator_unloads)."""
-    from tierserve.tools.lifecycle import Failed, Lifecycle
-    from tierserve.tools.model_control import ModelControl
-
+@contextlib.contextmanager
+def _lifecycle(server: TritonServer) -> Iterator[Lifecycle]:
+    """A Lifecycle of `server`, its model repository and state store, closed after the block."""
     control, store = ModelControl(server.http_url, server.admin_key), open_store(server.state)
     try:
-        lifecycle = Lifecycle(control, store, server.repository)
-        if loaded := lifecycle.restore():
-            _say(f"loaded {', '.join(loaded)} for the promoted routing")
-        try:
-            reapplied = lifecycle.reapply_unloads()
-        except (UnloadsError, Failed, StateStoreError) as error:  # the server serves; what it serves besides is named
-            _say(f"did not unload again what was retired or unloaded before: {error}")
-            return
-        if reapplied.unloaded:
-            _say(f"unloaded {', '.join(reapplied.unloaded)} again, as retired or unloaded before")
-        for target, refused in reapplied.kept:
-            _say(f"kept {target} loaded, though it was retired or unloaded before: {refused}")
+        yield Lifecycle(control, store, server.repository)
     finally:
         control.close()
         store.close()
+
+
+def _unload_again(lifecycle: Lifecycle, wait_s: float, say: Callable[[str], None]) -> Refused | None:
+    """Unload again what operators retired or unloaded (tierserve.operator_unloads), waiting up to `wait_s` for the
+    operator lease, and say what was done; the refusal when another change held the lease all that time (nothing
+    was done)."""
+    try:
+        reapplied = lifecycle.reapply_unloads(wait_s)
+    except (UnloadsError, Failed, StateStoreError) as error:  # the server serves; what it serves besides is named
+        say(f"did not unload again what was retired or unloaded before: {error}")
+        return None
+    if reapplied.unloaded:
+        say(f"unloaded {', '.join(reapplied.unloaded)} again, as retired or unloaded before")
+    for target, refused in reapplied.kept:
+        say(f"kept {target} loaded, though it was retired or unloaded before: {refused}")
+    return reapplied.busy
+
+
+class OperatorChanges:
+    """After every start of a server (the supervisor's `on_ready`), puts back what operators changed that its config
+    files do not say: loads what the promoted routing needs (a promoted version's lane), then unloads again what
+    operators retired or unloaded. Unloading again takes the operator lease. While another change holds it (a
+    canary holds it for minutes), a thread of this object's own asks for it again, waiting RETRY_WAIT_S each time,
+    until that change ends: supervision goes on meanwhile, and a retired version is unloaded once that change ends,
+    not at the next restart. A later start supersedes the wait of an earlier one; `close` ends it. `lifecycle_of`
+    gives a Lifecycle of a server for the length of a block."""
+
+    def __init__(
+        self,
+        say: Callable[[str], None] = _say,
+        lifecycle_of: Callable[[TritonServer], contextlib.AbstractContextManager[Lifecycle]] = _lifecycle,
+    ) -> None:
+        self._say = say
+        self._lifecycle_of = lifecycle_of
+        self._lock = threading.Lock()  # one of: a start's restore, or close
+        self._closed = False
+        self._waiter: threading.Thread | None = None
+        self._stop_waiting = threading.Event()
+
+    def after_start(self, server: TritonServer) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._end_wait()
+            with self._lifecycle_of(server) as lifecycle:
+                if loaded := lifecycle.restore():
+                    self._say(f"loaded {', '.join(loaded)} for the promoted routing")
+                if (busy := _unload_again(lifecycle, 0.0, self._say)) is None:
+                    return
+            self._say(
+                "will unload again what was retired or unloaded before once another change ends: "
+                f"{busy.under_way or 'one that ended just now'} holds the operator lease"
+            )
+            self._stop_waiting = threading.Event()
+            self._waiter = threading.Thread(
+                target=self._wait_for_the_lease, args=(server, self._stop_waiting), name="unload-again", daemon=True
+            )
+            self._waiter.start()
+
+    def waiting(self) -> bool:
+        """Whether the thread still waits for the operator lease."""
+        return self._waiter is not None and self._waiter.is_alive()
+
+    def close(self) -> None:
+        """End a wait for the lease (within RETRY_WAIT_S, or once the unloads under way are done); no later start
+        restores anything."""
+        with self._lock:
+            self._closed = True
+            self._end_wait()
+
+    def _end_wait(self) -> None:
+        self._stop_waiting.set()
+        if self._waiter is not None:
+            self._waiter.join()
+            self._waiter = None
+
+    def _wait_for_the_lease(self, server: TritonServer, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                with self._lifecycle_of(server) as lifecycle:
+                    if _unload_again(lifecycle, RETRY_WAIT_S, self._say) is None:
+                        return
+            except Exception as error:  # the thread ends saying why; the next start asks again
+                self._say(f"stopped waiting to unload again what was retired or unloaded before: {error}")
+                return
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -170,7 +248,8 @@ def serve(args: argparse.Namespace) -> int:
         inference_log=args.log_dir.resolve(),
         replica=args.replica,
     )
-    supervisor = Supervisor(server, report=_print_event, on_ready=lambda: restore_operator_changes(server))
+    operator_changes = OperatorChanges()
+    supervisor = Supervisor(server, report=_print_event, on_ready=lambda: operator_changes.after_start(server))
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, _stop_on_signal)
     try:
@@ -186,4 +265,5 @@ def serve(args: argparse.Namespace) -> int:
         print(f"tierserve: {error}", file=sys.stderr)
         return 1
     finally:
+        operator_changes.close()
         supervisor.stop()

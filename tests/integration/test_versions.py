@@ -26,7 +26,7 @@ from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.exit_codes import ExitCode
 from tierserve.tools.load import SteadyLoad
 from tierserve.tools.paths import ADMIN_KEY_ENV, AUDIT_ENV
-from tierserve.tools.serve import restore_operator_changes
+from tierserve.tools.serve import OperatorChanges
 from tierserve.tools.supervisor import EventKind, Supervisor
 
 from .conftest import escalated_images, supervised_server
@@ -53,12 +53,22 @@ def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="module")
-def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
+def operator_changes() -> Iterator[OperatorChanges]:
+    """What `tierserve serve` runs after every start: puts back the operators' changes the config files do not say."""
+    changes = OperatorChanges()
+    yield changes
+    changes.close()
+
+
+@pytest.fixture(scope="module")
+def server(
+    repository: Path, tmp_path_factory: pytest.TempPathFactory, operator_changes: OperatorChanges
+) -> Iterator[Supervisor]:
     """A server of this module's own: the versions changed here never reach the session server's tests. The CLI
     runs with its admin key and writes to an audit log of this module's own."""
     workdir = tmp_path_factory.mktemp("versions_server")
     with (
-        supervised_server(repository, workdir, on_ready=restore_operator_changes) as supervisor,
+        supervised_server(repository, workdir, on_ready=operator_changes.after_start) as supervisor,
         pytest.MonkeyPatch.context() as env,
     ):
         env.setenv(ADMIN_KEY_ENV, supervisor.server.admin_key)
@@ -268,13 +278,7 @@ def test_a_restarted_server_keeps_the_promotion_its_lane_and_what_was_unloaded(
     try:
         assert cli("retire", "digits_heavy:3")[0] == 0  # no longer routed to
         assert cli("model", "unload", "digits_static_light")[0] == 0
-        events = len(server.events)
-        os.kill(server.server.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 90
-        while not any(e.kind == EventKind.SERVER_RESTARTED for e in server.events[events:]):
-            assert time.monotonic() < deadline, f"no restart: {[str(e) for e in server.events[events:]]}"
-            time.sleep(0.2)
-        assert not any(e.kind == EventKind.RESTART_FAILED for e in server.events[events:])
+        _killed_and_restarted(server)
         # the new router read the promotion from the state store; its lane is not in the config files
         assert _routes(server, hard_images) == {"digits_heavy:1"}
         assert _routes(server, hard_images, "critical") == {f"{LANE}:1"}
@@ -285,6 +289,40 @@ def test_a_restarted_server_keeps_the_promotion_its_lane_and_what_was_unloaded(
         cli("model", "load", "digits_static_light")
     assert _routes(server, hard_images) == {"digits_heavy:3"}
     assert server.server.model_ready("digits_static_light", "1")
+
+
+def _killed_and_restarted(server: Supervisor) -> None:
+    events = len(server.events)
+    os.kill(server.server.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while not any(e.kind == EventKind.SERVER_RESTARTED for e in server.events[events:]):
+        assert time.monotonic() < deadline, f"no restart: {[str(e) for e in server.events[events:]]}"
+        time.sleep(0.2)
+    assert not any(e.kind == EventKind.RESTART_FAILED for e in server.events[events:])
+
+
+def test_a_restart_during_another_change_unloads_again_once_that_change_ends(
+    server: Supervisor, cli, operator_changes: OperatorChanges
+):
+    """kill -9 while a canary holds the operator lease: the supervisor restarts the server without waiting for the
+    canary (the config files load the retired version again), and once the canary ends the retired version is
+    unloaded again, with no restart."""
+    assert cli("retire", "digits_heavy:1")[0] == 0
+    store = open_store(server.server.state)
+    try:
+        with one_change_at_a_time(store, "canary digits_heavy:2"):
+            _killed_and_restarted(server)
+            assert _served(server, "digits_heavy") == "digits_heavy versions 1, 2, 3"
+            assert operator_changes.waiting()
+        deadline = time.monotonic() + 30
+        while _served(server, "digits_heavy") != "digits_heavy versions 2, 3":
+            assert time.monotonic() < deadline, _served(server, "digits_heavy")
+            time.sleep(0.2)
+        assert not operator_changes.waiting()
+    finally:
+        store.close()
+        cli("model", "load", "digits_heavy:1")
+    assert _served(server, "digits_heavy") == "digits_heavy versions 1, 2, 3"
 
 
 def test_a_change_while_another_operators_is_under_way_is_refused_naming_it(server: Supervisor, cli):

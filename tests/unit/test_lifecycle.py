@@ -4,11 +4,14 @@ and puts things back when the server does not take a step."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
 import shutil
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +53,7 @@ from tierserve.tools.provenance import (
     provenance_text,
     server_provenance,
 )
+from tierserve.tools.serve import OperatorChanges
 
 from .heavy_v2 import heavy_v2_router
 
@@ -665,7 +669,7 @@ def test_experiments_that_send_rows_to_a_version_not_served_are_refused_naming_i
         check_served(control, spec.model_copy(update={"experiments": spec.experiments[1:]}))
 
 
-def test_a_start_waits_for_the_lease_to_unload_again_and_names_what_it_kept_when_it_never_came(
+def test_a_start_waits_for_the_lease_to_unload_again_and_says_so_when_it_never_came(
     lifecycle, control, repository, store
 ):
     lifecycle.retire("digits_heavy:1")
@@ -680,10 +684,85 @@ def test_a_start_waits_for_the_lease_to_unload_again_and_names_what_it_kept_when
     other = threading.Thread(target=another_replicas_start)
     other.start()
     assert held.wait(5)
-    kept = after_restart.reapply_unloads(wait_s=0.3)  # held all that time
-    assert kept.unloaded == [] and [(t, r.problem) for t, r in kept.kept] == [("digits_heavy:1", Problem.BUSY)]
+    busy = after_restart.reapply_unloads(wait_s=0.3)  # held all that time
+    assert busy.unloaded == [] and busy.kept == [] and busy.busy is not None and busy.busy.problem == Problem.BUSY
+    under_way = busy.busy.under_way
+    assert under_way is not None and under_way.change == "unload again what was unloaded, after a start"
     assert restarted.ready["digits_heavy"] == {1, 2}
     threading.Timer(0.3, release.set).start()
     assert after_restart.reapply_unloads(wait_s=5).unloaded == ["digits_heavy:1"]  # its turn came
     other.join()
     assert restarted.ready["digits_heavy"] == {2}
+
+
+def _held_lease(store: MemoryStore, change: str) -> tuple[threading.Event, threading.Thread]:
+    """Another operator's `change` holding the lease until the returned event is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with one_change_at_a_time(store, change):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    return release, holder
+
+
+def _operator_changes(lifecycle_after_restart: Lifecycle, said: list[str]) -> OperatorChanges:
+    @contextlib.contextmanager
+    def lifecycle_of(server: object) -> Iterator[Lifecycle]:
+        yield lifecycle_after_restart
+
+    return OperatorChanges(say=said.append, lifecycle_of=lifecycle_of)  # type: ignore[arg-type]
+
+
+def test_a_start_during_another_change_unloads_again_once_that_change_ends(lifecycle, control, repository, store):
+    """A restart while a canary holds the lease: the start neither waits for it nor gives up; a thread asks again
+    until the canary ends, then unloads what was retired."""
+    lifecycle.promote("digits_heavy:3")
+    lifecycle.retire("digits_heavy:1")
+    restarted, after_restart = _restarted(control, repository, store)
+    release, holder = _held_lease(store, "canary digits_heavy:2")
+    said: list[str] = []
+    changes = _operator_changes(after_restart, said)
+    try:
+        changes.after_start(object())  # type: ignore[arg-type]
+        assert restarted.ready["digits_heavy"] == {1, 2, 3}  # promotions restored at once; the retirement waits
+        assert changes.waiting()
+        assert said[-1].startswith(
+            "will unload again what was retired or unloaded before once another change ends: canary digits_heavy:2 by "
+        ), said
+        assert said[-1].endswith(" holds the operator lease"), said
+        release.set()
+        holder.join()
+        deadline = time.monotonic() + 10
+        while changes.waiting():
+            assert time.monotonic() < deadline, said
+            time.sleep(0.05)
+        assert restarted.ready["digits_heavy"] == {2, 3}
+        assert said[-1] == "unloaded digits_heavy:1 again, as retired or unloaded before"
+    finally:
+        release.set()
+        changes.close()
+
+
+def test_closing_ends_the_wait_for_the_lease_and_a_later_start_restores_nothing(lifecycle, control, repository, store):
+    lifecycle.retire("digits_heavy:1")
+    restarted, after_restart = _restarted(control, repository, store)
+    release, holder = _held_lease(store, "canary digits_heavy:2")
+    said: list[str] = []
+    changes = _operator_changes(after_restart, said)
+    try:
+        changes.after_start(object())  # type: ignore[arg-type]
+        assert changes.waiting()
+        changes.close()
+        assert not changes.waiting()
+        release.set()
+        holder.join()
+        changes.after_start(object())  # type: ignore[arg-type]
+        assert restarted.ready["digits_heavy"] == {1, 2} and len(said) == 1
+    finally:
+        release.set()
+        changes.close()

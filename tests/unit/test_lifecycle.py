@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -710,12 +711,36 @@ def _held_lease(store: MemoryStore, change: str) -> tuple[threading.Event, threa
     return release, holder
 
 
-def _operator_changes(lifecycle_after_restart: Lifecycle, said: list[str]) -> OperatorChanges:
+@dataclass
+class _StartDuringACanary:
+    """A restarted server (`restarted`) whose OperatorChanges (`changes`, saying `said`) started while a canary held
+    the operator lease; `release` ends the canary, `canary` is its thread."""
+
+    restarted: FakeControl
+    changes: OperatorChanges
+    said: list[str]
+    release: threading.Event
+    canary: threading.Thread
+
+
+@contextlib.contextmanager
+def _start_during_a_canary(control: FakeControl, repository: Path, store: MemoryStore) -> Iterator[_StartDuringACanary]:
+    restarted, after_restart = _restarted(control, repository, store)
+    release, canary = _held_lease(store, "canary digits_heavy:2")
+
     @contextlib.contextmanager
     def lifecycle_of(server: object) -> Iterator[Lifecycle]:
-        yield lifecycle_after_restart
+        yield after_restart
 
-    return OperatorChanges(say=said.append, lifecycle_of=lifecycle_of)  # type: ignore[arg-type]
+    said: list[str] = []
+    changes = OperatorChanges(say=said.append, lifecycle_of=lifecycle_of)  # type: ignore[arg-type]
+    try:
+        changes.after_start(object())  # type: ignore[arg-type]
+        assert changes.waiting()
+        yield _StartDuringACanary(restarted, changes, said, release, canary)
+    finally:
+        release.set()
+        changes.close()
 
 
 def test_a_start_during_another_change_unloads_again_once_that_change_ends(lifecycle, control, repository, store):
@@ -723,46 +748,28 @@ def test_a_start_during_another_change_unloads_again_once_that_change_ends(lifec
     until the canary ends, then unloads what was retired."""
     lifecycle.promote("digits_heavy:3")
     lifecycle.retire("digits_heavy:1")
-    restarted, after_restart = _restarted(control, repository, store)
-    release, holder = _held_lease(store, "canary digits_heavy:2")
-    said: list[str] = []
-    changes = _operator_changes(after_restart, said)
-    try:
-        changes.after_start(object())  # type: ignore[arg-type]
-        assert restarted.ready["digits_heavy"] == {1, 2, 3}  # promotions restored at once; the retirement waits
-        assert changes.waiting()
-        assert said[-1].startswith(
+    with _start_during_a_canary(control, repository, store) as start:
+        assert start.restarted.ready["digits_heavy"] == {1, 2, 3}  # promotions restored at once; the retirement waits
+        assert start.said[-1].startswith(
             "will unload again what was retired or unloaded before once another change ends: canary digits_heavy:2 by "
-        ), said
-        assert said[-1].endswith(" holds the operator lease"), said
-        release.set()
-        holder.join()
+        ), start.said
+        assert start.said[-1].endswith(" holds the operator lease"), start.said
+        start.release.set()
+        start.canary.join()
         deadline = time.monotonic() + 10
-        while changes.waiting():
-            assert time.monotonic() < deadline, said
+        while start.changes.waiting():
+            assert time.monotonic() < deadline, start.said
             time.sleep(0.05)
-        assert restarted.ready["digits_heavy"] == {2, 3}
-        assert said[-1] == "unloaded digits_heavy:1 again, as retired or unloaded before"
-    finally:
-        release.set()
-        changes.close()
+        assert start.restarted.ready["digits_heavy"] == {2, 3}
+        assert start.said[-1] == "unloaded digits_heavy:1 again, as retired or unloaded before"
 
 
 def test_closing_ends_the_wait_for_the_lease_and_a_later_start_restores_nothing(lifecycle, control, repository, store):
     lifecycle.retire("digits_heavy:1")
-    restarted, after_restart = _restarted(control, repository, store)
-    release, holder = _held_lease(store, "canary digits_heavy:2")
-    said: list[str] = []
-    changes = _operator_changes(after_restart, said)
-    try:
-        changes.after_start(object())  # type: ignore[arg-type]
-        assert changes.waiting()
-        changes.close()
-        assert not changes.waiting()
-        release.set()
-        holder.join()
-        changes.after_start(object())  # type: ignore[arg-type]
-        assert restarted.ready["digits_heavy"] == {1, 2} and len(said) == 1
-    finally:
-        release.set()
-        changes.close()
+    with _start_during_a_canary(control, repository, store) as start:
+        start.changes.close()
+        assert not start.changes.waiting()
+        start.release.set()
+        start.canary.join()
+        start.changes.after_start(object())  # type: ignore[arg-type]
+        assert start.restarted.ready["digits_heavy"] == {1, 2} and len(start.said) == 1

@@ -199,6 +199,7 @@ class UseKind(str, Enum):
     LANE = "lane"  # a tier's reserved lane of a model
     EXPERIMENT_ARM = "experiment_arm"  # replaced, or the replacement, in a running experiment's arm
     SHADOW = "shadow"  # a running shadow experiment's candidate
+    ENSEMBLE_STEP = "ensemble_step"  # a step of a served ensemble (Triton unloads an ensemble with a model it needs)
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,7 @@ class Use:
             UseKind.LANE: f"{self.where} lane of {self.detail}",
             UseKind.EXPERIMENT_ARM: f"experiment {self.where} arm {self.detail}",
             UseKind.SHADOW: f"experiment {self.where} shadow candidate",
+            UseKind.ENSEMBLE_STEP: f"a step of ensemble {self.where}",
         }
         return texts[self.kind]
 

@@ -243,11 +243,12 @@ class Lifecycle:
         step.before = _versions_text(version.model, ready)
         if version.version not in ready:
             raise Refused(Problem.NOT_LOADED, f"{version} is not loaded ({step.before}); nothing to retire")
-        if uses := version_uses(self.policy(), self.experiments(), str(version)):
+        uses = version_uses(self.policy(), self.experiments(), str(version))
+        if uses := uses + self._ensemble_steps(version.model, version.version):
             raise Refused(
                 Problem.IN_USE,
-                f"{version} is still used by: {_uses_text(uses)}; promote another version, stop the experiment or "
-                "change policy.yaml first",
+                f"{version} is still used by: {_uses_text(uses)}; promote another version, stop the experiment, "
+                "change policy.yaml or unload the ensemble first",
                 tuple(uses),
             )
         remaining = ready - {version.version}
@@ -301,13 +302,15 @@ class Lifecycle:
         if not ready:
             raise Refused(Problem.NOT_LOADED, f"{model} is not loaded; nothing to unload")
         policy, experiments = self.policy(), self.experiments()
-        uses = {v: version_uses(policy, experiments, f"{model}:{v}") for v in sorted(ready)}
+        uses = {f"{model}:{v}": version_uses(policy, experiments, f"{model}:{v}") for v in sorted(ready)}
+        uses[model] = self._ensemble_steps(model)
         if any(uses.values()):
-            named = "; ".join(f"{model}:{v} by {_uses_text(u)}" for v, u in uses.items() if u)
+            named = "; ".join(f"{name} by {_uses_text(u)}" for name, u in uses.items() if u)
+            how = "to unload one version, `tierserve retire MODEL:VERSION`"
+            if uses[model]:
+                how = "unload the ensemble first"
             raise Refused(
-                Problem.IN_USE,
-                f"{model} is still used: {named}; to unload one version, `tierserve retire MODEL:VERSION`",
-                tuple(use for u in uses.values() for use in u),
+                Problem.IN_USE, f"{model} is still used: {named}; {how}", tuple(use for u in uses.values() for use in u)
             )
         self._call(f"unload {model}", lambda: self.control.unload(model))
         self._record(f"unloaded {model}", lambda unloads: unloads.unloaded(model))
@@ -359,6 +362,26 @@ class Lifecycle:
         return done
 
     # -- checks ---------------------------------------------------------------------------------------------------
+
+    def _ensemble_steps(self, model: str, version: int | None = None) -> list[Use]:
+        """The ensembles of this repository the server serves with a step on `model`, or on exactly `version` of it
+        when given (a step on the latest version follows the versions that stay). Triton unloads an ensemble with a
+        model it needs, so unloading that model would take the ensemble down too, unannounced."""
+        uses = []
+        for folder in sorted(self.repository.iterdir()):
+            try:
+                config = repository_config(self.repository, folder.name)
+            except (OSError, text_format.ParseError):  # no config, or one Triton could not load either
+                continue
+            if config.get("platform") != "ensemble":
+                continue
+            steps = config.get("ensemble_scheduling", {}).get("step", [])
+            if any(
+                step.get("model_name") == model and version in (None, int(step.get("model_version", -1)))
+                for step in steps
+            ) and self.control.ready_versions(folder.name):
+                uses.append(Use(UseKind.ENSEMBLE_STEP, folder.name))
+        return uses
 
     def _parse(self, target: str) -> ModelVersion:
         try:

@@ -180,6 +180,23 @@ def test_retire_is_refused_while_a_version_is_used_naming_each_use(server: Super
     assert refused[0].before == _served(server, "digits_heavy")
 
 
+def test_unloading_a_model_a_served_ensemble_needs_is_refused_and_its_ensemble_keeps_serving(server: Supervisor, cli):
+    """Triton 2.51 unloads an ensemble with a model it needs: `model unload preprocess` would take the static
+    ensemble down unannounced. It is refused, naming the ensemble; once the ensemble is unloaded, it goes."""
+    status, _, err = cli("model", "unload", "preprocess")
+    assert status == ExitCode.FAILED
+    assert "preprocess is still used: preprocess by a step of ensemble digits_static_light; unload the ensemble" in err
+    assert server.server.model_ready("preprocess", "1") and server.server.model_ready("digits_static_light", "1")
+    try:
+        assert cli("model", "unload", "digits_static_light")[0] == 0
+        assert cli("model", "unload", "preprocess")[0] == 0
+        assert not server.server.model_ready("preprocess", "1")
+    finally:
+        cli("model", "load", "preprocess")
+        cli("model", "load", "digits_static_light")
+    assert server.server.model_ready("digits_static_light", "1")
+
+
 @pytest.mark.parametrize(
     ("args", "named", "exit_code"),
     [

@@ -391,6 +391,7 @@ def test_load_and_unload_whole_models_and_versions(lifecycle, control):
     with pytest.raises(Refused) as again:
         lifecycle.load("digits_heavy:1")
     assert again.value.problem == Problem.ALREADY
+    lifecycle.unload("digits_static_light")  # the ensemble with a step on preprocess
     step = lifecycle.unload("preprocess")
     assert step.after == "preprocess not loaded" and control.calls[-1] == ("unload", "preprocess", ())
     lifecycle.load("preprocess")
@@ -421,6 +422,29 @@ def test_a_refused_unload_names_why_and_changes_nothing(lifecycle, control, mode
     with pytest.raises(Refused) as refused:
         lifecycle.unload(model)
     assert refused.value.problem == problem and named in str(refused.value)
+    assert control.calls == []
+
+
+def test_unloading_a_model_a_served_ensemble_needs_is_refused_naming_the_ensemble(lifecycle, control, repository):
+    """Triton unloads an ensemble with a model it needs: unloading preprocess would take digits_static_light down
+    with it, unannounced."""
+    with pytest.raises(Refused) as refused:
+        lifecycle.unload("preprocess")
+    assert refused.value.problem == Problem.IN_USE
+    assert str(refused.value) == (
+        "preprocess is still used: preprocess by a step of ensemble digits_static_light; unload the ensemble first"
+    )
+    assert [(u.kind, u.where) for u in refused.value.uses] == [(UseKind.ENSEMBLE_STEP, "digits_static_light")]
+    # a step on the latest version (-1) follows the versions that stay: one version can go
+    assert lifecycle._ensemble_steps("preprocess", 1) == []
+    pinned = repository / "digits_pinned"
+    pinned.mkdir()
+    config = (repository / "digits_static_light" / "config.pbtxt").read_text()
+    config = config.replace('name: "digits_static_light"', 'name: "digits_pinned"')
+    (pinned / "config.pbtxt").write_text(config.replace("model_version: -1", "model_version: 1"))
+    control.ready["digits_pinned"] = {1}
+    with pytest.raises(Refused, match=r"^preprocess:1 is still used by: a step of ensemble digits_pinned; "):
+        lifecycle.retire("preprocess:1")
     assert control.calls == []
 
 

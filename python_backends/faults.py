@@ -55,6 +55,14 @@ class FaultSpec:
         }
 
 
+def refuse_faults(model: str, config: Mapping) -> None:
+    """For the Python models that run no injector (the router, preprocess, feedback): FaultConfigError when `config`
+    (model_config.proto as JSON) has a fault_* parameter, so `tierserve fault` on such a model fails its load, naming
+    why, instead of being reported as on while it does nothing."""
+    if given := [key for key in FAULT_KEYS if key in config.get("parameters", {})]:
+        raise FaultConfigError(f"{model} takes no fault injection ({', '.join(given)}): drills are for the classifier models and their lanes")
+
+
 class FaultInjector:
     """Decides, per batch, the injected delay and whether the batch fails."""
 

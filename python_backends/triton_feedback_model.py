@@ -12,6 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tierserve.experiment_stats import ExperimentStats
+from tierserve.faults import refuse_faults
 from tierserve.feedback import FeedbackBook, FeedbackRefused, Learned, Refusal
 from tierserve.guarded_store import GuardedStore
 from tierserve.inference_log import LOG_DIR_ENV, FeedbackRecord, load_settings
@@ -41,6 +42,8 @@ class TritonPythonModel:
     """Takes feedback request by request: a refused request is answered alone, never its batch."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        refuse_faults(args["model_name"], config)
         # for the Python backend, model_repository is this model's own folder: the router's policy is beside it
         router_dir = Path(args["model_repository"]).parent / ROUTER_MODEL
         policy = Policy.load(router_dir / POLICY_FILE)
@@ -59,7 +62,6 @@ class TritonPythonModel:
             ExperimentStats(self.store),
             UserStates(self.store, policy.adaptation.max_users),
         )
-        config = json.loads(args["model_config"])
         self.warm_up = WarmUp(config)
         accepted = pb_utils.get_output_config_by_name(config, "ACCEPTED")
         self.accepted_dtype = pb_utils.triton_string_to_numpy(accepted["data_type"])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import triton_python_backend_utils as pb_utils
 
+from tierserve.faults import refuse_faults
 from tierserve.pixels import infinity_problem
 from tierserve.resize import resize_to_native, size_problem
 
@@ -11,6 +14,9 @@ from tierserve.resize import resize_to_native, size_problem
 class TritonPythonModel:
     """The first step of `digits_static_light`, the benchmarks' baseline without a router. `digits` resizes in
     its own step; this one shares the code (tierserve.resize). Each request is resized on its own."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        refuse_faults(args["model_name"], json.loads(args["model_config"]))
 
     def execute(self, requests: list) -> list:
         return [self._preprocess(request) for request in requests]

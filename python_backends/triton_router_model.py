@@ -25,6 +25,7 @@ from tierserve.experimenter import (
     RowPlan,
     served_experiments,
 )
+from tierserve.faults import refuse_faults
 from tierserve.guarded_store import GuardedStore
 from tierserve.healing import RELOAD_WAIT_S, Healer, ReloadLog
 from tierserve.inference_log import LOG_DIR_ENV, inference_record, load_settings
@@ -93,6 +94,7 @@ class TritonPythonModel:
     """Routes every row of a dynamic batch; one BLS call per model per round, all models concurrently."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        refuse_faults(args["model_name"], json.loads(args["model_config"]))
         # a store that fails is no outage: executes answer from what was read last; _flush probes until it is back
         self.store = GuardedStore(open_store(os.environ.get(STATE_ENV) or default_location()), on_change=_store_changed)
         # promoted versions: as the tools reloaded this model (config parameter), else as the state store says

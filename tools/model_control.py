@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tritonclient.utils import InferenceServerException
 
 from tierserve.client.errors import is_restricted_refusal
-from tierserve.faults import FAULT_KEYS, FaultSpec
+from tierserve.faults import FAULT_KEYS, FaultConfigError, FaultSpec
 from tierserve.tools.server import ADMIN_HEADER, GRPC_ADMIN_HEADER, admin_headers
 
 
@@ -69,8 +69,12 @@ class ModelControl:
     def set_fault(self, model: str, spec: FaultSpec) -> None:
         """Reload `model` with its config plus these fault parameters (FaultSpec() switches faults off), serving the
         versions it serves (Triton 2.51 reports the version policy of the model's last full load, not a later
-        retirement's)."""
+        retirement's). FaultConfigError for an ensemble, which runs no code of its own to fault (a Python model
+        without an injector refuses the load itself: tierserve.faults.refuse_faults)."""
         config = self.config(model)
+        if config.get("platform") == "ensemble":
+            steps = sorted({step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])})
+            raise FaultConfigError(f"{model} is an ensemble: drill one of its steps' models ({', '.join(steps)})")
         parameters = {k: v for k, v in config.get("parameters", {}).items() if k not in FAULT_KEYS}
         if spec.active:
             parameters.update({k: {"string_value": v} for k, v in spec.to_parameters().items()})

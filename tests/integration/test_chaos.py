@@ -18,6 +18,7 @@ from tierserve.client import TierserveClient, TierserveError
 from tierserve.faults import FaultSpec
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.exit_codes import ExitCode
 from tierserve.tools.load import Sent, SteadyLoad
 from tierserve.tools.model_control import AdminKeyRefused, ModelControl
 from tierserve.tools.server import Ports, TritonServer
@@ -279,3 +280,26 @@ def test_a_malformed_fault_parameter_is_refused_and_the_model_keeps_serving(chao
     with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
         (answer,) = client.classify(pure_noise(1, seed=2)[0])
     assert answer.path == "digits_rules:1 ok", "the loaded version keeps serving when a reload fails"
+
+
+def test_a_fault_on_a_model_that_runs_no_injector_is_refused_and_it_keeps_serving(chaos, monkeypatch, capsys):
+    """A drill that would do nothing is never reported as on: an ensemble is refused before any reload, and a Python
+    model without an injector (preprocess here; the router and feedback alike) fails its own load, naming why, while
+    the loaded version keeps serving."""
+    server, control = chaos
+    monkeypatch.setenv("TIERSERVE_ADMIN_KEY", server.admin_key)
+    assert main(["fault", "digits_static_light", "--hard-failure", "--url", server.http_url]) == ExitCode.FAILED
+    err = capsys.readouterr().err
+    assert "digits_static_light is an ensemble: drill one of its steps' models (digits_light, preprocess)" in err
+    assert main(["fault", "preprocess", "--latency-ms", "100", "--url", server.http_url]) == ExitCode.FAILED
+    err = capsys.readouterr().err
+    assert "preprocess takes no fault injection (fault_latency_ms, " in err
+    assert "fault_latency_ms" not in control.config("preprocess").get("parameters", {})
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        pixels = httpclient.InferInput("PIXELS", [1, 8, 8], "FP32")
+        pixels.set_data_from_numpy(np.zeros((1, 8, 8), np.float32))
+        result = client.infer("digits_static_light", [pixels])
+        assert result.as_numpy("PROBS").shape == (1, 10)
+    finally:
+        client.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tierserve.faults import FaultConfigError, FaultInjector, FaultSpec
+from tierserve.faults import FaultConfigError, FaultInjector, FaultSpec, refuse_faults
 from tierserve.healing import Healer, ReloadLog, is_dead_stub
 
 
@@ -143,3 +143,10 @@ def test_a_dead_stub_met_during_someone_elses_reload_waits_for_it(tmp_path):
     log.finish("digits_heavy", 11.0)
     healer.model_down("digits_heavy:3", "Stub process 'x' is not healthy.", sent_at=10.8)
     assert len(awaited) == 2, "once the reload ended there is nothing to wait for"
+
+
+def test_a_model_without_an_injector_refuses_fault_parameters_naming_them():
+    refuse_faults("router", {"parameters": {"promotions": {"string_value": "{}"}}})  # no fault_* key: taken
+    refuse_faults("router", {})
+    with pytest.raises(FaultConfigError, match=r"^router takes no fault injection \(fault_error_rate\): drills are"):
+        refuse_faults("router", {"parameters": {"fault_error_rate": {"string_value": "0"}}})

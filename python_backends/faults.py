@@ -60,7 +60,10 @@ def refuse_faults(model: str, config: Mapping) -> None:
     (model_config.proto as JSON) has a fault_* parameter, so `tierserve fault` on such a model fails its load, naming
     why, instead of being reported as on while it does nothing."""
     if given := [key for key in FAULT_KEYS if key in config.get("parameters", {})]:
-        raise FaultConfigError(f"{model} takes no fault injection ({', '.join(given)}): drills are for the classifier models and their lanes")
+        raise FaultConfigError(
+            f"{model} takes no fault injection ({', '.join(given)}): "
+            "drills are for the classifier models and their lanes"
+        )
 
 
 class FaultInjector:

@@ -18,7 +18,7 @@ from tierserve.promotions import ModelVersion, stored_promotions
 from tierserve.router_files import ROUTER_MODEL, router_policy
 from tierserve.state_store import StateStore
 from tierserve.tools.lifecycle import Problem, Refused
-from tierserve.tools.model_control import ModelControl
+from tierserve.tools.model_control import READY, ModelControl
 
 
 class ExperimentNotRunning(KeyError):
@@ -49,7 +49,7 @@ def apply(control: ModelControl, spec: ExperimentsFile) -> None:
 def check_served(control: ModelControl, spec: ExperimentsFile) -> None:
     """Refused (NOT_LOADED), having changed nothing, when an arm or a shadow of `spec` sends rows to a version the
     server does not serve (retired, or never loaded): the router would pass over it to the fallback for every row."""
-    ready = {(v.model, v.version) for v in control.index() if v.state == "READY"}
+    ready = {(v.model, v.version) for v in control.index() if v.state == READY}
     for experiment in spec.experiments:
         sent_to = [(f"arm {arm.name}", model) for arm in experiment.arms for model in arm.models.values()]
         if experiment.shadow is not None:

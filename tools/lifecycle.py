@@ -53,7 +53,7 @@ from tierserve.promotions import (
 from tierserve.router_files import CONFIG_FILE, POLICY_FILE, ROUTER_MODEL, absent_models, router_policy
 from tierserve.state_store import StateStore, StateStoreError
 from tierserve.tools.audit import Step
-from tierserve.tools.model_control import ModelControl
+from tierserve.tools.model_control import READY, ModelControl
 
 
 class Problem(str, Enum):
@@ -126,6 +126,21 @@ def repository_versions(repository: Path, model: str) -> list[int]:
     folder = repository / model
     found = (int(d.name) for d in folder.iterdir() if d.is_dir() and d.name.isdigit()) if folder.is_dir() else ()
     return sorted(found)
+
+
+def ensemble_steps(repository: Path) -> dict[str, list[tuple[str, int]]]:
+    """Each ensemble of `repository` (platform "ensemble"): the model and version of each of its steps (-1: the latest
+    the server serves). A folder without a config Triton could read is left out, as Triton leaves it out."""
+    ensembles = {}
+    for folder in sorted(repository.iterdir()):
+        try:
+            config = repository_config(repository, folder.name)
+        except (OSError, text_format.ParseError):
+            continue
+        if config.get("platform") == "ensemble":
+            steps = config.get("ensemble_scheduling", {}).get("step", [])
+            ensembles[folder.name] = [(s.get("model_name", ""), int(s.get("model_version", -1))) for s in steps]
+    return ensembles
 
 
 def _versions_text(model: str, versions: set[int] | list[int]) -> str:
@@ -364,24 +379,15 @@ class Lifecycle:
     # -- checks ---------------------------------------------------------------------------------------------------
 
     def _ensemble_steps(self, model: str, version: int | None = None) -> list[Use]:
-        """The ensembles of this repository the server serves with a step on `model`, or on exactly `version` of it
-        when given (a step on the latest version follows the versions that stay). Triton unloads an ensemble with a
-        model it needs, so unloading that model would take the ensemble down too, unannounced."""
-        uses = []
-        for folder in sorted(self.repository.iterdir()):
-            try:
-                config = repository_config(self.repository, folder.name)
-            except (OSError, text_format.ParseError):  # no config, or one Triton could not load either
-                continue
-            if config.get("platform") != "ensemble":
-                continue
-            steps = config.get("ensemble_scheduling", {}).get("step", [])
-            if any(
-                step.get("model_name") == model and version in (None, int(step.get("model_version", -1)))
-                for step in steps
-            ) and self.control.ready_versions(folder.name):
-                uses.append(Use(UseKind.ENSEMBLE_STEP, folder.name))
-        return uses
+        """The ensembles the server serves with a step on `model`, or on exactly `version` of it when given (a step
+        on the latest version follows the versions that stay). Triton unloads an ensemble with a model it needs, so
+        unloading that model would take the ensemble down too, unannounced."""
+        served = {v.model for v in self.control.index() if v.state == READY}
+        return [
+            Use(UseKind.ENSEMBLE_STEP, ensemble)
+            for ensemble, steps in ensemble_steps(self.repository).items()
+            if ensemble in served and any(m == model and version in (None, v) for m, v in steps)
+        ]
 
     def _parse(self, target: str) -> ModelVersion:
         try:

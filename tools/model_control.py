@@ -14,6 +14,8 @@ from tierserve.client.errors import is_restricted_refusal
 from tierserve.faults import FAULT_KEYS, FaultConfigError, FaultSpec
 from tierserve.tools.server import ADMIN_HEADER, GRPC_ADMIN_HEADER, admin_headers
 
+READY = "READY"  # the state of a version the server serves (repository index)
+
 
 class AdminKeyRefused(PermissionError):
     """The server refused an admin call: no admin key was sent, or not the one it runs with."""
@@ -95,7 +97,7 @@ class ModelControl:
 
     def ready_versions(self, model: str) -> set[int]:
         """The versions of `model` the server serves now."""
-        return {int(v.version) for v in self.index() if v.model == model and v.state == "READY" and v.version}
+        return {int(v.version) for v in self.index() if v.model == model and v.state == READY and v.version}
 
     def load_versions(self, model: str, versions: Iterable[int], config: dict | None = None) -> None:
         """Reload `model` (with `config`, default its running one) serving exactly `versions`: those it did not

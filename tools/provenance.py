@@ -19,15 +19,17 @@ from tierserve.experiment_spec import ExperimentsFile
 from tierserve.manifest import MANIFEST_FILE, Manifest, ManifestError
 from tierserve.operator_unloads import OperatorUnloads, stored_unloads
 from tierserve.policy import Policy
-from tierserve.promotions import ModelVersion, Promotions, Use, describe, stored_promotions, version_uses
+from tierserve.promotions import ModelVersion, Promotions, Use, UseKind, describe, stored_promotions, version_uses
 from tierserve.router_files import CONFIG_FILE, ROUTER_MODEL, absent_models, router_policy
 from tierserve.state_store import StateStore
 from tierserve.tools.lifecycle import (
     Lifecycle,
+    ensemble_steps,
     repository_config,
     repository_versions,
     running_experiments,
 )
+from tierserve.tools.model_control import READY
 
 ON_DISK = "on disk"  # the state of a version read from the repository instead of the server
 ABSENT = "not in this repository"  # the state of an optional model of the policy that the repository does not have
@@ -53,10 +55,10 @@ class ServedVersion:
 
     def routing(self) -> str:
         """Where the routing uses it, as people read it."""
+        if self.model == ROUTER_MODEL:  # and the one step of digits
+            return "the router itself"
         if self.uses:
             return "; ".join(map(str, self.uses))
-        if self.model == ROUTER_MODEL:
-            return "the router itself"
         return "experiment_models (no experiment runs it)" if self.experiment_model else "not routed"
 
     def as_dict(self) -> dict[str, Any]:
@@ -122,6 +124,9 @@ def provenance(
     have (state ABSENT), with its manifest and its uses under `policy` and `experiments`."""
     listed = {(model, version) for model, version, _ in states}
     absent = [ModelVersion.parse(name) for name in absent_models(repository, policy)]
+    served = [(model, version) for model, version, state in states if state in (READY, ON_DISK)]
+    latest = {model: max(v for m, v in served if m == model) for model, _ in served}
+    steps = {e: s for e, s in ensemble_steps(repository).items() if e in {model for model, _ in served}}
     versions = []
     for model, version, state in sorted([*states, *((m, v, ABSENT) for m, v in absent if (m, v) not in listed)]):
         name = f"{model}:{version}"
@@ -129,7 +134,11 @@ def provenance(
             manifest, serves, note = None, "", "none: an optional model this repository does not have"
         else:
             manifest, serves, note = _manifest(repository, model, version)
-        uses = tuple(version_uses(policy, experiments, name))
+        uses = tuple(version_uses(policy, experiments, name)) + tuple(
+            Use(UseKind.ENSEMBLE_STEP, ensemble)  # on this version, or on the latest when it is this one
+            for ensemble, on in steps.items()
+            if any(m == model and v in (version, -1 if version == latest.get(model) else version) for m, v in on)
+        )
         versions.append(
             ServedVersion(
                 model,

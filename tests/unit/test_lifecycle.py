@@ -470,6 +470,10 @@ def test_models_shows_each_version_with_its_manifest_and_routing(lifecycle, cont
     assert lane.serves == "digits_heavy:3" and lane.manifest == heavy.manifest
     assert lane.routing() == "critical lane of digits_heavy:3"
     assert by_name[f"{ROUTER_MODEL}:1"].routing() == "the router itself"
+    # what `model unload` would take down with it: the served ensembles with a step on the version
+    assert by_name["preprocess:1"].routing() == "a step of ensemble digits_static_light"  # on its latest
+    assert by_name["digits_light:1"].routing().endswith("; a step of ensemble digits_static_light")  # pinned
+    assert by_name["digits_heavy:1"].routing() == "experiment_models (no experiment runs it)"
     assert by_name[f"{ROUTER_MODEL}:1"].manifest is None and "not a trained model" in by_name[f"{ROUTER_MODEL}:1"].note
     text = provenance_text(found)
     assert "digits_heavy:3  READY" in text and f"sha256 {heavy.manifest.artifact_sha256}" in text

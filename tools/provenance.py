@@ -124,9 +124,11 @@ def provenance(
     have (state ABSENT), with its manifest and its uses under `policy` and `experiments`."""
     listed = {(model, version) for model, version, _ in states}
     absent = [ModelVersion.parse(name) for name in absent_models(repository, policy)]
-    served = [(model, version) for model, version, state in states if state in (READY, ON_DISK)]
-    latest = {model: max(v for m, v in served if m == model) for model, _ in served}
-    steps = {e: s for e, s in ensemble_steps(repository).items() if e in {model for model, _ in served}}
+    latest: dict[str, int] = {}  # each served model's highest served version: what a step on the latest (-1) uses
+    for model, version, state in states:
+        if state in (READY, ON_DISK):
+            latest[model] = max(version, latest.get(model, version))
+    steps = {ensemble: on for ensemble, on in ensemble_steps(repository).items() if ensemble in latest}
     versions = []
     for model, version, state in sorted([*states, *((m, v, ABSENT) for m, v in absent if (m, v) not in listed)]):
         name = f"{model}:{version}"
@@ -134,10 +136,11 @@ def provenance(
             manifest, serves, note = None, "", "none: an optional model this repository does not have"
         else:
             manifest, serves, note = _manifest(repository, model, version)
+        step_versions = {version, -1} if latest.get(model) == version else {version}
         uses = tuple(version_uses(policy, experiments, name)) + tuple(
-            Use(UseKind.ENSEMBLE_STEP, ensemble)  # on this version, or on the latest when it is this one
+            Use(UseKind.ENSEMBLE_STEP, ensemble)
             for ensemble, on in steps.items()
-            if any(m == model and v in (version, -1 if version == latest.get(model) else version) for m, v in on)
+            if any(m == model and v in step_versions for m, v in on)
         )
         versions.append(
             ServedVersion(

@@ -15,12 +15,12 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from tierserve.policy import ESCALATE_WHEN, Policy
 from tierserve.signature import TIERS
+from tierserve.yaml_file import YamlFileError, load_yaml
 
 EXPERIMENTS_FILE = "experiments.yaml"
 KINDS = ("split", "canary", "bandit", "shadow")
@@ -373,8 +373,8 @@ def parse_experiments(data: Any, policy: Policy) -> ExperimentsFile:
 def load_experiments(path: Path, policy: Policy) -> ExperimentsFile:
     """Read and validate an experiments file; every error message starts with the path."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
+        data = load_yaml(path)
+    except YamlFileError as error:
         raise ExperimentSpecError(f"{path}: cannot read the experiments: {error}") from None
     try:
         return parse_experiments(data, policy)

@@ -49,7 +49,6 @@ from typing import Any, BinaryIO, Literal, Protocol
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -57,6 +56,7 @@ from tierserve.experimenter import RowPlan
 from tierserve.routing import Answer, Hop, HopOutcome
 from tierserve.signature import RequestContext, Signature
 from tierserve.thread_names import NamedThread
+from tierserve.yaml_file import YamlFileError, load_yaml
 
 INFERENCES = "inferences"  # folder of the inference records
 FEEDBACK = "feedback"  # folder of the feedback records
@@ -560,8 +560,8 @@ def load_settings(router_dir: Path, log_dir: str | None = None, replica: str | N
     until told where. InferenceLogSettingsError names a bad key."""
     path = router_dir / SETTINGS_FILE
     try:
-        data = yaml.safe_load(path.read_text()) if path.exists() else None
-    except (OSError, yaml.YAMLError) as error:
+        data = load_yaml(path) if path.exists() else None
+    except YamlFileError as error:
         raise InferenceLogSettingsError(f"{path}: cannot read the settings: {error}") from None
     if data is not None and not isinstance(data, dict):
         raise InferenceLogSettingsError(f"{path}: expected a mapping of settings")

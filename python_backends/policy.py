@@ -19,12 +19,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tierserve.circuit_breaker import BreakerSettings
 from tierserve.load_shedding import SheddingSettings
 from tierserve.signature import TIERS, Signature
 from tierserve.slo import TierSlo
+from tierserve.yaml_file import YamlFileError, load_yaml
 
 NUMERIC_CUES = ("height", "width", "missing_fraction", "out_of_range_fraction", "sparsity", "ood_score", "deadline_ms")
 TEXT_CUES = ("tier", "user_id")
@@ -140,8 +139,8 @@ class Policy:
     @classmethod
     def load(cls, path: Path) -> Policy:
         try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as error:
+            data = load_yaml(path)
+        except YamlFileError as error:
             raise PolicyError(f"{path}: cannot read the policy: {error}") from None
         try:
             return parse_policy(data)

@@ -18,9 +18,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from tierserve.operator_files import OperatorFileError, load_yaml
 from tierserve.policy import ESCALATE_WHEN, Policy
 from tierserve.signature import TIERS
-from tierserve.yaml_file import YamlFileError, load_yaml
 
 EXPERIMENTS_FILE = "experiments.yaml"
 KINDS = ("split", "canary", "bandit", "shadow")
@@ -374,7 +374,7 @@ def load_experiments(path: Path, policy: Policy) -> ExperimentsFile:
     """Read and validate an experiments file; every error message starts with the path."""
     try:
         data = load_yaml(path)
-    except YamlFileError as error:
+    except OperatorFileError as error:
         raise ExperimentSpecError(f"{path}: cannot read the experiments: {error}") from None
     try:
         return parse_experiments(data, policy)

@@ -53,10 +53,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from tierserve.experimenter import RowPlan
+from tierserve.operator_files import OperatorFileError, load_yaml
 from tierserve.routing import Answer, Hop, HopOutcome
 from tierserve.signature import RequestContext, Signature
 from tierserve.thread_names import NamedThread
-from tierserve.yaml_file import YamlFileError, load_yaml
 
 INFERENCES = "inferences"  # folder of the inference records
 FEEDBACK = "feedback"  # folder of the feedback records
@@ -561,7 +561,7 @@ def load_settings(router_dir: Path, log_dir: str | None = None, replica: str | N
     path = router_dir / SETTINGS_FILE
     try:
         data = load_yaml(path) if path.exists() else None
-    except YamlFileError as error:
+    except OperatorFileError as error:
         raise InferenceLogSettingsError(f"{path}: cannot read the settings: {error}") from None
     if data is not None and not isinstance(data, dict):
         raise InferenceLogSettingsError(f"{path}: expected a mapping of settings")

@@ -21,9 +21,9 @@ from typing import Any
 
 from tierserve.circuit_breaker import BreakerSettings
 from tierserve.load_shedding import SheddingSettings
+from tierserve.operator_files import OperatorFileError, load_yaml
 from tierserve.signature import TIERS, Signature
 from tierserve.slo import TierSlo
-from tierserve.yaml_file import YamlFileError, load_yaml
 
 NUMERIC_CUES = ("height", "width", "missing_fraction", "out_of_range_fraction", "sparsity", "ood_score", "deadline_ms")
 TEXT_CUES = ("tier", "user_id")
@@ -140,7 +140,7 @@ class Policy:
     def load(cls, path: Path) -> Policy:
         try:
             data = load_yaml(path)
-        except YamlFileError as error:
+        except OperatorFileError as error:
             raise PolicyError(f"{path}: cannot read the policy: {error}") from None
         try:
             return parse_policy(data)

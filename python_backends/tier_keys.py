@@ -30,6 +30,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from tierserve.operator_files import OperatorFileError, read_text
 from tierserve.private_file import write_private
 from tierserve.signature import TIERS
 
@@ -128,11 +129,15 @@ class TierKeys:
     def load(cls, path: Path) -> TierKeys:
         """Read and validate a keys file; TierKeyError names the file and the bad key."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data = json.loads(read_text(Path(path)))
         except OSError as error:
             raise TierKeyError(f"tier keys file {path}: cannot be read ({error.strerror})") from None
+        except OperatorFileError as error:  # too large, or not UTF-8
+            raise TierKeyError(f"tier keys file {path}: {error}") from None
         except ValueError as error:
             raise TierKeyError(f"tier keys file {path}: not valid JSON ({error})") from None
+        except RecursionError:
+            raise TierKeyError(f"tier keys file {path}: not valid JSON (nested too deeply)") from None
         return cls.from_dict(data, str(path))
 
     @classmethod

@@ -1,16 +1,18 @@
-"""Operator YAML files that must not hang or crash their reader: too big, not UTF-8, too deep, aliases that expand
-without bound; and that a well-formed file still reads."""
+"""Operator files that must not hang or crash their reader: too big, not UTF-8, too deep, aliases that expand without
+bound; and that a well-formed file still reads."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from tierserve.experiment_spec import ExperimentSpecError, load_experiments
+from tierserve.operator_files import OperatorFileError, load_yaml
 from tierserve.policy import Policy, PolicyError
+from tierserve.tier_keys import TierKeyError, TierKeys
 from tierserve.tools.paths import DEFAULT_REPOSITORY
-from tierserve.yaml_file import YamlFileError, load_yaml
 
 LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{name}: &{name} [{', '.join([f'*{previous}'] * 10)}]\n"
@@ -46,16 +48,16 @@ def test_a_well_formed_file_reads_and_an_empty_one_is_none(tmp_path: Path):
     ],
 )
 def test_a_file_that_cannot_be_read_safely_is_refused_naming_why(tmp_path: Path, content, message: str):
-    with pytest.raises(YamlFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(OperatorFileError, match=re.escape(message)):
         load_yaml(_file(tmp_path, content))
 
 
 def test_a_file_larger_than_the_bound_is_refused_without_reading_it_all(tmp_path: Path):
-    with pytest.raises(YamlFileError, match="larger than 1,048,576 bytes"):
+    with pytest.raises(OperatorFileError, match="larger than 1,048,576 bytes"):
         load_yaml(Path("/dev/zero"))  # endless: read in full, it would fill the memory
-    with pytest.raises(YamlFileError, match="larger than 10 bytes"):
+    with pytest.raises(OperatorFileError, match="larger than 10 bytes"):
         load_yaml(_file(tmp_path, "a: 12345678901"), max_bytes=10)
-    with pytest.raises(YamlFileError, match="Is a directory"):
+    with pytest.raises(OperatorFileError, match="Is a directory"):
         load_yaml(tmp_path)
 
 
@@ -66,3 +68,24 @@ def test_the_policy_and_experiments_readers_name_the_file_and_the_problem(tmp_pa
         load_experiments(bad, policy)
     with pytest.raises(PolicyError, match=rf"^{bad}: cannot read the policy: expands to more than"):
         Policy.load(bad)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON (nested too deeply)"),  # a RecursionError before
+        (b"\x8e{}", "not UTF-8 text (byte 0x8e at offset 0)"),
+        ('{"keys": [', "not valid JSON (Expecting value"),
+    ],
+)
+def test_a_tier_keys_file_that_cannot_be_read_safely_is_refused_naming_why(tmp_path: Path, content, message: str):
+    """The router reads this file again when it changes, from its execute: anything but a TierKeyError there would
+    fail a client's request."""
+    path = _file(tmp_path, content)
+    with pytest.raises(TierKeyError, match=re.escape(f"tier keys file {path}: {message}")):
+        TierKeys.load(path)
+
+
+def test_an_endless_tier_keys_file_is_refused_without_reading_it_all():
+    with pytest.raises(TierKeyError, match=re.escape("tier keys file /dev/zero: larger than 1,048,576 bytes")):
+        TierKeys.load(Path("/dev/zero"))

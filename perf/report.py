@@ -33,6 +33,7 @@ import bench_router
 import bench_state
 import bench_stub_cpu
 import bench_tiers
+import choose_thresholds
 import report_io
 import soak
 
@@ -62,6 +63,7 @@ SECTIONS = {
     "p2": Section(("p2.json",), lambda reports: bench_router.p2_table(reports[0]), title="P2 cascade efficiency"),
     "stub_cpu": _one_table(bench_stub_cpu.REPORT, bench_stub_cpu.table),
     "learned_router": _one_table(bench_learned_router.REPORT, bench_learned_router.table),
+    "thresholds": _one_table(choose_thresholds.REPORT, choose_thresholds.table),
     "p6": _one_table(bench_decision.REPORT, bench_decision.table),
     "p3": Section(
         ("p3.json",),

@@ -17,9 +17,7 @@ changes what the server does; policy.yaml does.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import numpy as np
 import report_io
@@ -169,16 +167,7 @@ def table(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reports", type=Path, default=report_io.REPORTS, help="where reports are")
-    parser.add_argument("--table", action="store_true", help="print the table from the report, measure nothing")
-    args = parser.parse_args()
-    if args.table:
-        print(table(report_io.read(args.reports / REPORT)))
-        return
-    report = measure()
-    report_io.write(report, args.reports / REPORT)
-    print(f"wrote {args.reports / REPORT}\n\n{table(report)}")
+    report_io.measure_or_table(__doc__, REPORT, measure, table)
 
 
 if __name__ == "__main__":

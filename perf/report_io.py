@@ -229,3 +229,20 @@ def add_arguments(parser: argparse.ArgumentParser, runs: int = 3) -> None:
     parser.add_argument("--runs", type=int, default=runs, help=f"runs, each of every condition (default {runs})")
     parser.add_argument("--reports", type=Path, default=REPORTS, help=f"where reports are (default {REPORTS})")
     parser.add_argument("--table", action="store_true", help="print the README table from the report, measure nothing")
+
+
+def measure_or_table(
+    description: str, report_name: str, measure: Callable[[], dict[str, Any]], table: Callable[[dict[str, Any]], str]
+) -> None:
+    """The command line of a benchmark measured once (no --runs): measure, write perf/reports/`report_name` (or
+    --reports) and print its table; with --table, print the table from the report and measure nothing."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reports", type=Path, default=REPORTS, help="where reports are")
+    parser.add_argument("--table", action="store_true", help="print the table from the report, measure nothing")
+    args = parser.parse_args()
+    if args.table:
+        print(table(read(args.reports / report_name)))
+        return
+    report = measure()
+    write(report, args.reports / report_name)
+    print(f"wrote {args.reports / report_name}\n\n{table(report)}")

@@ -158,17 +158,9 @@ def table(report: dict) -> str:
             f"| {pair} | {run['set']} ({run['rows']:,}) | {run['accuracy']:.4f} / {run['always_heavy']:.4f} "
             f"({run['accuracy'] / run['always_heavy']:.4f}) | {run['escalated']:.1%} |"
         )
-    lines += [
-        "",
-        f"Chosen out of fold ({report['settings']['folds']} folds of the validation split). "
-        f"{report_io.provenance(report)}",
-    ]
-    return "\n".join(lines)
-
-
-def main() -> None:
-    report_io.measure_or_table(__doc__, REPORT, measure, table)
+    footer = f"Chosen out of fold ({report['settings']['folds']} folds of the validation split)."
+    return "\n".join([*lines, "", f"{footer} {report_io.provenance(report)}"])
 
 
 if __name__ == "__main__":
-    main()
+    report_io.measure_or_table(__doc__, REPORT, measure, table)

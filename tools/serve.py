@@ -215,14 +215,12 @@ class OperatorChanges:
             self._waiter = None
 
     def _wait_for_the_lease(self, server: TritonServer, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                with self._lifecycle_of(server) as lifecycle:
-                    if _unload_again(lifecycle, RETRY_WAIT_S, self._say) is None:
-                        return
-            except Exception as error:  # the thread ends saying why; the next start asks again
-                self._say(f"stopped waiting to unload again what was retired or unloaded before: {error}")
-                return
+        try:  # one connection to the server and the store for the whole wait, not one per try
+            with self._lifecycle_of(server) as lifecycle:
+                while not stop.is_set() and _unload_again(lifecycle, RETRY_WAIT_S, self._say) is not None:
+                    pass  # another change still holds the lease
+        except Exception as error:  # the thread ends saying why; the next start asks again
+            self._say(f"stopped waiting to unload again what was retired or unloaded before: {error}")
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -94,11 +94,12 @@ class TritonPythonModel:
     """Routes every row of a dynamic batch; one BLS call per model per round, all models concurrently."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        refuse_faults(args["model_name"], json.loads(args["model_config"]))
+        config = json.loads(args["model_config"])
+        refuse_faults(args["model_name"], config)
         # a store that fails is no outage: executes answer from what was read last; _flush probes until it is back
         self.store = GuardedStore(open_store(os.environ.get(STATE_ENV) or default_location()), on_change=_store_changed)
         # promoted versions: as the tools reloaded this model (config parameter), else as the state store says
-        promotions = served_promotions(self.store, json.loads(args["model_config"]))
+        promotions = served_promotions(self.store, config)
         self.router, self.stats = load_router(Path(args["model_repository"]), args["model_version"], promotions)
         pb_utils.Logger.log_info(f"router: promotions: {describe(promotions)}")
         self.policy = self.router.policy
@@ -130,7 +131,6 @@ class TritonPythonModel:
         )
         self.metrics = RouterMetrics(self.policy.callable_models, self.policy.tiers, args["model_instance_name"])
         self.metrics.in_process_state(self.router.states)
-        config = json.loads(args["model_config"])
         self.warm_up = WarmUp(config)
         # experiments: applied with the config (tierserve experiment apply), else as the state store or the file says
         applied = config.get("parameters", {}).get(EXPERIMENTS_PARAMETER, {}).get("string_value")

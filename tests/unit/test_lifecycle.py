@@ -698,32 +698,6 @@ def test_experiments_that_send_rows_to_a_version_not_served_are_refused_naming_i
         check_served(control, spec.model_copy(update={"experiments": spec.experiments[1:]}))
 
 
-def test_a_start_waits_for_the_lease_to_unload_again_and_says_so_when_it_never_came(
-    lifecycle, control, repository, store
-):
-    lifecycle.retire("digits_heavy:1")
-    restarted, after_restart = _restarted(control, repository, store)
-    held, release = threading.Event(), threading.Event()
-
-    def another_replicas_start() -> None:
-        with one_change_at_a_time(store, "unload again what was unloaded, after a start"):
-            held.set()
-            release.wait(5)
-
-    other = threading.Thread(target=another_replicas_start)
-    other.start()
-    assert held.wait(5)
-    busy = after_restart.reapply_unloads(wait_s=0.3)  # held all that time
-    assert busy.unloaded == [] and busy.kept == [] and busy.busy is not None and busy.busy.problem == Problem.BUSY
-    under_way = busy.busy.under_way
-    assert under_way is not None and under_way.change == "unload again what was unloaded, after a start"
-    assert restarted.ready["digits_heavy"] == {1, 2}
-    threading.Timer(0.3, release.set).start()
-    assert after_restart.reapply_unloads(wait_s=5).unloaded == ["digits_heavy:1"]  # its turn came
-    other.join()
-    assert restarted.ready["digits_heavy"] == {2}
-
-
 def _held_lease(store: MemoryStore, change: str) -> tuple[threading.Event, threading.Thread]:
     """Another operator's `change` holding the lease until the returned event is set."""
     held, release = threading.Event(), threading.Event()
@@ -737,6 +711,23 @@ def _held_lease(store: MemoryStore, change: str) -> tuple[threading.Event, threa
     holder.start()
     assert held.wait(5)
     return release, holder
+
+
+def test_a_start_waits_for_the_lease_to_unload_again_and_says_so_when_it_never_came(
+    lifecycle, control, repository, store
+):
+    lifecycle.retire("digits_heavy:1")
+    restarted, after_restart = _restarted(control, repository, store)
+    release, other = _held_lease(store, "unload again what was unloaded, after a start")  # another replica's start
+    busy = after_restart.reapply_unloads(wait_s=0.3)  # held all that time
+    assert busy.unloaded == [] and busy.kept == [] and busy.busy is not None and busy.busy.problem == Problem.BUSY
+    under_way = busy.busy.under_way
+    assert under_way is not None and under_way.change == "unload again what was unloaded, after a start"
+    assert restarted.ready["digits_heavy"] == {1, 2}
+    threading.Timer(0.3, release.set).start()
+    assert after_restart.reapply_unloads(wait_s=5).unloaded == ["digits_heavy:1"]  # its turn came
+    other.join()
+    assert restarted.ready["digits_heavy"] == {2}
 
 
 @dataclass

@@ -28,6 +28,7 @@ CONFIG_TIMEOUT_S = 5.0
 # Triton skips a load whose configuration and files are unchanged, so a reload of the running configuration
 # carries this parameter, counting the reloads of the model (models ignore parameters not theirs).
 RELOAD_MARK = "tierserve_reloads"
+READY = "READY"  # the state of a version the server serves, in the repository index
 
 
 def reload_config(running: dict, serving: Collection[int]) -> dict:
@@ -50,7 +51,7 @@ def ready_versions(index: Iterable[Mapping[str, str]], model: str) -> set[int]:
     return {
         int(entry["version"])
         for entry in index
-        if entry.get("name") == model and entry.get("state") == "READY" and entry.get("version", "").isdigit()
+        if entry.get("name") == model and entry.get("state") == READY and entry.get("version", "").isdigit()
     }
 
 

@@ -15,10 +15,11 @@ from tierserve.experiment_spec import ExperimentsFile, experiments_json, load_ex
 from tierserve.experimenter import EXPERIMENTS_PARAMETER, next_revision, stored_experiments
 from tierserve.policy import Policy
 from tierserve.promotions import ModelVersion, stored_promotions
+from tierserve.repository_api import READY
 from tierserve.router_files import ROUTER_MODEL, router_policy
 from tierserve.state_store import StateStore
 from tierserve.tools.lifecycle import Problem, Refused
-from tierserve.tools.model_control import READY, ModelControl
+from tierserve.tools.model_control import ModelControl
 
 
 class ExperimentNotRunning(KeyError):

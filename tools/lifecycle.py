@@ -50,10 +50,11 @@ from tierserve.promotions import (
     store_promotions,
     version_uses,
 )
+from tierserve.repository_api import READY
 from tierserve.router_files import CONFIG_FILE, POLICY_FILE, ROUTER_MODEL, absent_models, router_policy
 from tierserve.state_store import StateStore, StateStoreError
 from tierserve.tools.audit import Step
-from tierserve.tools.model_control import READY, ModelControl
+from tierserve.tools.model_control import ModelControl
 
 
 class Problem(str, Enum):

@@ -12,9 +12,8 @@ from tritonclient.utils import InferenceServerException
 
 from tierserve.client.errors import is_restricted_refusal
 from tierserve.faults import FAULT_KEYS, FaultConfigError, FaultSpec
+from tierserve.repository_api import READY
 from tierserve.tools.server import ADMIN_HEADER, GRPC_ADMIN_HEADER, admin_headers
-
-READY = "READY"  # the state of a version the server serves (repository index)
 
 
 class AdminKeyRefused(PermissionError):

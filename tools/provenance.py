@@ -20,6 +20,7 @@ from tierserve.manifest import MANIFEST_FILE, Manifest, ManifestError
 from tierserve.operator_unloads import OperatorUnloads, stored_unloads
 from tierserve.policy import Policy
 from tierserve.promotions import ModelVersion, Promotions, Use, UseKind, describe, stored_promotions, version_uses
+from tierserve.repository_api import READY
 from tierserve.router_files import CONFIG_FILE, ROUTER_MODEL, absent_models, router_policy
 from tierserve.state_store import StateStore
 from tierserve.tools.lifecycle import (
@@ -29,7 +30,6 @@ from tierserve.tools.lifecycle import (
     repository_versions,
     running_experiments,
 )
-from tierserve.tools.model_control import READY
 
 ON_DISK = "on disk"  # the state of a version read from the repository instead of the server
 ABSENT = "not in this repository"  # the state of an optional model of the policy that the repository does not have

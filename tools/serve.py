@@ -16,6 +16,7 @@ from types import FrameType
 
 from tierserve.operator_unloads import UnloadsError
 from tierserve.private_file import write_private
+from tierserve.repository_api import READY
 from tierserve.state_store import STATE_ENV, StateStoreError, open_store, shared_secret
 from tierserve.tier_keys import TIER_KEY_HEADER, TIER_KEYS_ENV, TierKeyError, TierKeys, new_key
 from tierserve.tools.build_models import build_all
@@ -99,7 +100,7 @@ def _bound(server: TritonServer, port: int) -> str:
 
 
 def _banner(server: TritonServer) -> str:
-    models = ", ".join(f"{m['name']}:{m.get('version', '?')}" for m in server.models() if m.get("state") == "READY")
+    models = ", ".join(f"{m['name']}:{m.get('version', '?')}" for m in server.models() if m.get("state") == READY)
     tier_key = f"; local key in {TIER_KEY_FILE}" if server.tier_keys == TIER_KEYS_FILE else ""
     lines = [
         "tierserve: tritonserver is ready",

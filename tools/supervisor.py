@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from tierserve.healing import ReloadLog
-from tierserve.repository_api import ready_versions, reload_config
+from tierserve.repository_api import READY, ready_versions, reload_config
 from tierserve.server_scratch import server_scratch
 from tierserve.tools.server import ServerError, Stub, TritonServer
 
@@ -230,7 +230,7 @@ class Supervisor:
             index = self.server.models()
         except ServerError:
             return  # the server did not answer: look again on the next check
-        loaded = {(m["name"], m.get("version")) for m in index if m.get("state") == "READY"}
+        loaded = {(m["name"], m.get("version")) for m in index if m.get("state") == READY}
         for model, keys in missing.items():
             # A version unloaded, or being reloaded by unload and load, lost its stubs to that, not to a death.
             # Judged per version: one retired as another's stub dies (in one look) must not hide that death.

@@ -136,7 +136,7 @@ def ensemble_steps(repository: Path) -> dict[str, list[tuple[str, int]]]:
     for folder in sorted(repository.iterdir()):
         try:
             config = repository_config(repository, folder.name)
-        except (OSError, text_format.ParseError):
+        except (OSError, ValueError, text_format.ParseError):  # unreadable, not UTF-8, or not a model config
             continue
         if config.get("platform") == "ensemble":
             steps = config.get("ensemble_scheduling", {}).get("step", [])

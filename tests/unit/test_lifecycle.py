@@ -41,6 +41,7 @@ from tierserve.tools.lifecycle import (
     Problem,
     Reapplied,
     Refused,
+    ensemble_steps,
     repository_config,
     repository_versions,
 )
@@ -446,6 +447,29 @@ def test_unloading_a_model_a_served_ensemble_needs_is_refused_naming_the_ensembl
     with pytest.raises(Refused, match=r"^preprocess:1 is still used by: a step of ensemble digits_pinned; "):
         lifecycle.retire("preprocess:1")
     assert control.calls == []
+
+
+def test_a_config_triton_could_not_read_is_no_ensemble_and_stops_no_action(lifecycle, control, repository):
+    """An operator's broken or odd config.pbtxt in the repository: left out, as Triton leaves it out, never a
+    traceback of unload."""
+    for name, text in [
+        ("broken", 'name: "broken" platform: "ensemble" ensemble_scheduling { step [ { model_name: '),
+        ("binary", "\udcff"),
+        (
+            "no_version",
+            'name: "no_version" platform: "ensemble" ensemble_scheduling { step [ { model_name: "feedback" } ] }',
+        ),
+    ]:
+        (repository / name).mkdir()
+        (repository / name / "config.pbtxt").write_text(text, errors="surrogateescape")
+    (repository / "a_file").write_text("not a model folder")
+    steps = ensemble_steps(repository)
+    assert "broken" not in steps and "binary" not in steps and "a_file" not in steps
+    assert steps["no_version"] == [("feedback", -1)]  # no version: the latest
+    control.ready["no_version"] = {1}
+    with pytest.raises(Refused, match="feedback by a step of ensemble no_version"):
+        lifecycle.unload("feedback")
+    assert lifecycle.unload("digits_static_light").after == "digits_static_light not loaded"  # the others are read
 
 
 def test_an_action_fills_the_step_it_is_given_even_when_refused(lifecycle):

@@ -129,18 +129,25 @@ def repository_versions(repository: Path, model: str) -> list[int]:
     return sorted(found)
 
 
-def ensemble_steps(repository: Path) -> dict[str, list[tuple[str, int]]]:
-    """Each ensemble of `repository` (platform "ensemble"): the model and version of each of its steps (-1: the latest
-    the server serves). A folder without a config Triton could read is left out, as Triton leaves it out."""
-    ensembles = {}
+def repository_configs(repository: Path) -> Iterator[tuple[str, dict]]:
+    """Each model folder of `repository` with its config.pbtxt, in name order. A folder without a config Triton could
+    read (missing, unreadable, not UTF-8, not a model config) is left out, as Triton leaves it out."""
     for folder in sorted(repository.iterdir()):
         try:
             config = repository_config(repository, folder.name)
-        except (OSError, ValueError, text_format.ParseError):  # unreadable, not UTF-8, or not a model config
+        except (OSError, ValueError, text_format.ParseError):
             continue
+        yield folder.name, config
+
+
+def ensemble_steps(repository: Path) -> dict[str, list[tuple[str, int]]]:
+    """Each ensemble of `repository` (platform "ensemble"): the model and version of each of its steps (-1: the latest
+    the server serves)."""
+    ensembles = {}
+    for name, config in repository_configs(repository):
         if config.get("platform") == "ensemble":
             steps = config.get("ensemble_scheduling", {}).get("step", [])
-            ensembles[folder.name] = [(s.get("model_name", ""), int(s.get("model_version", -1))) for s in steps]
+            ensembles[name] = [(s.get("model_name", ""), int(s.get("model_version", -1))) for s in steps]
     return ensembles
 
 

@@ -27,6 +27,7 @@ from tierserve.tools.lifecycle import (
     Lifecycle,
     ensemble_steps,
     repository_config,
+    repository_configs,
     repository_versions,
     running_experiments,
 )
@@ -191,18 +192,16 @@ def repository_states(repository: Path) -> list[tuple[str, int, str]]:
     """The versions the repository's config.pbtxt files would load (version_policy: specific, latest or all;
     Triton's default is the latest one), each in state "on disk"."""
     states = []
-    for folder in sorted(repository.iterdir()):
-        if not (folder / CONFIG_FILE).is_file():
-            continue
-        policy = repository_config(repository, folder.name).get("version_policy", {"latest": {"num_versions": 1}})
-        on_disk = repository_versions(repository, folder.name)
+    for name, config in repository_configs(repository):
+        policy = config.get("version_policy", {"latest": {"num_versions": 1}})
+        on_disk = repository_versions(repository, name)
         if "specific" in policy:
             chosen = [int(v) for v in policy["specific"].get("versions", [])]
         elif "latest" in policy:
             chosen = on_disk[-int(policy["latest"].get("num_versions", 1)) :]
         else:
             chosen = on_disk
-        states += [(folder.name, version, ON_DISK) for version in chosen]
+        states += [(name, version, ON_DISK) for version in chosen]
     return states
 
 

@@ -470,6 +470,8 @@ def test_a_config_triton_could_not_read_is_no_ensemble_and_stops_no_action(lifec
     with pytest.raises(Refused, match="feedback by a step of ensemble no_version"):
         lifecycle.unload("feedback")
     assert lifecycle.unload("digits_static_light").after == "digits_static_light not loaded"  # the others are read
+    on_disk = {v.model for v in disk_provenance(repository, MemoryStore(), "not asked").versions}  # `tierserve models`
+    assert "digits_light" in on_disk and not on_disk & {"broken", "binary", "a_file"}
 
 
 def test_an_action_fills_the_step_it_is_given_even_when_refused(lifecycle):

@@ -201,6 +201,33 @@ def test_concurrent_processes_lose_no_increment(shared_location: str):
     store.close()
 
 
+def _open_at_once(path: Path, start, errors) -> None:
+    start.wait(10)
+    try:
+        SqliteStore(path).close()
+    except StateStoreError as error:
+        errors.put(str(error))
+
+
+def test_stubs_opening_a_new_store_file_at_the_same_moment_all_open_it(tmp_path: Path):
+    """A server's stubs open the new state file together. Switching it to WAL could meet another process's switch
+    with SQLITE_BUSY and no busy handler: 39 of 200 such starts failed "database is locked" before."""
+    context = multiprocessing.get_context("fork")  # a fresh store per child; fork keeps 100 starts to seconds
+    errors = context.Queue()
+    for trial in range(100):
+        path, start = tmp_path / f"state{trial}.db", context.Barrier(8)
+        openers = [context.Process(target=_open_at_once, args=(path, start, errors)) for _ in range(8)]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join(30)
+            assert opener.exitcode == 0
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert failures == []
+
+
 def test_open_store_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert isinstance(open_store("memory:"), MemoryStore)
     for location in (f"sqlite://{tmp_path}/a.db", str(tmp_path / "b.db")):

@@ -77,7 +77,8 @@ class Cascade:
     escalate_to: str
     thresholds: Mapping[str, float]  # per tier: escalate when the first model's confidence is below this
     escalate_when: str
-    learned_escalate_above: float | None  # learned router probability above which it asks to escalate
+    # per tier: the learned router's p(wrong) above which it asks to escalate; None: no learned router
+    learned_escalate_above: Mapping[str, float] | None
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,15 @@ def _rule(data: Any, key: str, models: tuple[str, ...]) -> Rule:
     )
 
 
+def _per_tier(data: Any, key: str, one_for_all: bool = True) -> dict[str, float]:
+    """A probability per tier: a mapping naming every tier or, where `one_for_all`, one number for all of them."""
+    if one_for_all and not isinstance(data, dict):
+        value = _probability(data, key)
+        return dict.fromkeys(TIERS, value)
+    values = _mapping(data, key, set(TIERS), set(TIERS))
+    return {tier: _probability(values[tier], f"{key}.{tier}") for tier in TIERS}
+
+
 def _cascade(data: Any, models: tuple[str, ...]) -> Cascade:
     data = _mapping(
         data,
@@ -212,7 +222,6 @@ def _cascade(data: Any, models: tuple[str, ...]) -> Cascade:
         {"first", "escalate_to", "thresholds", "escalate_when", "learned_router"},
         {"first", "escalate_to", "thresholds", "escalate_when"},
     )
-    thresholds = _mapping(data["thresholds"], "cascade.thresholds", set(TIERS), set(TIERS))
     escalate_when = data["escalate_when"]
     if escalate_when not in ESCALATE_WHEN:
         raise PolicyError(f"cascade.escalate_when: expected one of {', '.join(ESCALATE_WHEN)}, got {escalate_when!r}")
@@ -221,11 +230,11 @@ def _cascade(data: Any, models: tuple[str, ...]) -> Cascade:
         if "learned_router" not in data:
             raise PolicyError(f"cascade.learned_router: required when escalate_when is {escalate_when!r}")
         learned = _mapping(data["learned_router"], "cascade.learned_router", {"escalate_above"}, {"escalate_above"})
-        learned_above = _probability(learned["escalate_above"], "cascade.learned_router.escalate_above")
+        learned_above = _per_tier(learned["escalate_above"], "cascade.learned_router.escalate_above")
     return Cascade(
         first=_model(data["first"], "cascade.first", models),
         escalate_to=_model(data["escalate_to"], "cascade.escalate_to", models),
-        thresholds={tier: _probability(thresholds[tier], f"cascade.thresholds.{tier}") for tier in TIERS},
+        thresholds=_per_tier(data["thresholds"], "cascade.thresholds", one_for_all=False),
         escalate_when=escalate_when,
         learned_escalate_above=learned_above,
     )

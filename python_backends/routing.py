@@ -318,11 +318,9 @@ class Router:
             if wrong is None or escalate_when == "threshold":
                 verdicts.append((low, why))
                 continue
-            doubt = bool(wrong[i] > cascade.learned_escalate_above)
-            why += (
-                f", learned router p(wrong)={wrong[i]:.2f} {'>' if doubt else '<='} "
-                f"{cascade.learned_escalate_above:.2f}"
-            )
+            doubt_above = cascade.learned_escalate_above[signature.tier]
+            doubt = bool(wrong[i] > doubt_above)
+            why += f", learned router p(wrong)={wrong[i]:.3f} {'>' if doubt else '<='} {doubt_above:g}"
             escalate = {"threshold": low, "learned": doubt, "either": low or doubt, "both": low and doubt}
             verdicts.append((escalate[escalate_when], why))
         return verdicts

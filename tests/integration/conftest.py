@@ -16,6 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from tierserve.client import TierserveClient
+from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.server import Ports, TritonServer
 from tierserve.tools.supervisor import Supervisor
 
@@ -36,13 +37,24 @@ def supervised_server(
             yield supervisor
 
 
-def escalated_images(grpc_url: str, images: np.ndarray, at_most: int = 32) -> np.ndarray:
-    """Of `images`, those (at most `at_most`) the cascade escalates to the heavy model at the standard tier."""
-    with TierserveClient(grpc_url) as client:
-        answers = [a for start in range(0, len(images), 64) for a in client.classify(images[start : start + 64])]
-    hard = [image for image, a in zip(images, answers, strict=True) if a.route.startswith("digits_heavy")]
-    assert len(hard) >= 5
-    return np.stack(hard[:at_most])
+def escalated_images(server: TritonServer, images: np.ndarray, at_most: int = 32) -> np.ndarray:
+    """Of `images`, those (at most `at_most`) the cascade escalates to a heavy model at the standard tier and at the
+    critical tier (each tier has its own thresholds)."""
+    escalated = np.ones(len(images), bool)
+    with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
+        for tier in ("standard", "critical"):
+            answers = [
+                a for start in range(0, len(images), 64) for a in client.classify(images[start : start + 64], tier=tier)
+            ]
+            escalated &= [a.route.startswith("digits_heavy") for a in answers]
+    assert escalated.sum() >= 5
+    return images[escalated][:at_most]
+
+
+@pytest.fixture(scope="session")
+def doubted_image(triton: TritonServer, split: DigitsSplit) -> np.ndarray:
+    """One test image the cascade escalates at the standard and the critical tier, whatever the thresholds."""
+    return escalated_images(triton, split.test.images[:64], at_most=1)[0]
 
 
 @dataclass

@@ -129,7 +129,7 @@ def users(lifecycle: Lifecycle) -> tuple[str, ...]:
 @pytest.fixture(scope="module")
 def hard_images(server: Supervisor, split: DigitsSplit) -> np.ndarray:
     """Test images the cascade escalates to the heavy model: every row of the treatment calls the candidate."""
-    return escalated_images(server.server.grpc_url, split.test.images[:256])
+    return escalated_images(server.server, split.test.images[:256])
 
 
 @pytest.fixture

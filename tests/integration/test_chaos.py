@@ -87,7 +87,7 @@ def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(
     for drill in (FaultSpec(latency_ms=1), FaultSpec()):  # a drill switched on, then off: a full reload each time
         control.set_fault("digits_heavy", drill)
         assert control.ready_versions("digits_heavy") == {2, 3}, "a fault drill brought a retired version back"
-    hard = escalated_images(server.grpc_url, split.test.images[:300])
+    hard = escalated_images(server, split.test.images[:300])
     deadline = time.monotonic() + 10  # the drills' reloads replaced the stubs: the old ones end in a few seconds
     while len(server.stub_pids("digits_heavy/3")) > 1 and time.monotonic() < deadline:
         time.sleep(0.05)

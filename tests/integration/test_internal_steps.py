@@ -126,7 +126,9 @@ def test_forged_and_direct_calls_shed_nobody_and_eject_nothing(triton: TritonSer
 
 
 @pytest.mark.parametrize("lane", ["digits_light_critical", "digits_heavy_critical"])
-def test_a_critical_lane_refuses_direct_callers_and_serves_digits(triton: TritonServer, split: DigitsSplit, lane):
+def test_a_critical_lane_refuses_direct_callers_and_serves_digits(
+    triton: TritonServer, split: DigitsSplit, doubted_image, lane
+):
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     pixels = grpcclient.InferInput("PIXELS", [1, 8, 8], "FP32")
     pixels.set_data_from_numpy(split.test.images[:1].astype(np.float32))
@@ -139,7 +141,7 @@ def test_a_critical_lane_refuses_direct_callers_and_serves_digits(triton: Triton
         and "reserved for critical rows that digits routes" in caught.value.message()
     )
     with TierserveClient(triton.grpc_url, tier_key=triton.tier_key) as sdk:
-        (answer,) = sdk.classify(split.test.images[0], tier="critical")
+        (answer,) = sdk.classify(doubted_image, tier="critical")
     assert answer.path.startswith("digits_light:1 "), "the light model runs inside the router: it needs no lane"
     assert answer.path.endswith(">digits_heavy_critical:3 ok"), "digits still routes critical escalations to a lane"
 

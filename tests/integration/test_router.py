@@ -83,7 +83,7 @@ def test_the_cascade_escalates_exactly_when_the_policy_says(
         learned = LearnedRouter.load(model_repository / ROUTER_MODEL / "1" / LEARNED_ROUTER_FILE)
         rows = signatures(images, source_stats(images), [RequestContext(tier=tier)] * len(images), stats)
         wrong = learned.wrong_probability(escalation_inputs(rows, light, images))
-        doubt = wrong > policy.cascade.learned_escalate_above
+        doubt = wrong > policy.cascade.learned_escalate_above[tier]
         low = light.max(axis=1) < policy.cascade.thresholds[tier]
         cascaded = np.array([a.reason.startswith("cascade") for a in answers])
         # the router's in-process copy of digits_light decides exactly as the Triton model's answers predict
@@ -97,16 +97,16 @@ def test_the_cascade_escalates_exactly_when_the_policy_says(
 
 
 def test_the_tensorrt_variant_this_server_lacks_is_passed_over_to_the_onnx_model_and_said(
-    grpc_sdk: TierserveClient, triton: TritonServer, split: DigitsSplit
+    grpc_sdk: TierserveClient, triton: TritonServer, split: DigitsSplit, doubted_image
 ):
     """The policy lists digits_heavy_trt:1 first for escalations; no CPU host has it, so digits_heavy:3 answers."""
     assert not any(m["name"] == "digits_heavy_trt" for m in triton.models()), "a CPU host has no TensorRT model"
-    (answer,) = grpc_sdk.classify(split.test.images[0])  # light confidence 0.86: it escalates
+    (answer,) = grpc_sdk.classify(doubted_image)
     assert answer.path == "digits_light:1 low_confidence>digits_heavy_trt:1 unavailable>digits_heavy:3 ok"
     assert answer.route == "digits_heavy:3"
     assert "digits_heavy_trt:1 is not loaded on this server; escalated to digits_heavy:3" in answer.reason
     for _ in range(3):  # a call to a model the server lacks fails; three in a row would open its breaker
-        grpc_sdk.classify(split.test.images[:8])
+        grpc_sdk.classify(np.stack([doubted_image] * 8))
     assert max(metric_values(triton, "tierserve_breaker_state", model="digits_heavy_trt:1")) == 0.0, "never called"
 
 

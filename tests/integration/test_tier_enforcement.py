@@ -25,12 +25,12 @@ def test_critical_without_a_valid_tier_key_is_refused_by_name(triton: TritonServ
     assert why in caught.value.message
 
 
-def test_critical_with_the_key_gets_its_lane_and_standard_needs_none(triton: TritonServer, split: DigitsSplit):
+def test_critical_with_the_key_gets_its_lane_and_standard_needs_none(triton: TritonServer, doubted_image):
     with TierserveClient(triton.grpc_url, tier_key=triton.tier_key) as client:
-        (critical,) = client.classify(split.test.images[0], tier="critical")
+        (critical,) = client.classify(doubted_image, tier="critical")
     with TierserveClient(triton.grpc_url) as client:
-        (standard,) = client.classify(split.test.images[0], tier="standard")
-    # test image 0 escalates at both tiers (light confidence 0.86); the light model runs inside the router
+        (standard,) = client.classify(doubted_image, tier="standard")
+    # the image escalates at both tiers; the light model runs inside the router
     assert critical.path.endswith(">digits_heavy_critical:3 ok") and standard.path.endswith(">digits_heavy:3 ok")
 
 
@@ -49,7 +49,7 @@ def _server_with_keys(model_repository: Path, workdir: Path, keys: TierKeys) -> 
 
 
 def test_a_key_allowing_less_is_downgraded_when_the_operator_says_so(
-    model_repository: Path, tmp_path: Path, split: DigitsSplit
+    model_repository: Path, tmp_path: Path, doubted_image
 ):
     key = new_key()
     keys = TierKeys(on_missing=OnMissing.DOWNGRADE).add("batch-jobs", key, "standard")
@@ -57,7 +57,7 @@ def test_a_key_allowing_less_is_downgraded_when_the_operator_says_so(
         _server_with_keys(model_repository, tmp_path, keys) as server,
         TierserveClient(server.grpc_url, tier_key=key) as client,
     ):
-        (answer,) = client.classify(split.test.images[0], tier="critical")
+        (answer,) = client.classify(doubted_image, tier="critical")
     assert answer.path.endswith(">digits_heavy:3 ok"), "served as standard, on the shared model"
     assert "tier key 'batch-jobs' allows at most 'standard'; served as 'standard'" in answer.reason
     assert "tier=standard" in answer.reason

@@ -94,7 +94,7 @@ def cli(server: Supervisor, repository: Path, capsys: pytest.CaptureFixture):
 @pytest.fixture(scope="module")
 def hard_images(server: Supervisor, split: DigitsSplit) -> np.ndarray:
     """Test images (at most 32) that the cascade escalates to the heavy model at the standard tier."""
-    return escalated_images(server.server.grpc_url, split.test.images[:256])
+    return escalated_images(server.server, split.test.images[:256])
 
 
 def _routes(server: Supervisor, images: np.ndarray, tier: str = "standard") -> set[str]:

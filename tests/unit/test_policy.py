@@ -132,6 +132,44 @@ def test_every_mistake_is_named_by_its_key(path: str, value, message: str):
     assert str(caught.value).startswith(message)
 
 
+def _learned(escalate_above) -> dict:
+    data = _with("cascade.escalate_when", "either")
+    data["cascade"]["learned_router"] = {"escalate_above": escalate_above}
+    return data
+
+
+def test_the_learned_router_escalates_above_one_number_for_all_tiers_or_one_per_tier():
+    assert parse_policy(_learned(0.3)).cascade.learned_escalate_above == {
+        "critical": 0.3,
+        "standard": 0.3,
+        "best_effort": 0.3,
+    }
+    per_tier = {"critical": 0.3, "standard": 0.15, "best_effort": 0.5}
+    assert parse_policy(_learned(per_tier)).cascade.learned_escalate_above == per_tier
+
+
+@pytest.mark.parametrize(
+    ("escalate_above", "message"),
+    [
+        (1.5, "cascade.learned_router.escalate_above: expected a number from 0 to 1, got 1.5"),
+        ("high", "cascade.learned_router.escalate_above: expected a number from 0 to 1, got 'high'"),
+        ({"standard": 0.2}, "cascade.learned_router.escalate_above.best_effort: required key is missing"),
+        (
+            {"critical": 0.3, "standard": 0.2, "best_effort": 0.3, "gold": 0.1},
+            "cascade.learned_router.escalate_above.gold: unknown key",
+        ),
+        (
+            {"critical": 0.3, "standard": -0.2, "best_effort": 0.3},
+            "cascade.learned_router.escalate_above.standard: expected a number from 0 to 1, got -0.2",
+        ),
+    ],
+)
+def test_a_bad_learned_router_threshold_is_named_by_its_key(escalate_above, message: str):
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(_learned(escalate_above))
+    assert str(caught.value).startswith(message)
+
+
 def test_duplicate_rule_names_are_refused():
     data = copy.deepcopy(VALID)
     data["rules"].append(copy.deepcopy(data["rules"][0]))

@@ -190,7 +190,24 @@ def test_the_learned_router_can_escalate_a_confident_row():
     router = Router(parse_policy(policy), ACCEPTS_MISSING, learned)
     answers = _route(router, _images(0.99, 0.99), [_signature(sparsity=0.9), _signature(sparsity=0.1)], FakeModels())
     assert [a.path for a in answers] == ["light:1 low_confidence>heavy:1 ok", "light:1 ok"]
-    assert "learned router p(wrong)=0.98 > 0.50" in answers[0].reason
+    assert "learned router p(wrong)=0.982 > 0.5" in answers[0].reason
+
+
+def test_each_tier_doubts_above_its_own_learned_router_threshold():
+    above = {"critical": 0.2, "standard": 0.3, "best_effort": 0.6}
+    policy = dict(
+        POLICY, cascade=dict(POLICY["cascade"], escalate_when="learned", learned_router={"escalate_above": above})
+    )
+    hidden = np.zeros((len(INPUTS), 1), np.float32)
+    hidden[INPUTS.index("sparsity")] = 10.0
+    ones = np.ones(len(INPUTS), np.float32)
+    learned = LearnedRouter(0 * ones, ones, hidden, np.zeros(1, np.float32), np.ones(1, np.float32), -5.0)
+    router = Router(parse_policy(policy), ACCEPTS_MISSING, learned)
+    rows = [_signature(sparsity=0.45, tier=tier) for tier in ("standard", "best_effort")]  # p(wrong) 0.38 for both
+    answers = _route(router, _images(0.99, 0.99), rows, FakeModels())
+    assert [a.path for a in answers] == ["light:1 low_confidence>heavy:1 ok", "light:1 ok"]
+    assert "learned router p(wrong)=0.378 > 0.3" in answers[0].reason
+    assert "learned router p(wrong)=0.378 <= 0.6" in answers[1].reason
 
 
 def test_merged_parameters_take_the_most_urgent_tier_and_the_tightest_deadline():

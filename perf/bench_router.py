@@ -17,8 +17,9 @@ P2 (perf/reports/p2.json), two servers at once: the shipped policy and always-he
    model the server lacks, its first fallback the server has). Per run, cascade first then always-heavy, the next run
    the other way round: accuracy through the server on the held-out test split and on the demo's perturbed images
    (noisy, shifted, upscaled, at the sizes the demo sends: bench_models.perturbed_samples), the share of rows the
-   heavy model answered, then throughput at concurrency 8, standard tier. Goals: cascade throughput >= 2.5x
-   always-heavy's, at >= 99.5% of its accuracy on both image sets.
+   heavy model answered, then throughput at concurrency 8, standard tier, with Triton's counts around it (requests per
+   router execution, calls to the heavy model per router execution, heavy rows per request). Goals: cascade
+   throughput >= 2.5x always-heavy's, at >= 99.5% of its accuracy on both image sets.
 
 Exit status 1, without a report or table, when the operating point was not reached (a perf_analyzer run failed,
 the routed path was not answered by the light model, always-heavy answered rows from another model); 2 when a goal
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import perf_analyzer
 import report_io
+import tritonclient.grpc as grpcclient
 from bench_models import perturbed_samples
 from harness import bench_policy, escalation_target, loaded_models, policy_repository, running_server
 from report_io import cell, goal, verdicts
@@ -62,8 +64,10 @@ PATHS = {  # P1: key -> (what the table calls it, model, perf_analyzer arguments
 P1_ORDER = ("static", "routed", "direct")  # run k starts k places further along
 ROUTED_TO = "digits_light:1"  # where the tight_deadline rule sends the routed path
 POLICIES = {"cascade": "cascade (shipped policy)", "heavy": "always heavy (through the same router)"}
+ROUTER = "router:1"  # the model the `digits` ensemble runs, whose executions batch requests
 METRICS = ("throughput", "p50_ms", "p90_ms", "p99_ms")
 ACCURACY_METRICS = ("test_accuracy", "perturbed_accuracy", "test_heavy_share", "perturbed_heavy_share")
+CALL_METRICS = ("router_requests_per_execution", "heavy_calls_per_router_execution", "heavy_rows_per_request")
 THROUGHPUT_GOAL, P50_ADDED_GOAL_MS, CASCADE_GOAL, ACCURACY_GOAL = 1.0, 0.3, 2.5, 0.995
 ALWAYS = 0.99  # always-heavy must answer at least this share of the test split from the heavy model
 
@@ -250,15 +254,41 @@ def _accuracy(url: str, images: Sequence[np.ndarray], labels: Sequence[int], hea
     return float(np.mean(right)), float(np.mean([a.route == heavy for a in answers]))
 
 
+def _counts(client: grpcclient.InferenceServerClient, model: str) -> dict[str, int]:
+    """Triton's counts for `model` ("name:version"): requests answered, rows in them, executions."""
+    name, version = model.split(":")
+    (stats,) = client.get_inference_statistics(name, version, as_json=True)["model_stats"]
+    return {
+        "requests": int(stats["inference_stats"]["success"].get("count", 0)),
+        "rows": int(stats.get("inference_count", 0)),
+        "executions": int(stats.get("execution_count", 0)),
+    }
+
+
+def _calls(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], heavy: str) -> dict[str, float]:
+    """From Triton's counts around a measurement: how many requests a router execution takes (dynamic batching), how
+    many calls to the heavy model it makes (one per execute that escalates any row), and heavy rows per request."""
+    router, called = ({k: after[m][k] - before[m][k] for k in after[m]} for m in (ROUTER, heavy))
+    return {
+        "router_requests_per_execution": router["requests"] / max(router["executions"], 1),
+        "heavy_calls_per_router_execution": called["requests"] / max(router["executions"], 1),
+        "heavy_rows_per_request": called["rows"] / max(router["requests"], 1),
+    }
+
+
 def _policy_run(server: TritonServer, policy: str, window_ms: int, images: dict, heavy: str) -> dict:
     """One policy's accuracy (test split, perturbed images, and per perturbed kind) and throughput at P2_CONCURRENCY."""
     test_accuracy, test_heavy = _accuracy(server.grpc_url, *images["test"], heavy)
     perturbed = {kind: _accuracy(server.grpc_url, *pair, heavy) for kind, pair in images["kinds"].items()}
     all_accuracy, all_heavy = _accuracy(server.grpc_url, *images["perturbed"], heavy)
-    (m,) = _measure(
-        server.grpc_url, "digits", [P2_CONCURRENCY], window_ms, ("--request-parameter", f"tier:{TIER}:string")
-    )
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        before = {model: _counts(client, model) for model in (ROUTER, heavy)}
+        (m,) = _measure(
+            server.grpc_url, "digits", [P2_CONCURRENCY], window_ms, ("--request-parameter", f"tier:{TIER}:string")
+        )
+        calls = _calls(before, {model: _counts(client, model) for model in (ROUTER, heavy)}, heavy)
     return {
+        **calls,
         "condition": policy,
         "test_accuracy": test_accuracy,
         "test_heavy_share": test_heavy,
@@ -340,7 +370,7 @@ def cascade_efficiency(runs: int, window_ms: int, reports: Path) -> dict:
             report["runs"].append({"run": index + 1, "order": order, "measurements": measurements, "ratios": ratios})
     found = report_io.ratios(report["runs"])
     summary = {
-        "conditions": report_io.conditions(report["runs"], ("condition",), METRICS + ACCURACY_METRICS),
+        "conditions": report_io.conditions(report["runs"], ("condition",), METRICS + ACCURACY_METRICS + CALL_METRICS),
         "ratios": found,
         "goals": [
             goal(
@@ -400,11 +430,24 @@ def p2_table(report: dict) -> str:
             f" Model compute per test image: {saved:.2f}x less with the cascade ({ops[first]:,} + {share:.1%} x "
             f"{ops[heavy]:,} vs {ops[heavy]:,} multiply-adds)."
         )
+    calls = ""
+    if "heavy_calls_per_router_execution" in cascade:  # reports before these counts lack them
+        by = {c["condition"]: c for c in s["conditions"]}
+        calls = (
+            f" Triton's counts during the throughput windows: a router execution took "
+            f"{cell(cascade['router_requests_per_execution'], '.1f')} requests (dynamic batching) and made "
+            + " and ".join(
+                f"{cell(by[name]['heavy_calls_per_router_execution'], '.2f')} calls to `{heavy}` with {label}"
+                for name, label in (("cascade", "the cascade"), ("heavy", "always-heavy"))
+            )
+            + f"; rows sent there per request: {cell(by['cascade']['heavy_rows_per_request'], '.2f')} and "
+            f"{cell(by['heavy']['heavy_rows_per_request'], '.2f')}."
+        )
     lines += [
         "",
         f"Per run, cascade / always-heavy: throughput {cell(r['cascade_over_heavy_throughput'], '.2f')}, "
         f"accuracy on the test split {cell(r['cascade_over_heavy_test_accuracy'], '.4f')}, on the perturbed "
-        f"images {cell(r['cascade_over_heavy_perturbed_accuracy'], '.4f')}.{compute}",
+        f"images {cell(r['cascade_over_heavy_perturbed_accuracy'], '.4f')}.{compute}{calls}",
         verdicts(s["goals"]),
         f"The shipped cascade escalates to `{escalate_to}`"
         + (f"; this server lacks it, so to its fallback `{heavy}`" if heavy != escalate_to else "")

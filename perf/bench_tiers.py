@@ -6,7 +6,8 @@ Usage: .venv/bin/python perf/bench_tiers.py [--runs 3] [--seconds 8]   (about 5 
 Load is open loop over HTTP (tools/open_loop.py), each stream in a process of its own: the flood keeps its rate
 whatever the server answers, so it can offer more than the server sustains. Two servers run at once, both with the
 repository's config.pbtxt (priority levels, batch bound): one with Triton's priority levels alone (the router's
-lanes and shedding dropped from its policy), one as shipped. Each run:
+lanes and shedding dropped from its policy), one as shipped. Every stream sends the first IMAGES test images in turn,
+one per request. Each run:
 1. Unloaded: critical requests at CRITICAL_RATE per second through `digits` (priority levels only) -> p50/p99; and
    the floor unloaded: direct calls to the idle critical lane `digits_light_critical` (shipped server).
 2. Sustainable: the highest best_effort rate of the sweep answered in full (>= 99%, nothing skipped), priority
@@ -34,6 +35,7 @@ import report_io
 from harness import running_server
 from report_io import cell, goal, verdicts
 
+from tierserve.client import TierserveClient
 from tierserve.server_scratch import LANE_TOKEN_PARAMETER, lane_token, server_scratch, server_secret
 from tierserve.tier_keys import TIER_KEY_HEADER
 from tierserve.tools.dataset import load_split
@@ -43,7 +45,8 @@ from tierserve.tools.repository_variants import policy_variant, shipped_policy
 from tierserve.tools.server import TritonServer
 
 CRITICAL_RATE, OVERLOAD, DRAIN_S = 50.0, 2.0, 10.0
-SWEEP = (1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000)
+IMAGES = 64  # test images sent in turn: the cascade escalates some of them at each tier, as on real traffic
+SWEEP = (1000, 1250, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000)
 NO_SHEDDING = {"degrade_best_effort_at_ms": 1e9, "shed_best_effort_at_ms": 1e9, "shed_standard_at_ms": 1e9}
 LANE = "digits_light_critical"
 P99_GOAL = 2.0  # critical p99 at 2x load at most this many times the unloaded p99, and the floor's p99
@@ -64,21 +67,23 @@ class Server:
     def __init__(self, server: TritonServer, images: np.ndarray, lane: bool) -> None:
         self.host, port = server.http_url.rsplit(":", 1)
         self.port = int(port)
-        self.flood = self._request(server, images, "best_effort", 3)
-        self.critical = self._request(server, images, "critical", 1)
+        self.flood = self._requests(server, images, "best_effort", 3)
+        self.critical = self._requests(server, images, "critical", 1)
         self.lane = None
         if lane:  # lanes refuse callers without the router's token (the operator may read it)
             token = lane_token(server_secret(server_scratch(server.pid)))
-            self.lane = kserve_request(server.http_url, LANE, images, {LANE_TOKEN_PARAMETER: token})
+            self.lane = [
+                kserve_request(server.http_url, LANE, image[None], {LANE_TOKEN_PARAMETER: token}) for image in images
+            ]
 
     @staticmethod
-    def _request(server: TritonServer, images: np.ndarray, tier: str, priority: int) -> bytes:
-        # the server's own tier key, sent as a parameter (what the tierserve-tier-key header becomes)
-        return kserve_request(
-            server.http_url, "digits", images, {"tier": tier, "priority": priority, TIER_KEY_HEADER: server.tier_key}
-        )
+    def _requests(server: TritonServer, images: np.ndarray, tier: str, priority: int) -> list[bytes]:
+        """One request per image, sent in turn. The server's own tier key goes as a parameter (what the
+        tierserve-tier-key header becomes)."""
+        parameters = {"tier": tier, "priority": priority, TIER_KEY_HEADER: server.tier_key}
+        return [kserve_request(server.http_url, "digits", image[None], parameters) for image in images]
 
-    def streams(self, streams: list[tuple[bytes, float, float, float]]) -> list[OpenLoopResult]:
+    def streams(self, streams: list[tuple[list[bytes], float, float, float]]) -> list[OpenLoopResult]:
         """Run (request, rate, start after s, seconds) streams at once, each in a process of its own."""
         longest = max(delay + seconds for _, _, delay, seconds in streams)
         with multiprocessing.Pool(len(streams)) as pool:
@@ -138,7 +143,7 @@ def sustainable_rate(server: Server, sweep: tuple[float, ...], seconds: float) -
     return best
 
 
-def overload(server: Server, rate: float, seconds: float, *probes: bytes) -> list[OpenLoopResult]:
+def overload(server: Server, rate: float, seconds: float, *probes: list[bytes]) -> list[OpenLoopResult]:
     """The flood and the probe streams at CRITICAL_RATE; the flood starts 1 s before them and ends 1 s after."""
     return server.streams(
         [(server.flood, rate, 0.0, seconds + 2)] + [(probe, CRITICAL_RATE, 1.0, seconds) for probe in probes]
@@ -189,8 +194,15 @@ def one_run(index: int, servers: dict[str, Server], sweep: tuple[float, ...], se
     }
 
 
+def _escalated_share(server: TritonServer, images: np.ndarray, tier: str) -> float:
+    """The share of `images` the server's cascade escalates to a heavy model at `tier`."""
+    with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
+        answers = client.classify(images, tier=tier)
+    return sum(a.route.startswith("digits_heavy") for a in answers) / len(answers)
+
+
 def measure(runs: int, sweep: tuple[float, ...], seconds: float, sweep_s: float, reports: Path) -> dict:
-    images = load_split().test.images[:1]
+    images = load_split().test.images[:IMAGES]
     shipped = shipped_policy(DEFAULT_REPOSITORY)
     report = report_io.start(
         "p3",
@@ -201,7 +213,7 @@ def measure(runs: int, sweep: tuple[float, ...], seconds: float, sweep_s: float,
             "seconds": seconds,
             "sweep": list(sweep),
             "sweep_seconds": sweep_s,
-            "images": "one test image per request, KServe JSON over HTTP, open loop",
+            "images": f"the first {IMAGES} test images in turn, one per request, KServe JSON over HTTP, open loop",
             "policies": POLICIES,
             "no_shedding": NO_SHEDDING,
             "order": "run 1 priority-only overload first, run 2 shipped first, and so on; both servers running",
@@ -216,6 +228,7 @@ def measure(runs: int, sweep: tuple[float, ...], seconds: float, sweep_s: float,
         running = {"priority": running_server(priority_only), "shipped": running_server()}
         servers = {name: stack.enter_context(server) for name, server in running.items()}
         report["machine"]["tritonserver"] = report_io.tritonserver_version(servers["shipped"].http_url)
+        report["settings"]["critical_escalated"] = _escalated_share(servers["shipped"], images, "critical")
         prepared = {name: Server(server, images, lane=name == "shipped") for name, server in servers.items()}
         report["runs"] = [one_run(index, prepared, sweep, seconds, sweep_s) for index in range(runs)]
     found = report_io.ratios(report["runs"])
@@ -309,7 +322,13 @@ def table(report: dict) -> str:
         f"{cell(r['shipped_p99_over_unloaded'], '.1f')}; shipped over the floor's p99 in the same flood "
         f"{cell(r['shipped_p99_over_floor'], '.1f')}.",
         verdicts(s["goals"]),
-        f"Figures per run, medians (min to max) over the runs; {settings['order']}. " + report_io.provenance(report),
+        f"Figures per run, medians (min to max) over the runs; {settings['order']}; {settings['images']}"
+        + (
+            f", of which the cascade escalates {settings['critical_escalated']:.0%} at critical. "
+            if "critical_escalated" in settings
+            else ". "
+        )
+        + report_io.provenance(report),
     ]
     return "\n".join(lines)
 

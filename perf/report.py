@@ -25,6 +25,7 @@ import bench_capacity
 import bench_chaos
 import bench_decision
 import bench_experiments
+import bench_first_stage
 import bench_inference_log
 import bench_inference_log_router
 import bench_learned_router
@@ -64,6 +65,7 @@ SECTIONS = {
     "stub_cpu": _one_table(bench_stub_cpu.REPORT, bench_stub_cpu.table),
     "learned_router": _one_table(bench_learned_router.REPORT, bench_learned_router.table),
     "thresholds": _one_table(choose_thresholds.REPORT, choose_thresholds.table),
+    "first_stage": _one_table(bench_first_stage.REPORT, bench_first_stage.table),
     "p6": _one_table(bench_decision.REPORT, bench_decision.table),
     "p3": Section(
         ("p3.json",),

@@ -1,8 +1,8 @@
-"""Open-loop HTTP load: one prepared KServe request sent at a fixed rate, whatever the server answers.
+"""Open-loop HTTP load: prepared KServe requests sent in turn at a fixed rate, whatever the server answers.
 
 A closed loop (N clients, each waiting for its answer) slows down with the server, so it can never
-offer more than the server sustains; an open loop keeps sending on schedule. Cheap per request (one
-prepared byte string, a minimal HTTP/1.1 reader), so the generator leaves the CPU to the server.
+offer more than the server sustains; an open loop keeps sending on schedule. Cheap per request (prepared
+byte strings, a minimal HTTP/1.1 reader), so the generator leaves the CPU to the server.
 Run it in a process of its own: `run_open_loop` is picklable for multiprocessing.
 """
 
@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,9 +94,12 @@ class _Connection(asyncio.Protocol):
 
 
 async def open_loop(
-    host: str, port: int, request: bytes, rate: float, seconds: float, max_connections: int = 1024
+    host: str, port: int, requests: Sequence[bytes], rate: float, seconds: float, max_connections: int = 1024
 ) -> OpenLoopResult:
-    """Send `request` `rate` times a second for `seconds`, then wait (up to 10 s) for the answers."""
+    """Send `rate` requests a second for `seconds`, the k-th being `requests`[k % len(requests)], then wait (up to
+    10 s) for the answers."""
+    if not requests:
+        raise ValueError("open_loop needs at least one request to send")
     loop = asyncio.get_running_loop()
     result = OpenLoopResult(seconds)
     idle: list[_Connection] = []
@@ -105,13 +109,13 @@ async def open_loop(
     sent = 0
     while sent < total:
         due = min(total, int((loop.time() - start) * rate) + 1)  # the k-th request is due at start + k / rate
-        for _ in range(due - sent):
+        for sent_now in range(due - sent):
             if not idle and len(connections) < max_connections:
                 _, connection = await loop.create_connection(lambda: _Connection(idle, result), host, port)
                 connections.append(connection)
                 idle.append(connection)
             if idle:
-                idle.pop().send(request)
+                idle.pop().send(requests[(sent + sent_now) % len(requests)])
             else:
                 result.skipped += 1
         sent = due
@@ -124,6 +128,6 @@ async def open_loop(
     return result
 
 
-def run_open_loop(host: str, port: int, request: bytes, rate: float, seconds: float) -> OpenLoopResult:
+def run_open_loop(host: str, port: int, requests: Sequence[bytes], rate: float, seconds: float) -> OpenLoopResult:
     """`open_loop` in a fresh event loop (the entry point of a load process)."""
-    return asyncio.run(open_loop(host, port, request, rate, seconds))
+    return asyncio.run(open_loop(host, port, requests, rate, seconds))

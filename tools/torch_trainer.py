@@ -7,9 +7,9 @@ Triton stub ever imports torch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -159,13 +159,17 @@ class Augmenter:
         return (images + noise).clamp(0.0, PIXEL_MAX)
 
 
-def train_cnn(split: DigitsSplit, seed: int, recipe: CnnRecipe) -> DigitsCnn:
-    """The CNN trained on the training images, freshly perturbed every epoch; the same seed gives the same
-    weights on the same machine and library versions."""
+Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (network, perturbed images, labels) -> loss
+Network = TypeVar("Network", bound=nn.Module)
+
+
+def _fit(split: DigitsSplit, seed: int, recipe: CnnRecipe, make: Callable[[], Network], loss: Loss) -> Network:
+    """A network made by `make`, trained on the training images freshly perturbed every epoch (the augmentation and
+    schedule of `recipe`); the same seed gives the same weights on the same machine and library versions."""
     with _reproducible(seed):
         generator = torch.Generator().manual_seed(seed)
         augment = Augmenter(recipe, generator)
-        model = DigitsCnn(recipe.channels, recipe.hidden, recipe.dropout)
+        model = make()
         images = torch.from_numpy(split.train.images)
         labels = torch.from_numpy(split.train.labels)
         steps_per_epoch = -(-len(images) // recipe.batch)
@@ -178,15 +182,71 @@ def train_cnn(split: DigitsSplit, seed: int, recipe: CnnRecipe) -> DigitsCnn:
             order = torch.randperm(len(images), generator=generator)
             for start in range(0, len(images), recipe.batch):
                 batch = order[start : start + recipe.batch]
-                loss = functional.cross_entropy(model.logits(augment(images[batch])), labels[batch])
+                step_loss = loss(model, augment(images[batch]), labels[batch])
                 optimizer.zero_grad()
-                loss.backward()
+                step_loss.backward()
                 optimizer.step()
                 schedule.step()
         return model.eval()
 
 
-def predict_proba(model: DigitsCnn, images: np.ndarray) -> np.ndarray:
+def train_cnn(split: DigitsSplit, seed: int, recipe: CnnRecipe) -> DigitsCnn:
+    """The CNN trained on the training images, freshly perturbed every epoch; the same seed gives the same
+    weights on the same machine and library versions."""
+    return _fit(
+        split,
+        seed,
+        recipe,
+        lambda: DigitsCnn(recipe.channels, recipe.hidden, recipe.dropout),
+        lambda network, images, labels: functional.cross_entropy(network.logits(images), labels),
+    )
+
+
+class DigitsMlp(nn.Module):
+    """Raw pixels [N, 64] (0-16) in, class probabilities [N, 10] out: one hidden layer, a fast first stage's size."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images.reshape(-1, 64) / PIXEL_MAX)  # -1: any batch size in the ONNX export
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(pixels), dim=1)
+
+    def multiply_adds(self) -> int:
+        return sum(layer.weight.numel() for layer in self.layers if isinstance(layer, nn.Linear))
+
+
+def train_distilled_mlp(
+    split: DigitsSplit,
+    seed: int,
+    recipe: CnnRecipe,
+    teacher: Callable[[np.ndarray], np.ndarray],
+    hidden: int,
+    temperature: float = 2.0,
+    hard_weight: float = 0.5,
+) -> DigitsMlp:
+    """An MLP of `hidden` units trained with `recipe`'s augmentation and schedule to match `teacher` (images [N, 8, 8]
+    -> probabilities [N, 10]) on the same perturbed images: the soft targets at `temperature`, and the true labels
+    with weight `hard_weight`."""
+
+    def loss(network: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        taught = torch.from_numpy(teacher(images.numpy())).clamp_min(1e-7).log() / temperature
+        logits = network.logits(images)
+        soft = functional.kl_div(
+            functional.log_softmax(logits / temperature, dim=1),
+            functional.log_softmax(taught, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        return hard_weight * functional.cross_entropy(logits, labels) + (1 - hard_weight) * temperature**2 * soft
+
+    return _fit(split, seed, recipe, lambda: DigitsMlp(hidden), loss)
+
+
+def predict_proba(model: nn.Module, images: np.ndarray) -> np.ndarray:
     """The trained network's own probabilities for [N, 8, 8] images, as float32 [N, 10]."""
     with torch.inference_mode():
         return model(torch.from_numpy(images.reshape(len(images), -1).astype(np.float32))).numpy()

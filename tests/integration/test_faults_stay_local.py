@@ -22,6 +22,7 @@ from tierserve.tools.workload import noisy
 from .prometheus import metric_values
 
 OUTPUTS = ("LABEL", "PROBS", "CONFIDENCE", "ROUTE", "PATH")
+PAUSE_S = 0.05  # test_a_dead_model_is_a_fault_not_overload: each client's pause between requests
 
 
 def _request(image: np.ndarray, **parameters: str):
@@ -136,9 +137,16 @@ def test_extreme_pixels_get_the_capped_safe_default_never_a_nan(triton: TritonSe
 
 
 def test_a_dead_model_is_a_fault_not_overload(model_repository, tmp_path, split: DigitsSplit):
-    """Standard traffic at concurrency 8, noisy images that mostly escalate, while digits_heavy:3's stub is
+    """Standard traffic from 8 clients, noisy images that mostly escalate, while digits_heavy:3's stub is
     killed: calls to it stall until its breaker opens, and requests queue meanwhile. That wait is a fault,
-    not overload: nothing may be shed (it once refused 211 of 300 requests), and nothing may fail."""
+    not overload: nothing may be shed (it once refused 211 of 300 requests), and nothing may fail.
+
+    Each client pauses PAUSE_S between requests, so the server runs at about half of what it can serve here:
+    unpaced, the clients were the overload, and a genuine burst of queue wait shed standard requests as designed
+    (once in `make test`; in 3 of 34 runs beside a CPU-bound process, 4 to 109 requests within ~0.1 s, one burst
+    2.6 s after the kill's reload had ended). Paced, 0 of 8 runs beside that process shed any. With the fault
+    excused nowhere (the router's _watch_queue reading every wait as load), each of 4 runs shed 25 to 36 requests,
+    all within 1.2 s of the kill."""
     images = noisy(np.repeat(split.test.images[:64], 1, axis=0), sigma=3.0, seed=1).reshape(8, 8, 8, 8)
     with (
         (tmp_path / "tritonserver.log").open("wb") as log,
@@ -150,10 +158,10 @@ def test_a_dead_model_is_a_fault_not_overload(model_repository, tmp_path, split:
 
         def send(worker: int) -> None:
             with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
-                while not stop.is_set():
+                while not stop.wait(PAUSE_S):
                     try:
                         # a budget above the 250 ms call timeout: a call to the dead model stalls the router
-                        # for the whole call timeout (without this fix: ~1,800 of ~40,000 shed)
+                        # for the whole call timeout (without this fix: ~1,800 of ~40,000 shed, unpaced)
                         answered.extend(client.classify(images[worker], tier="standard", deadline_ms=400))
                     except TierserveError as error:
                         errors.append(error.message)

@@ -7,10 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "perf"))
 
+import bench_first_stage
+import bench_router
 import bench_stub_cpu
 import report
 import report_io
@@ -210,3 +213,67 @@ def test_replace_section_touches_only_its_markers_and_is_idempotent() -> None:
         report.replace_section(text, "p3", "anything")
     with pytest.raises(ValueError, match="bench:p1"):
         report.replace_section(text + "<!-- bench:p1 -->\n", "p1", "anything")
+
+
+def _first_stage_report() -> dict:
+    run = {"multiply_adds": 640, "us_per_row": 12.0, "test_accuracy": 0.96, "perturbed_accuracy": 0.7}
+    summary = {
+        key: report_io.spread([value]) if key != "multiply_adds" else value
+        for key, value in {**run, "test_must_escalate": 0.04, "perturbed_must_escalate": 0.25}.items()
+    }
+    return {
+        "benchmark": "first_stage",
+        "date": "2025-01-02T00:00:00+00:00",
+        "commit": "0123456789",
+        "dirty": False,
+        "machine": {"cpus": 2, "cpu_model": "a CPU", "tritonserver": None, "python": "3.11.7"}
+        | {"load_average_at_start": [0.5], "load_average_at_end": [0.7]},
+        "settings": {"seeds": [1], "shipped": "light:1", "heavy": "heavy:3", "noise_sigmas": [2.0], "copies": "c"}
+        | {"cascade_tier": "standard", "cascade_goal": 0.995},
+        "heavy": {"test": 0.99, "perturbed": 0.98},
+        "runs": [{"candidate": "light:1", "seed": None, **run}],
+        "summary": {"light:1": summary | {"runs": 1}, "an MLP": summary | {"runs": 3}},
+        "cascade": {
+            "light:1": {"pair": {"confidence_below": 0.7, "doubt_above": 0.15}}
+            | {"test_accuracy": 0.99, "test_escalated": 0.2, "perturbed_accuracy": 0.975, "perturbed_escalated": 0.5},
+            "an MLP": {"pair": None},
+        },
+    }
+
+
+def test_the_first_stage_tables_give_the_bounds_and_say_when_no_pair_keeps_the_goal() -> None:
+    text = bench_first_stage.table(_first_stage_report())
+    assert "| `light:1` (shipped) | 640 | 12.0 (12.0 to 12.0) | 0.9600 | 0.7000 | 4.0% / 25.0% | 25.0x / 4.0x |" in text
+    assert "| an MLP, 3 seeds | 640 |" in text
+    assert (
+        "| `light:1` (shipped) | confidence < 0.7 or p(wrong) > 0.15 | 0.9900 / 0.9900 (20.0%) "
+        "| 0.9750 / 0.9800 (50.0%) | 5.0x / 2.0x |" in text
+    )
+    assert "| an MLP | none keeps 99.5% of always-heavy's accuracy | | | |" in text
+
+
+def test_perturbed_copies_keep_the_images_first_and_stay_in_range() -> None:
+    images = np.tile(np.arange(64, dtype=np.float32).reshape(1, 8, 8) % 17, (5, 1, 1))
+    copies = bench_first_stage.perturbed_copies(images, seed=1)
+    assert copies.shape == (5 * (1 + len(bench_first_stage.NOISE_SIGMAS) + 2), 8, 8)  # and shifted, shifted noisy
+    assert np.array_equal(copies[:5], images)
+    assert copies.min() >= 0 and copies.max() <= 16
+    assert not np.array_equal(copies[5:10], images), "the copies are perturbed"
+    assert np.array_equal(bench_first_stage.perturbed_copies(images, seed=1), copies), "the same seed, the same copies"
+
+
+def test_p2_counts_calls_per_router_execution_from_triton_deltas() -> None:
+    before = {
+        "router:1": {"requests": 100, "rows": 100, "executions": 40},
+        "heavy:3": dict.fromkeys(("requests", "rows", "executions"), 10),
+    }
+    after = {
+        "router:1": {"requests": 400, "rows": 400, "executions": 140},
+        "heavy:3": {"requests": 50, "rows": 70, "executions": 45},
+    }
+    calls = bench_router._calls(before, after, "heavy:3")
+    assert calls == {
+        "router_requests_per_execution": 3.0,
+        "heavy_calls_per_router_execution": 0.4,
+        "heavy_rows_per_request": 0.2,
+    }

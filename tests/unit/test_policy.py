@@ -162,6 +162,15 @@ def test_the_learned_router_escalates_above_one_number_for_all_tiers_or_one_per_
             {"critical": 0.3, "standard": -0.2, "best_effort": 0.3},
             "cascade.learned_router.escalate_above.standard: expected a number from 0 to 1, got -0.2",
         ),
+        (float("nan"), "cascade.learned_router.escalate_above: expected a number from 0 to 1, got nan"),
+        (float("inf"), "cascade.learned_router.escalate_above: expected a number from 0 to 1, got inf"),
+        (True, "cascade.learned_router.escalate_above: expected a number from 0 to 1, got True"),
+        (None, "cascade.learned_router.escalate_above: expected a number from 0 to 1, got None"),
+        ([0.3], "cascade.learned_router.escalate_above: expected a number from 0 to 1, got [0.3]"),
+        (
+            {"critical": float("nan"), "standard": 0.2, "best_effort": 0.3},
+            "cascade.learned_router.escalate_above.critical: expected a number from 0 to 1, got nan",
+        ),
     ],
 )
 def test_a_bad_learned_router_threshold_is_named_by_its_key(escalate_above, message: str):

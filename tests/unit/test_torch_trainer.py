@@ -18,7 +18,14 @@ from tierserve.runners import OnnxRunner, load_runner
 from tierserve.tools.build_models import MODEL_SPECS, VERIFY_TOLERANCE
 from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.onnx_export import torch_to_onnx
-from tierserve.tools.torch_trainer import Augmenter, CnnRecipe, DigitsCnn, predict_proba, train_cnn
+from tierserve.tools.torch_trainer import (
+    Augmenter,
+    CnnRecipe,
+    DigitsCnn,
+    predict_proba,
+    train_cnn,
+    train_distilled_mlp,
+)
 from tierserve.tools.workload import noisy, shifted
 
 CNN_SPEC = next(spec for spec in MODEL_SPECS if spec.recipe["trainer"] == "cnn")
@@ -126,3 +133,24 @@ def test_what_serves_models_never_imports_torch():
         ]
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_distilled_mlp_follows_its_teacher_reproducibly(split: DigitsSplit):
+    """With no weight on the true labels, the student learns what the teacher says, whatever the labels: a teacher
+    that always answers 3 makes a student that answers 3. The same seed gives the same student."""
+
+    def always_three(images: np.ndarray) -> np.ndarray:
+        probs = np.full((len(images), 10), 0.01, np.float32)
+        probs[:, 3] = 0.91
+        return probs
+
+    recipe = dataclasses.replace(TINY, epochs=4)
+    student = train_distilled_mlp(split, 5, recipe, always_three, hidden=16, hard_weight=0.0)
+    again = train_distilled_mlp(split, 5, recipe, always_three, hidden=16, hard_weight=0.0)
+    images = split.test.images[:64]
+    np.testing.assert_array_equal(predict_proba(again, images), predict_proba(student, images))
+    assert (predict_proba(student, images).argmax(axis=1) == 3).all()
+    assert student.multiply_adds() == 64 * 16 + 16 * 10
+    labelled = train_distilled_mlp(split, 5, recipe, always_three, hidden=16, hard_weight=1.0)
+    # 4 short epochs: far from trained, but well above chance (0.1), where the teacher alone would keep it (3s only)
+    assert (predict_proba(labelled, images).argmax(axis=1) == split.test.labels[:64]).mean() > 0.2, "labels alone"

@@ -9,10 +9,11 @@ import urllib.request
 from tierserve.tools.server import TritonServer
 
 
-def metric_values(server: TritonServer, name: str, **labels: str) -> list[float]:
+def metric_values(server: TritonServer, name: str, settle_s: float = 0.3, **labels: str) -> list[float]:
     """Values of the series of metric `name` whose labels include `labels` (one per router instance, ...), once what
-    was recorded until now has been sent: the router sends its metrics every 0.1 s (METRICS_FLUSH_S)."""
-    time.sleep(0.3)
+    was recorded until now has been sent: the router sends its metrics every 0.1 s (METRICS_FLUSH_S), so this waits
+    `settle_s` first. Triton's own metrics (nv_*) are current at once: settle_s=0 reads them now."""
+    time.sleep(settle_s)
     with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=5) as response:
         text = response.read().decode()
     values = []

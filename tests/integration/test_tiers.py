@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -78,18 +80,81 @@ async def _flood(server: TritonServer, images: np.ndarray, best_effort: int, cri
         return list(await asyncio.gather(*flood)), list(await asyncio.gather(*urgent))
 
 
-def test_critical_requests_overtake_a_best_effort_flood_and_are_never_shed(tiered: TritonServer, split: DigitsSplit):
+def test_critical_requests_are_never_shed_and_best_effort_is_shed_with_a_clear_error(
+    tiered: TritonServer, split: DigitsSplit
+):
     flood, urgent = asyncio.run(_flood(tiered, split.test.images, best_effort=800, critical=10))
     assert all(not isinstance(result, Exception) for _, _, result in urgent), "no critical request failed"
-    answered = [seconds for _, seconds, result in flood if not isinstance(result, Exception)]
-    assert max(seconds for _, seconds, _ in urgent) < np.median(answered), (
-        "every critical request waited less than half of the answered best_effort requests"
-    )
     shed = [result for _, _, result in flood if isinstance(result, Exception)]
     assert shed, "the flood is overload for this server: some best_effort work is shed"
     for error in shed:
         assert error.status == StatusCode.UNAVAILABLE
         assert "best_effort request shed: router queue wait" in error.message and "sheds best_effort" in error.message
+
+
+def _ready() -> bool:
+    """Submitted first, so the flood's process has started and imported this module before the flood is timed."""
+    return True
+
+
+def _flood_from_elsewhere(grpc_url: str, tier_key: str, tier: str, requests: list[np.ndarray]) -> int:
+    """Run in a process of its own, so that its client work leaves this process's alone: send `requests` (images
+    each) at once at `tier`; return how many were answered."""
+
+    async def flood() -> int:
+        async with AsyncTierserveClient(grpc_url, tier_key=tier_key) as client:
+            answers = await asyncio.gather(*(client.classify(images, tier=tier) for images in requests))
+            return len(answers)
+
+    return asyncio.run(flood())
+
+
+def _router_queue(server: TritonServer) -> tuple[float, float]:
+    """(requests that have reached the router so far, requests queued for it now), from Triton's own counts."""
+
+    def total(name: str) -> float:
+        return sum(metric_values(server, name, settle_s=0, model="router"))
+
+    queued = total("nv_inference_pending_request_count")
+    return total("nv_inference_request_success") + total("nv_inference_request_failure") + queued, queued
+
+
+async def _classify_each(server: TritonServer, images: np.ndarray, tier: str) -> list:
+    """One request per image, all at once; the answers of each."""
+    async with AsyncTierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
+        return list(await asyncio.gather(*(client.classify(image, tier=tier) for image in images)))
+
+
+FLOOD_REQUESTS, FLOOD_ROWS = 600, 8  # noisy images, so that many rows escalate: the flood's backlog drains slowly
+
+
+def test_critical_requests_overtake_queued_work_of_lower_tiers(tiered: TritonServer, split: DigitsSplit):
+    """Judged by Triton's own queue, not by latency: when the critical answers are back, standard requests queued
+    before them still wait. Latency would not show it: a client sending hundreds of requests at once delays its
+    own sends and reads by more than the server does, and Triton 2.51's batcher can stall a model's whole queue
+    for 0.5 s (README: Errors), which delays the queued flood as much as the critical requests, so leaves this
+    order alone. A standard flood, because this server sheds best_effort at once, and shed requests leave the
+    queue too fast for a backlog to form."""
+    images = noisy(split.test.images, sigma=4.0, seed=3)
+    starts = np.arange(FLOOD_REQUESTS) * FLOOD_ROWS % (len(images) - FLOOD_ROWS)
+    requests = [images[start : start + FLOOD_ROWS] for start in starts]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_ready).result()
+        arrived_before, _ = _router_queue(tiered)
+        flood = pool.submit(_flood_from_elsewhere, tiered.grpc_url, tiered.tier_key, "standard", requests)
+        deadline = time.monotonic() + 60
+        while (queue := _router_queue(tiered))[0] < arrived_before + FLOOD_REQUESTS:
+            assert time.monotonic() < deadline, "the whole flood reached the router within 60 s"
+        queued_before = queue[1]
+        urgent = asyncio.run(_classify_each(tiered, split.test.images[:10], "critical"))
+        _, queued_after = _router_queue(tiered)
+        assert flood.result() == FLOOD_REQUESTS, "every standard request was answered"
+    assert queued_before >= 100, "the flood was a backlog: most of it still queued when the critical requests came"
+    assert [len(answers) for answers in urgent] == [1] * 10
+    assert queued_after > 0, (
+        f"the critical requests were answered while standard requests queued before them still waited "
+        f"({queued_before:.0f} queued when they came, {queued_after:.0f} when they were answered)"
+    )
 
 
 def test_degraded_best_effort_answers_say_so(model_repository: Path, tmp_path: Path, split: DigitsSplit):

@@ -104,6 +104,12 @@ class GuardedStore:
     def delete(self, *keys: str) -> None:
         self._call("delete", self.store.delete, *keys)
 
+    def set_if_equal(self, key: str, expected: bytes, value: bytes, *, ttl_s: float | None = None) -> bool:
+        return self._call("set_if_equal", self.store.set_if_equal, key, expected, value, ttl_s=ttl_s)
+
+    def delete_if_equal(self, key: str, expected: bytes) -> bool:
+        return self._call("delete_if_equal", self.store.delete_if_equal, key, expected)
+
     def add(self, counts: Mapping[str, Mapping[str, float]]) -> None:
         self._call("add", self.store.add, counts)
 

@@ -4,9 +4,11 @@ done. Every operator's tools, and every replica that shares the store, see the s
 another is under way is refused, naming the change, who runs it and since when, and changes nothing.
 
 The lease lasts LEASE_S and is renewed every RENEW_S while its change runs, so a tool killed mid-change (kill -9, a
-lost laptop) blocks the next change for LEASE_S at most. A renewal checks that the lease is still its own first; a
-store that stalls for longer than LEASE_S - RENEW_S can let the lease lapse under a running change (the renewal
-then stops, and the change goes on unguarded). Pure Python, no Triton.
+lost laptop) blocks the next change for LEASE_S at most. A renewal and the giving back change the lease only while
+it is still their own, in one step of the store (set_if_equal, delete_if_equal), so a lease that lapsed and was taken
+by another change is neither overwritten nor removed. A store that stalls for longer than LEASE_S - RENEW_S can still
+let the lease lapse under a running change (the renewal then stops, and the change goes on unguarded). Pure Python,
+no Triton.
 """
 
 from __future__ import annotations
@@ -101,9 +103,8 @@ def one_change_at_a_time(
     def renew() -> None:
         while not done.wait(renew_s):
             try:
-                if store.get(LEASE_KEY) != lease:
+                if not store.set_if_equal(LEASE_KEY, lease, lease, ttl_s=lease_s):
                     return  # lapsed, and perhaps taken since: nothing of ours to renew
-                store.set(LEASE_KEY, lease, ttl_s=lease_s)
             except StateStoreError:
                 continue  # asked again at the next renewal; the lease lasts lease_s meanwhile
 
@@ -115,5 +116,4 @@ def one_change_at_a_time(
         done.set()
         renewer.join()
         with contextlib.suppress(StateStoreError):  # not given back: it lapses within lease_s
-            if store.get(LEASE_KEY) == lease:
-                store.delete(LEASE_KEY)
+            store.delete_if_equal(LEASE_KEY, lease)

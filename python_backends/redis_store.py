@@ -26,6 +26,17 @@ CONNECT_TIMEOUT_S = 0.05  # the kernel completes a connection even while Redis i
 # (Redis waited for a CPU); each spurious timeout freezes the router's state until the next probe (0.5 s)
 COMMAND_TIMEOUT_S = 0.25
 KEY_PREFIX = "tierserve:"  # every key this store writes, so a Redis database shared with other programs stays sane
+# compare-and-set and compare-and-delete in one step (Redis 8.4's SET ... IFEQ and DELEX ... IFEQ, for any Redis):
+# ARGV[1] is the expected value; SET_IF_EQUAL's ARGV[2] the new one, ARGV[3] its time to live in ms ('' for none)
+SET_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
+"""
+DELETE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
 
 
 def shown_location(url: str) -> str:
@@ -52,6 +63,8 @@ class RedisStore:
             )
         except ValueError as error:
             raise StateStoreError(f"state store {self.location}: {error}") from None
+        self._set_if_equal = self._client.register_script(SET_IF_EQUAL)
+        self._delete_if_equal = self._client.register_script(DELETE_IF_EQUAL)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.location!r})"
@@ -71,6 +84,15 @@ class RedisStore:
         expires_ms = None if positive_ttl(ttl_s) is None else max(math.ceil(ttl_s * 1000), 1)
         with self._errors():
             return bool(self._client.set(KEY_PREFIX + key, bytes(value), px=expires_ms, nx=only_if_absent))
+
+    def set_if_equal(self, key: str, expected: bytes, value: bytes, *, ttl_s: float | None = None) -> bool:
+        expires_ms = "" if positive_ttl(ttl_s) is None else str(max(math.ceil(ttl_s * 1000), 1))
+        with self._errors():
+            return self._set_if_equal(keys=[KEY_PREFIX + key], args=[bytes(expected), bytes(value), expires_ms]) == 1
+
+    def delete_if_equal(self, key: str, expected: bytes) -> bool:
+        with self._errors():
+            return self._delete_if_equal(keys=[KEY_PREFIX + key], args=[bytes(expected)]) == 1
 
     def delete(self, *keys: str) -> None:
         if keys:

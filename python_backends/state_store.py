@@ -55,6 +55,15 @@ class StateStore(Protocol):
         """DEL: remove the keys, whatever they hold."""
         ...
 
+    def set_if_equal(self, key: str, expected: bytes, value: bytes, *, ttl_s: float | None = None) -> bool:
+        """SET key value [PX ttl] IFEQ expected (Redis 8.4; a script before): written only when the live string under
+        `key` is `expected`, in one step, so a lease lapsed and taken by another is never overwritten."""
+        ...
+
+    def delete_if_equal(self, key: str, expected: bytes) -> bool:
+        """DELEX key IFEQ expected (Redis 8.4; a script before): removed only when the live string is `expected`."""
+        ...
+
     def add(self, counts: Mapping[str, Mapping[str, float]]) -> None:
         """HINCRBYFLOAT key field amount for every key and field, all in one transaction (MULTI/EXEC)."""
         ...
@@ -159,6 +168,10 @@ CREATE TABLE IF NOT EXISTS mark_sizes (key TEXT PRIMARY KEY, size INTEGER NOT NU
 """
 
 
+# the row under :key holds :expected and has not expired at :now
+_LIVE_AND_EQUAL = "key = :key AND value = :expected AND (expires IS NULL OR expires > :now)"
+
+
 class SqliteStore:
     """The store in one SQLite file shared by the server's processes. Each thread of each process has its own
     connection (made on first use, and again after a fork); every write is one IMMEDIATE transaction, so
@@ -261,6 +274,28 @@ class SqliteStore:
                 connection.execute("DELETE FROM strings WHERE expires IS NOT NULL AND expires <= ?", (now,))
                 self._purged_at = now
         return written == 1
+
+    def set_if_equal(self, key: str, expected: bytes, value: bytes, *, ttl_s: float | None = None) -> bool:
+        now = self._clock()
+        expires = None if positive_ttl(ttl_s) is None else now + ttl_s
+        with self._errors(), self._write() as connection:
+            return (
+                connection.execute(
+                    f"UPDATE strings SET value = :value, expires = :expires WHERE {_LIVE_AND_EQUAL}",
+                    {"key": key, "expected": bytes(expected), "value": bytes(value), "expires": expires, "now": now},
+                ).rowcount
+                == 1
+            )
+
+    def delete_if_equal(self, key: str, expected: bytes) -> bool:
+        with self._errors(), self._write() as connection:
+            return (
+                connection.execute(
+                    f"DELETE FROM strings WHERE {_LIVE_AND_EQUAL}",
+                    {"key": key, "expected": bytes(expected), "now": self._clock()},
+                ).rowcount
+                == 1
+            )
 
     def delete(self, *keys: str) -> None:
         with self._errors(), self._write() as connection:
@@ -400,6 +435,22 @@ class MemoryStore:
             if now - self._purged_at >= PURGE_EVERY_S:
                 self._strings = {k: v for k, v in self._strings.items() if v[1] is None or v[1] > now}
                 self._purged_at = now
+            return True
+
+    def set_if_equal(self, key: str, expected: bytes, value: bytes, *, ttl_s: float | None = None) -> bool:
+        now = self._clock()
+        expires = None if positive_ttl(ttl_s) is None else now + ttl_s
+        with self._lock:
+            if self._live(key, now) != expected:
+                return False
+            self._strings[key] = (bytes(value), expires)
+            return True
+
+    def delete_if_equal(self, key: str, expected: bytes) -> bool:
+        with self._lock:
+            if self._live(key, self._clock()) != expected:
+                return False
+            del self._strings[key]
             return True
 
     def delete(self, *keys: str) -> None:

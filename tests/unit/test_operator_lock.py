@@ -3,6 +3,7 @@ renewed while it runs, given back when it ends, and lapsing when its holder died
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -71,6 +72,39 @@ def test_a_lease_taken_by_another_change_since_is_not_given_back():
         # the store stalled past the lease, which lapsed and another change took
         store.set(LEASE_KEY, b'{"change": "theirs"}')
     assert store.get(LEASE_KEY) == b'{"change": "theirs"}'
+
+
+class TakenMidRenewal(MemoryStore):
+    """Another change takes the lease the moment the renewal first asks the store about it: right after a read
+    (between a check and a write), or right before a compare-and-set."""
+
+    THEIRS = b'{"change": "theirs"}'
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken = False
+
+    def _take(self, key: str) -> None:
+        if key == LEASE_KEY and threading.current_thread().name == "operator-lease" and not self.taken:
+            self.taken = True
+            MemoryStore.set(self, LEASE_KEY, self.THEIRS, ttl_s=30.0)
+
+    def get(self, key: str) -> bytes | None:
+        value = super().get(key)
+        self._take(key)
+        return value
+
+    def set_if_equal(self, key: str, expected: bytes, value: bytes, *, ttl_s: float | None = None) -> bool:
+        self._take(key)
+        return super().set_if_equal(key, expected, value, ttl_s=ttl_s)
+
+
+def test_a_renewal_never_overwrites_a_lease_taken_by_another_change():
+    store = TakenMidRenewal()
+    with one_change_at_a_time(store, "canary digits_heavy:2", renew_s=0.02):
+        time.sleep(0.2)
+    assert store.taken
+    assert store.get(LEASE_KEY) == TakenMidRenewal.THEIRS
 
 
 def test_an_unreadable_lease_is_still_a_lease_and_is_shown_as_it_is():

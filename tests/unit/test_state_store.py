@@ -98,6 +98,30 @@ def test_ttl_expiry_hides_the_value_and_frees_the_key(store: StateStore, clock: 
         store.set("x", b"", ttl_s=0)
 
 
+def test_set_and_delete_if_equal_change_only_the_expected_live_value(store: StateStore, clock: Clock):
+    ttl_s = 10 * clock.unit
+    assert not store.set_if_equal("lease", b"mine", b"mine", ttl_s=ttl_s)  # nothing there
+    assert not store.delete_if_equal("lease", b"mine")
+    store.set("lease", b"theirs", ttl_s=ttl_s)
+    assert not store.set_if_equal("lease", b"mine", b"mine", ttl_s=ttl_s)
+    assert not store.delete_if_equal("lease", b"mine")
+    assert store.get("lease") == b"theirs"
+    store.set("lease", b"mine", ttl_s=ttl_s)
+    clock.advance(ttl_s * 0.6)
+    assert store.set_if_equal("lease", b"mine", b"mine", ttl_s=ttl_s)  # renewed: lives ttl_s from now
+    clock.advance(ttl_s * 0.6)
+    assert store.get("lease") == b"mine"
+    clock.advance(ttl_s * 0.5)
+    assert store.get("lease") is None
+    assert not store.set_if_equal("lease", b"mine", b"mine", ttl_s=ttl_s)  # lapsed: not brought back
+    assert store.get("lease") is None
+    store.set("lease", b"mine")
+    assert store.set_if_equal("lease", b"mine", b"new")  # no ttl_s: kept until deleted
+    assert store.get("lease") == b"new"
+    assert store.delete_if_equal("lease", b"new")
+    assert store.get("lease") is None
+
+
 def test_add_and_counts(store: StateStore):
     assert store.counts("h") == {}
     store.add({"h": {"a": 1, "b": 0.5}, "g": {"a": 2}})

@@ -1,5 +1,5 @@
 """Candidate first stages for the cascade, in-process: how often each is wrong where the heavy model is right, and
-what one row costs. A measurement to choose by; nothing here is built or served.
+what one row costs. A measurement to choose by: the build makes `digits_light:2` by the distilled candidate's recipe.
 
 Usage: .venv/bin/python perf/bench_first_stage.py   (about 3 minutes; writes perf/reports/first_stage.json)
        .venv/bin/python perf/bench_first_stage.py --table   (the README table, from the report)
@@ -7,18 +7,19 @@ Usage: .venv/bin/python perf/bench_first_stage.py   (about 3 minutes; writes per
 P2's bound: with a heavy call far costlier than the router, the cascade's throughput over always-heavy tends to one
 over the share of rows it escalates. To keep always-heavy's accuracy it must escalate at least the rows its first
 stage gets wrong and the heavy model right: that share ("must escalate", an oracle router's) bounds what any learned
-router can reach. The shipped `digits_light:1` is a logistic regression distilled from `digits_heavy:2` on clean
-training images. The scikit-learn candidates are trained on the training split plus perturbed copies of it made by
-the demo workload's own functions (tierserve.tools.workload: noise and shifts; its upscaling by whole factors comes
-back exactly when preprocess resizes it, so it adds nothing to train on), as `digits_heavy:3` is trained on such
-perturbations. The last candidate is what the mission's light model would be, a distilled fast model: an MLP
-distilled from `digits_heavy:3` (tools/torch_trainer.train_distilled_mlp) with the CNN's own augmentation and
-schedule. Scored on the held-out split and on the demo's perturbed images (bench_models.perturbed_samples, made from
-the test split, which no candidate trains on), against `digits_heavy:3`.
-Each trained candidate runs once per seed of SEEDS (its perturbed copies and its initial weights). Cost: µs for one
-row through ONNX Runtime, as the router runs its in-process first stage, the best of 5 timed loops.
+router can reach. The baseline, `digits_light:1`, is a logistic regression distilled from `digits_heavy:2` on clean
+training images (the first stage until this bench's distilled MLP became `digits_light:2`). The scikit-learn
+candidates are trained on the training split plus perturbed copies of it made by the demo workload's own functions
+(tierserve.tools.workload: noise and shifts; its upscaling by whole factors comes back exactly when preprocess resizes
+it, so it adds nothing to train on), as `digits_heavy:3` is trained on such perturbations. The last candidate is what
+the mission's light model would be, a distilled fast model: an MLP distilled from `digits_heavy:3`
+(tools/torch_trainer.train_distilled_mlp) with the CNN's own augmentation and schedule. Scored on the held-out split
+and on the demo's perturbed images (bench_models.perturbed_samples, made from the test split, which no candidate
+trains on), against `digits_heavy:3`. Each trained candidate runs once per seed of SEEDS (its perturbed copies and its
+initial weights). Cost: µs for one row through ONNX Runtime, as the router runs its in-process first stage, the best
+of 5 timed loops.
 
-An oracle is not a router. So, for the shipped first stage and each candidate's first seed, the standard tier's
+An oracle is not a router. So, for the baseline first stage and each candidate's first seed, the standard tier's
 cascade as the build would make it: a learned router trained by the build's recipe on that first stage's answers,
 and the pair of thresholds chosen out of fold at the standard tier's goal (perf/choose_thresholds.py, the same
 folds and grid), then scored on the held-out split and the perturbed images.
@@ -224,7 +225,7 @@ def table(report: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in report["summary"].items():
-        label = f"`{name}` (shipped)" if name == settings["shipped"] else f"{name}, {s['runs']} seeds"
+        label = f"`{name}` (baseline)" if name == settings["shipped"] else f"{name}, {s['runs']} seeds"
         must = [s[f"{set_name}_must_escalate"]["median"] for set_name in ("test", "perturbed")]
         lines.append(
             f"| {label} | {s['multiply_adds']:,} | {spread_text(s['us_per_row'], '.1f')} "
@@ -239,7 +240,7 @@ def table(report: dict) -> str:
         "|---|---|---:|---:|---:|",
     ]
     for name, c in report["cascade"].items():
-        label = f"`{name}` (shipped)" if name == settings["shipped"] else name
+        label = f"`{name}` (baseline)" if name == settings["shipped"] else name
         if c["pair"] is None:
             lines.append(f"| {label} | none keeps {settings['cascade_goal']:.1%} of always-heavy's accuracy | | | |")
             continue

@@ -3,14 +3,14 @@
 Usage: .venv/bin/python perf/bench_learned_router.py   (about a minute; writes perf/reports/learned_router.json)
        .venv/bin/python perf/bench_learned_router.py --table   (the README table, from the report)
 
-For the build's recipe (tools/build_router.py) trained with SEEDS, and for the learned router it replaced (a
-logistic regression over the signature's features alone, trained on the same images), the standard tier's cascade is
-computed in-process: digits_light:1 answers, and a row goes to digits_heavy:3 when its confidence is below the
-standard threshold or the learned router's p(wrong) is above each of THRESHOLDS and the one policy.yaml ships.
-Accuracy and the share escalated on the held-out split and on the demo's perturbed images
+For the build's recipe (tools/build_router.py) trained with SEEDS, and for the learned router it replaced (a logistic
+regression over the signature's features alone, trained on the same images), the standard tier's cascade is computed
+in-process: the cascade's first model (digits_light:2) answers, and a row goes to digits_heavy:3 when its confidence
+is below the standard threshold or the learned router's p(wrong) is above each of THRESHOLDS and the one policy.yaml
+ships. Accuracy and the share escalated on the held-out split and on the demo's perturbed images
 (bench_models.perturbed_samples), next to always-heavy's accuracy. Cost: µs for one row's inputs and p(wrong), the
-best of 5 timed loops. The server's figures are P2's (perf/bench_router.py); these are the spread over seeds that
-P2's one build does not show.
+best of 5 timed loops. The server's figures are P2's (perf/bench_router.py); these are the spread over seeds that P2's
+one build does not show.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tierserve.learned_router import escalation_features, escalation_inputs
 from tierserve.manifest import version_dir
 from tierserve.policy import Policy
 from tierserve.resize import resize_to_native, source_stats
-from tierserve.router_files import POLICY_FILE, ROUTER_MODEL, STATS_FILE
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL, STATS_FILE, router_policy
 from tierserve.runners import load_runner
 from tierserve.signature import RequestContext, TrainingStats, signatures
 from tierserve.tools.build_models import build_all
@@ -74,7 +74,7 @@ def measure() -> dict:
     split = load_split()
     router_dir = DEFAULT_REPOSITORY / ROUTER_MODEL / "1"
     stats = TrainingStats.load(router_dir / STATS_FILE)
-    light = load_runner(version_dir(DEFAULT_REPOSITORY, "digits_light:1"))
+    light = load_runner(version_dir(DEFAULT_REPOSITORY, router_policy(DEFAULT_REPOSITORY).cascade.first))
     heavy = load_runner(version_dir(DEFAULT_REPOSITORY, "digits_heavy:3"))
     sets = {}
     for name, (images, sent, labels) in _image_sets(split).items():

@@ -62,7 +62,7 @@ PATHS = {  # P1: key -> (what the table calls it, model, perf_analyzer arguments
     ),
 }
 P1_ORDER = ("static", "routed", "direct")  # run k starts k places further along
-ROUTED_TO = "digits_light:1"  # where the tight_deadline rule sends the routed path
+ROUTED_TO = "digits_light:2"  # where the tight_deadline rule sends the routed path
 POLICIES = {"cascade": "cascade (shipped policy)", "heavy": "always heavy (through the same router)"}
 ROUTER = "router:1"  # the model the `digits` ensemble runs, whose executions batch requests
 METRICS = ("throughput", "p50_ms", "p90_ms", "p99_ms")

@@ -3,17 +3,17 @@
 Usage: .venv/bin/python perf/choose_thresholds.py   (about a minute; writes perf/reports/thresholds.json)
        .venv/bin/python perf/choose_thresholds.py --table   (the table, from the report)
 
-A tier's cascade escalates a row to digits_heavy:3 when digits_light:1's confidence is below a threshold OR the
-learned router's p(wrong) is above another (policy.yaml: cascade.thresholds and learned_router.escalate_above, per
-tier). Which pair escalates least while keeping the tier's GOALS share of always-heavy's accuracy? Choosing it on the
-held-out split or the demo's perturbed images would fit the report to itself. So, cross-fitted: the validation split
-is cut into FOLDS stratified folds; for each, a learned router is trained by the build's recipe on the other folds,
-and scores the fold's images and their variations (the recipe's noise and shifts) that it never saw. On those
-out-of-fold rows, every pair of the grid is tried; a tier's chosen pair escalates the fewest perturbed rows while
-both the clean and the perturbed rows keep the tier's goal. Then the build's own router (trained on all of the
-validation split), with each tier's chosen pair, the shipped one and the one set by hand before (SET_BY_HAND), is
-scored on the held-out split and the demo's perturbed images. Nothing here changes what the server does;
-policy.yaml does. best_effort has no goal here: its pair is set by hand, for cost.
+A tier's cascade escalates a row to digits_heavy:3 when its first model's (policy.yaml: cascade.first) confidence is
+below a threshold OR the learned router's p(wrong) is above another (policy.yaml: cascade.thresholds and
+learned_router.escalate_above, per tier). Which pair escalates least while keeping the tier's GOALS share of
+always-heavy's accuracy? Choosing it on the held-out split or the demo's perturbed images would fit the report to
+itself. So, cross-fitted: the validation split is cut into FOLDS stratified folds; for each, a learned router is
+trained by the build's recipe on the other folds, and scores the fold's images and their variations (the recipe's
+noise and shifts) that it never saw. On those out-of-fold rows, every pair of the grid is tried; a tier's chosen pair
+escalates the fewest perturbed rows while both the clean and the perturbed rows keep the tier's goal. Then the build's
+own router (trained on all of the validation split), with each tier's chosen pair, the shipped one and the one set by
+hand before (SET_BY_HAND), is scored on the held-out split and the demo's perturbed images. Nothing here changes what
+the server does; policy.yaml does. best_effort has no goal here: its pair is set by hand, for cost.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tierserve.learned_router import LearnedRouter, escalation_inputs
 from tierserve.manifest import version_dir
 from tierserve.policy import Policy
 from tierserve.resize import source_stats
-from tierserve.router_files import POLICY_FILE, ROUTER_MODEL, STATS_FILE
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL, STATS_FILE, router_policy
 from tierserve.runners import Runner, load_runner
 from tierserve.signature import RequestContext, TrainingStats, signatures
 from tierserve.tools.build_models import build_all
@@ -148,7 +148,7 @@ def measure() -> dict:
     )
     split = load_split()
     stats = TrainingStats.load(DEFAULT_REPOSITORY / ROUTER_MODEL / "1" / STATS_FILE)
-    light = load_runner(version_dir(DEFAULT_REPOSITORY, "digits_light:1"))
+    light = load_runner(version_dir(DEFAULT_REPOSITORY, router_policy(DEFAULT_REPOSITORY).cascade.first))
     heavy = load_runner(version_dir(DEFAULT_REPOSITORY, "digits_heavy:3"))
     clean_oof, perturbed_oof = cross_fitted(light, heavy, stats, split)
     chosen = {tier: choose_pair(clean_oof, perturbed_oof, goal) for tier, goal in GOALS.items()}

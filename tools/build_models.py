@@ -48,6 +48,17 @@ class ModelSpec:
         return f"{self.model}:{self.version}"
 
 
+# digits_heavy:3's augmentation and training schedule (torch_trainer.Schedule), which its distilled student shares
+CNN_SCHEDULE = {
+    "epochs": 120,
+    "batch": 64,
+    "learning_rate": 0.003,
+    "weight_decay": 0.0001,
+    "max_shift": 2,
+    "noise_sigma": 4.0,
+    "rescale_sides": [10, 12, 14],
+}
+
 MODEL_SPECS = (
     ModelSpec("digits_heavy", 1, seed=1, recipe={"trainer": "mlp", "hidden": [256], "alpha": 0.1, "epochs": 200}),
     ModelSpec("digits_heavy", 2, seed=2, recipe={"trainer": "mlp", "hidden": [512, 256], "alpha": 0.1, "epochs": 200}),
@@ -60,13 +71,7 @@ MODEL_SPECS = (
             "channels": [32, 64],
             "hidden": 128,
             "dropout": 0.3,
-            "epochs": 120,
-            "batch": 64,
-            "learning_rate": 0.003,
-            "weight_decay": 0.0001,
-            "max_shift": 2,
-            "noise_sigma": 4.0,
-            "rescale_sides": [10, 12, 14],
+            **CNN_SCHEDULE,
         },
     ),
     ModelSpec(
@@ -74,6 +79,19 @@ MODEL_SPECS = (
         1,
         seed=0,
         recipe={"trainer": "distilled_logistic", "teacher": "digits_heavy:2", "temperature": 2.0},
+    ),
+    ModelSpec(
+        "digits_light",
+        2,
+        seed=0,
+        recipe={
+            "trainer": "distilled_mlp",
+            "teacher": "digits_heavy:3",
+            "hidden": 64,
+            "temperature": 2.0,
+            "hard_weight": 0.5,
+            **CNN_SCHEDULE,  # the student learns its teacher on the images the teacher trained on
+        },
     ),
     ModelSpec("digits_missing", 1, seed=7, recipe={"trainer": "gbdt_missing", "iterations": 100}),
     ModelSpec("digits_rules", 1, seed=0, recipe={"trainer": "centroids"}),
@@ -128,10 +146,10 @@ def _build_gbdt_missing(spec: ModelSpec, split: DigitsSplit, repository: Path) -
     return _onnx_built(model, True, depth)
 
 
-def _build_cnn(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Built:
-    from tierserve.tools import torch_trainer  # deferred: only building the CNN pays for importing torch
+def _torch_built(model: Any) -> Built:
+    """A trained torch network (DigitsCnn, DigitsMlp) as its ONNX export."""
+    from tierserve.tools import torch_trainer  # deferred: only the torch-trained models pay for importing torch
 
-    model = torch_trainer.train_cnn(split, spec.seed, torch_trainer.CnnRecipe.from_recipe(spec.recipe))
     return Built(
         "onnxruntime",
         "model.onnx",
@@ -141,6 +159,24 @@ def _build_cnn(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Built:
         lambda images: torch_trainer.predict_proba(model, images),
         LIBRARIES + TORCH_LIBRARIES,
     )
+
+
+def _build_cnn(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Built:
+    from tierserve.tools import torch_trainer  # deferred: only the torch-trained models pay for importing torch
+
+    model = torch_trainer.train_cnn(split, spec.seed, torch_trainer.CnnRecipe.from_recipe(spec.recipe))
+    return _torch_built(model)
+
+
+def _build_distilled_mlp(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Built:
+    from tierserve.tools import torch_trainer  # deferred: only the torch-trained models pay for importing torch
+
+    recipe = torch_trainer.DistilledMlpRecipe.from_recipe(spec.recipe)
+    teacher = load_runner(version_dir(repository, recipe.teacher))
+    model = torch_trainer.train_distilled_mlp(
+        split, spec.seed, recipe, teacher.infer, recipe.hidden, recipe.temperature, recipe.hard_weight
+    )
+    return _torch_built(model)
 
 
 def _build_centroids(spec: ModelSpec, split: DigitsSplit, repository: Path) -> Built:
@@ -153,6 +189,7 @@ BUILDERS: dict[str, Callable[[ModelSpec, DigitsSplit, Path], Built]] = {
     "distilled_logistic": _build_distilled_logistic,
     "gbdt_missing": _build_gbdt_missing,
     "cnn": _build_cnn,
+    "distilled_mlp": _build_distilled_mlp,
     "centroids": _build_centroids,
 }
 

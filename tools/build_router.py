@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from tierserve.learned_router import LearnedRouter, escalation_inputs
 from tierserve.manifest import version_dir
 from tierserve.resize import source_stats
-from tierserve.router_files import LEARNED_ROUTER_FILE, ROUTER_MODEL, STATS_FILE
+from tierserve.router_files import LEARNED_ROUTER_FILE, ROUTER_MODEL, STATS_FILE, router_policy
 from tierserve.runners import Runner, load_runner
 from tierserve.signature import RequestContext, TrainingStats, signatures
 from tierserve.tools.dataset import DigitsSplit, shifted_copies
@@ -35,8 +35,8 @@ RECIPE = LearnedRouterRecipe()
 
 
 def router_artifacts_missing(repository: Path) -> bool:
-    """Whether the router's artifacts are absent, or its learned router was trained on other inputs or by another
-    recipe (an older build)."""
+    """Whether the router's artifacts are absent, or its learned router was trained on other inputs, by another
+    recipe (an older build) or for another first model than the policy's cascade names."""
     router_version = repository / ROUTER_MODEL / "1"
     if not ((router_version / STATS_FILE).is_file() and (router_version / LEARNED_ROUTER_FILE).is_file()):
         return True
@@ -46,7 +46,9 @@ def router_artifacts_missing(repository: Path) -> bool:
         LearnedRouter.from_dict(stored, path)
     except (ValueError, KeyError):
         return True
-    return stored.get("recipe") != asdict(RECIPE)
+    return (
+        stored.get("recipe") != asdict(RECIPE) or stored.get("first_model") != router_policy(repository).cascade.first
+    )
 
 
 def learned_router_images(
@@ -93,11 +95,10 @@ def train_learned_router(
     return learned, (wrong, learned.wrong_probability(inputs) > 0.5)
 
 
-def build_router_artifacts(
-    repository: Path, split: DigitsSplit, first_model: str = "digits_light:1", log: Callable[[str], None] = print
-) -> None:
-    """Fit the OOD statistics on the training images, then teach the learned router when `first_model`
-    is wrong, on validation images it never saw in training: clean, noisy and shifted."""
+def build_router_artifacts(repository: Path, split: DigitsSplit, log: Callable[[str], None] = print) -> None:
+    """Fit the OOD statistics on the training images, then teach the learned router when the policy's cascade's
+    first model is wrong, on validation images it never saw in training: clean, noisy and shifted."""
+    first_model = router_policy(repository).cascade.first
     router_version = repository / ROUTER_MODEL / "1"
     router_version.mkdir(parents=True, exist_ok=True)
     # the heavy model learned one-pixel shifts as normal variation, so the OOD statistics do too
@@ -106,7 +107,7 @@ def build_router_artifacts(
 
     first = load_runner(version_dir(repository, first_model))
     learned, (wrong, flagged) = train_learned_router(first, stats, split)
-    stored = {**learned.to_dict(), "recipe": asdict(RECIPE)}
+    stored = {**learned.to_dict(), "recipe": asdict(RECIPE), "first_model": first_model}
     (router_version / LEARNED_ROUTER_FILE).write_text(json.dumps(stored) + "\n")
     log(
         f"built router:1        learned router on {len(wrong)} images, {first_model} wrong on {wrong.sum()}, "

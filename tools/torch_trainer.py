@@ -27,12 +27,9 @@ TRAIN_THREADS = 1
 
 
 @dataclass(frozen=True)
-class CnnRecipe:
-    """What a manifest's recipe says about the network and its training."""
+class Schedule:
+    """How a network trains: the augmentation of each epoch's images and the optimiser's schedule."""
 
-    channels: tuple[int, int]  # convolution channels at 8x8 and at 4x4
-    hidden: int  # width of the dense layer before the 10 outputs
-    dropout: float  # before each dense layer, in training only
     epochs: int
     batch: int
     learning_rate: float
@@ -42,11 +39,32 @@ class CnnRecipe:
     rescale_sides: tuple[int, ...]  # sizes an image is upscaled to and resized back from, as preprocess does
 
     @classmethod
-    def from_recipe(cls, recipe: dict[str, Any]) -> CnnRecipe:
-        fields = {k: v for k, v in recipe.items() if k != "trainer"}
-        fields["channels"] = tuple(fields["channels"])
-        fields["rescale_sides"] = tuple(fields["rescale_sides"])
-        return cls(**fields)
+    def from_recipe(cls: type[RecipeType], recipe: dict[str, Any]) -> RecipeType:
+        """A manifest's recipe as this type: every key but `trainer` must name one of its fields, and every field."""
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items() if k != "trainer"}
+        return cls(**values)
+
+
+RecipeType = TypeVar("RecipeType", bound=Schedule)
+
+
+@dataclass(frozen=True)
+class CnnRecipe(Schedule):
+    """What a manifest's recipe says about the CNN and its training."""
+
+    channels: tuple[int, int]  # convolution channels at 8x8 and at 4x4
+    hidden: int  # width of the dense layer before the 10 outputs
+    dropout: float  # before each dense layer, in training only
+
+
+@dataclass(frozen=True)
+class DistilledMlpRecipe(Schedule):
+    """What a manifest's recipe says about a distilled MLP: its teacher, its size and how it weighs the two targets."""
+
+    teacher: str  # the model version (name:version) whose probabilities it learns
+    hidden: int
+    temperature: float
+    hard_weight: float  # the weight of the true labels' loss; the teacher's has 1 - hard_weight
 
 
 class DigitsCnn(nn.Module):
@@ -120,7 +138,7 @@ class Augmenter:
     vacated pixels 0, Gaussian noise clipped to 0-16, and non-integer upscaling undone by preprocess's
     area resize (integer factors come back exactly; 10x10 or 12x12 come back blurred and off-grid)."""
 
-    def __init__(self, recipe: CnnRecipe, generator: torch.Generator) -> None:
+    def __init__(self, recipe: Schedule, generator: torch.Generator) -> None:
         self.recipe = recipe
         self.generator = generator
         side = IMAGE_SHAPE[0]
@@ -163,7 +181,7 @@ Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (netwo
 Network = TypeVar("Network", bound=nn.Module)
 
 
-def _fit(split: DigitsSplit, seed: int, recipe: CnnRecipe, make: Callable[[], Network], loss: Loss) -> Network:
+def _fit(split: DigitsSplit, seed: int, recipe: Schedule, make: Callable[[], Network], loss: Loss) -> Network:
     """A network made by `make`, trained on the training images freshly perturbed every epoch (the augmentation and
     schedule of `recipe`); the same seed gives the same weights on the same machine and library versions."""
     with _reproducible(seed):
@@ -222,7 +240,7 @@ class DigitsMlp(nn.Module):
 def train_distilled_mlp(
     split: DigitsSplit,
     seed: int,
-    recipe: CnnRecipe,
+    recipe: Schedule,
     teacher: Callable[[np.ndarray], np.ndarray],
     hidden: int,
     temperature: float = 2.0,

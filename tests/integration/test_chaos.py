@@ -119,7 +119,7 @@ def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(
     assert len(out_of_time) <= len(critical) // 10, [(a.path, a.reason) for a in out_of_time]
     assert any("digits_heavy:3 error" in s.answer.path or "digits_heavy:3 timeout" in s.answer.path for s in after)
     assert any("digits_heavy:3 breaker open" in s.answer.reason for s in after)
-    assert any("answered with digits_light:1" in s.answer.reason for s in after), "a failed escalation keeps"
+    assert any("answered with digits_light:2" in s.answer.reason for s in after), "a failed escalation keeps"
     assert sum(metric_values(server, "tierserve_model_reloads_total", model="digits_heavy")) >= 1
     assert healed, "escalations did not return to digits_heavy:3"
     assert old_pid not in server.stub_pids("digits_heavy/3")
@@ -133,10 +133,10 @@ def test_a_killed_stub_costs_no_request_breaker_opens_and_the_model_is_reloaded(
 
 
 def test_a_killed_stub_of_the_in_process_model_costs_routed_traffic_nothing(chaos, split: DigitsSplit):
-    """The router runs digits_light:1 itself: its Triton stub's death (which Triton 2.51 still calls READY) is
+    """The router runs digits_light:2 itself: its Triton stub's death (which Triton 2.51 still calls READY) is
     not seen by routed requests, while direct callers of digits_light see it."""
     server, control = chaos
-    (old_pid,) = server.stub_pids("digits_light/1")
+    (old_pid,) = server.stub_pids("digits_light/2")
     direct = httpclient.InferenceServerClient(server.http_url)
     pixels = httpclient.InferInput("PIXELS", [1, 8, 8], "FP32")
     pixels.set_data_from_numpy(split.test.images[:1].astype(np.float32))
@@ -150,9 +150,9 @@ def test_a_killed_stub_of_the_in_process_model_costs_routed_traffic_nothing(chao
     direct.close()
     after = [s.answer for s in load.sent if s.at > killed_at]
     assert [s.error for s in load.sent if s.error] == [], "no request failed"
-    assert after and all(a.path.startswith(("digits_light:1 ok", "digits_light:1 low_confidence")) for a in after)
-    assert max(metric_values(server, "tierserve_in_process", model="digits_light:1")) == 1.0
-    assert sum(metric_values(server, "tierserve_in_process_rows_total", model="digits_light:1", outcome="ok")) > 0
+    assert after and all(a.path.startswith(("digits_light:2 ok", "digits_light:2 low_confidence")) for a in after)
+    assert max(metric_values(server, "tierserve_in_process", model="digits_light:2")) == 1.0
+    assert sum(metric_values(server, "tierserve_in_process_rows_total", model="digits_light:2", outcome="ok")) > 0
     control.unload("digits_light")  # this module's server has no supervisor to heal it
     control.load("digits_light")
 
@@ -160,7 +160,7 @@ def test_a_killed_stub_of_the_in_process_model_costs_routed_traffic_nothing(chao
 def test_an_unloaded_primary_falls_back_and_takes_traffic_again_once_loaded(chaos, split: DigitsSplit):
     server, control = chaos
     with SteadyLoad(server.grpc_url, split.test.images[:50], tier_key=server.tier_key) as load:  # critical, standard
-        assert load.wait_until(lambda sent: _recent_on(sent, "digits_light:1", 5, ("standard",)), 10)
+        assert load.wait_until(lambda sent: _recent_on(sent, "digits_light:2", 5, ("standard",)), 10)
         control.unload("digits_light")
         unloaded_at = time.monotonic()
         assert load.wait_until(
@@ -169,13 +169,13 @@ def test_an_unloaded_primary_falls_back_and_takes_traffic_again_once_loaded(chao
         control.load("digits_light")
         loaded_at = time.monotonic()
         back = load.wait_until(
-            lambda sent: _recent_on([s for s in sent if s.at > loaded_at], "digits_light:1", tiers=("standard",)), 25
+            lambda sent: _recent_on([s for s in sent if s.at > loaded_at], "digits_light:2", tiers=("standard",)), 25
         )
     assert [s.error for s in load.sent if s.error] == []
-    # the router sees the unload within model_states.POLL_S (0.25 s), and serves digits_light:1 in-process no more
+    # the router sees the unload within model_states.POLL_S (0.25 s), and serves digits_light:2 in-process no more
     during = [s.answer for s in load.sent if unloaded_at + 0.6 < s.at < loaded_at and s.tier == "standard"]
-    assert during and all(a.route != "digits_light:1" for a in during)
-    assert all(a.path.startswith(("digits_light:1 error>", "digits_light:1 ejected>")) for a in during)
+    assert during and all(a.route != "digits_light:2" for a in during)
+    assert all(a.path.startswith(("digits_light:2 error>", "digits_light:2 ejected>")) for a in during)
     assert back
 
 
@@ -194,19 +194,19 @@ def test_injected_latency_is_cut_off_by_the_deadline(chaos, split: DigitsSplit):
     control.set_fault("digits_heavy", FaultSpec(latency_ms=400))
     try:
         with TierserveClient(server.grpc_url, tier_key=server.tier_key) as client:
-            assert _settled(client, split.test.images[0], "digits_light:1 ")
+            assert _settled(client, split.test.images[0], "digits_light:2 ")
             answers = [a for _ in range(4) for a in client.classify(split.test.images[:16], deadline_ms=150)]
     finally:
         control.set_fault("digits_heavy", FaultSpec())
-    escalated = [a for a in answers if "digits_light:1 low_confidence" in a.path]
+    escalated = [a for a in answers if "digits_light:2 low_confidence" in a.path]
     assert escalated, "some images needed the heavy model"
     for answer in escalated:
-        assert answer.route == "digits_light:1"
+        assert answer.route == "digits_light:2"
         assert answer.path in (
-            "digits_light:1 low_confidence>digits_heavy_trt:1 unavailable>digits_heavy:3 timeout",
-            "digits_light:1 low_confidence>digits_heavy_trt:1 unavailable>digits_heavy:3 ejected",
+            "digits_light:2 low_confidence>digits_heavy_trt:1 unavailable>digits_heavy:3 timeout",
+            "digits_light:2 low_confidence>digits_heavy_trt:1 unavailable>digits_heavy:3 ejected",
         )
-        assert "answered with digits_light:1" in answer.reason
+        assert "answered with digits_light:2" in answer.reason
     assert any("did not answer within" in a.reason for a in escalated)
 
 

@@ -269,7 +269,7 @@ def test_a_bandit_moves_traffic_to_the_more_accurate_arm_and_explains_it(sdk, ex
                 {"name": "policy"},
                 {
                     "name": "rules_only",
-                    "models": {"digits_light:1": "digits_rules:1", "digits_heavy:3": "digits_rules:1"},
+                    "models": {"digits_light:2": "digits_rules:1", "digits_heavy:3": "digits_rules:1"},
                 },
             ],
         }

@@ -199,4 +199,4 @@ def test_the_first_requests_after_a_start_meet_their_deadlines(model_repository,
                 tier: client.classify(split.test.images[0], tier=tier, deadline_ms=19)[0].path
                 for tier in ("critical", "standard")
             }
-    assert paths == {"critical": "digits_light:1 ok", "standard": "digits_light:1 ok"}  # in-process: no lane
+    assert paths == {"critical": "digits_light:2 ok", "standard": "digits_light:2 ok"}  # in-process: no lane

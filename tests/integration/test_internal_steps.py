@@ -142,7 +142,7 @@ def test_a_critical_lane_refuses_direct_callers_and_serves_digits(
     )
     with TierserveClient(triton.grpc_url, tier_key=triton.tier_key) as sdk:
         (answer,) = sdk.classify(doubted_image, tier="critical")
-    assert answer.path.startswith("digits_light:1 "), "the light model runs inside the router: it needs no lane"
+    assert answer.path.startswith("digits_light:2 "), "the light model runs inside the router: it needs no lane"
     assert answer.path.endswith(">digits_heavy_critical:3 ok"), "digits still routes critical escalations to a lane"
 
 

@@ -189,8 +189,8 @@ def test_a_broken_repository_fails_fast_with_the_exit_code(tmp_path: Path):
     ("change", "message"),
     [
         ({"fallback": "digits_heavy:1"}, "fallback: 'digits_heavy:1' is not listed under models"),
-        ({"cascade": {"first": "digits_light:1"}}, "cascade.escalate_to: required key is missing"),
-        ({"fallback": "digits_light:1"}, "fallback digits_light:1 must accept images with missing pixels"),
+        ({"cascade": {"first": "digits_light:2"}}, "cascade.escalate_to: required key is missing"),
+        ({"fallback": "digits_light:2"}, "fallback digits_light:2 must accept images with missing pixels"),
     ],
 )
 def test_a_bad_policy_fails_the_router_load_naming_the_key(

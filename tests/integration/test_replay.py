@@ -58,7 +58,7 @@ EXPERIMENTS = [
         "bandit": {"strategy": "thompson"},
         "arms": [
             {"name": "policy"},
-            {"name": "rules_only", "models": {"digits_light:1": "digits_rules:1", "digits_heavy:3": "digits_rules:1"}},
+            {"name": "rules_only", "models": {"digits_light:2": "digits_rules:1", "digits_heavy:3": "digits_rules:1"}},
         ],
     },
 ]
@@ -202,8 +202,8 @@ def test_a_model_or_version_that_is_not_loaded_is_named_before_anything_is_sent(
         replay(server.inference_log, url=server.grpc_url, target="digits_heavy:7")
     with pytest.raises(ModelNotReady, match="no_such_model is not loaded"):
         replay(server.inference_log, url=server.http_url, protocol="http", target="no_such_model")
-    with pytest.raises(ReplayTargetError, match="digits_light_critical:1 refuses direct calls"):
-        replay(server.inference_log, url=server.grpc_url, target="digits_light_critical:1", concurrency=4)
+    with pytest.raises(ReplayTargetError, match="digits_light_critical:2 refuses direct calls"):
+        replay(server.inference_log, url=server.grpc_url, target="digits_light_critical:2", concurrency=4)
     assert server.is_ready()
 
 

@@ -47,7 +47,7 @@ BANDIT = {
     "bandit": {"strategy": "thompson"},
     "arms": [
         {"name": "policy"},
-        {"name": "rules_only", "models": {"digits_light:1": "digits_rules:1", "digits_heavy:3": "digits_rules:1"}},
+        {"name": "rules_only", "models": {"digits_light:2": "digits_rules:1", "digits_heavy:3": "digits_rules:1"}},
     ],
 }
 

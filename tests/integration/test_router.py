@@ -56,7 +56,7 @@ def test_each_rule_fires_on_the_input_built_for_it(client: TierserveClient, spli
         "out_of_distribution": "digits_rules:1",
         "values_out_of_range": "digits_rules:1",
         "missing_pixels": "digits_missing:1",
-        "tight_deadline": "digits_light:1",
+        "tight_deadline": "digits_light:2",
     }
     for rule, (images, parameters) in cases.items():
         (answer,) = client.classify(images, **parameters)
@@ -78,7 +78,8 @@ def test_the_cascade_escalates_exactly_when_the_policy_says(
         answers = [
             a for start in range(0, len(images), 64) for a in grpc_sdk.classify(images[start : start + 64], tier=tier)
         ]
-        light = np.concatenate([grpc.probs("digits_light", images[s : s + 64], "1") for s in range(0, len(images), 64)])
+        model, version = policy.cascade.first.split(":")
+        light = np.concatenate([grpc.probs(model, images[s : s + 64], version) for s in range(0, len(images), 64)])
         stats = TrainingStats.load(model_repository / ROUTER_MODEL / "1" / STATS_FILE)
         learned = LearnedRouter.load(model_repository / ROUTER_MODEL / "1" / LEARNED_ROUTER_FILE)
         rows = signatures(images, source_stats(images), [RequestContext(tier=tier)] * len(images), stats)
@@ -87,13 +88,13 @@ def test_the_cascade_escalates_exactly_when_the_policy_says(
         low = light.max(axis=1) < policy.cascade.thresholds[tier]
         cascaded = np.array([a.reason.startswith("cascade") for a in answers])
         # the router's in-process copy of digits_light decides exactly as the Triton model's answers predict
-        heavy_path = "digits_light:1 low_confidence>digits_heavy_trt:1 unavailable>digits_heavy:3 ok"
+        heavy_path = "digits_light:2 low_confidence>digits_heavy_trt:1 unavailable>digits_heavy:3 ok"
         escalated = np.array([a.path == heavy_path for a in answers])
         assert cascaded.mean() > 0.95, "clean test digits go through the cascade"
         np.testing.assert_array_equal(escalated[cascaded], (low | doubt)[cascaded])
         assert 0 < escalated.sum() < len(answers)
         for answer, was_escalated in zip(answers, escalated, strict=True):
-            assert answer.route == ("digits_heavy:3" if was_escalated else "digits_light:1")
+            assert answer.route == ("digits_heavy:3" if was_escalated else "digits_light:2")
 
 
 def test_the_tensorrt_variant_this_server_lacks_is_passed_over_to_the_onnx_model_and_said(
@@ -102,7 +103,7 @@ def test_the_tensorrt_variant_this_server_lacks_is_passed_over_to_the_onnx_model
     """The policy lists digits_heavy_trt:1 first for escalations; no CPU host has it, so digits_heavy:3 answers."""
     assert not any(m["name"] == "digits_heavy_trt" for m in triton.models()), "a CPU host has no TensorRT model"
     (answer,) = grpc_sdk.classify(doubted_image)
-    assert answer.path == "digits_light:1 low_confidence>digits_heavy_trt:1 unavailable>digits_heavy:3 ok"
+    assert answer.path == "digits_light:2 low_confidence>digits_heavy_trt:1 unavailable>digits_heavy:3 ok"
     assert answer.route == "digits_heavy:3"
     assert "digits_heavy_trt:1 is not loaded on this server; escalated to digits_heavy:3" in answer.reason
     for _ in range(3):  # a call to a model the server lacks fails; three in a row would open its breaker
@@ -240,7 +241,7 @@ def test_the_demo_prints_a_row_per_route(triton: TritonServer, capsys: pytest.Ca
     (key := tmp_path / "tier_key").write_text(triton.tier_key)  # the demo sends critical requests too
     assert main(["demo", "--url", triton.grpc_url, "--count", "120", "--seed", "1", "--tier-key-file", str(key)]) == 0
     table = capsys.readouterr().out
-    for route in ("digits_light:1", "digits_heavy:3", "digits_missing:1", "digits_rules:1"):
+    for route in ("digits_light:2", "digits_heavy:3", "digits_missing:1", "digits_rules:1"):
         assert f"| {route} |" in table
     assert "rule out_of_distribution" in table and "rule missing_pixels" in table
     assert "120 requests, accuracy" in table

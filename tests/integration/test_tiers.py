@@ -165,7 +165,7 @@ def test_degraded_best_effort_answers_say_so(model_repository: Path, tmp_path: P
         flood, _ = asyncio.run(_flood(server, images, best_effort=600, critical=1))
     answers = [answer for _, _, result in flood if not isinstance(result, Exception) for answer in result]
     degraded = [a for a in answers if "escalation skipped, degraded: router queue wait" in a.reason]
-    assert degraded and all(a.path == "digits_light:1 ok" for a in degraded)
+    assert degraded and all(a.path == "digits_light:2 ok" for a in degraded)
 
 
 def test_tier_metrics_move(tiered: TritonServer, split: DigitsSplit):
@@ -205,5 +205,5 @@ def test_a_deadline_too_short_for_the_heavy_model_gets_the_light_answer_with_the
     skipped = [a for a in answers if "escalation skipped:" in a.reason]
     assert skipped, "some images wanted the heavy model"
     for answer in skipped:
-        assert answer.route == "digits_light:1" and answer.path == "digits_light:1 ok"
+        assert answer.route == "digits_light:2" and answer.path == "digits_light:2 ok"
         assert "ms left of the standard budget, digits_heavy:3 takes ~" in answer.reason

@@ -160,12 +160,12 @@ def test_promote_rollback_retire_and_load_under_load_fail_no_request(server: Sup
 def test_retire_is_refused_while_a_version_is_used_naming_each_use(server: Supervisor, cli):
     status, _, err = cli("retire", "digits_heavy:3")
     assert status == 1
-    uses = "policy models; fallback chain of digits_light:1; fallback chain of digits_heavy_trt:1"
+    uses = "policy models; fallback chain of digits_light:2; fallback chain of digits_heavy_trt:1"
     assert f"digits_heavy:3 is still used by: {uses}" in err
     status, _, err = cli("retire", f"{LANE}:3")
     assert status == 1 and "critical lane of digits_heavy:3" in err
     status, _, err = cli("model", "unload", "digits_light")
-    assert status == 1 and "digits_light:1 by policy models" in err
+    assert status == 1 and "digits_light:2 by policy models" in err
     status, _, err = cli("retire", "digits_heavy_trt:1")  # the optional model this repository does not have
     assert status == ExitCode.NOT_FOUND and "no model 'digits_heavy_trt'" in err and "optional_models" in err
     assert server.server.model_ready("digits_heavy", "3") and server.server.model_ready(LANE, "3")
@@ -231,7 +231,7 @@ def _split_file(folder: Path) -> Path:
 
 def test_experiments_and_promotions_compose(server: Supervisor, cli, hard_images: np.ndarray, tmp_path: Path):
     shadow = tmp_path / "shadow.yaml"
-    mirror = {"candidate": "digits_light:1", "fraction": 1.0}
+    mirror = {"candidate": "digits_light:2", "fraction": 1.0}
     shadow.write_text(json.dumps({"experiments": [{"name": "shadow_light", "kind": "shadow", "shadow": mirror}]}))
     split = _split_file(tmp_path)
     try:
@@ -266,7 +266,7 @@ def test_models_shows_every_served_version_with_its_manifest_and_routing(server:
     assert out.startswith(f"source: the server at {server.server.http_url} (repository index); promotions: ")
     heavy = json.loads((repository / "digits_heavy" / "3" / "manifest.json").read_text())
     block = out.split("\ndigits_heavy:3  READY\n")[1].split("\n\n")[0]
-    assert "routing    policy models; fallback chain of digits_light:1; fallback chain of digits_heavy_trt:1" in block
+    assert "routing    policy models; fallback chain of digits_light:2; fallback chain of digits_heavy_trt:1" in block
     assert f"sha256 {heavy['artifact_sha256']}" in block and f"seed {heavy['seed']}" in block
     assert f"rows sha256 {heavy['split']['rows_sha256']}" in block
     assert f"{heavy['test_accuracy']:.4f} on the test split" in block
@@ -274,7 +274,7 @@ def test_models_shows_every_served_version_with_its_manifest_and_routing(server:
     assert f"{LANE}:3  READY  (a lane: serves digits_heavy:3's artifacts)" in out
     # the optional TensorRT variant: absent here, shown with its uses instead of failing on its missing config
     absent = out.split("\ndigits_heavy_trt:1  not in this repository  (optional: built on GPU hosts)\n")[1]
-    assert absent.startswith("  routing    policy models; cascade escalation; fallback chain of digits_light:1\n")
+    assert absent.startswith("  routing    policy models; cascade escalation; fallback chain of digits_light:2\n")
     status, out, _ = cli("models", "--json")
     versions = {(v["model"], v["version"]): v for v in json.loads(out)["versions"]}
     assert versions[("digits_heavy", 1)]["state"] == "READY"

@@ -7,12 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from tierserve.manifest import Manifest, version_dir
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
 from tierserve.tools.build_models import MODEL_SPECS, BuildError, Built, _verify, build_all
 from tierserve.tools.dataset import DigitsSplit
+from tierserve.tools.paths import DEFAULT_REPOSITORY
 
 HEAVY = [spec.name for spec in MODEL_SPECS if spec.model == "digits_heavy"]
+LIGHT = [spec.name for spec in MODEL_SPECS if spec.model == "digits_light"]
+ESCALATES_TO = "digits_heavy:3"  # the CPU model of the cascade's escalation (policy.yaml)
 
 
 def _manifest(repository: Path, name: str) -> Manifest:
@@ -21,16 +26,22 @@ def _manifest(repository: Path, name: str) -> Manifest:
 
 def test_accuracy_ranks_heavy_over_light_over_rules(model_repository: Path):
     heavy = [_manifest(model_repository, name).test_accuracy for name in HEAVY]
-    light = _manifest(model_repository, "digits_light:1").test_accuracy
+    light = [_manifest(model_repository, name).test_accuracy for name in LIGHT]
+    escalation_target = _manifest(model_repository, ESCALATES_TO).test_accuracy
     rules = _manifest(model_repository, "digits_rules:1").test_accuracy
     assert min(heavy) >= 0.97
-    assert min(heavy) > light > rules
+    assert escalation_target > max(light) and min(light) > rules
+    assert (
+        _manifest(model_repository, "digits_light:2").test_accuracy
+        > _manifest(model_repository, "digits_light:1").test_accuracy
+    )
 
 
-def test_heavy_costs_at_least_ten_times_the_light_model_per_sample(model_repository: Path):
-    light = _manifest(model_repository, "digits_light:1").ops_per_sample
-    for name in HEAVY:
-        assert _manifest(model_repository, name).ops_per_sample >= 10 * light
+def test_the_model_the_cascade_escalates_to_costs_far_more_than_either_light_model(model_repository: Path):
+    light = {name: _manifest(model_repository, name).ops_per_sample for name in LIGHT}
+    for name in HEAVY:  # every heavy version costs at least ten times the first light model
+        assert _manifest(model_repository, name).ops_per_sample >= 10 * light["digits_light:1"]
+    assert _manifest(model_repository, ESCALATES_TO).ops_per_sample >= 100 * max(light.values())
 
 
 def test_missing_pixel_specialist_beats_the_safe_default_on_missing_pixels(model_repository: Path):
@@ -58,13 +69,24 @@ def test_a_current_repository_is_reused_not_rebuilt(model_repository: Path):
 
 
 def test_a_stale_model_and_what_was_learned_from_it_are_rebuilt(tmp_path: Path):
-    specs = [spec for spec in MODEL_SPECS if spec.recipe["trainer"] != "cnn"]  # nothing learns from the CNN
+    # nothing learns from the CNN but digits_light:2; this repository's cascade starts with digits_light:1
+    specs = [spec for spec in MODEL_SPECS if "digits_heavy:3" not in (spec.name, spec.recipe.get("teacher"))]
+    shipped = (DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE).read_text()
+    policy = yaml.safe_load(shipped.replace("experiment_models: [digits_light:1, ", "experiment_models: ["))
+    policy = yaml.safe_load(
+        yaml.safe_dump(policy)
+        .replace("digits_light:2", "digits_light:1")
+        .replace("digits_light_critical:2", "digits_light_critical:1")
+    )
+    (tmp_path / ROUTER_MODEL).mkdir()
+    (tmp_path / ROUTER_MODEL / POLICY_FILE).write_text(yaml.safe_dump(policy))
     build_all(tmp_path, log=lambda line: None, specs=specs)
     teacher = tmp_path / "digits_heavy" / "2" / "model.onnx"
     teacher.write_bytes(teacher.read_bytes() + b"\0")  # tampered: its hash no longer matches
     rebuilt: list[str] = []
     build_all(tmp_path, log=rebuilt.append, specs=specs)
     assert [line.split()[1] for line in rebuilt] == ["digits_heavy:2", "digits_light:1", "router:1"]
+    assert "digits_light:1 wrong on" in rebuilt[-1], "the learned router judges the cascade's first model"
 
 
 def test_verification_fails_when_the_served_artifact_disagrees_with_the_trainer():

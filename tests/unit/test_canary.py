@@ -314,8 +314,9 @@ def test_a_candidate_the_policy_does_not_allow_experiments_to_call_is_refused(
 ):
     policy_file = server.repository / ROUTER_MODEL / POLICY_FILE
     policy = yaml.safe_load(policy_file.read_text())
-    assert policy.pop("experiment_models") == ["digits_heavy:1", "digits_heavy:3"]
-    policy_file.write_text(yaml.safe_dump({**policy, "experiment_models": ["digits_heavy:1"]}))
+    assert policy["experiment_models"] == ["digits_light:1", "digits_heavy:1", "digits_heavy:3"]
+    policy["experiment_models"].remove("digits_heavy:3")
+    policy_file.write_text(yaml.safe_dump(policy))
     with pytest.raises(CanaryRefused) as refused:
         _run(server, console, target="digits_heavy:3")
     assert refused.value.problem == CanaryProblem.NOT_ALLOWED

@@ -145,7 +145,7 @@ MISTAKES = {
         "experiments[1].arms[0]: a canary's first arm is the treatment",
     ),
     "split without a control": (
-        lambda ex: ex[0]["arms"][0].update(models={"digits_light:1": "digits_heavy:1"}),
+        lambda ex: ex[0]["arms"][0].update(models={"digits_light:2": "digits_heavy:1"}),
         "experiments[0].arms: a split needs exactly one control arm",
     ),
     "a single arm": (lambda ex: ex[3]["arms"].pop(), "experiments[3].arms: expected at least 2 arms, got 1"),

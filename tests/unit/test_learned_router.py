@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -11,9 +12,10 @@ import pytest
 
 from tierserve.learned_router import INPUTS, LearnedRouter, escalation_inputs
 from tierserve.resize import source_stats
-from tierserve.router_files import LEARNED_ROUTER_FILE, ROUTER_MODEL, STATS_FILE
+from tierserve.router_files import LEARNED_ROUTER_FILE, POLICY_FILE, ROUTER_MODEL, STATS_FILE, router_policy
 from tierserve.signature import RequestContext, TrainingStats, signatures
 from tierserve.tools.build_router import RECIPE, router_artifacts_missing
+from tierserve.tools.paths import DEFAULT_REPOSITORY
 
 
 def _router(hidden: int = 3, seed: int = 0) -> LearnedRouter:
@@ -77,10 +79,16 @@ def test_a_router_from_an_older_build_or_recipe_is_refused_and_rebuilt(tmp_path:
     with pytest.raises(ValueError, match="rebuild"):
         LearnedRouter.load(folder / LEARNED_ROUTER_FILE)
     assert router_artifacts_missing(tmp_path)
+    shutil.copy(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE, tmp_path / ROUTER_MODEL / POLICY_FILE)
+    first = router_policy(tmp_path).cascade.first
     current = _router().to_dict()
-    (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": asdict(RECIPE)}))
+    (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": asdict(RECIPE), "first_model": first}))
     assert not router_artifacts_missing(tmp_path)
     # the same inputs trained by another recipe (say, more rounds): trained again
     other = asdict(replace(RECIPE, rounds=RECIPE.rounds + 1))
-    (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": other}))
+    (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": other, "first_model": first}))
     assert router_artifacts_missing(tmp_path)
+    # trained to judge another first model than the policy's cascade names (or an older build that did not say)
+    for judged in ({"first_model": "digits_light:1"}, {}):
+        (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": asdict(RECIPE), **judged}))
+        assert router_artifacts_missing(tmp_path)

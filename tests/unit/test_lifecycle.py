@@ -105,11 +105,13 @@ class FakeControl:
             for model in repository.iterdir()
             if (model / "config.pbtxt").exists()
         }
-        self.ready = {
+        served = {
             "digits_heavy": {1, 2},
             "digits_heavy_critical": {2},
-            **{m: {1} for m in self.configs if m not in ("digits_heavy", "digits_heavy_critical")},
+            "digits_light": {1, 2},
+            "digits_light_critical": {2},
         }
+        self.ready = {m: served.get(m, {1}) for m in self.configs}
         self.calls: list[tuple[str, str, tuple[int, ...]]] = []
         self.fail: str | None = None
 
@@ -498,7 +500,7 @@ def test_models_shows_each_version_with_its_manifest_and_routing(lifecycle, cont
     assert by_name[f"{ROUTER_MODEL}:1"].routing() == "the router itself"
     # what `model unload` would take down with it: the served ensembles with a step on the version
     assert by_name["preprocess:1"].routing() == "a step of ensemble digits_static_light"  # on its latest
-    assert by_name["digits_light:1"].routing().endswith("; a step of ensemble digits_static_light")  # pinned
+    assert by_name["digits_light:2"].routing().endswith("; a step of ensemble digits_static_light")  # pinned
     assert by_name["digits_heavy:1"].routing() == "experiment_models (no experiment runs it)"
     assert by_name[f"{ROUTER_MODEL}:1"].manifest is None and "not a trained model" in by_name[f"{ROUTER_MODEL}:1"].note
     text = provenance_text(found)

@@ -55,11 +55,11 @@ def test_a_promotion_replaces_the_version_everywhere_the_policy_names_it():
     promoted = promoted_policy(POLICY, HEAVY_3)
     assert "digits_heavy:3" in promoted.models and "digits_heavy:2" not in promoted.models
     assert promoted.cascade.escalate_to == "digits_heavy:3"
-    assert promoted.chain("digits_light:1") == ("digits_heavy:3", "digits_rules:1")
-    assert promoted.chain("digits_heavy:3") == ("digits_light:1", "digits_rules:1")
+    assert promoted.chain("digits_light:2") == ("digits_heavy:3", "digits_rules:1")
+    assert promoted.chain("digits_heavy:3") == ("digits_light:2", "digits_rules:1")
     # the lane moves with it: the lane model at the promoted version serves the promoted artifacts
     assert promoted.lane("digits_heavy:3", "critical") == "digits_heavy_critical:3"
-    assert promoted.lane("digits_light:1", "critical") == "digits_light_critical:1"
+    assert promoted.lane("digits_light:2", "critical") == "digits_light_critical:2"
     assert "digits_heavy_critical:2" not in promoted.callable_models
     # nothing else changes
     assert promoted.cascade.first == POLICY.cascade.first and promoted.fallback == POLICY.fallback
@@ -75,7 +75,7 @@ def test_a_promoted_rule_route_and_fallback_are_renamed():
         "out_of_distribution": "digits_rules:4",
         "values_out_of_range": "digits_rules:4",
         "missing_pixels": "digits_missing:1",
-        "tight_deadline": "digits_light:1",
+        "tight_deadline": "digits_light:2",
     }
     assert promoted.fallback == "digits_rules:4" and promoted.chain("digits_missing:1") == ("digits_rules:4",)
 
@@ -88,12 +88,12 @@ def test_promoting_an_experiment_model_takes_it_off_experiment_models():
 
 
 def test_a_promotion_renames_the_version_under_in_process_and_optional_models():
-    shipped = router_policy(DEFAULT_REPOSITORY)  # digits_light:1 served in-process, digits_heavy_trt:1 optional
+    shipped = router_policy(DEFAULT_REPOSITORY)  # digits_light:2 served in-process, digits_heavy_trt:1 optional
     light = promoted_policy(shipped, Promotions().promoted(ModelVersion("digits_light", 2), serving=1))
     assert light.in_process == ("digits_light:2",) and light.cascade.first == "digits_light:2"
     trt = promoted_policy(shipped, Promotions().promoted(ModelVersion("digits_heavy_trt", 2), serving=1))
     assert trt.optional_models == ("digits_heavy_trt:2",) and trt.cascade.escalate_to == "digits_heavy_trt:2"
-    assert trt.chain("digits_heavy_trt:2") == ("digits_heavy:3", "digits_light:1", "digits_rules:1")
+    assert trt.chain("digits_heavy_trt:2") == ("digits_heavy:3", "digits_light:2", "digits_rules:1")
 
 
 def test_no_promotion_and_a_promotion_of_an_unrouted_model_leave_the_policy_as_it_is():
@@ -174,7 +174,7 @@ def test_load_router_applies_promotions_to_the_shipped_policy():
         DEFAULT_REPOSITORY / ROUTER_MODEL, "1", Promotions().promoted(ModelVersion("digits_heavy", 1), serving=3)
     )
     assert router.policy.cascade.escalate_to == "digits_heavy_trt:1"  # the GPU variant, not built on this host
-    assert router.policy.chain("digits_heavy_trt:1") == ("digits_heavy:1", "digits_light:1", "digits_rules:1")
+    assert router.policy.chain("digits_heavy_trt:1") == ("digits_heavy:1", "digits_light:2", "digits_rules:1")
     assert "digits_heavy:1" in router.breakers and "digits_heavy:3" not in router.breakers
     assert router.policy.lane("digits_heavy:1", "critical") == "digits_heavy_critical:1"
     assert router.accepts_missing["digits_heavy_trt:1"] is False
@@ -184,7 +184,7 @@ def test_uses_of_a_routed_version_name_every_place():
     assert _uses("digits_heavy:2") == [
         (UseKind.LISTED, "", ""),
         (UseKind.CASCADE_ESCALATION, "", ""),
-        (UseKind.FALLBACK_CHAIN, "digits_light:1", ""),
+        (UseKind.FALLBACK_CHAIN, "digits_light:2", ""),
     ]
     assert _uses("digits_rules:1") == [
         (UseKind.LISTED, "", ""),
@@ -193,7 +193,7 @@ def test_uses_of_a_routed_version_name_every_place():
         (UseKind.FALLBACK, "", ""),
     ]
     assert _uses("digits_heavy_critical:2") == [(UseKind.LANE, "critical", "digits_heavy:2")]
-    assert [str(u) for u in version_uses(POLICY, ExperimentsFile(), "digits_light:1")] == [
+    assert [str(u) for u in version_uses(POLICY, ExperimentsFile(), "digits_light:2")] == [
         "policy models",
         "route of rule tight_deadline",
         "cascade first",

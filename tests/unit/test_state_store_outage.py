@@ -29,7 +29,7 @@ BANDIT = {
     "kind": "bandit",
     "unit": "request",
     "bandit": {"strategy": "thompson"},
-    "arms": [{"name": "policy"}, {"name": "rules", "models": {"digits_light:1": "digits_rules:1"}}],
+    "arms": [{"name": "policy"}, {"name": "rules", "models": {"digits_light:2": "digits_rules:1"}}],
 }
 
 

@@ -75,6 +75,9 @@ class LearnedRouter:
     hidden_bias: np.ndarray  # [H]
     output_weights: np.ndarray  # [H]
     output_bias: float
+    # the first model whose answers it was trained to doubt ("" when unsaid: the policy's cascade.first); its doubts
+    # say nothing about another model's answers
+    judges: str = ""
 
     @classmethod
     def load(cls, path: Path) -> LearnedRouter:
@@ -82,11 +85,14 @@ class LearnedRouter:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: Path | str) -> LearnedRouter:
-        """The router stored as `data` (read from `where`); ValueError when it was trained on other inputs."""
+        """The router stored as `data` (read from `where`); ValueError when it was trained on other inputs or does not
+        say which first model it judges (an older build)."""
         if tuple(data.get("inputs", ())) != INPUTS:
             raise ValueError(f"{where} was trained on other inputs than this router reads: rebuild (tierserve build)")
+        if not isinstance(data.get("first_model"), str):
+            raise ValueError(f"{where} does not say which first model it judges: rebuild (tierserve build)")
         arrays = (np.asarray(data[key], np.float32) for key in _ARRAYS)
-        return cls(*arrays, float(data["output_bias"]))
+        return cls(*arrays, float(data["output_bias"]), data["first_model"])
 
     def to_dict(self) -> dict[str, Any]:
         """The router as stored (JSON types), read back by from_dict."""
@@ -94,6 +100,7 @@ class LearnedRouter:
             "inputs": INPUTS,
             **{key: getattr(self, key).tolist() for key in _ARRAYS},
             "output_bias": self.output_bias,
+            "first_model": self.judges,
         }
 
     @functools.cached_property

@@ -267,6 +267,9 @@ class Router:
         self.policy = policy
         self.accepts_missing = dict(accepts_missing)
         self.learned = learned
+        # the first model the learned router's doubts are about: rows answered first by another (a promotion or an
+        # experiment arm replaced it) escalate on the confidence threshold alone
+        self.learned_judges = (learned.judges or policy.cascade.first) if learned is not None else ""
         self.clock = clock
         self.states = states or ModelStates()
         self.breakers = {model: CircuitBreaker(policy.breaker, clock) for model in policy.callable_models}
@@ -316,6 +319,11 @@ class Router:
             why = f"confidence {confidence[i]:.2f} {'<' if low else '>='} {threshold:.2f} ({whose})"
             escalate_when = variant.escalate_when or cascade.escalate_when
             if wrong is None or escalate_when == "threshold":
+                verdicts.append((low, why))
+                continue
+            first = variant.models.get(cascade.first, cascade.first)
+            if first != self.learned_judges:
+                why += f", no learned router for {first} (it judges {self.learned_judges}'s answers): threshold only"
                 verdicts.append((low, why))
                 continue
             doubt_above = cascade.learned_escalate_above[signature.tier]

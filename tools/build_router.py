@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +43,10 @@ def router_artifacts_missing(repository: Path) -> bool:
     path = router_version / LEARNED_ROUTER_FILE
     try:
         stored = json.loads(path.read_text())
-        LearnedRouter.from_dict(stored, path)
+        learned = LearnedRouter.from_dict(stored, path)
     except (ValueError, KeyError):
         return True
-    return (
-        stored.get("recipe") != asdict(RECIPE) or stored.get("first_model") != router_policy(repository).cascade.first
-    )
+    return stored.get("recipe") != asdict(RECIPE) or learned.judges != router_policy(repository).cascade.first
 
 
 def learned_router_images(
@@ -107,7 +105,7 @@ def build_router_artifacts(repository: Path, split: DigitsSplit, log: Callable[[
 
     first = load_runner(version_dir(repository, first_model))
     learned, (wrong, flagged) = train_learned_router(first, stats, split)
-    stored = {**learned.to_dict(), "recipe": asdict(RECIPE), "first_model": first_model}
+    stored = {**replace(learned, judges=first_model).to_dict(), "recipe": asdict(RECIPE)}
     (router_version / LEARNED_ROUTER_FILE).write_text(json.dumps(stored) + "\n")
     log(
         f"built router:1        learned router on {len(wrong)} images, {first_model} wrong on {wrong.sum()}, "

@@ -146,6 +146,34 @@ def test_an_arm_changes_the_model_version_and_says_so(
     assert "heavy_versions" in answer.reason
 
 
+def test_an_arm_with_another_first_model_escalates_on_confidence_alone_and_says_so(
+    sdk, experiments, policy: Policy, split: DigitsSplit
+):
+    """The learned router judges digits_light:2's answers: in an arm whose cascade starts with digits_light:1 its
+    doubts do not apply, and the threshold alone decides."""
+    experiments(
+        {
+            "name": "light_v1",
+            "kind": "canary",
+            "arms": [
+                {"name": "canary", "weight": 100, "models": {"digits_light:2": "digits_light:1"}},
+                {"name": "baseline", "weight": 0},
+            ],
+        }
+    )
+    answers = sdk.classify(split.test.images[:64], user_id="anyone")
+    cascaded = [a for a in answers if a.reason.startswith("cascade")]
+    assert len(cascaded) > 50 and all(a.arms == {"light_v1": "canary"} for a in cascaded)
+    threshold = policy.cascade.thresholds["standard"]
+    only = "no learned router for digits_light:1 (it judges digits_light:2's answers): threshold only"
+    assert all(only in a.reason and "p(wrong)" not in a.reason for a in cascaded)
+    for answer in cascaded:
+        escalated = answer.route.startswith("digits_heavy")
+        verdict = f"< {threshold:.2f} (standard threshold)" if escalated else f">= {threshold:.2f} (standard threshold)"
+        assert (answer.route == "digits_light:1") != escalated and verdict in answer.reason, answer.reason
+    assert 0 < sum(a.route.startswith("digits_heavy") for a in cascaded) < len(cascaded)
+
+
 def test_layers_exclude_and_eligibility_decides(sdk, experiments, split: DigitsSplit, server: Supervisor):
     left = {**SPLIT, "name": "left", "layer_range": [0, 50]}
     right = {**SPLIT, "name": "right", "layer_range": [50, 100]}

@@ -50,10 +50,11 @@ def test_inputs_are_the_features_the_probabilities_and_the_scaled_pixels() -> No
 
 
 def test_a_stored_router_answers_as_the_one_that_was_stored(tmp_path: Path) -> None:
-    learned, inputs = _router(), _inputs(5)
+    learned, inputs = replace(_router(), judges="digits_light:2"), _inputs(5)
     path = tmp_path / LEARNED_ROUTER_FILE
     path.write_text(json.dumps(learned.to_dict()))
     loaded = LearnedRouter.load(path)
+    assert loaded.judges == "digits_light:2"
     np.testing.assert_allclose(loaded.wrong_probability(inputs), learned.wrong_probability(inputs), rtol=1e-6)
     probabilities = loaded.wrong_probability(inputs)
     assert probabilities.shape == (5,) and ((probabilities > 0) & (probabilities < 1)).all()
@@ -81,14 +82,21 @@ def test_a_router_from_an_older_build_or_recipe_is_refused_and_rebuilt(tmp_path:
     assert router_artifacts_missing(tmp_path)
     shutil.copy(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE, tmp_path / ROUTER_MODEL / POLICY_FILE)
     first = router_policy(tmp_path).cascade.first
-    current = _router().to_dict()
-    (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": asdict(RECIPE), "first_model": first}))
+    current = replace(_router(), judges=first).to_dict()
+    (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": asdict(RECIPE)}))
     assert not router_artifacts_missing(tmp_path)
     # the same inputs trained by another recipe (say, more rounds): trained again
     other = asdict(replace(RECIPE, rounds=RECIPE.rounds + 1))
-    (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": other, "first_model": first}))
+    (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": other}))
     assert router_artifacts_missing(tmp_path)
-    # trained to judge another first model than the policy's cascade names (or an older build that did not say)
-    for judged in ({"first_model": "digits_light:1"}, {}):
-        (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**current, "recipe": asdict(RECIPE), **judged}))
-        assert router_artifacts_missing(tmp_path)
+    # trained to judge another first model than the policy's cascade names: trained again
+    (folder / LEARNED_ROUTER_FILE).write_text(
+        json.dumps({**current, "recipe": asdict(RECIPE), "first_model": "digits_light:1"})
+    )
+    assert router_artifacts_missing(tmp_path)
+    # an older build that did not say which model it judges: refused by the router, trained again by the build
+    unsaid = {key: value for key, value in current.items() if key != "first_model"}
+    (folder / LEARNED_ROUTER_FILE).write_text(json.dumps({**unsaid, "recipe": asdict(RECIPE)}))
+    with pytest.raises(ValueError, match="does not say which first model it judges: rebuild"):
+        LearnedRouter.load(folder / LEARNED_ROUTER_FILE)
+    assert router_artifacts_missing(tmp_path)

@@ -243,6 +243,12 @@ def merged_parameters(signatures: list[Signature]) -> dict[str, str]:
     return parameters
 
 
+def _decimals_apart(value: float, bound: float) -> int:
+    """How many decimals show `value` apart from `bound`: 0.9199 against 0.92 reads "0.9199 < 0.92", not
+    "0.92 < 0.92". Two when they are equal to 6 decimals (a float32 0.8 against 0.8)."""
+    return next((d for d in range(2, 7) if round(value, d) != round(bound, d)), 2)
+
+
 class Router:
     """Applies one policy. `accepts_missing` says which listed models take images with missing pixels; `states`
     which models the router serves in-process and which optional models are unavailable now (none, by default)."""
@@ -316,7 +322,8 @@ class Router:
             threshold = cascade.thresholds[signature.tier] if variant.threshold is None else variant.threshold
             whose = f"{signature.tier} threshold" if variant.threshold is None else "this row's threshold"
             low = bool(confidence[i] < threshold)
-            why = f"confidence {confidence[i]:.2f} {'<' if low else '>='} {threshold:.2f} ({whose})"
+            shown = _decimals_apart(confidence[i], threshold)
+            why = f"confidence {confidence[i]:.{shown}f} {'<' if low else '>='} {threshold:.2f} ({whose})"
             escalate_when = variant.escalate_when or cascade.escalate_when
             if wrong is None or escalate_when == "threshold":
                 verdicts.append((low, why))

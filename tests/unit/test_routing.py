@@ -125,6 +125,14 @@ def test_the_cascade_escalates_exactly_below_the_tier_threshold(router: Router):
     assert [(model, rows) for model, rows, _ in models.calls] == [("light:1", 4), ("heavy:1", 2)]
 
 
+def test_a_confidence_next_to_the_threshold_is_shown_with_the_decimals_that_tell_them_apart(router: Router):
+    images = _images(0.7996, 0.8004, 0.8)
+    answers = _route(router, images, [_signature(tier="standard")] * 3, FakeModels())
+    assert "confidence 0.7996 < 0.80 (standard threshold)" in answers[0].reason
+    assert "confidence 0.8004 >= 0.80 (standard threshold)" in answers[1].reason
+    assert "confidence 0.80 >= 0.80 (standard threshold)" in answers[2].reason
+
+
 def test_rules_fire_in_order_and_rows_come_back_in_order(router: Router):
     models = FakeModels()
     signatures = [

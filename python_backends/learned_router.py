@@ -62,6 +62,8 @@ def escalation_inputs(signatures: list[Signature], probs: np.ndarray, images: np
 
 
 _ARRAYS = ("mean", "scale", "hidden_weights", "hidden_bias", "output_weights")  # LearnedRouter's, as stored
+# the stored file's key for the routers trained for other versions of the first model (experiments, a rollback)
+ALTERNATES_KEY = "alternates"
 
 
 @dataclass(frozen=True)
@@ -115,3 +117,18 @@ class LearnedRouter:
         hidden = np.maximum(inputs @ weights + bias, 0.0)
         logits = hidden @ self.output_weights + self.output_bias
         return 1.0 / (1.0 + np.exp(-logits))
+
+
+def learned_routers(data: dict[str, Any], where: Path | str) -> tuple[LearnedRouter, tuple[LearnedRouter, ...]]:
+    """A stored file's learned router (it judges the policy's cascade.first) and its alternates, each trained for
+    another version of that model that experiments or a promotion may put first; ValueError as from_dict."""
+    alternates = data.get(ALTERNATES_KEY, [])
+    if not isinstance(alternates, list):
+        raise ValueError(f"{where}: {ALTERNATES_KEY} must be a list: rebuild (tierserve build)")
+    return LearnedRouter.from_dict(data, where), tuple(
+        LearnedRouter.from_dict(alternate, f"{where} {ALTERNATES_KEY}[{i}]") for i, alternate in enumerate(alternates)
+    )
+
+
+def load_learned_routers(path: Path) -> tuple[LearnedRouter, tuple[LearnedRouter, ...]]:
+    return learned_routers(json.loads(path.read_text()), path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tierserve.learned_router import LearnedRouter
+from tierserve.learned_router import load_learned_routers
 from tierserve.manifest import MANIFEST_FILE, Manifest, version_dir
 from tierserve.model_states import ModelStates
 from tierserve.policy import Policy
@@ -41,11 +41,12 @@ def load_router(router_dir: Path, version: str, promotions: Promotions | None = 
         model: model not in absent and Manifest.read(version_dir(router_dir.parent, model)).accepts_missing
         for model in (*policy.models, *policy.experiment_models)
     }
-    learned = LearnedRouter.load(router_dir / version / LEARNED_ROUTER_FILE)
+    learned, alternates = load_learned_routers(router_dir / version / LEARNED_ROUTER_FILE)
     router = Router(
         policy,
         accepts_missing,
         learned,
+        alternates=alternates,
         states=ModelStates(policy.in_process, policy.optional_models, policy.callable_models),
     )
     return router, TrainingStats.load(router_dir / version / STATS_FILE)

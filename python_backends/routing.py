@@ -260,6 +260,7 @@ class Router:
         learned: LearnedRouter | None,
         clock: Callable[[], float] = time.monotonic,
         states: ModelStates | None = None,
+        alternates: Sequence[LearnedRouter] = (),
     ) -> None:
         if unknown := sorted(set(policy.models) - set(accepts_missing)):
             raise ValueError(f"no manifest for policy model(s) {', '.join(unknown)}")
@@ -273,9 +274,13 @@ class Router:
         self.policy = policy
         self.accepts_missing = dict(accepts_missing)
         self.learned = learned
-        # the first model the learned router's doubts are about: rows answered first by another (a promotion or an
-        # experiment arm replaced it) escalate on the confidence threshold alone
-        self.learned_judges = (learned.judges or policy.cascade.first) if learned is not None else ""
+        # a learned router's doubts are about one first model's answers: `learned` judges the policy's cascade.first
+        # (when it does not say), `alternates` other versions an experiment arm or a promotion may put first; rows
+        # answered first by a model none judges escalate on the confidence threshold alone
+        self.learned_by_first = {
+            router.judges or policy.cascade.first: router
+            for router in (*alternates, *([learned] if learned is not None else []))
+        }
         self.clock = clock
         self.states = states or ModelStates()
         self.breakers = {model: CircuitBreaker(policy.breaker, clock) for model in policy.callable_models}
@@ -311,9 +316,10 @@ class Router:
         cascade = self.policy.cascade
         variants = list(variants) or [BASE] * len(signatures)
         confidence = probs.max(axis=1).tolist()  # Python floats: numpy scalars cost µs each to compare and format
+        firsts = [variant.models.get(cascade.first, cascade.first) for variant in variants]
         wrong = (
-            self.learned.wrong_probability(escalation_inputs(signatures, probs, images)).tolist()
-            if self.learned is not None and cascade.learned_escalate_above is not None
+            self._wrong_probabilities(firsts, escalation_inputs(signatures, probs, images))
+            if self.learned_by_first and cascade.learned_escalate_above is not None
             else None
         )
         verdicts = []
@@ -328,17 +334,30 @@ class Router:
             if wrong is None or escalate_when == "threshold":
                 verdicts.append((low, why))
                 continue
-            first = variant.models.get(cascade.first, cascade.first)
-            if first != self.learned_judges:
-                why += f", no learned router for {first} (it judges {self.learned_judges}'s answers): threshold only"
+            row_wrong = wrong[i]
+            if row_wrong is None:
+                why += f", no learned router was built for {firsts[i]}: threshold only"
                 verdicts.append((low, why))
                 continue
             doubt_above = cascade.learned_escalate_above[signature.tier]
-            doubt = bool(wrong[i] > doubt_above)
-            why += f", learned router p(wrong)={wrong[i]:.3f} {'>' if doubt else '<='} {doubt_above:g}"
+            doubt = bool(row_wrong > doubt_above)
+            why += f", learned router p(wrong)={row_wrong:.3f} {'>' if doubt else '<='} {doubt_above:g}"
             escalate = {"threshold": low, "learned": doubt, "either": low or doubt, "both": low and doubt}
             verdicts.append((escalate[escalate_when], why))
         return verdicts
+
+    def _wrong_probabilities(self, firsts: list[str], inputs: np.ndarray) -> list[float | None]:
+        """Per row, the p(wrong) of the learned router that judges the row's first model (None: none does)."""
+        if len(set(firsts)) == 1:  # the common case: one first model for the whole batch, one matrix product
+            router = self.learned_by_first.get(firsts[0])
+            return router.wrong_probability(inputs).tolist() if router is not None else [None] * len(firsts)
+        wrong: list[float | None] = [None] * len(firsts)
+        for first, router in self.learned_by_first.items():
+            rows = [i for i, row_first in enumerate(firsts) if row_first == first]
+            if rows:
+                for i, p in zip(rows, router.wrong_probability(inputs[rows]).tolist(), strict=True):
+                    wrong[i] = p
+        return wrong
 
     async def route(
         self,

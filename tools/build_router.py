@@ -11,8 +11,10 @@ import numpy as np
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
-from tierserve.learned_router import LearnedRouter, escalation_inputs
-from tierserve.manifest import version_dir
+from tierserve.learned_router import ALTERNATES_KEY, LearnedRouter, escalation_inputs, learned_routers
+from tierserve.manifest import MANIFEST_FILE, version_dir
+from tierserve.policy import Policy
+from tierserve.promotions import model_of
 from tierserve.resize import source_stats
 from tierserve.router_files import LEARNED_ROUTER_FILE, ROUTER_MODEL, STATS_FILE, router_policy
 from tierserve.runners import Runner, load_runner
@@ -43,10 +45,23 @@ def router_artifacts_missing(repository: Path) -> bool:
     path = router_version / LEARNED_ROUTER_FILE
     try:
         stored = json.loads(path.read_text())
-        learned = LearnedRouter.from_dict(stored, path)
+        learned, alternates = learned_routers(stored, path)
     except (ValueError, KeyError):
         return True
-    return stored.get("recipe") != asdict(RECIPE) or learned.judges != router_policy(repository).cascade.first
+    judged = (learned.judges, *(alternate.judges for alternate in alternates))
+    return stored.get("recipe") != asdict(RECIPE) or judged != judged_models(repository, router_policy(repository))
+
+
+def judged_models(repository: Path, policy: Policy) -> tuple[str, ...]:
+    """The first models the build trains a learned router for: the policy's cascade.first, then the other versions of
+    that model listed under experiment_models that this repository has built (an arm or a rollback may put them
+    first)."""
+    first = policy.cascade.first
+    return first, *(
+        name
+        for name in policy.experiment_models
+        if model_of(name) == model_of(first) and (version_dir(repository, name) / MANIFEST_FILE).is_file()
+    )
 
 
 def learned_router_images(
@@ -94,20 +109,24 @@ def train_learned_router(
 
 
 def build_router_artifacts(repository: Path, split: DigitsSplit, log: Callable[[str], None] = print) -> None:
-    """Fit the OOD statistics on the training images, then teach the learned router when the policy's cascade's
-    first model is wrong, on validation images it never saw in training: clean, noisy and shifted."""
-    first_model = router_policy(repository).cascade.first
+    """Fit the OOD statistics on the training images, then teach a learned router when each judged first model
+    (judged_models) is wrong, on validation images it never saw in training: clean, noisy and shifted."""
     router_version = repository / ROUTER_MODEL / "1"
     router_version.mkdir(parents=True, exist_ok=True)
     # the heavy model learned one-pixel shifts as normal variation, so the OOD statistics do too
     stats = TrainingStats.fit(shifted_copies(split.train.images), split.validation.images)
     (router_version / STATS_FILE).write_text(stats.to_json() + "\n")
 
-    first = load_runner(version_dir(repository, first_model))
-    learned, (wrong, flagged) = train_learned_router(first, stats, split)
-    stored = {**replace(learned, judges=first_model).to_dict(), "recipe": asdict(RECIPE)}
+    trained = []
+    for first_model in judged_models(repository, router_policy(repository)):
+        learned, (wrong, flagged) = train_learned_router(
+            load_runner(version_dir(repository, first_model)), stats, split
+        )
+        trained.append(replace(learned, judges=first_model))
+        log(
+            f"built router:1        learned router on {len(wrong)} images, {first_model} wrong on {wrong.sum()}, "
+            f"flags {flagged[wrong].mean():.0%} of those at p>0.5"
+        )
+    learned, *alternates = trained
+    stored = {**learned.to_dict(), "recipe": asdict(RECIPE), ALTERNATES_KEY: [a.to_dict() for a in alternates]}
     (router_version / LEARNED_ROUTER_FILE).write_text(json.dumps(stored) + "\n")
-    log(
-        f"built router:1        learned router on {len(wrong)} images, {first_model} wrong on {wrong.sum()}, "
-        f"flags {flagged[wrong].mean():.0%} of those at p>0.5"
-    )

@@ -4,6 +4,7 @@ canary growth, shadow traffic, bandits, feedback, per-user adaptation and live c
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections import Counter
@@ -21,9 +22,14 @@ from tritonclient.utils import InferenceServerException
 from tierserve.assignment import Assigner, Unit
 from tierserve.client import TierserveClient, TierserveError
 from tierserve.experiment_spec import parse_experiments
+from tierserve.learned_router import escalation_inputs, load_learned_routers
+from tierserve.manifest import version_dir
 from tierserve.policy import Policy
 from tierserve.request_ids import IssuedRow, RequestIds, new_seeds, user_key
-from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
+from tierserve.resize import source_stats
+from tierserve.router_files import LEARNED_ROUTER_FILE, POLICY_FILE, ROUTER_MODEL, STATS_FILE
+from tierserve.runners import load_runner
+from tierserve.signature import RequestContext, TrainingStats, signatures
 from tierserve.state_store import open_store, shared_secret
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
@@ -146,11 +152,11 @@ def test_an_arm_changes_the_model_version_and_says_so(
     assert "heavy_versions" in answer.reason
 
 
-def test_an_arm_with_another_first_model_escalates_on_confidence_alone_and_says_so(
-    sdk, experiments, policy: Policy, split: DigitsSplit
+def test_an_arm_with_another_first_model_is_doubted_by_the_learned_router_built_for_it(
+    sdk, experiments, model_repository: Path, split: DigitsSplit
 ):
-    """The learned router judges digits_light:2's answers: in an arm whose cascade starts with digits_light:1 its
-    doubts do not apply, and the threshold alone decides."""
+    """The build trains a learned router for digits_light:2 (the cascade's first) and one for digits_light:1 (an
+    experiment model): in an arm whose cascade starts with digits_light:1, the doubts are those of version 1's."""
     experiments(
         {
             "name": "light_v1",
@@ -161,17 +167,23 @@ def test_an_arm_with_another_first_model_escalates_on_confidence_alone_and_says_
             ],
         }
     )
-    answers = sdk.classify(split.test.images[:64], user_id="anyone")
-    cascaded = [a for a in answers if a.reason.startswith("cascade")]
-    assert len(cascaded) > 50 and all(a.arms == {"light_v1": "canary"} for a in cascaded)
-    threshold = policy.cascade.thresholds["standard"]
-    only = "no learned router for digits_light:1 (it judges digits_light:2's answers): threshold only"
-    assert all(only in a.reason and "p(wrong)" not in a.reason for a in cascaded)
-    for answer in cascaded:
-        escalated = answer.route.startswith("digits_heavy")
-        verdict = f"< {threshold:.2f} (standard threshold)" if escalated else f">= {threshold:.2f} (standard threshold)"
-        assert (answer.route == "digits_light:1") != escalated and verdict in answer.reason, answer.reason
-    assert 0 < sum(a.route.startswith("digits_heavy") for a in cascaded) < len(cascaded)
+    images = split.test.images[:64]
+    answers = sdk.classify(images, user_id="anyone")
+    router_dir = model_repository / ROUTER_MODEL / "1"
+    learned, alternates = load_learned_routers(router_dir / LEARNED_ROUTER_FILE)
+    assert (learned.judges, [a.judges for a in alternates]) == ("digits_light:2", ["digits_light:1"])
+    probs = load_runner(version_dir(model_repository, "digits_light:1")).infer(images)
+    rows = signatures(
+        images, source_stats(images), [RequestContext()] * len(images), TrainingStats.load(router_dir / STATS_FILE)
+    )
+    inputs = escalation_inputs(rows, probs, images)
+    version_1, version_2 = alternates[0].wrong_probability(inputs), learned.wrong_probability(inputs)
+    cascaded = [i for i, a in enumerate(answers) if a.reason.startswith("cascade")]
+    assert len(cascaded) > 50 and all(answers[i].arms == {"light_v1": "canary"} for i in cascaded)
+    served = [float(re.search(r"p\(wrong\)=([0-9.]+)", answers[i].reason).group(1)) for i in cascaded]
+    assert all("digits_light:1 confidence" in answers[i].reason for i in cascaded)
+    np.testing.assert_allclose(served, version_1[cascaded], atol=0.0015)
+    assert np.abs(version_2[cascaded] - version_1[cascaded]).max() > 0.1, "the two routers must tell apart here"
 
 
 def test_layers_exclude_and_eligibility_decides(sdk, experiments, split: DigitsSplit, server: Supervisor):

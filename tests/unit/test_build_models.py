@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
+from tierserve.learned_router import load_learned_routers
 from tierserve.manifest import Manifest, version_dir
-from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
+from tierserve.router_files import LEARNED_ROUTER_FILE, POLICY_FILE, ROUTER_MODEL
 from tierserve.tools.build_models import MODEL_SPECS, BuildError, Built, _verify, build_all
 from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.paths import DEFAULT_REPOSITORY
@@ -87,6 +88,13 @@ def test_a_stale_model_and_what_was_learned_from_it_are_rebuilt(tmp_path: Path):
     build_all(tmp_path, log=rebuilt.append, specs=specs)
     assert [line.split()[1] for line in rebuilt] == ["digits_heavy:2", "digits_light:1", "router:1"]
     assert "digits_light:1 wrong on" in rebuilt[-1], "the learned router judges the cascade's first model"
+
+
+def test_a_learned_router_is_built_for_the_cascades_first_model_and_each_other_version_experiments_may_use(
+    model_repository: Path,
+):
+    learned, alternates = load_learned_routers(model_repository / ROUTER_MODEL / "1" / LEARNED_ROUTER_FILE)
+    assert (learned.judges, [a.judges for a in alternates]) == ("digits_light:2", ["digits_light:1"])
 
 
 def test_verification_fails_when_the_served_artifact_disagrees_with_the_trainer():

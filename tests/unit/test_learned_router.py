@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tierserve.learned_router import INPUTS, LearnedRouter, escalation_inputs
+from tierserve.learned_router import ALTERNATES_KEY, INPUTS, LearnedRouter, escalation_inputs, load_learned_routers
 from tierserve.resize import source_stats
 from tierserve.router_files import LEARNED_ROUTER_FILE, POLICY_FILE, ROUTER_MODEL, STATS_FILE, router_policy
 from tierserve.signature import RequestContext, TrainingStats, signatures
@@ -58,6 +58,21 @@ def test_a_stored_router_answers_as_the_one_that_was_stored(tmp_path: Path) -> N
     np.testing.assert_allclose(loaded.wrong_probability(inputs), learned.wrong_probability(inputs), rtol=1e-6)
     probabilities = loaded.wrong_probability(inputs)
     assert probabilities.shape == (5,) and ((probabilities > 0) & (probabilities < 1)).all()
+
+
+def test_alternates_are_stored_beside_the_router_and_read_back(tmp_path: Path) -> None:
+    learned, alternate = replace(_router(), judges="digits_light:2"), replace(_router(seed=1), judges="digits_light:1")
+    path = tmp_path / LEARNED_ROUTER_FILE
+    path.write_text(json.dumps({**learned.to_dict(), ALTERNATES_KEY: [alternate.to_dict()]}))
+    loaded, alternates = load_learned_routers(path)
+    assert (loaded.judges, [a.judges for a in alternates]) == ("digits_light:2", ["digits_light:1"])
+    inputs = _inputs(4)
+    np.testing.assert_allclose(alternates[0].wrong_probability(inputs), alternate.wrong_probability(inputs), rtol=1e-6)
+    path.write_text(json.dumps({**learned.to_dict(), ALTERNATES_KEY: {"digits_light:1": alternate.to_dict()}}))
+    with pytest.raises(ValueError, match="alternates must be a list: rebuild"):
+        load_learned_routers(path)
+    path.write_text(json.dumps(learned.to_dict()))  # an older build: no alternates
+    assert load_learned_routers(path)[1] == ()
 
 
 def test_the_hidden_layer_is_rectified() -> None:

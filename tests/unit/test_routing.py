@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -220,33 +221,40 @@ def test_each_tier_doubts_above_its_own_learned_router_threshold():
     assert "learned router p(wrong)=0.378 <= 0.6" in answers[1].reason
 
 
-def test_the_learned_router_doubts_only_the_answers_of_the_first_model_it_was_trained_on():
-    """A learned router judges one model's answers. Rows whose first model an experiment arm replaced, or every row
-    once a promotion routes the cascade to another version, escalate on the confidence threshold alone, and say so."""
+def test_each_first_model_is_doubted_by_the_learned_router_trained_on_its_answers():
+    """A learned router judges one model's answers. A row whose first model an experiment arm replaced, or every row
+    once a promotion routes the cascade to another version, is doubted by the router built for that version (an
+    alternate), and escalates on the confidence threshold alone when none was built, saying so."""
     policy = dict(
         POLICY,
         cascade=dict(POLICY["cascade"], escalate_when="either", learned_router={"escalate_above": 0.5}),
-        experiment_models=["light:2"],
+        experiment_models=["light:2", "light:3"],
     )
     hidden = np.zeros((len(INPUTS), 1), np.float32)
     hidden[INPUTS.index("sparsity")] = 10.0  # distrusts sparse images: p(wrong) 0.982 at sparsity 0.9
     ones = np.ones(len(INPUTS), np.float32)
     learned = LearnedRouter(0 * ones, ones, hidden, np.zeros(1, np.float32), np.ones(1, np.float32), -5.0, "light:1")
-    router = Router(parse_policy(policy), {**ACCEPTS_MISSING, "light:2": False}, learned)
-    other_light = Variant(models={"light:1": "light:2"})
-    rows = [_signature(sparsity=0.9), _signature(sparsity=0.9)]
-    answers = asyncio.run(router.route(_images(0.99, 0.99), rows, FakeModels(), variants=[BASE, other_light]))
-    assert [a.path for a in answers] == ["light:1 low_confidence>heavy:1 ok", "light:2 ok"]
+    trusting = replace(learned, output_bias=-20.0, judges="light:2")  # p(wrong) ~0 whatever the image
+    accepts = {**ACCEPTS_MISSING, "light:2": False, "light:3": False}
+    router = Router(parse_policy(policy), accepts, learned, alternates=[trusting])
+    variants = [BASE, Variant(models={"light:1": "light:2"}), Variant(models={"light:1": "light:3"})]
+    rows = [_signature(sparsity=0.9)] * 3
+    answers = asyncio.run(router.route(_images(0.99, 0.99, 0.99), rows, FakeModels(), variants=variants))
+    assert [a.path for a in answers] == ["light:1 low_confidence>heavy:1 ok", "light:2 ok", "light:3 ok"]
     assert "learned router p(wrong)=0.982 > 0.5" in answers[0].reason
-    assert "no learned router for light:2 (it judges light:1's answers): threshold only" in answers[1].reason
-    # a promotion: the policy's cascade now starts with light:2, which this learned router was not trained on
-    promoted = dict(policy, models=["light:2", "heavy:1", "missing:1", "rules:1"], experiment_models=[])
+    assert "learned router p(wrong)=0.000 <= 0.5" in answers[1].reason
+    assert "no learned router was built for light:3: threshold only" in answers[2].reason
+    # a promotion: the policy's cascade now starts with light:2, which the alternate judges
+    promoted = dict(policy, models=["light:2", "heavy:1", "missing:1", "rules:1"], experiment_models=["light:3"])
     promoted["cascade"] = dict(policy["cascade"], first="light:2")
     promoted["rules"] = [rule for rule in POLICY["rules"] if rule["route"] != "light:1"]
-    router = Router(parse_policy(promoted), {**ACCEPTS_MISSING, "light:2": False}, learned)
-    answers = _route(router, _images(0.99, 0.5), rows, FakeModels())
+    router = Router(parse_policy(promoted), accepts, learned, alternates=[trusting])
+    answers = _route(router, _images(0.99, 0.5), rows[:2], FakeModels())
     assert [a.path for a in answers] == ["light:2 ok", "light:2 low_confidence>heavy:1 ok"], "the threshold still holds"
-    assert all("no learned router for light:2" in a.reason for a in answers)
+    assert all("learned router p(wrong)=0.000 <= 0.5" in a.reason for a in answers)
+    # without the alternate, no router judges light:2: the threshold alone
+    (answer,) = _route(Router(parse_policy(promoted), accepts, learned), _images(0.99), rows[:1], FakeModels())
+    assert answer.path == "light:2 ok" and "no learned router was built for light:2: threshold only" in answer.reason
 
 
 def test_merged_parameters_take_the_most_urgent_tier_and_the_tightest_deadline():

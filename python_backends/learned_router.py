@@ -89,6 +89,8 @@ class LearnedRouter:
     def from_dict(cls, data: dict[str, Any], where: Path | str) -> LearnedRouter:
         """The router stored as `data` (read from `where`); ValueError when it was trained on other inputs or does not
         say which first model it judges (an older build)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} is not a stored learned router: rebuild (tierserve build)")
         if tuple(data.get("inputs", ())) != INPUTS:
             raise ValueError(f"{where} was trained on other inputs than this router reads: rebuild (tierserve build)")
         if not isinstance(data.get("first_model"), str):
@@ -122,10 +124,11 @@ class LearnedRouter:
 def learned_routers(data: dict[str, Any], where: Path | str) -> tuple[LearnedRouter, tuple[LearnedRouter, ...]]:
     """A stored file's learned router (it judges the policy's cascade.first) and its alternates, each trained for
     another version of that model that experiments or a promotion may put first; ValueError as from_dict."""
+    learned = LearnedRouter.from_dict(data, where)  # first: it refuses a file that is not a mapping
     alternates = data.get(ALTERNATES_KEY, [])
     if not isinstance(alternates, list):
         raise ValueError(f"{where}: {ALTERNATES_KEY} must be a list: rebuild (tierserve build)")
-    return LearnedRouter.from_dict(data, where), tuple(
+    return learned, tuple(
         LearnedRouter.from_dict(alternate, f"{where} {ALTERNATES_KEY}[{i}]") for i, alternate in enumerate(alternates)
     )
 

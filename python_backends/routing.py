@@ -274,12 +274,13 @@ class Router:
         self.policy = policy
         self.accepts_missing = dict(accepts_missing)
         self.learned = learned
+        self.alternates = tuple(alternates)
         # a learned router's doubts are about one first model's answers: `learned` judges the policy's cascade.first
         # (when it does not say), `alternates` other versions an experiment arm or a promotion may put first; rows
         # answered first by a model none judges escalate on the confidence threshold alone
         self.learned_by_first = {
             router.judges or policy.cascade.first: router
-            for router in (*alternates, *([learned] if learned is not None else []))
+            for router in (*self.alternates, *([learned] if learned is not None else []))
         }
         self.clock = clock
         self.states = states or ModelStates()
@@ -288,6 +289,11 @@ class Router:
         self.latency_ewma: dict[str, float] = {}  # seconds per call, per model
         self.latency_measured: dict[str, float] = {}  # when each model's latency was last measured
         self.stalls = StallLog()
+
+    def scratch_copy(self) -> Router:
+        """A router with this one's policy, manifests and learned routers (alternates included) but none of its state:
+        fresh breakers, load gauge and latencies, no model served in-process. For a warm-up that must move nothing."""
+        return Router(self.policy, self.accepts_missing, self.learned, self.clock, alternates=self.alternates)
 
     def _can_serve(self, model: str, signature: Signature, variant: Variant = BASE) -> bool:
         return self.accepts_missing[variant.models.get(model, model)] or signature.missing_fraction == 0.0

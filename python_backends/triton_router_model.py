@@ -45,7 +45,6 @@ from tierserve.routing import (
     ModelDown,
     ModelRefused,
     ModelTimeout,
-    Router,
     RowResult,
     Shed,
     Unanswered,
@@ -281,7 +280,7 @@ class TritonPythonModel:
         async def uniform(model: str, images: np.ndarray, parameters: dict[str, str], *, timeout_s: float):
             return np.full((len(images), NUM_CLASSES), 1.0 / NUM_CLASSES, np.float32)
 
-        scratch_router = Router(self.policy, self.router.accepts_missing, self.router.learned)  # not self.router
+        scratch_router = self.router.scratch_copy()  # not self.router: the warm-up moves none of its state
         responses = []
         for request in requests:
             pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS").as_numpy()

@@ -71,6 +71,12 @@ def test_alternates_are_stored_beside_the_router_and_read_back(tmp_path: Path) -
     path.write_text(json.dumps({**learned.to_dict(), ALTERNATES_KEY: {"digits_light:1": alternate.to_dict()}}))
     with pytest.raises(ValueError, match="alternates must be a list: rebuild"):
         load_learned_routers(path)
+    path.write_text(json.dumps({**learned.to_dict(), ALTERNATES_KEY: ["digits_light:1"]}))
+    with pytest.raises(ValueError, match=r"alternates\[0\] is not a stored learned router: rebuild"):
+        load_learned_routers(path)
+    path.write_text(json.dumps([learned.to_dict()]))
+    with pytest.raises(ValueError, match="is not a stored learned router: rebuild"):
+        load_learned_routers(path)
     path.write_text(json.dumps(learned.to_dict()))  # an older build: no alternates
     assert load_learned_routers(path)[1] == ()
 

@@ -255,6 +255,11 @@ def test_each_first_model_is_doubted_by_the_learned_router_trained_on_its_answer
     # without the alternate, no router judges light:2: the threshold alone
     (answer,) = _route(Router(parse_policy(promoted), accepts, learned), _images(0.99), rows[:1], FakeModels())
     assert answer.path == "light:2 ok" and "no learned router was built for light:2: threshold only" in answer.reason
+    # a scratch copy (the warm-up's) keeps the learned routers, alternates included, and none of the state
+    router.breakers["light:2"].trip("a drill")
+    scratch = router.scratch_copy()
+    assert scratch.learned_by_first == router.learned_by_first
+    assert not router.breakers["light:2"].allow() and scratch.breakers["light:2"].allow()
 
 
 def test_merged_parameters_take_the_most_urgent_tier_and_the_tightest_deadline():

@@ -35,7 +35,7 @@ from tierserve.request_ids import IssuedRow, RequestIds, new_seeds, user_key
 from tierserve.routing import BASE, Answer, Variant
 from tierserve.signature import RequestContext
 from tierserve.state_store import SECRET_KEY, StateStore, StateStoreError, shared_secret
-from tierserve.user_adaptation import UserRecord, UserStates, adapted_threshold
+from tierserve.user_adaptation import Adjustment, UserRecord, UserStates, adapted_cascade
 
 REFRESH_S = 1.0  # posteriors and user records are at most this old
 EXPERIMENTS_PARAMETER = "experiments"  # the router config parameter `tierserve experiment apply` loads it with
@@ -198,10 +198,10 @@ class Experimenter:
             threshold, escalate_when = changes.thresholds.get(context.tier), changes.escalate_when
             if adapting and user:
                 base = self.policy.cascade.thresholds[context.tier] if threshold is None else threshold
-                if (verdict := adapted_threshold(self.policy.adaptation, base, records.get(user))) is not None:
-                    threshold, why = verdict
-                    reasons.append(why)
-                    if threshold < base:  # relaxed: no escalation on the learned router's doubt
+                if (adapted := adapted_cascade(self.policy.adaptation, base, records.get(user))) is not None:
+                    threshold = adapted.threshold
+                    reasons.append(adapted.reason)
+                    if adapted.adjustment is Adjustment.RELAXED:  # no escalation on the learned router's doubt
                         escalate_when = "threshold"
             variant = (
                 Variant(dict(changes.models), threshold, escalate_when, tuple(reasons))

@@ -96,7 +96,9 @@ class AdaptationSettings:
 
     enabled: bool = False
     min_feedback: int = 5  # fed-back rows of a user before their cascade adapts
-    escalate_all_below: float = 0.7  # first model's accuracy on the user's images below which every row escalates
+    escalate_all_below: float = 0.5  # first model's accuracy on the user's images below which every row escalates
+    stricter_below: float = 0.85  # accuracy below which the user's threshold rises to stricter_threshold
+    stricter_threshold: float = 0.98
     relax_above: float = 0.9  # accuracy above which the user's threshold drops to relaxed_threshold
     relaxed_threshold: float = 0.5
     max_users: int = 100_000  # users held; the least recently seen are forgotten beyond this
@@ -356,8 +358,11 @@ def _adaptation(data: Any) -> AdaptationSettings:
         else:
             values[name] = _probability(value, key)
     settings = AdaptationSettings(**values)
-    if settings.escalate_all_below > settings.relax_above:
-        raise PolicyError("adaptation: expected escalate_all_below <= relax_above")
+    if not settings.escalate_all_below <= settings.stricter_below <= settings.relax_above:
+        raise PolicyError(
+            "adaptation: expected escalate_all_below <= stricter_below <= relax_above, got "
+            f"{settings.escalate_all_below} / {settings.stricter_below} / {settings.relax_above}"
+        )
     return settings
 
 

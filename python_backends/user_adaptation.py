@@ -1,5 +1,6 @@
 """Per-user adaptation of the cascade: how often the cascade's first model was right on a user's fed-back images,
-and the escalation threshold that follows for that user's rows.
+and the escalation threshold that follows for that user's rows (every row escalates, a stricter threshold, the
+tier's own, or a relaxed one).
 
 Users are known only by their keyed hash (request_ids.user_key). Each has a hash `user:{hash}` (right, wrong) in the
 state store, and a score in the sorted set `users:seen` (when last seen); beyond `max_users` the least recently seen
@@ -8,6 +9,7 @@ are forgotten. In SQLite a user takes about BYTES_PER_USER bytes, so the default
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -73,17 +75,36 @@ class UserStates:
         }
 
 
-def adapted_threshold(
-    settings: AdaptationSettings, threshold: float, record: UserRecord | None
-) -> tuple[float, str] | None:
-    """The escalation threshold for a user's row and the REASON clause that says why, or None when the global
-    policy's `threshold` holds (adaptation off, no record, too little feedback, or an ordinary accuracy)."""
+class Adjustment(enum.Enum):
+    """How a user's record changes their cascade (the name the benchmark's report counts users by)."""
+
+    ESCALATE_ALL = "every row escalates"  # the first model is of no use for this user's images
+    STRICTER = "stricter"  # escalates below stricter_threshold; the learned router's doubt still escalates
+    RELAXED = "relaxed"  # escalates below relaxed_threshold only, not on the learned router's doubt
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """A user's cascade, as their record makes it: the threshold for their rows and the REASON clause saying why."""
+
+    adjustment: Adjustment
+    threshold: float
+    reason: str
+
+
+def adapted_cascade(settings: AdaptationSettings, threshold: float, record: UserRecord | None) -> Adapted | None:
+    """How a user's record changes the cascade for their row whose tier escalates below `threshold`, or None when
+    the global policy holds (adaptation off, no record, too little feedback, or an ordinary accuracy). A stricter
+    threshold never lowers the tier's, a relaxed one never raises it."""
     if not settings.enabled or record is None or record.feedback < settings.min_feedback:
         return None
     seen = f"per-user: first model right on {record.right}/{record.feedback} of this user's images"
     if record.accuracy < settings.escalate_all_below:
-        return ESCALATE_ALL, f"{seen}, every row escalates"
+        return Adapted(Adjustment.ESCALATE_ALL, ESCALATE_ALL, f"{seen}, every row escalates")
+    if record.accuracy < settings.stricter_below:
+        stricter = max(threshold, settings.stricter_threshold)
+        return Adapted(Adjustment.STRICTER, stricter, f"{seen}, escalates below {stricter:.2f}")
     if record.accuracy > settings.relax_above:
         relaxed = min(threshold, settings.relaxed_threshold)
-        return relaxed, f"{seen}, escalates below {relaxed:.2f} only"
+        return Adapted(Adjustment.RELAXED, relaxed, f"{seen}, escalates below {relaxed:.2f} only")
     return None

@@ -340,6 +340,29 @@ def test_a_users_feedback_adapts_their_cascade(sdk, split: DigitsSplit):
     assert "per-user" not in other.reason
 
 
+def test_a_user_the_first_model_often_gets_wrong_gets_a_stricter_threshold_and_keeps_the_doubt(
+    sdk, policy: Policy, split: DigitsSplit
+):
+    first, images = policy.cascade.first, split.test.images
+    # feedback only on rows the first model answered alone (so its label is the answer's): 7 right, 5 wrong
+    kept = 0
+    for i in range(len(images)):
+        (answer,) = sdk.classify(images[i], user_id="sometimes-wrong")
+        if answer.path == f"{first} ok":
+            sdk.feedback(answer.request_id, answer.label if kept < 7 else (answer.label + 1) % 10)
+            kept += 1
+            if kept == 12:
+                break
+    assert kept == 12
+    time.sleep(1.2)  # user records are read at most once a second
+    (answer,) = sdk.classify(images[-1], user_id="sometimes-wrong")
+    threshold = policy.adaptation.stricter_threshold
+    assert f"per-user: first model right on 7/12 of this user's images, escalates below {threshold:.2f}" in (
+        answer.reason
+    )
+    assert "this row's threshold" in answer.reason and "learned router p(wrong)" in answer.reason, answer.reason
+
+
 def test_changing_experiments_under_load_fails_no_request(
     server: Supervisor, experiments, model_repository: Path, split: DigitsSplit, tmp_path: Path
 ):

@@ -121,6 +121,17 @@ def test_a_condition_on_an_absent_deadline_does_not_hold():
             {"shed_best_effort_at_ms": 90, "shed_standard_at_ms": 80},
             "load_shedding: expected degrade_best_effort_at_ms <= shed_best_effort_at_ms <= shed_standard_at_ms",
         ),
+        ("adaptation", {"stricter_threshold": 1.5}, "adaptation.stricter_threshold: expected a number from 0 to 1"),
+        (
+            "adaptation",
+            {"escalate_all_below": 0.6, "stricter_below": 0.5},
+            "adaptation: expected escalate_all_below <= stricter_below <= relax_above, got 0.6 / 0.5 / 0.9",
+        ),
+        (
+            "adaptation",
+            {"stricter_below": 0.95},
+            "adaptation: expected escalate_all_below <= stricter_below <= relax_above, got 0.5 / 0.95 / 0.9",
+        ),
         ("in_process", "digits_light:1", "in_process: expected a list of 'model:version' names"),
         ("in_process", ["nope:1"], "in_process[0]: 'nope:1' is not listed under models"),
         ("optional_models", ["digits_rules:1"], "optional_models: digits_rules:1 is the fallback"),

@@ -7,12 +7,34 @@ from pathlib import Path
 
 import pytest
 
-from tierserve.policy import AdaptationSettings
+from tierserve.experiment_spec import parse_experiments
+from tierserve.experimenter import Experimenter
+from tierserve.policy import AdaptationSettings, Policy
 from tierserve.request_ids import user_key
-from tierserve.state_store import MemoryStore, SqliteStore, StateStore
-from tierserve.user_adaptation import BYTES_PER_USER, ESCALATE_ALL, UserRecord, UserStates, adapted_threshold
+from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
+from tierserve.routing import BASE
+from tierserve.signature import RequestContext
+from tierserve.state_store import MemoryStore, SqliteStore, StateStore, shared_secret
+from tierserve.tools.paths import DEFAULT_REPOSITORY
+from tierserve.user_adaptation import (
+    BYTES_PER_USER,
+    ESCALATE_ALL,
+    Adapted,
+    Adjustment,
+    UserRecord,
+    UserStates,
+    adapted_cascade,
+)
 
-ON = AdaptationSettings(enabled=True, min_feedback=5, escalate_all_below=0.7, relax_above=0.97, relaxed_threshold=0.5)
+ON = AdaptationSettings(
+    enabled=True,
+    min_feedback=5,
+    escalate_all_below=0.5,
+    stricter_below=0.8,
+    stricter_threshold=0.98,
+    relax_above=0.97,
+    relaxed_threshold=0.5,
+)
 
 
 @pytest.fixture(params=["sqlite", "memory"])
@@ -71,24 +93,45 @@ def test_bytes_per_user_in_sqlite(tmp_path: Path):
         (ON, UserRecord(0, 4), None),  # fewer than min_feedback
         (
             ON,
-            UserRecord(2, 7),
-            (ESCALATE_ALL, "per-user: first model right on 2/9 of this user's images, every row escalates"),
+            UserRecord(2, 7),  # 3/11 = 0.27
+            Adapted(
+                Adjustment.ESCALATE_ALL,
+                ESCALATE_ALL,
+                "per-user: first model right on 2/9 of this user's images, every row escalates",
+            ),
+        ),
+        (
+            ON,
+            UserRecord(6, 4),  # 7/12 = 0.58: above escalate_all_below, below stricter_below
+            Adapted(
+                Adjustment.STRICTER,
+                0.98,
+                "per-user: first model right on 6/10 of this user's images, escalates below 0.98",
+            ),
         ),
         (
             ON,
             UserRecord(40, 0),
-            (0.5, "per-user: first model right on 40/40 of this user's images, escalates below 0.50 only"),
+            Adapted(
+                Adjustment.RELAXED,
+                0.5,
+                "per-user: first model right on 40/40 of this user's images, escalates below 0.50 only",
+            ),
         ),
         (ON, UserRecord(30, 0), None),  # 31/32 = 0.969: not above relax_above once smoothed
-        (ON, UserRecord(8, 2), None),  # 9/12 = 0.75: ordinary
+        (ON, UserRecord(9, 1), None),  # 10/12 = 0.83: ordinary
     ],
 )
-def test_adapted_threshold(settings: AdaptationSettings, record: UserRecord | None, expected):
-    assert adapted_threshold(settings, 0.9, record) == expected
+def test_adapted_cascade(settings: AdaptationSettings, record: UserRecord | None, expected: Adapted | None):
+    assert adapted_cascade(settings, 0.9, record) == expected
 
 
-def test_a_relaxed_threshold_never_raises_the_tier_threshold():
-    assert adapted_threshold(ON, 0.3, UserRecord(100, 0)) == (
+def test_a_stricter_threshold_never_lowers_the_tier_threshold_nor_a_relaxed_one_raises_it():
+    assert adapted_cascade(ON, 0.99, UserRecord(6, 4)) == Adapted(
+        Adjustment.STRICTER, 0.99, "per-user: first model right on 6/10 of this user's images, escalates below 0.99"
+    )
+    assert adapted_cascade(ON, 0.3, UserRecord(100, 0)) == Adapted(
+        Adjustment.RELAXED,
         0.3,
         "per-user: first model right on 100/100 of this user's images, escalates below 0.30 only",
     )
@@ -98,3 +141,24 @@ def test_accuracy_is_smoothed():
     assert UserRecord(0, 0).accuracy == 0.5
     assert UserRecord(2, 7).accuracy == pytest.approx(3 / 11)
     assert UserRecord(2, 7).feedback == 9
+
+
+def test_a_users_record_sets_their_rows_cascade_in_the_router():
+    """Through the Experimenter the router plans with: a stricter user keeps the learned router's doubt, a relaxed
+    user escalates on confidence alone, a user without a record (or with adaptation skipped) gets the policy's."""
+    policy = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
+    store = MemoryStore()
+    experimenter = Experimenter(parse_experiments({"experiments": []}, policy), policy, store)
+    users = UserStates(store, policy.adaptation.max_users)
+    secret = shared_secret(store)
+    for user, right, wrong in (("shifted", 7, 5), ("clean", 40, 0)):
+        for correct, count in ((True, right), (False, wrong)):
+            for _ in range(count):
+                users.record(user_key(secret, user), correct, 1.0)
+    contexts = [RequestContext("standard", user) for user in ("shifted", "clean", "stranger")]
+    stricter, relaxed, stranger = (plan.variant for plan in experimenter.plan(contexts, adapt=True))
+    assert (stricter.threshold, stricter.escalate_when) == (policy.adaptation.stricter_threshold, None)
+    assert stricter.reasons == ("per-user: first model right on 7/12 of this user's images, escalates below 0.98",)
+    assert (relaxed.threshold, relaxed.escalate_when) == (policy.adaptation.relaxed_threshold, "threshold")
+    assert stranger == BASE
+    assert all(plan.variant == BASE for plan in experimenter.plan(contexts, adapt=False)), "skipped under load"

@@ -140,7 +140,9 @@ class HopOutcome(enum.Enum):
     """What became of a row at one model it was sent towards, as PATH says it."""
 
     OK = "ok"  # answered, and the row stopped there
-    LOW_CONFIDENCE = "low_confidence"  # answered; the cascade escalated the row past it
+    # answered; the cascade escalated the row past it: its confidence under the threshold or the learned router's
+    # p(wrong) over its bound (REASON says which). One name for both: clients, metrics and logs read this value
+    LOW_CONFIDENCE = "low_confidence"
     ERROR = "error"  # the call failed, or refused the row, or answered it with non-finite probabilities
     TIMEOUT = "timeout"  # no answer within the call's bound (or the deadline passed before the call)
     EJECTED = "ejected"  # not called: its circuit breaker is open

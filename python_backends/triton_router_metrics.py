@@ -231,8 +231,9 @@ class RouterMetrics:
         self.model_rows = LabelledFamily(
             "tierserve_model_rows_total",
             "Rows the router sent to each model version (in process or through Triton), by outcome: ok, "
-            "low_confidence (escalated past), error, timeout; counted for every row not shed, answered or not. Triton "
-            "2.51 counts a Python model's error responses as successes, so a version's failures show here",
+            "low_confidence (escalated past, on confidence or the learned router's doubt), error, timeout; counted "
+            "for every row not shed, answered or not. Triton 2.51 counts a Python model's error responses as "
+            "successes, so a version's failures show here",
             kind.COUNTER,
             instance,
             self.batch,

@@ -145,7 +145,8 @@ def _scores(runner: Runner, sets: dict[str, tuple[np.ndarray, np.ndarray, np.nda
 
 def _cascade(light: Runner, heavy: Runner, stats: TrainingStats, split: DigitsSplit) -> dict:
     """The TIER cascade with `light` first, as the build would make it (see the module's docstring)."""
-    pair = choose_pair(*cross_fitted(light, heavy, stats, split), GOALS[TIER])
+    out_of_fold = cross_fitted(light, heavy, stats, split)
+    pair = choose_pair(out_of_fold.clean, out_of_fold.perturbed, GOALS[TIER])
     if pair is None:
         return {"pair": None}
     figures: dict = {"pair": pair}

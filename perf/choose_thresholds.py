@@ -15,15 +15,21 @@ own router (trained on all of the validation split), with each tier's chosen pai
 hand before (SET_BY_HAND), is scored on the held-out split and the demo's perturbed images. Nothing here changes what
 the server does; policy.yaml does. best_effort has no goal here: its pair is set by hand, for cost.
 
-Per-user adaptation's stricter threshold (policy.yaml adaptation.stricter_threshold) is chosen the same way for a
-user whose images the first model often gets wrong, that is for the variations alone: the lowest confidence
-threshold that, with ADAPTED_TIER's p(wrong) bound, keeps STRICTER_GOAL of always-heavy's accuracy on the
-out-of-fold variations.
+Per-user adaptation's thresholds are chosen on the same out-of-fold rows, with ADAPTED_TIER's p(wrong) bound:
+- stricter (policy.yaml adaptation.stricter_threshold), for a user whose images the first model often gets wrong,
+  that is for the variations alone: the lowest confidence threshold that keeps STRICTER_GOAL of always-heavy's
+  accuracy on the out-of-fold variations;
+- relaxed (adaptation.relaxed_threshold), for a user the first model gets right more often than
+  adaptation.relax_above: the lowest confidence threshold (going down from the top, to the first that fails) that
+  keeps ADAPTED_TIER's goal on the clean rows and on every KIND of variation (noise of one level, shifts, both) that
+  the first model gets right that often, each on its own. A user whose images are mildly noisy is relaxed as well
+  as one whose images are clean, and must lose nothing by it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import report_io
@@ -41,13 +47,33 @@ from tierserve.tools.build_models import build_all
 from tierserve.tools.build_router import RECIPE, learned_router_images, train_learned_router
 from tierserve.tools.dataset import DigitsSplit, Part, load_split
 from tierserve.tools.paths import DEFAULT_REPOSITORY
+from tierserve.tools.workload import noisy, shifted
 
 REPORT = "thresholds.json"
 FOLDS = 5
 # per tier: the share of always-heavy's accuracy its cascade keeps, on clean and on perturbed out-of-fold rows
 GOALS = {"critical": 0.9995, "standard": 0.995}
 ADAPTED_TIER, STRICTER_GOAL = "standard", 0.999
-STRICTER = f"{ADAPTED_TIER}, stricter per user"  # the table's name for the adapted users' pair
+RELAXED_KEEPS = 0.995  # of the accuracy ADAPTED_TIER's own pair gives each kind of images a relaxed user may send
+KIND_DRAWS = 8  # draws of each kind of variation per fold (a fold holds about 72 images)
+STRICTER = f"{ADAPTED_TIER}, stricter per user"  # the table's names for the adapted users' pairs
+RELAXED = f"{ADAPTED_TIER}, relaxed per user"
+
+
+def _noise(sigma: float) -> Callable[[np.ndarray, int], np.ndarray]:
+    return lambda images, seed: noisy(images, sigma, seed)
+
+
+def _shift(max_shift: int) -> Callable[[np.ndarray, int], np.ndarray]:
+    return lambda images, seed: shifted(images, seed, max_shift=max_shift)
+
+
+KINDS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {  # one kind of variation each, for the relaxed threshold
+    **{f"noise sigma {sigma}": _noise(sigma) for sigma in (1, 2, 3, 4)},
+    "shifted up to 1 pixel": _shift(1),
+    "shifted up to 2 pixels": _shift(2),
+    "shifted up to 1 pixel, noise sigma 2": lambda images, seed: _noise(2.0)(_shift(1)(images, seed), seed + 1),
+}
 SET_BY_HAND = {  # what policy.yaml shipped before these choices
     "critical": {"confidence_below": 0.99, "doubt_above": 0.3},
     "standard": {"confidence_below": 0.9, "doubt_above": 0.3},
@@ -77,6 +103,10 @@ class Rows:
     def always_heavy(self) -> float:
         return float((self.heavy == self.labels).mean())
 
+    def first_accuracy(self) -> float:
+        """How often the first model alone is right."""
+        return float((self.light.argmax(axis=1) == self.labels).mean())
+
 
 def _concat(parts: list[Rows]) -> Rows:
     pooled = object.__new__(Rows)
@@ -103,6 +133,24 @@ def choose_pair(clean: Rows, perturbed: Rows, goal: float) -> dict | None:
     return None if best is None else best[1]
 
 
+def choose_relaxed(out_of_fold: OutOfFold, pair: dict, keep: float, relax_above: float) -> tuple[float, list[str]]:
+    """The confidence threshold for users the first model gets right more often than `relax_above`: going down from
+    the tier's (`pair`), the last one at which, with the tier's p(wrong) bound, the clean rows and every KIND of
+    variation the first model gets right that often keep `keep` of the accuracy the tier's pair gives them; with
+    those kinds' names."""
+    kept = {"none": out_of_fold.clean} | {
+        kind: rows for kind, rows in out_of_fold.kinds.items() if rows.first_accuracy() > relax_above
+    }
+    tier_threshold, doubt = pair["confidence_below"], pair["doubt_above"]
+    floor = {kind: keep * rows.cascade(tier_threshold, doubt)[0] for kind, rows in kept.items()}
+    chosen = tier_threshold
+    for confidence in sorted((c for c in CONFIDENCES if c < tier_threshold), reverse=True):
+        if any(rows.cascade(confidence, doubt)[0] < floor[kind] for kind, rows in kept.items()):
+            break
+        chosen = confidence
+    return chosen, list(kept)
+
+
 def choose_stricter(perturbed: Rows, doubt: float, goal: float) -> float | None:
     """The lowest confidence threshold at which, with `doubt` as the p(wrong) bound, the perturbed rows keep `goal`
     of always-heavy's accuracy; None when none of the grid does."""
@@ -120,10 +168,21 @@ def _named_pairs(pairs: dict[str, dict]) -> list[tuple[str, dict]]:
     return [(", ".join(named), dict(pair)) for pair, named in names.items()]
 
 
-def cross_fitted(light: Runner, heavy: Runner, stats: TrainingStats, split: DigitsSplit) -> tuple[Rows, Rows]:
+@dataclass(frozen=True)
+class OutOfFold:
+    """Rows scored by learned routers that never saw them: the validation split, its variations (the learned router
+    recipe's), and each KIND of variation on its own."""
+
+    clean: Rows
+    perturbed: Rows
+    kinds: dict[str, Rows]
+
+
+def cross_fitted(light: Runner, heavy: Runner, stats: TrainingStats, split: DigitsSplit) -> OutOfFold:
     """The out-of-fold rows of the validation split and of its variations, `light` as the cascade's first stage: per
     fold, a learned router trained by the build's recipe on the other folds scores the fold and its variations."""
     validation, clean, perturbed = split.validation, [], []
+    kinds: dict[str, list[Rows]] = {kind: [] for kind in KINDS}
     folds = StratifiedKFold(FOLDS, shuffle=True, random_state=RECIPE.seed).split(validation.images, validation.labels)
     for fold, (rest, held) in enumerate(folds):
         part = Part(validation.images[rest], validation.labels[rest], validation.rows[rest])
@@ -133,7 +192,11 @@ def cross_fitted(light: Runner, heavy: Runner, stats: TrainingStats, split: Digi
         varied, varied_labels = learned_router_images(images, labels, replace(RECIPE, seed=RECIPE.seed + 1000 + fold))
         varied, varied_labels = varied[len(images) :], varied_labels[len(images) :]  # the variations only
         perturbed.append(Rows(light, heavy, router, stats, varied, source_stats(varied), varied_labels))
-    return _concat(clean), _concat(perturbed)
+        for kind, vary in KINDS.items():
+            for draw in range(KIND_DRAWS):
+                one_kind = vary(images, RECIPE.seed + 2000 + 100 * fold + draw)
+                kinds[kind].append(Rows(light, heavy, router, stats, one_kind, source_stats(one_kind), labels))
+    return OutOfFold(_concat(clean), _concat(perturbed), {kind: _concat(rows) for kind, rows in kinds.items()})
 
 
 def built_router_rows(light: Runner, heavy: Runner, stats: TrainingStats, split: DigitsSplit) -> dict[str, Rows]:
@@ -153,11 +216,15 @@ def measure() -> dict:
     }
     adapted_doubt = cascade.learned_escalate_above[ADAPTED_TIER]
     shipped[STRICTER] = {"confidence_below": policy.adaptation.stricter_threshold, "doubt_above": adapted_doubt}
+    shipped[RELAXED] = {"confidence_below": policy.adaptation.relaxed_threshold, "doubt_above": adapted_doubt}
     report = report_io.start(
         "thresholds",
         {
             "folds": FOLDS,
             "goals": {**GOALS, STRICTER: STRICTER_GOAL},
+            "relaxed_keeps": RELAXED_KEEPS,
+            "kind_draws_per_fold": KIND_DRAWS,
+            "relax_above": policy.adaptation.relax_above,
             "recipe": asdict(RECIPE),
             "shipped": shipped,
             "set_by_hand_before": SET_BY_HAND,
@@ -169,17 +236,34 @@ def measure() -> dict:
     stats = TrainingStats.load(DEFAULT_REPOSITORY / ROUTER_MODEL / "1" / STATS_FILE)
     light = load_runner(version_dir(DEFAULT_REPOSITORY, router_policy(DEFAULT_REPOSITORY).cascade.first))
     heavy = load_runner(version_dir(DEFAULT_REPOSITORY, "digits_heavy:3"))
-    clean_oof, perturbed_oof = cross_fitted(light, heavy, stats, split)
+    out_of_fold = cross_fitted(light, heavy, stats, split)
+    clean_oof, perturbed_oof = out_of_fold.clean, out_of_fold.perturbed
     chosen = {tier: choose_pair(clean_oof, perturbed_oof, goal) for tier, goal in GOALS.items()}
     if missed := [tier for tier, pair in chosen.items() if pair is None]:
         raise SystemExit(f"no pair of thresholds keeps {', '.join(missed)}'s goal out of fold: no report")
     if (stricter := choose_stricter(perturbed_oof, adapted_doubt, STRICTER_GOAL)) is None:
         raise SystemExit(f"no confidence threshold keeps {STRICTER_GOAL:.1%} on the variations out of fold: no report")
     chosen[STRICTER] = {"confidence_below": stricter, "doubt_above": adapted_doubt}
+    relaxed, kept = choose_relaxed(out_of_fold, chosen[ADAPTED_TIER], RELAXED_KEEPS, policy.adaptation.relax_above)
+    chosen[RELAXED] = {"confidence_below": relaxed, "doubt_above": adapted_doubt}
     report["chosen"] = chosen
+    report["kinds"] = [
+        {
+            "kind": kind,
+            "rows": len(rows.labels),
+            "first_accuracy": rows.first_accuracy(),
+            "always_heavy": rows.always_heavy(),
+            "relaxed_users_kept": kind in kept,
+            **{
+                f"{name}_accuracy": rows.cascade(chosen[tier]["confidence_below"], adapted_doubt)[0]
+                for name, tier in (("tier", ADAPTED_TIER), ("relaxed", RELAXED), ("stricter", STRICTER))
+            },
+        }
+        for kind, rows in {"none": clean_oof, **out_of_fold.kinds}.items()
+    ]
     sets = built_router_rows(light, heavy, stats, split)
     sets = {"out-of-fold validation": clean_oof, "out-of-fold variations": perturbed_oof, **sets}
-    for tier in [*GOALS, STRICTER]:
+    for tier in [*GOALS, STRICTER, RELAXED]:
         pairs = {"shipped": shipped[tier], "chosen": chosen[tier]}
         if tier in SET_BY_HAND:
             pairs = {"set by hand before": SET_BY_HAND[tier], **pairs}
@@ -201,20 +285,52 @@ def measure() -> dict:
     return report
 
 
+def _goal(report: dict, tier: str) -> str:
+    settings = report["settings"]
+    if tier == RELAXED:
+        return f"{settings['relaxed_keeps']:.2%} of {ADAPTED_TIER}'s, per kind"
+    return f"{settings['goals'][tier]:.2%}"
+
+
 def table(report: dict) -> str:
     lines = [
         "| tier (goal: of always-heavy's accuracy) | thresholds | rows | accuracy / always-heavy's | escalated |",
         "|---|---|---|---:|---:|",
     ]
-    goals = report["settings"]["goals"]
     for run in report["runs"]:
         pair = f"confidence < {run['confidence_below']:g} or p(wrong) > {run['doubt_above']:g} ({run['thresholds']})"
         lines.append(
-            f"| {run['tier']} ({goals[run['tier']]:.2%}) | {pair} | {run['set']} ({run['rows']:,}) "
+            f"| {run['tier']} ({_goal(report, run['tier'])}) | {pair} | {run['set']} ({run['rows']:,}) "
             f"| {run['accuracy']:.4f} / {run['always_heavy']:.4f} ({run['accuracy'] / run['always_heavy']:.4f}) "
             f"| {run['escalated']:.1%} |"
         )
     footer = f"Chosen out of fold ({report['settings']['folds']} folds of the validation split)."
+    if kinds := report.get("kinds"):
+        chosen = report["chosen"]
+        threshold = {
+            name: chosen[tier]["confidence_below"]
+            for name, tier in ((ADAPTED_TIER, ADAPTED_TIER), ("relaxed", RELAXED), ("stricter", STRICTER))
+        }
+        lines += [
+            "",
+            f"| kind of images, out of fold | rows | first model alone | always-heavy | {ADAPTED_TIER} "
+            f"(< {threshold[ADAPTED_TIER]:g}) | relaxed per user (< {threshold['relaxed']:g}) | stricter per user "
+            f"(< {threshold['stricter']:g}) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for kind in kinds:
+            mark = " (a relaxed user's)" if kind["relaxed_users_kept"] else ""
+            lines.append(
+                f"| {kind['kind']}{mark} | {kind['rows']:,} | {kind['first_accuracy']:.4f} "
+                f"| {kind['always_heavy']:.4f} | {kind['tier_accuracy']:.4f} | {kind['relaxed_accuracy']:.4f} "
+                f"| {kind['stricter_accuracy']:.4f} |"
+            )
+        footer += (
+            f" Each threshold with {ADAPTED_TIER}'s p(wrong) bound. A relaxed user's kinds are those the first model "
+            f"alone gets right more often than adaptation.relax_above ({report['settings']['relax_above']:g}); the "
+            f"relaxed threshold keeps {report['settings']['relaxed_keeps']:.1%} of what {ADAPTED_TIER}'s threshold "
+            f"gives each of them, every threshold above it too."
+        )
     return "\n".join([*lines, "", f"{footer} {report_io.provenance(report)}"])
 
 

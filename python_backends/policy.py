@@ -100,7 +100,7 @@ class AdaptationSettings:
     stricter_below: float = 0.85  # accuracy below which the user's threshold rises to stricter_threshold
     stricter_threshold: float = 0.98
     relax_above: float = 0.9  # accuracy above which the user's threshold drops to relaxed_threshold
-    relaxed_threshold: float = 0.5
+    relaxed_threshold: float = 0.8
     max_users: int = 100_000  # users held; the least recently seen are forgotten beyond this
 
 

@@ -80,7 +80,7 @@ class Adjustment(enum.Enum):
 
     ESCALATE_ALL = "every row escalates"  # the first model is of no use for this user's images
     STRICTER = "stricter"  # escalates below stricter_threshold; the learned router's doubt still escalates
-    RELAXED = "relaxed"  # escalates below relaxed_threshold only, not on the learned router's doubt
+    RELAXED = "relaxed"  # escalates below relaxed_threshold; the learned router's doubt still escalates
 
 
 @dataclass(frozen=True)
@@ -106,5 +106,5 @@ def adapted_cascade(settings: AdaptationSettings, threshold: float, record: User
         return Adapted(Adjustment.STRICTER, stricter, f"{seen}, escalates below {stricter:.2f}")
     if record.accuracy > settings.relax_above:
         relaxed = min(threshold, settings.relaxed_threshold)
-        return Adapted(Adjustment.RELAXED, relaxed, f"{seen}, escalates below {relaxed:.2f} only")
+        return Adapted(Adjustment.RELAXED, relaxed, f"{seen}, escalates below {relaxed:.2f}")
     return None

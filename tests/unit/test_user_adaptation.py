@@ -115,7 +115,7 @@ def test_bytes_per_user_in_sqlite(tmp_path: Path):
             Adapted(
                 Adjustment.RELAXED,
                 0.5,
-                "per-user: first model right on 40/40 of this user's images, escalates below 0.50 only",
+                "per-user: first model right on 40/40 of this user's images, escalates below 0.50",
             ),
         ),
         (ON, UserRecord(30, 0), None),  # 31/32 = 0.969: not above relax_above once smoothed
@@ -133,7 +133,7 @@ def test_a_stricter_threshold_never_lowers_the_tier_threshold_nor_a_relaxed_one_
     assert adapted_cascade(ON, 0.3, UserRecord(100, 0)) == Adapted(
         Adjustment.RELAXED,
         0.3,
-        "per-user: first model right on 100/100 of this user's images, escalates below 0.30 only",
+        "per-user: first model right on 100/100 of this user's images, escalates below 0.30",
     )
 
 
@@ -144,8 +144,8 @@ def test_accuracy_is_smoothed():
 
 
 def test_a_users_record_sets_their_rows_cascade_in_the_router():
-    """Through the Experimenter the router plans with: a stricter user keeps the learned router's doubt, a relaxed
-    user escalates on confidence alone, a user without a record (or with adaptation skipped) gets the policy's."""
+    """Through the Experimenter the router plans with: a stricter or a relaxed user gets their own threshold and keeps
+    the learned router's doubt; a user without a record (or with adaptation skipped) gets the policy's."""
     policy = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
     store = MemoryStore()
     experimenter = Experimenter(parse_experiments({"experiments": []}, policy), policy, store)
@@ -158,7 +158,14 @@ def test_a_users_record_sets_their_rows_cascade_in_the_router():
     contexts = [RequestContext("standard", user) for user in ("shifted", "clean", "stranger")]
     stricter, relaxed, stranger = (plan.variant for plan in experimenter.plan(contexts, adapt=True))
     assert (stricter.threshold, stricter.escalate_when) == (policy.adaptation.stricter_threshold, None)
-    assert stricter.reasons == ("per-user: first model right on 7/12 of this user's images, escalates below 0.98",)
-    assert (relaxed.threshold, relaxed.escalate_when) == (policy.adaptation.relaxed_threshold, "threshold")
+    stricter_below = policy.adaptation.stricter_threshold
+    assert stricter.reasons == (
+        f"per-user: first model right on 7/12 of this user's images, escalates below {stricter_below:.2f}",
+    )
+    assert (relaxed.threshold, relaxed.escalate_when) == (policy.adaptation.relaxed_threshold, None)
+    relaxed_below = policy.adaptation.relaxed_threshold
+    assert relaxed.reasons == (
+        f"per-user: first model right on 40/40 of this user's images, escalates below {relaxed_below:.2f}",
+    )
     assert stranger == BASE
     assert all(plan.variant == BASE for plan in experimenter.plan(contexts, adapt=False)), "skipped under load"

@@ -16,6 +16,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from tierserve.client import TierserveClient
+from tierserve.learned_router import escalation_inputs
+from tierserve.resize import source_stats
+from tierserve.router_files import ROUTER_MODEL, STATS_FILE
+from tierserve.signature import RequestContext, TrainingStats, signatures
 from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.server import Ports, TritonServer
 from tierserve.tools.supervisor import Supervisor
@@ -49,6 +53,16 @@ def escalated_images(server: TritonServer, images: np.ndarray, at_most: int = 32
             escalated &= [a.route.startswith("digits_heavy") for a in answers]
     assert escalated.sum() >= 5
     return images[escalated][:at_most]
+
+
+def learned_router_inputs(
+    repository: Path, images: np.ndarray, probs: np.ndarray, tier: str = "standard"
+) -> np.ndarray:
+    """What the router's learned routers read for `images` sent as they are at `tier`, the first model having
+    answered `probs`: computed here, in-process, from the repository's training statistics."""
+    stats = TrainingStats.load(repository / ROUTER_MODEL / "1" / STATS_FILE)
+    rows = signatures(images, source_stats(images), [RequestContext(tier=tier)] * len(images), stats)
+    return escalation_inputs(rows, probs, images)
 
 
 @pytest.fixture(scope="session")

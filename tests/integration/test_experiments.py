@@ -22,14 +22,12 @@ from tritonclient.utils import InferenceServerException
 from tierserve.assignment import Assigner, Unit
 from tierserve.client import TierserveClient, TierserveError
 from tierserve.experiment_spec import parse_experiments
-from tierserve.learned_router import escalation_inputs, load_learned_routers
+from tierserve.learned_router import load_learned_routers
 from tierserve.manifest import version_dir
 from tierserve.policy import Policy
 from tierserve.request_ids import IssuedRow, RequestIds, new_seeds, user_key
-from tierserve.resize import source_stats
-from tierserve.router_files import LEARNED_ROUTER_FILE, POLICY_FILE, ROUTER_MODEL, STATS_FILE
+from tierserve.router_files import LEARNED_ROUTER_FILE, POLICY_FILE, ROUTER_MODEL
 from tierserve.runners import load_runner
-from tierserve.signature import RequestContext, TrainingStats, signatures
 from tierserve.state_store import open_store, shared_secret
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
@@ -39,7 +37,7 @@ from tierserve.tools.server import TritonServer
 from tierserve.tools.supervisor import Supervisor
 from tierserve.tools.workload import pure_noise
 
-from .conftest import supervised_server
+from .conftest import learned_router_inputs, supervised_server
 from .prometheus import metric_values
 
 SPLIT = {
@@ -173,10 +171,7 @@ def test_an_arm_with_another_first_model_is_doubted_by_the_learned_router_built_
     learned, alternates = load_learned_routers(router_dir / LEARNED_ROUTER_FILE)
     assert (learned.judges, [a.judges for a in alternates]) == ("digits_light:2", ["digits_light:1"])
     probs = load_runner(version_dir(model_repository, "digits_light:1")).infer(images)
-    rows = signatures(
-        images, source_stats(images), [RequestContext()] * len(images), TrainingStats.load(router_dir / STATS_FILE)
-    )
-    inputs = escalation_inputs(rows, probs, images)
+    inputs = learned_router_inputs(model_repository, images, probs)
     version_1, version_2 = alternates[0].wrong_probability(inputs), learned.wrong_probability(inputs)
     cascaded = [i for i, a in enumerate(answers) if a.reason.startswith("cascade")]
     assert len(cascaded) > 50 and all(answers[i].arms == {"light_v1": "canary"} for i in cascaded)

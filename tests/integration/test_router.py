@@ -12,16 +12,15 @@ from grpc import StatusCode
 from tritonclient.utils import InferenceServerException
 
 from tierserve.client import AsyncTierserveClient, Classification, TierserveClient, TierserveError
-from tierserve.learned_router import LearnedRouter, escalation_inputs
+from tierserve.learned_router import LearnedRouter
 from tierserve.policy import Policy
-from tierserve.resize import source_stats
-from tierserve.router_files import LEARNED_ROUTER_FILE, POLICY_FILE, ROUTER_MODEL, STATS_FILE
-from tierserve.signature import RequestContext, TrainingStats, signatures
+from tierserve.router_files import LEARNED_ROUTER_FILE, POLICY_FILE, ROUTER_MODEL
 from tierserve.tools.cli import main
 from tierserve.tools.dataset import DigitsSplit
 from tierserve.tools.server import TritonServer
 from tierserve.tools.workload import pure_noise, upscaled, with_missing
 
+from .conftest import learned_router_inputs
 from .prometheus import metric_values
 
 
@@ -80,10 +79,8 @@ def test_the_cascade_escalates_exactly_when_the_policy_says(
         ]
         model, version = policy.cascade.first.split(":")
         light = np.concatenate([grpc.probs(model, images[s : s + 64], version) for s in range(0, len(images), 64)])
-        stats = TrainingStats.load(model_repository / ROUTER_MODEL / "1" / STATS_FILE)
         learned = LearnedRouter.load(model_repository / ROUTER_MODEL / "1" / LEARNED_ROUTER_FILE)
-        rows = signatures(images, source_stats(images), [RequestContext(tier=tier)] * len(images), stats)
-        wrong = learned.wrong_probability(escalation_inputs(rows, light, images))
+        wrong = learned.wrong_probability(learned_router_inputs(model_repository, images, light, tier))
         doubt = wrong > policy.cascade.learned_escalate_above[tier]
         low = light.max(axis=1) < policy.cascade.thresholds[tier]
         cascaded = np.array([a.reason.startswith("cascade") for a in answers])

@@ -35,7 +35,7 @@ from tierserve.request_ids import IssuedRow, RequestIds, new_seeds, user_key
 from tierserve.routing import BASE, Answer, Variant
 from tierserve.signature import RequestContext
 from tierserve.state_store import SECRET_KEY, StateStore, StateStoreError, shared_secret
-from tierserve.user_adaptation import UserRecord, UserStates, adapted_cascade
+from tierserve.user_adaptation import Adjustment, UserRecord, UserStates, adapted_cascade
 
 REFRESH_S = 1.0  # posteriors and user records are at most this old
 EXPERIMENTS_PARAMETER = "experiments"  # the router config parameter `tierserve experiment apply` loads it with
@@ -199,8 +199,10 @@ class Experimenter:
             if adapting and user:
                 base = self.policy.cascade.thresholds[context.tier] if threshold is None else threshold
                 if (adapted := adapted_cascade(self.policy.adaptation, base, records.get(user))) is not None:
-                    threshold = adapted.threshold  # the learned router's doubt escalates as the row's arm says
+                    threshold = adapted.threshold  # the learned router's doubt escalates as the row's arm says,
                     reasons.append(adapted.reason)
+                    if adapted.adjustment is Adjustment.ESCALATE_ALL:  # unless every row escalates: then on the
+                        escalate_when = "threshold"  # threshold above any confidence, whatever the arm says
             variant = (
                 Variant(dict(changes.models), threshold, escalate_when, tuple(reasons))
                 if reasons  # an arm or per-user adaptation

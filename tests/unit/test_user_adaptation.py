@@ -169,3 +169,26 @@ def test_a_users_record_sets_their_rows_cascade_in_the_router():
     )
     assert stranger == BASE
     assert all(plan.variant == BASE for plan in experimenter.plan(contexts, adapt=False)), "skipped under load"
+
+
+def test_every_row_of_a_user_the_first_model_is_no_use_for_escalates_whatever_an_arm_says():
+    """An arm that escalates on the learned router's doubt alone would ignore the threshold above any confidence."""
+    policy = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
+    doubt_only = {
+        "name": "doubt_only",
+        "kind": "split",
+        "arms": [
+            {"name": "policy", "weight": 0},
+            {"name": "learned", "weight": 100, "cascade": {"escalate_when": "learned"}},
+        ],
+    }
+    store = MemoryStore()
+    experimenter = Experimenter(parse_experiments({"experiments": [doubt_only]}, policy), policy, store)
+    users = UserStates(store, policy.adaptation.max_users)
+    for _ in range(10):
+        users.record(user_key(shared_secret(store), "contrarian"), False, 1.0)
+    (contrarian, stranger) = (
+        plan.variant for plan in experimenter.plan([RequestContext("standard", u) for u in ("contrarian", "x")], True)
+    )
+    assert (contrarian.threshold, contrarian.escalate_when) == (ESCALATE_ALL, "threshold"), contrarian
+    assert stranger.escalate_when == "learned", "the arm holds for everyone else"

@@ -449,7 +449,9 @@ def _verdicts(server: TritonServer, policy: Policy, users: list[User]) -> dict[s
     verdicts = {}
     for user in users:
         record = records.get(keys[user.name])
-        adapted = adapted_cascade(policy.adaptation, policy.cascade.thresholds[TIER], record)
+        adapted = adapted_cascade(
+            policy.adaptation, policy.cascade.thresholds[TIER], policy.cascade.escalate_when, record
+        )
         verdicts[user.name] = {
             "first_model_right": record.right if record else 0,
             "feedback": record.feedback if record else 0,

@@ -35,7 +35,7 @@ from tierserve.request_ids import IssuedRow, RequestIds, new_seeds, user_key
 from tierserve.routing import BASE, Answer, Variant
 from tierserve.signature import RequestContext
 from tierserve.state_store import SECRET_KEY, StateStore, StateStoreError, shared_secret
-from tierserve.user_adaptation import Adjustment, UserRecord, UserStates, adapted_cascade
+from tierserve.user_adaptation import UserRecord, UserStates, adapted_cascade
 
 REFRESH_S = 1.0  # posteriors and user records are at most this old
 EXPERIMENTS_PARAMETER = "experiments"  # the router config parameter `tierserve experiment apply` loads it with
@@ -198,11 +198,10 @@ class Experimenter:
             threshold, escalate_when = changes.thresholds.get(context.tier), changes.escalate_when
             if adapting and user:
                 base = self.policy.cascade.thresholds[context.tier] if threshold is None else threshold
-                if (adapted := adapted_cascade(self.policy.adaptation, base, records.get(user))) is not None:
-                    threshold = adapted.threshold  # the learned router's doubt escalates as the row's arm says,
+                escalates = escalate_when or self.policy.cascade.escalate_when
+                if (adapted := adapted_cascade(self.policy.adaptation, base, escalates, records.get(user))) is not None:
+                    threshold, escalate_when = adapted.threshold, adapted.escalate_when or escalate_when
                     reasons.append(adapted.reason)
-                    if adapted.adjustment is Adjustment.ESCALATE_ALL:  # unless every row escalates: then on the
-                        escalate_when = "threshold"  # threshold above any confidence, whatever the arm says
             variant = (
                 Variant(dict(changes.models), threshold, escalate_when, tuple(reasons))
                 if reasons  # an arm or per-user adaptation

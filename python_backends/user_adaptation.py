@@ -85,22 +85,29 @@ class Adjustment(enum.Enum):
 
 @dataclass(frozen=True)
 class Adapted:
-    """A user's cascade, as their record makes it: the threshold for their rows and the REASON clause saying why."""
+    """A user's cascade, as their record makes it: the threshold for their rows, what escalates them (None: as the
+    row's arm or the policy says), and the REASON clause saying why."""
 
     adjustment: Adjustment
     threshold: float
     reason: str
+    escalate_when: str | None = None
 
 
-def adapted_cascade(settings: AdaptationSettings, threshold: float, record: UserRecord | None) -> Adapted | None:
-    """How a user's record changes the cascade for their row whose tier escalates below `threshold`, or None when
-    the global policy holds (adaptation off, no record, too little feedback, or an ordinary accuracy). A stricter
-    threshold never lowers the tier's, a relaxed one never raises it."""
+def adapted_cascade(
+    settings: AdaptationSettings, threshold: float, escalate_when: str, record: UserRecord | None
+) -> Adapted | None:
+    """How a user's record changes the cascade for their row whose tier (or arm) escalates below `threshold` as
+    `escalate_when` says, or None when it changes nothing (adaptation off, no record, too little feedback, an
+    ordinary accuracy, or a threshold where only the learned router's doubt escalates). A stricter threshold never
+    lowers the tier's, a relaxed one never raises it; every row escalates on a threshold above any confidence."""
     if not settings.enabled or record is None or record.feedback < settings.min_feedback:
         return None
     seen = f"per-user: first model right on {record.right}/{record.feedback} of this user's images"
     if record.accuracy < settings.escalate_all_below:
-        return Adapted(Adjustment.ESCALATE_ALL, ESCALATE_ALL, f"{seen}, every row escalates")
+        return Adapted(Adjustment.ESCALATE_ALL, ESCALATE_ALL, f"{seen}, every row escalates", "threshold")
+    if escalate_when == "learned":
+        return None
     if record.accuracy < settings.stricter_below:
         stricter = max(threshold, settings.stricter_threshold)
         return Adapted(Adjustment.STRICTER, stricter, f"{seen}, escalates below {stricter:.2f}")

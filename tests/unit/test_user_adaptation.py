@@ -98,6 +98,7 @@ def test_bytes_per_user_in_sqlite(tmp_path: Path):
                 Adjustment.ESCALATE_ALL,
                 ESCALATE_ALL,
                 "per-user: first model right on 2/9 of this user's images, every row escalates",
+                "threshold",
             ),
         ),
         (
@@ -123,18 +124,30 @@ def test_bytes_per_user_in_sqlite(tmp_path: Path):
     ],
 )
 def test_adapted_cascade(settings: AdaptationSettings, record: UserRecord | None, expected: Adapted | None):
-    assert adapted_cascade(settings, 0.9, record) == expected
+    assert adapted_cascade(settings, 0.9, "either", record) == expected
 
 
 def test_a_stricter_threshold_never_lowers_the_tier_threshold_nor_a_relaxed_one_raises_it():
-    assert adapted_cascade(ON, 0.99, UserRecord(6, 4)) == Adapted(
+    assert adapted_cascade(ON, 0.99, "either", UserRecord(6, 4)) == Adapted(
         Adjustment.STRICTER, 0.99, "per-user: first model right on 6/10 of this user's images, escalates below 0.99"
     )
-    assert adapted_cascade(ON, 0.3, UserRecord(100, 0)) == Adapted(
+    assert adapted_cascade(ON, 0.3, "either", UserRecord(100, 0)) == Adapted(
         Adjustment.RELAXED,
         0.3,
         "per-user: first model right on 100/100 of this user's images, escalates below 0.30",
     )
+
+
+def test_where_only_the_learned_routers_doubt_escalates_a_threshold_changes_nothing_but_every_row_still_escalates():
+    assert adapted_cascade(ON, 0.9, "learned", UserRecord(6, 4)) is None  # stricter
+    assert adapted_cascade(ON, 0.9, "learned", UserRecord(40, 0)) is None  # relaxed
+    assert adapted_cascade(ON, 0.9, "learned", UserRecord(2, 7)) == Adapted(
+        Adjustment.ESCALATE_ALL,
+        ESCALATE_ALL,
+        "per-user: first model right on 2/9 of this user's images, every row escalates",
+        "threshold",
+    )
+    assert adapted_cascade(ON, 0.9, "both", UserRecord(6, 4)).threshold == 0.98  # the threshold still counts there
 
 
 def test_accuracy_is_smoothed():
@@ -172,7 +185,8 @@ def test_a_users_record_sets_their_rows_cascade_in_the_router():
 
 
 def test_every_row_of_a_user_the_first_model_is_no_use_for_escalates_whatever_an_arm_says():
-    """An arm that escalates on the learned router's doubt alone would ignore the threshold above any confidence."""
+    """An arm that escalates on the learned router's doubt alone would ignore the threshold above any confidence; a
+    stricter or relaxed threshold, which it ignores too, is not applied nor claimed."""
     policy = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
     doubt_only = {
         "name": "doubt_only",
@@ -187,8 +201,13 @@ def test_every_row_of_a_user_the_first_model_is_no_use_for_escalates_whatever_an
     users = UserStates(store, policy.adaptation.max_users)
     for _ in range(10):
         users.record(user_key(shared_secret(store), "contrarian"), False, 1.0)
-    (contrarian, stranger) = (
-        plan.variant for plan in experimenter.plan([RequestContext("standard", u) for u in ("contrarian", "x")], True)
-    )
+    for _ in range(7):
+        users.record(user_key(shared_secret(store), "sometimes"), True, 1.0)
+        users.record(user_key(shared_secret(store), "sometimes"), False, 1.0)
+    contexts = [RequestContext("standard", user) for user in ("contrarian", "sometimes", "x")]
+    contrarian, sometimes, stranger = (plan.variant for plan in experimenter.plan(contexts, True))
     assert (contrarian.threshold, contrarian.escalate_when) == (ESCALATE_ALL, "threshold"), contrarian
+    # a stricter threshold would change nothing in this arm: REASON does not claim it
+    assert (sometimes.threshold, sometimes.escalate_when) == (None, "learned"), sometimes
+    assert not any("per-user" in reason for reason in sometimes.reasons), sometimes.reasons
     assert stranger.escalate_when == "learned", "the arm holds for everyone else"

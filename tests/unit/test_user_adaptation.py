@@ -12,7 +12,7 @@ from tierserve.experimenter import Experimenter
 from tierserve.policy import AdaptationSettings, Policy
 from tierserve.request_ids import user_key
 from tierserve.router_files import POLICY_FILE, ROUTER_MODEL
-from tierserve.routing import BASE
+from tierserve.routing import BASE, Variant
 from tierserve.signature import RequestContext
 from tierserve.state_store import MemoryStore, SqliteStore, StateStore, shared_secret
 from tierserve.tools.paths import DEFAULT_REPOSITORY
@@ -26,6 +26,7 @@ from tierserve.user_adaptation import (
     adapted_cascade,
 )
 
+POLICY = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
 ON = AdaptationSettings(
     enabled=True,
     min_feedback=5,
@@ -156,38 +157,42 @@ def test_accuracy_is_smoothed():
     assert UserRecord(2, 7).feedback == 9
 
 
+def _planned(
+    records: dict[str, tuple[int, int]], experiments: tuple[dict, ...] = (), adapt: bool = True
+) -> list[Variant]:
+    """The variant the router's Experimenter plans for one standard row of each user in `records` (right, wrong: the
+    user's fed-back rows) and of a stranger without a record, in that order, with the shipped policy."""
+    store = MemoryStore()
+    experimenter = Experimenter(parse_experiments({"experiments": list(experiments)}, POLICY), POLICY, store)
+    users, secret = UserStates(store, POLICY.adaptation.max_users), shared_secret(store)
+    for user, (right, wrong) in records.items():
+        for correct in [True] * right + [False] * wrong:
+            users.record(user_key(secret, user), correct, 1.0)
+    contexts = [RequestContext("standard", user) for user in [*records, "stranger"]]
+    return [plan.variant for plan in experimenter.plan(contexts, adapt)]
+
+
 def test_a_users_record_sets_their_rows_cascade_in_the_router():
     """Through the Experimenter the router plans with: a stricter or a relaxed user gets their own threshold and keeps
     the learned router's doubt; a user without a record (or with adaptation skipped) gets the policy's."""
-    policy = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
-    store = MemoryStore()
-    experimenter = Experimenter(parse_experiments({"experiments": []}, policy), policy, store)
-    users = UserStates(store, policy.adaptation.max_users)
-    secret = shared_secret(store)
-    for user, right, wrong in (("shifted", 7, 5), ("clean", 40, 0)):
-        for correct, count in ((True, right), (False, wrong)):
-            for _ in range(count):
-                users.record(user_key(secret, user), correct, 1.0)
-    contexts = [RequestContext("standard", user) for user in ("shifted", "clean", "stranger")]
-    stricter, relaxed, stranger = (plan.variant for plan in experimenter.plan(contexts, adapt=True))
-    assert (stricter.threshold, stricter.escalate_when) == (policy.adaptation.stricter_threshold, None)
-    stricter_below = policy.adaptation.stricter_threshold
+    records = {"shifted": (7, 5), "clean": (40, 0)}
+    stricter, relaxed, stranger = _planned(records)
+    stricter_threshold, relaxed_threshold = POLICY.adaptation.stricter_threshold, POLICY.adaptation.relaxed_threshold
+    assert (stricter.threshold, stricter.escalate_when) == (stricter_threshold, None)
     assert stricter.reasons == (
-        f"per-user: first model right on 7/12 of this user's images, escalates below {stricter_below:.2f}",
+        f"per-user: first model right on 7/12 of this user's images, escalates below {stricter_threshold:.2f}",
     )
-    assert (relaxed.threshold, relaxed.escalate_when) == (policy.adaptation.relaxed_threshold, None)
-    relaxed_below = policy.adaptation.relaxed_threshold
+    assert (relaxed.threshold, relaxed.escalate_when) == (relaxed_threshold, None)
     assert relaxed.reasons == (
-        f"per-user: first model right on 40/40 of this user's images, escalates below {relaxed_below:.2f}",
+        f"per-user: first model right on 40/40 of this user's images, escalates below {relaxed_threshold:.2f}",
     )
     assert stranger == BASE
-    assert all(plan.variant == BASE for plan in experimenter.plan(contexts, adapt=False)), "skipped under load"
+    assert all(variant == BASE for variant in _planned(records, adapt=False)), "skipped under load"
 
 
 def test_every_row_of_a_user_the_first_model_is_no_use_for_escalates_whatever_an_arm_says():
     """An arm that escalates on the learned router's doubt alone would ignore the threshold above any confidence; a
     stricter or relaxed threshold, which it ignores too, is not applied nor claimed."""
-    policy = Policy.load(DEFAULT_REPOSITORY / ROUTER_MODEL / POLICY_FILE)
     doubt_only = {
         "name": "doubt_only",
         "kind": "split",
@@ -196,16 +201,7 @@ def test_every_row_of_a_user_the_first_model_is_no_use_for_escalates_whatever_an
             {"name": "learned", "weight": 100, "cascade": {"escalate_when": "learned"}},
         ],
     }
-    store = MemoryStore()
-    experimenter = Experimenter(parse_experiments({"experiments": [doubt_only]}, policy), policy, store)
-    users = UserStates(store, policy.adaptation.max_users)
-    for _ in range(10):
-        users.record(user_key(shared_secret(store), "contrarian"), False, 1.0)
-    for _ in range(7):
-        users.record(user_key(shared_secret(store), "sometimes"), True, 1.0)
-        users.record(user_key(shared_secret(store), "sometimes"), False, 1.0)
-    contexts = [RequestContext("standard", user) for user in ("contrarian", "sometimes", "x")]
-    contrarian, sometimes, stranger = (plan.variant for plan in experimenter.plan(contexts, True))
+    contrarian, sometimes, stranger = _planned({"contrarian": (0, 10), "sometimes": (7, 7)}, (doubt_only,))
     assert (contrarian.threshold, contrarian.escalate_when) == (ESCALATE_ALL, "threshold"), contrarian
     # a stricter threshold would change nothing in this arm: REASON does not claim it
     assert (sometimes.threshold, sometimes.escalate_when) == (None, "learned"), sometimes

@@ -122,6 +122,9 @@ def test_a_condition_on_an_absent_deadline_does_not_hold():
             "load_shedding: expected degrade_best_effort_at_ms <= shed_best_effort_at_ms <= shed_standard_at_ms",
         ),
         ("adaptation", {"stricter_threshold": 1.5}, "adaptation.stricter_threshold: expected a number from 0 to 1"),
+        ("adaptation", {"stricter_threshold": float("nan")}, "adaptation.stricter_threshold: expected a number from 0"),
+        ("adaptation", {"stricter_below": True}, "adaptation.stricter_below: expected a number from 0 to 1, got True"),
+        ("adaptation", {"stricter_below": "0.8"}, "adaptation.stricter_below: expected a number from 0 to 1"),
         (
             "adaptation",
             {"escalate_all_below": 0.6, "stricter_below": 0.5},

@@ -23,7 +23,10 @@ Per-user adaptation's thresholds are chosen on the same out-of-fold rows, with A
   adaptation.relax_above: the lowest confidence threshold (going down from the top, to the first that fails) that
   keeps ADAPTED_TIER's goal on the clean rows and on every KIND of variation (noise of one level, shifts, both) that
   the first model gets right that often, each on its own. A user whose images are mildly noisy is relaxed as well
-  as one whose images are clean, and must lose nothing by it.
+  as one whose images are clean, and must lose nothing by it. The kinds are also scored with the relaxation shipped
+  before (RELAXED_BEFORE).
+Each other version of the first model the build trains a learned router for (build_router.judged_models: an
+experiment arm or a rollback may put it first) is scored the same way, with the shipped pairs and pairs chosen for it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from tierserve.router_files import POLICY_FILE, ROUTER_MODEL, STATS_FILE, router
 from tierserve.runners import Runner, load_runner
 from tierserve.signature import RequestContext, TrainingStats, signatures
 from tierserve.tools.build_models import build_all
-from tierserve.tools.build_router import RECIPE, learned_router_images, train_learned_router
+from tierserve.tools.build_router import RECIPE, judged_models, learned_router_images, train_learned_router
 from tierserve.tools.dataset import DigitsSplit, Part, load_split
 from tierserve.tools.paths import DEFAULT_REPOSITORY
 from tierserve.tools.workload import noisy, shifted
@@ -55,6 +58,7 @@ FOLDS = 5
 GOALS = {"critical": 0.9995, "standard": 0.995}
 ADAPTED_TIER, STRICTER_GOAL = "standard", 0.999
 RELAXED_KEEPS = 0.995  # of the accuracy ADAPTED_TIER's own pair gives each kind of images a relaxed user may send
+RELAXED_BEFORE = {"confidence": 0.5, "doubt": 1.0}  # adaptation's relaxation until 2026-11-24: 0.5, never on doubt
 KIND_DRAWS = 8  # draws of each kind of variation per fold (a fold holds about 72 images)
 STRICTER = f"{ADAPTED_TIER}, stricter per user"  # the table's names for the adapted users' pairs
 RELAXED = f"{ADAPTED_TIER}, relaxed per user"
@@ -225,6 +229,7 @@ def measure() -> dict:
             "relaxed_keeps": RELAXED_KEEPS,
             "kind_draws_per_fold": KIND_DRAWS,
             "relax_above": policy.adaptation.relax_above,
+            "relaxed_before": RELAXED_BEFORE,
             "recipe": asdict(RECIPE),
             "shipped": shipped,
             "set_by_hand_before": SET_BY_HAND,
@@ -258,31 +263,58 @@ def measure() -> dict:
                 f"{name}_accuracy": rows.cascade(chosen[tier]["confidence_below"], adapted_doubt)[0]
                 for name, tier in (("tier", ADAPTED_TIER), ("relaxed", RELAXED), ("stricter", STRICTER))
             },
+            "relaxed_before_accuracy": rows.cascade(**RELAXED_BEFORE)[0],
         }
         for kind, rows in {"none": clean_oof, **out_of_fold.kinds}.items()
     ]
-    sets = built_router_rows(light, heavy, stats, split)
-    sets = {"out-of-fold validation": clean_oof, "out-of-fold variations": perturbed_oof, **sets}
+    sets = _scored_sets(out_of_fold, light, heavy, stats, split)
     for tier in [*GOALS, STRICTER, RELAXED]:
         pairs = {"shipped": shipped[tier], "chosen": chosen[tier]}
         if tier in SET_BY_HAND:
             pairs = {"set by hand before": SET_BY_HAND[tier], **pairs}
-        for pair_name, pair in _named_pairs(pairs):
-            for set_name, rows in sets.items():
-                accuracy, escalated = rows.cascade(pair["confidence_below"], pair["doubt_above"])
-                report["runs"].append(
-                    {
-                        "tier": tier,
-                        "thresholds": pair_name,
-                        **pair,
-                        "set": set_name,
-                        "accuracy": accuracy,
-                        "escalated": escalated,
-                        "always_heavy": rows.always_heavy(),
-                        "rows": len(rows.labels),
-                    }
-                )
+        report["runs"] += _runs(tier, pairs, sets, cascade.first)
+    # a rollback or an experiment arm may put another version of the first model first: it runs with these
+    # thresholds and its own learned router (the build trains one for each judged model)
+    for first in judged_models(DEFAULT_REPOSITORY, policy)[1:]:
+        other = load_runner(version_dir(DEFAULT_REPOSITORY, first))
+        other_oof = cross_fitted(other, heavy, stats, split)
+        other_sets = _scored_sets(other_oof, other, heavy, stats, split)
+        for tier, goal in GOALS.items():
+            pairs = {"shipped": shipped[tier]}
+            if (own := choose_pair(other_oof.clean, other_oof.perturbed, goal)) is not None:
+                pairs["chosen for it"] = own
+            report["runs"] += _runs(tier, pairs, other_sets, first)
     return report
+
+
+def _scored_sets(
+    out_of_fold: OutOfFold, light: Runner, heavy: Runner, stats: TrainingStats, split: DigitsSplit
+) -> dict[str, Rows]:
+    """The out-of-fold rows, and the held-out split's and the perturbed images' scored by the build's router."""
+    built = built_router_rows(light, heavy, stats, split)
+    return {"out-of-fold validation": out_of_fold.clean, "out-of-fold variations": out_of_fold.perturbed, **built}
+
+
+def _runs(tier: str, pairs: dict[str, dict], sets: dict[str, Rows], first: str) -> list[dict]:
+    """Each distinct pair of `pairs` on each set, `first` answering first."""
+    runs = []
+    for pair_name, pair in _named_pairs(pairs):
+        for set_name, rows in sets.items():
+            accuracy, escalated = rows.cascade(pair["confidence_below"], pair["doubt_above"])
+            runs.append(
+                {
+                    "tier": tier,
+                    "first_model": first,
+                    "thresholds": pair_name,
+                    **pair,
+                    "set": set_name,
+                    "accuracy": accuracy,
+                    "escalated": escalated,
+                    "always_heavy": rows.always_heavy(),
+                    "rows": len(rows.labels),
+                }
+            )
+    return runs
 
 
 def _goal(report: dict, tier: str) -> str:
@@ -297,16 +329,18 @@ def table(report: dict) -> str:
         "| tier (goal: of always-heavy's accuracy) | thresholds | rows | accuracy / always-heavy's | escalated |",
         "|---|---|---|---:|---:|",
     ]
+    first = report["runs"][0].get("first_model")  # the policy's cascade.first; other first models are named
     for run in report["runs"]:
         pair = f"confidence < {run['confidence_below']:g} or p(wrong) > {run['doubt_above']:g} ({run['thresholds']})"
+        tier = run["tier"] if run.get("first_model", first) == first else f"{run['tier']}, {run['first_model']} first"
         lines.append(
-            f"| {run['tier']} ({_goal(report, run['tier'])}) | {pair} | {run['set']} ({run['rows']:,}) "
+            f"| {tier} ({_goal(report, run['tier'])}) | {pair} | {run['set']} ({run['rows']:,}) "
             f"| {run['accuracy']:.4f} / {run['always_heavy']:.4f} ({run['accuracy'] / run['always_heavy']:.4f}) "
             f"| {run['escalated']:.1%} |"
         )
     footer = f"Chosen out of fold ({report['settings']['folds']} folds of the validation split)."
     if kinds := report.get("kinds"):
-        chosen = report["chosen"]
+        chosen, before = report["chosen"], report["settings"]["relaxed_before"]
         threshold = {
             name: chosen[tier]["confidence_below"]
             for name, tier in ((ADAPTED_TIER, ADAPTED_TIER), ("relaxed", RELAXED), ("stricter", STRICTER))
@@ -315,15 +349,15 @@ def table(report: dict) -> str:
             "",
             f"| kind of images, out of fold | rows | first model alone | always-heavy | {ADAPTED_TIER} "
             f"(< {threshold[ADAPTED_TIER]:g}) | relaxed per user (< {threshold['relaxed']:g}) | stricter per user "
-            f"(< {threshold['stricter']:g}) |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            f"(< {threshold['stricter']:g}) | relaxed before (< {before['confidence']:g}, not on p(wrong)) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for kind in kinds:
             mark = " (a relaxed user's)" if kind["relaxed_users_kept"] else ""
             lines.append(
                 f"| {kind['kind']}{mark} | {kind['rows']:,} | {kind['first_accuracy']:.4f} "
                 f"| {kind['always_heavy']:.4f} | {kind['tier_accuracy']:.4f} | {kind['relaxed_accuracy']:.4f} "
-                f"| {kind['stricter_accuracy']:.4f} |"
+                f"| {kind['stricter_accuracy']:.4f} | {kind['relaxed_before_accuracy']:.4f} |"
             )
         footer += (
             f" Each threshold with {ADAPTED_TIER}'s p(wrong) bound. A relaxed user's kinds are those the first model "
